@@ -1,0 +1,3 @@
+//! The Rust SDK.
+
+pub mod crypto;

@@ -1,0 +1,245 @@
+//! The core's vocabulary: [`Command`]s in, [`Output`]s out, and the store work
+//! ([`StoreBatch`], [`BacklogRequest`]) it asks its driver to do.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::proto::{PayloadFormat, PresenceEvent, PubAckStatus};
+
+use super::error::Reject;
+use super::session::SessionSettings;
+use super::topic::{TopicFilter, TopicName};
+use super::types::{ClientId, ConnId, MessageId, Millis, SessionName};
+
+/// A message the broker accepted. Shared (`Arc`) between every subscriber's copy, the
+/// store batch and the carriers' encoders, so fan-out never copies the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub session: SessionName,
+    pub id: MessageId,
+    /// Accept order, unique within the broker (and across restarts); the store orders
+    /// backlogs by it.
+    pub seq: u64,
+    pub topic: TopicName,
+    pub payload: Bytes,
+    /// The publisher's timestamp (bound into the end-to-end MAC).
+    pub timestamp_ms: Millis,
+    pub format: PayloadFormat,
+    /// When the broker accepted it; expiry runs from here.
+    pub accepted_at: Millis,
+    pub expires_at: Millis,
+}
+
+/// An authenticated client joining its session.
+#[derive(Debug, Clone)]
+pub struct Hello {
+    pub conn: ConnId,
+    /// 16 random bytes naming this connection in `Welcome` and logs.
+    pub connection_id: [u8; 16],
+    /// The session's settings as the authenticator read them.
+    pub settings: SessionSettings,
+    pub client_id: ClientId,
+    /// The client sent no `client_id`; the carrier made one up, so nothing durable may
+    /// be keyed by it.
+    pub anonymous: bool,
+    /// Drop this client's durable state before starting.
+    pub clean: bool,
+    /// The connection can only read `LEGACY_JSON` payloads (the legacy bridge).
+    pub legacy_only: bool,
+}
+
+/// A validated `Publish`.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    pub message_id: MessageId,
+    pub topic: TopicName,
+    pub payload: Bytes,
+    pub timestamp_ms: Millis,
+    pub format: PayloadFormat,
+}
+
+/// Everything that can happen to the core, from a carrier or the driver.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Hello(Hello),
+    Subscribe {
+        conn: ConnId,
+        request_id: u64,
+        filter: TopicFilter,
+        durable: bool,
+        presence: bool,
+    },
+    Unsubscribe {
+        conn: ConnId,
+        request_id: u64,
+        filter: TopicFilter,
+    },
+    Publish {
+        conn: ConnId,
+        publish: Publish,
+    },
+    Ack {
+        conn: ConnId,
+        message_id: MessageId,
+    },
+    PublishKey {
+        conn: ConnId,
+        request_id: u64,
+        public_key: Bytes,
+    },
+    GetKeys {
+        conn: ConnId,
+        request_id: u64,
+    },
+    /// The carrier lost the connection (or closed it).
+    Disconnected {
+        conn: ConnId,
+    },
+    /// A session was created or changed (HTTP API, admin).
+    SessionUpdated(SessionSettings),
+}
+
+/// Something to send to one connection. Carriers encode it in their wire format.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Welcome {
+        connection_id: [u8; 16],
+        settings: SessionSettings,
+        replay_window_ms: u64,
+        server_time_ms: Millis,
+    },
+    Deliver {
+        message: Arc<Message>,
+        attempt: u32,
+    },
+    PubAck {
+        message_id: MessageId,
+        status: PubAckStatus,
+    },
+    Subscribed {
+        request_id: u64,
+    },
+    Unsubscribed {
+        request_id: u64,
+    },
+    Presence {
+        filter: TopicFilter,
+        client_id: ClientId,
+        event: PresenceEvent,
+    },
+    Keys {
+        request_id: u64,
+        keys: Vec<(ClientId, Bytes)>,
+    },
+    Error {
+        reject: Reject,
+        request_id: u64,
+        message_id: Option<MessageId>,
+    },
+}
+
+/// What the core asks of the connections.
+#[derive(Debug, Clone)]
+pub enum Output {
+    Send {
+        conn: ConnId,
+        event: Event,
+    },
+    /// Send the refusal, then close the connection.
+    Close {
+        conn: ConnId,
+        reject: Reject,
+    },
+}
+
+/// One durable write. A batch's ops are applied in order, in one transaction.
+#[derive(Debug, Clone)]
+pub enum StoreOp {
+    /// Store a message body (idempotent: its `seq` is the key).
+    PutMessage(Arc<Message>),
+    /// Remember a message id until `expires_at` (replay protection across restarts).
+    PutReplayId {
+        session: SessionName,
+        id: MessageId,
+        expires_at: Millis,
+    },
+    /// Queue message `seq` for a subscriber. `ephemeral` copies belong to a connection
+    /// (spilled because it was slow) and are dropped when it ends or the broker restarts.
+    PutCopy {
+        session: SessionName,
+        client_id: ClientId,
+        seq: u64,
+        ephemeral: bool,
+    },
+    /// A copy was acknowledged, expired or given up on.
+    DeleteCopy {
+        session: SessionName,
+        client_id: ClientId,
+        seq: u64,
+    },
+    /// How many times a copy was sent to a live connection, kept when the client leaves.
+    SetAttempts {
+        session: SessionName,
+        client_id: ClientId,
+        seq: u64,
+        attempts: u32,
+    },
+    PutSubscription {
+        session: SessionName,
+        client_id: ClientId,
+        filter: TopicFilter,
+    },
+    DeleteSubscription {
+        session: SessionName,
+        client_id: ClientId,
+        filter: TopicFilter,
+    },
+    /// Forget everything durable about a client (`Hello.clean`).
+    DeleteClient {
+        session: SessionName,
+        client_id: ClientId,
+    },
+    /// Drop a client's ephemeral copies (its connection ended).
+    DeleteEphemeral {
+        session: SessionName,
+        client_id: ClientId,
+    },
+}
+
+/// A group of writes to commit together; answers wait for its commit.
+#[derive(Debug, Clone, Default)]
+pub struct StoreBatch {
+    pub id: u64,
+    pub ops: Vec<StoreOp>,
+}
+
+/// Read the next page of a subscriber's queued copies (seq > `after_seq`, unexpired, in
+/// seq order). The answer goes to [`super::Core::handle_backlog`] with the same `token`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BacklogRequest {
+    pub session: SessionName,
+    pub client_id: ClientId,
+    pub after_seq: u64,
+    pub limit: usize,
+    pub token: u64,
+}
+
+/// A queued copy read back from the store.
+#[derive(Debug, Clone)]
+pub struct StoredCopy {
+    pub message: Arc<Message>,
+    /// Sends to a live connection so far.
+    pub attempts: u32,
+    pub ephemeral: bool,
+}
+
+/// What the core needs from the store at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Restore {
+    pub sessions: Vec<SessionSettings>,
+    pub subscriptions: Vec<(SessionName, ClientId, TopicFilter)>,
+    pub replay_ids: Vec<(SessionName, MessageId, Millis)>,
+    /// One past the highest message `seq` in the store.
+    pub next_seq: u64,
+}

@@ -1,0 +1,382 @@
+//! One subscriber's delivery state: the window of unacknowledged copies with their retry
+//! and expiry, the bounded queue behind it, and the backlog kept in the store.
+//!
+//! Memory per subscriber is bounded by two limits. At most `max_inflight` copies are
+//! sent and unacknowledged; at most `max_queued` more wait in memory. Past that, copies
+//! *spill*: they are written to the store (durable copies are there already) and the
+//! subscriber reads them back in pages, in accept order, as its window drains. A slow
+//! consumer therefore costs store space, not RAM, and nothing is dropped.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::proto::PresenceEvent;
+
+use super::command::{BacklogRequest, Event, Message, Output, StoreOp, StoredCopy};
+use super::session::{SessionSettings, SubOpts};
+use super::topic::{TopicFilter, TopicName};
+use super::types::{ClientId, ConnId, MessageId, Millis};
+use super::{Effects, Limits};
+
+/// One subscriber's copy of a message.
+#[derive(Debug, Clone)]
+pub struct Copy {
+    pub message: Arc<Message>,
+    /// Matched a durable subscription: it is in the store until acked or given up.
+    pub durable: bool,
+    /// A row for it exists (or is being committed) in the store.
+    pub persisted: bool,
+    /// Sends to a live connection so far.
+    pub attempts: u32,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    copy: Copy,
+    deadline: Millis,
+}
+
+/// Where the subscriber's queue continues once memory is exhausted.
+#[derive(Debug, Default)]
+struct Backlog {
+    /// Copies newer than `cursor` may be waiting in the store.
+    in_store: bool,
+    /// Highest `seq` that has entered memory since the subscriber attached.
+    cursor: u64,
+    /// Token of the outstanding load, if any.
+    loading: Option<u64>,
+    /// A copy was spilled while a load was outstanding, so that load's answer cannot
+    /// prove the store is drained.
+    spilled_while_loading: bool,
+}
+
+/// A client of a session that has subscriptions, online or not.
+#[derive(Debug)]
+pub struct Subscriber {
+    pub client_id: ClientId,
+    pub conn: Option<ConnId>,
+    pub legacy_only: bool,
+    pub filters: BTreeMap<TopicFilter, SubOpts>,
+    inflight: HashMap<MessageId, InFlight>,
+    /// (deadline, id) in send order, so deadlines are ascending; stale entries are
+    /// skipped when they come up.
+    retries: VecDeque<(Millis, MessageId)>,
+    queue: VecDeque<Copy>,
+    backlog: Backlog,
+    /// Ephemeral copies of this connection are in the store.
+    ephemeral_spilled: bool,
+    /// The earliest timer registered for this subscriber's connection.
+    scheduled: Option<Millis>,
+}
+
+/// What a subscriber needs from its session and the core while it works.
+pub struct Ctx<'a> {
+    pub settings: &'a SessionSettings,
+    pub limits: &'a Limits,
+    pub fx: &'a mut Effects,
+}
+
+impl Subscriber {
+    pub fn new(client_id: ClientId) -> Self {
+        Self {
+            client_id,
+            conn: None,
+            legacy_only: false,
+            filters: BTreeMap::new(),
+            inflight: HashMap::new(),
+            retries: VecDeque::new(),
+            queue: VecDeque::new(),
+            backlog: Backlog::default(),
+            ephemeral_spilled: false,
+            scheduled: None,
+        }
+    }
+
+    pub fn has_durable(&self) -> bool {
+        self.filters.values().any(|o| o.durable)
+    }
+
+    /// Whether any of this subscriber's filters still matches `topic`.
+    pub fn wants(&self, topic: &TopicName) -> bool {
+        self.filters.keys().any(|f| f.matches(topic))
+    }
+
+    /// Number of copies held in memory (window + queue).
+    #[cfg(test)]
+    pub fn in_memory(&self) -> usize {
+        self.inflight.len() + self.queue.len()
+    }
+
+    /// A connection takes this subscriber over; its queued backlog starts at once.
+    pub fn attach(&mut self, conn: ConnId, legacy_only: bool, now: Millis, ctx: &mut Ctx) {
+        self.conn = Some(conn);
+        self.legacy_only = legacy_only;
+        self.backlog = Backlog {
+            in_store: self.has_durable(),
+            ..Backlog::default()
+        };
+        self.refill(now, ctx);
+    }
+
+    /// The connection is gone: memory state is dropped, durable copies stay in the store
+    /// with their attempt counts, ephemeral ones are deleted.
+    pub fn detach(&mut self, ctx: &mut Ctx) {
+        for (_, f) in self.inflight.drain() {
+            if f.copy.durable && f.copy.attempts > 0 {
+                ctx.fx.ops.push(StoreOp::SetAttempts {
+                    session: ctx.settings.name.clone(),
+                    client_id: self.client_id.clone(),
+                    seq: f.copy.message.seq,
+                    attempts: f.copy.attempts,
+                });
+            }
+        }
+        if self.ephemeral_spilled {
+            ctx.fx.ops.push(StoreOp::DeleteEphemeral {
+                session: ctx.settings.name.clone(),
+                client_id: self.client_id.clone(),
+            });
+            self.ephemeral_spilled = false;
+        }
+        self.retries.clear();
+        self.queue.clear();
+        self.backlog = Backlog {
+            in_store: true,
+            ..Backlog::default()
+        };
+        self.scheduled = None;
+        self.conn = None;
+    }
+
+    /// A new copy for this subscriber, in accept order.
+    pub fn offer(&mut self, mut copy: Copy, now: Millis, ctx: &mut Ctx) {
+        if self.conn.is_none() {
+            // Offline: only durable subscriptions survive their connection, and their
+            // copy is already on its way to the store.
+            debug_assert!(copy.durable);
+            self.backlog.in_store = true;
+            return;
+        }
+        if self.backlog.in_store || self.queue.len() >= ctx.limits.max_queued {
+            return self.spill(&mut copy, ctx);
+        }
+        self.backlog.cursor = self.backlog.cursor.max(copy.message.seq);
+        if self.queue.is_empty() && self.inflight.len() < ctx.limits.max_inflight {
+            self.send(copy, now, ctx);
+        } else {
+            self.queue.push_back(copy);
+        }
+    }
+
+    /// Writes a copy that does not fit in memory to the store.
+    fn spill(&mut self, copy: &mut Copy, ctx: &mut Ctx) {
+        if !copy.persisted {
+            ctx.fx.ops.push(StoreOp::PutMessage(copy.message.clone()));
+            ctx.fx.ops.push(StoreOp::PutCopy {
+                session: ctx.settings.name.clone(),
+                client_id: self.client_id.clone(),
+                seq: copy.message.seq,
+                ephemeral: true,
+            });
+            copy.persisted = true;
+            self.ephemeral_spilled = true;
+        }
+        self.backlog.in_store = true;
+        if self.backlog.loading.is_some() {
+            self.backlog.spilled_while_loading = true;
+        }
+    }
+
+    fn send(&mut self, mut copy: Copy, now: Millis, ctx: &mut Ctx) {
+        let Some(conn) = self.conn else { return };
+        let id = copy.message.id;
+        copy.attempts += 1;
+        let deadline = now.saturating_add(ctx.settings.retry_interval_ms);
+        ctx.fx.outputs.push_back(Output::Send {
+            conn,
+            event: Event::Deliver {
+                message: copy.message.clone(),
+                attempt: copy.attempts,
+            },
+        });
+        // Two live messages with one id can only happen if a publisher reuses an id
+        // after its replay window; the newer one supersedes the older.
+        if let Some(old) = self.inflight.insert(id, InFlight { copy, deadline }) {
+            self.release(old.copy, ctx);
+        }
+        self.retries.push_back((deadline, id));
+        self.schedule(deadline, ctx);
+    }
+
+    fn schedule(&mut self, deadline: Millis, ctx: &mut Ctx) {
+        let Some(conn) = self.conn else { return };
+        if self.scheduled.is_none_or(|s| deadline < s) {
+            ctx.fx.timers.insert((deadline, conn));
+            self.scheduled = Some(deadline);
+        }
+    }
+
+    /// Forgets a copy for good (acked, expired, given up, unsubscribed).
+    fn release(&mut self, copy: Copy, ctx: &mut Ctx) {
+        if copy.persisted {
+            ctx.fx.ops.push(StoreOp::DeleteCopy {
+                session: ctx.settings.name.clone(),
+                client_id: self.client_id.clone(),
+                seq: copy.message.seq,
+            });
+        }
+    }
+
+    /// The subscriber acknowledged `id`. Unknown ids (duplicates, expired) are ignored.
+    pub fn ack(&mut self, id: &MessageId, now: Millis, ctx: &mut Ctx) {
+        if let Some(f) = self.inflight.remove(id) {
+            self.release(f.copy, ctx);
+            self.refill(now, ctx);
+        }
+    }
+
+    /// A retry deadline of this subscriber's connection passed.
+    pub fn on_timer(&mut self, now: Millis, ctx: &mut Ctx) {
+        self.scheduled = None;
+        let mut freed = false;
+        while let Some(&(deadline, id)) = self.retries.front() {
+            if deadline > now {
+                break;
+            }
+            self.retries.pop_front();
+            let Some(f) = self.inflight.get(&id) else {
+                continue;
+            };
+            if f.deadline != deadline {
+                continue; // resent since; a later entry covers it
+            }
+            let Some(f) = self.inflight.remove(&id) else {
+                continue;
+            };
+            let give_up = now >= f.copy.message.expires_at
+                || f.copy.attempts >= ctx.settings.max_attempts()
+                || !self.wants(&f.copy.message.topic);
+            if give_up {
+                self.release(f.copy, ctx);
+                freed = true;
+            } else {
+                self.send(f.copy, now, ctx);
+            }
+        }
+        if freed {
+            self.refill(now, ctx);
+        }
+        if let Some(&(deadline, _)) = self.retries.front() {
+            self.schedule(deadline, ctx);
+        }
+    }
+
+    /// Moves queued copies into the window while there is room, and asks for the next
+    /// page of the store backlog when memory runs dry.
+    fn refill(&mut self, now: Millis, ctx: &mut Ctx) {
+        if self.conn.is_none() {
+            return;
+        }
+        while self.inflight.len() < ctx.limits.max_inflight {
+            let Some(copy) = self.queue.pop_front() else {
+                break;
+            };
+            if now >= copy.message.expires_at
+                || copy.attempts >= ctx.settings.max_attempts()
+                || !self.wants(&copy.message.topic)
+            {
+                self.release(copy, ctx);
+                continue;
+            }
+            self.send(copy, now, ctx);
+        }
+        if self.queue.is_empty() && self.backlog.in_store && self.backlog.loading.is_none() {
+            let token = ctx.fx.next_token();
+            self.backlog.loading = Some(token);
+            self.backlog.spilled_while_loading = false;
+            ctx.fx.loads.push(BacklogRequest {
+                session: ctx.settings.name.clone(),
+                client_id: self.client_id.clone(),
+                after_seq: self.backlog.cursor,
+                limit: ctx.limits.max_inflight.max(ctx.limits.max_queued),
+                token,
+            });
+        }
+    }
+
+    /// A page of the store backlog arrived. Answers to loads that are no longer
+    /// outstanding (the connection changed since) are ignored.
+    pub fn backlog_loaded(
+        &mut self,
+        token: u64,
+        rows: Vec<StoredCopy>,
+        exhausted: bool,
+        now: Millis,
+        ctx: &mut Ctx,
+    ) {
+        if self.backlog.loading != Some(token) {
+            return;
+        }
+        self.backlog.loading = None;
+        for row in rows {
+            if row.message.seq <= self.backlog.cursor {
+                continue;
+            }
+            self.backlog.cursor = row.message.seq;
+            self.queue.push_back(Copy {
+                message: row.message,
+                durable: !row.ephemeral,
+                persisted: true,
+                attempts: row.attempts,
+            });
+        }
+        if exhausted && !self.backlog.spilled_while_loading {
+            self.backlog.in_store = false;
+        }
+        self.refill(now, ctx);
+    }
+
+    /// A filter was removed: copies no subscription wants any more are discarded.
+    pub fn discard_unwanted(&mut self, now: Millis, ctx: &mut Ctx) {
+        let unwanted: Vec<MessageId> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| !self.wants(&f.copy.message.topic))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unwanted {
+            if let Some(f) = self.inflight.remove(&id) {
+                self.release(f.copy, ctx);
+            }
+        }
+        let queue = std::mem::take(&mut self.queue);
+        for copy in queue {
+            if self.wants(&copy.message.topic) {
+                self.queue.push_back(copy);
+            } else {
+                self.release(copy, ctx);
+            }
+        }
+        self.refill(now, ctx);
+    }
+
+    /// Sends a presence change to this subscriber, if it is online.
+    pub fn notify_presence(
+        &self,
+        filter: &TopicFilter,
+        who: &ClientId,
+        event: PresenceEvent,
+        fx: &mut Effects,
+    ) {
+        if let Some(conn) = self.conn {
+            fx.outputs.push_back(Output::Send {
+                conn,
+                event: Event::Presence {
+                    filter: filter.clone(),
+                    client_id: who.clone(),
+                    event,
+                },
+            });
+        }
+    }
+}

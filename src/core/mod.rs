@@ -1,0 +1,794 @@
+//! The broker's state machine: sessions, subscriptions, delivery, retries and replay
+//! protection, with no I/O at all.
+//!
+//! Nothing here reads a clock, touches a socket or awaits: like `quinn-proto`, the core
+//! is fed and drained by a driver ([`crate::driver`]), which makes every rule of design
+//! §4 a plain function of its inputs that tests can run in microseconds with a fake
+//! clock (see `tests.rs` at the bottom of this module).
+//!
+//! # Driving contract
+//!
+//! Feed it:
+//! - [`Core::restore`] once, before anything else, with what the store holds;
+//! - [`Core::handle`] for every [`Command`] from a carrier;
+//! - [`Core::handle_timeout`] when the deadline from [`Core::poll_timeout`] passes;
+//! - [`Core::handle_committed`] / [`Core::handle_commit_failed`] when a batch from
+//!   [`Core::take_batch`] is durable (or failed), in the order the batches were taken;
+//! - [`Core::handle_backlog`] with the answer to each [`BacklogRequest`].
+//!
+//! After each call (or each group of calls), drain it:
+//! - [`Core::poll_output`] until `None`, sending each output to its connection;
+//! - [`Core::take_batch`], and commit it — batches must be committed in order;
+//! - [`Core::take_loads`], and run each load *after* the batches taken before it (the
+//!   store must see earlier writes);
+//! - [`Core::poll_timeout`] for the next deadline.
+//!
+//! Every `handle_*` takes `now` in milliseconds since the Unix epoch: the replay window
+//! compares it with publishers' timestamps, so it is wall-clock time.
+
+mod command;
+mod delivery;
+mod error;
+mod replay;
+mod router;
+mod session;
+mod topic;
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::proto::{PresenceEvent, PubAckStatus};
+
+pub use command::{
+    BacklogRequest, Command, Event, Hello, Message, Output, Publish, Restore, StoreBatch, StoreOp,
+    StoredCopy,
+};
+pub use error::Reject;
+pub use replay::ReplayGuard;
+pub use session::{
+    DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_RETRIES, DEFAULT_MESSAGE_EXPIRY_MS,
+    DEFAULT_RETRY_INTERVAL_MS, MAX_HISTORY_SIZE, MAX_RETRIES_LIMIT, MESSAGE_EXPIRY_RANGE,
+    RETRY_INTERVAL_RANGE, SessionSettings, SubOpts,
+};
+pub use topic::{MAX_TOPIC_LEN, TopicFilter, TopicName, TopicTree};
+pub use types::{ClientId, ConnId, MessageId, Millis, NameError, SessionName};
+
+use delivery::{Ctx, Subscriber};
+use session::Session;
+
+/// Memory bounds per subscriber (see [`delivery`]).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Copies sent and not yet acknowledged.
+    pub max_inflight: usize,
+    /// Copies waiting in memory behind the window; more spill to the store.
+    pub max_queued: usize,
+}
+
+/// Broker-wide settings of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub limits: Limits,
+    /// Accepted clock skew of publish timestamps, either way.
+    pub replay_window_ms: u64,
+    /// Most message ids remembered per session within the window.
+    pub replay_capacity: usize,
+    /// Most subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Most entries in a session's key directory.
+    pub max_keys: usize,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits {
+                max_inflight: 512,
+                max_queued: 1024,
+            },
+            replay_window_ms: 30_000,
+            replay_capacity: 4_000_000,
+            max_subscriptions: 1_000,
+            max_keys: 10_000,
+        }
+    }
+}
+
+/// Counters for `/health`, the admin API and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub sessions: usize,
+    pub connections: usize,
+    pub subscribers: usize,
+}
+
+/// Work queued by the core for its driver, filled while handling a call.
+#[derive(Debug, Default)]
+pub struct Effects {
+    outputs: VecDeque<Output>,
+    ops: Vec<StoreOp>,
+    loads: Vec<BacklogRequest>,
+    timers: BTreeSet<(Millis, ConnId)>,
+    token: u64,
+}
+
+impl Effects {
+    fn next_token(&mut self) -> u64 {
+        self.token += 1;
+        self.token
+    }
+
+    fn send(&mut self, conn: ConnId, event: Event) {
+        self.outputs.push_back(Output::Send { conn, event });
+    }
+}
+
+/// An answer held back until its batch is committed.
+#[derive(Debug)]
+enum Waiter {
+    PubAck {
+        conn: ConnId,
+        session: SessionName,
+        message_id: MessageId,
+        timestamp_ms: Millis,
+        status: PubAckStatus,
+    },
+    Subscribed {
+        conn: ConnId,
+        request_id: u64,
+    },
+}
+
+#[derive(Debug)]
+struct ConnState {
+    session: SessionName,
+    client_id: ClientId,
+    anonymous: bool,
+    legacy_only: bool,
+}
+
+/// The broker state machine. See the module docs for how to drive it.
+#[derive(Debug)]
+pub struct Core {
+    config: CoreConfig,
+    sessions: HashMap<SessionName, Session>,
+    conns: HashMap<ConnId, ConnState>,
+    fx: Effects,
+    /// Id of the batch being filled.
+    batch_id: u64,
+    /// Answers waiting for the batch they depend on, in batch order.
+    waiters: VecDeque<(u64, Waiter)>,
+    next_seq: u64,
+}
+
+impl Core {
+    pub fn new(config: CoreConfig) -> Self {
+        Self {
+            config,
+            sessions: HashMap::new(),
+            conns: HashMap::new(),
+            fx: Effects::default(),
+            batch_id: 1,
+            waiters: VecDeque::new(),
+            next_seq: 1,
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// Loads what survived the last run: sessions, durable subscriptions (whose queues
+    /// start filling again at once) and the replay ids still inside their window.
+    pub fn restore(&mut self, restore: Restore) {
+        for settings in restore.sessions {
+            self.upsert_session(settings);
+        }
+        for (session, client_id, filter) in restore.subscriptions {
+            let Some(s) = self.sessions.get_mut(&session) else {
+                continue;
+            };
+            let sub = s
+                .subscribers
+                .entry(client_id.clone())
+                .or_insert_with(|| Subscriber::new(client_id.clone()));
+            let opts = SubOpts {
+                durable: true,
+                presence: false,
+            };
+            sub.filters.insert(filter.clone(), opts);
+            s.tree.insert(&filter, (client_id, true));
+        }
+        for (session, id, expires_at) in restore.replay_ids {
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.replay.remember(id, expires_at);
+            }
+        }
+        self.next_seq = self.next_seq.max(restore.next_seq);
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            sessions: self.sessions.len(),
+            connections: self.conns.len(),
+            subscribers: self.sessions.values().map(|s| s.subscribers.len()).sum(),
+        }
+    }
+
+    fn upsert_session(&mut self, settings: SessionSettings) -> &mut Session {
+        let window = self.config.replay_window_ms;
+        let capacity = self.config.replay_capacity;
+        let session = self
+            .sessions
+            .entry(settings.name.clone())
+            .or_insert_with(|| Session::new(settings.clone(), ReplayGuard::new(window, capacity)));
+        session.settings = settings;
+        session
+    }
+
+    /// Handles one command from a carrier.
+    pub fn handle(&mut self, now: Millis, command: Command) {
+        match command {
+            Command::Hello(hello) => self.hello(now, hello),
+            Command::Subscribe {
+                conn,
+                request_id,
+                filter,
+                durable,
+                presence,
+            } => self.subscribe(conn, request_id, filter, SubOpts { durable, presence }),
+            Command::Unsubscribe {
+                conn,
+                request_id,
+                filter,
+            } => self.unsubscribe(now, conn, request_id, filter),
+            Command::Publish { conn, publish } => self.publish(now, conn, publish),
+            Command::Ack { conn, message_id } => self.ack(now, conn, message_id),
+            Command::PublishKey {
+                conn,
+                request_id,
+                public_key,
+            } => self.publish_key(conn, request_id, public_key),
+            Command::GetKeys { conn, request_id } => self.get_keys(conn, request_id),
+            Command::Disconnected { conn } => self.disconnect(conn),
+            Command::SessionUpdated(settings) => self.session_updated(settings),
+        }
+    }
+
+    fn hello(&mut self, now: Millis, h: Hello) {
+        if h.settings.suspended {
+            self.fx.outputs.push_back(Output::Close {
+                conn: h.conn,
+                reject: Reject::SessionSuspended,
+            });
+            return;
+        }
+        let name = h.settings.name.clone();
+        self.upsert_session(h.settings);
+
+        // A second connection with the same client id takes over.
+        let previous = self
+            .sessions
+            .get(&name)
+            .and_then(|s| s.clients.get(&h.client_id))
+            .copied();
+        if let Some(old) = previous {
+            self.fx.outputs.push_back(Output::Close {
+                conn: old,
+                reject: Reject::TakenOver,
+            });
+            self.disconnect(old);
+        }
+
+        let Some(session) = self.sessions.get_mut(&name) else {
+            return;
+        };
+        if h.clean && !h.anonymous {
+            if let Some(sub) = session.subscribers.remove(&h.client_id) {
+                for (filter, opts) in &sub.filters {
+                    session
+                        .tree
+                        .remove(filter, &(h.client_id.clone(), opts.durable));
+                }
+            }
+            self.fx.ops.push(StoreOp::DeleteClient {
+                session: name.clone(),
+                client_id: h.client_id.clone(),
+            });
+        }
+        self.conns.insert(
+            h.conn,
+            ConnState {
+                session: name.clone(),
+                client_id: h.client_id.clone(),
+                anonymous: h.anonymous,
+                legacy_only: h.legacy_only,
+            },
+        );
+        session.clients.insert(h.client_id.clone(), h.conn);
+        self.fx.send(
+            h.conn,
+            Event::Welcome {
+                connection_id: h.connection_id,
+                settings: session.settings.clone(),
+                replay_window_ms: self.config.replay_window_ms,
+                server_time_ms: now,
+            },
+        );
+        // Durable subscriptions resume without a new Subscribe; the backlog starts.
+        if let Some(sub) = session.subscribers.get_mut(&h.client_id) {
+            let mut ctx = Ctx {
+                settings: &session.settings,
+                limits: &self.config.limits,
+                fx: &mut self.fx,
+            };
+            sub.attach(h.conn, h.legacy_only, now, &mut ctx);
+            let filters: Vec<TopicFilter> = sub.filters.keys().cloned().collect();
+            for filter in filters {
+                Self::announce(
+                    session,
+                    &mut self.fx,
+                    &filter,
+                    &h.client_id,
+                    PresenceEvent::Joined,
+                );
+            }
+        }
+    }
+
+    fn subscribe(&mut self, conn: ConnId, request_id: u64, filter: TopicFilter, opts: SubOpts) {
+        let Some(c) = self.conns.get(&conn) else {
+            return self.refuse(conn, request_id, Reject::NotAuthenticated);
+        };
+        if opts.durable && c.anonymous {
+            let why = "durable subscriptions need a client_id in Hello".to_owned();
+            return self.refuse(conn, request_id, Reject::InvalidFrame(why));
+        }
+        let client_id = c.client_id.clone();
+        let legacy_only = c.legacy_only;
+        let Some(session) = self.sessions.get_mut(&c.session) else {
+            return self.refuse(conn, request_id, Reject::Internal("session vanished"));
+        };
+        let sub = session
+            .subscribers
+            .entry(client_id.clone())
+            .or_insert_with(|| {
+                let mut sub = Subscriber::new(client_id.clone());
+                sub.conn = Some(conn);
+                sub.legacy_only = legacy_only;
+                sub
+            });
+        if !sub.filters.contains_key(&filter) && sub.filters.len() >= self.config.max_subscriptions
+        {
+            let reject = Reject::LimitExceeded("too many subscriptions on this connection");
+            return self.refuse(conn, request_id, reject);
+        }
+        let previous = sub.filters.insert(filter.clone(), opts);
+        let was_durable = previous.is_some_and(|p| p.durable);
+        if previous.is_some_and(|p| p.durable != opts.durable) {
+            session
+                .tree
+                .remove(&filter, &(client_id.clone(), was_durable));
+        }
+        session
+            .tree
+            .insert(&filter, (client_id.clone(), opts.durable));
+
+        let watchers = session.presence.entry(filter.clone()).or_default();
+        if opts.presence && !watchers.contains(&client_id) {
+            watchers.push(client_id.clone());
+        } else if !opts.presence {
+            watchers.retain(|w| *w != client_id);
+        }
+        if watchers.is_empty() {
+            session.presence.remove(&filter);
+        }
+        if previous.is_none() {
+            Self::announce(
+                session,
+                &mut self.fx,
+                &filter,
+                &client_id,
+                PresenceEvent::Joined,
+            );
+        }
+
+        let name = session.settings.name.clone();
+        if opts.durable && !was_durable {
+            self.fx.ops.push(StoreOp::PutSubscription {
+                session: name,
+                client_id,
+                filter,
+            });
+            // Answered once the subscription is durable.
+            self.waiters
+                .push_back((self.batch_id, Waiter::Subscribed { conn, request_id }));
+            return;
+        }
+        if was_durable && !opts.durable {
+            self.fx.ops.push(StoreOp::DeleteSubscription {
+                session: name,
+                client_id: client_id.clone(),
+                filter,
+            });
+        }
+        self.fx.send(conn, Event::Subscribed { request_id });
+    }
+
+    fn unsubscribe(&mut self, now: Millis, conn: ConnId, request_id: u64, filter: TopicFilter) {
+        let Some(c) = self.conns.get(&conn) else {
+            return self.refuse(conn, request_id, Reject::NotAuthenticated);
+        };
+        let client_id = c.client_id.clone();
+        if let Some(session) = self.sessions.get_mut(&c.session) {
+            Self::drop_filter(
+                session,
+                &mut self.fx,
+                &self.config.limits,
+                &client_id,
+                &filter,
+                now,
+            );
+        }
+        self.fx.send(conn, Event::Unsubscribed { request_id });
+    }
+
+    /// Removes one subscription of a client, with its durable record, its presence
+    /// watch and the copies nothing else wants.
+    fn drop_filter(
+        session: &mut Session,
+        fx: &mut Effects,
+        limits: &Limits,
+        client_id: &ClientId,
+        filter: &TopicFilter,
+        now: Millis,
+    ) {
+        let Some(sub) = session.subscribers.get_mut(client_id) else {
+            return;
+        };
+        let Some(opts) = sub.filters.remove(filter) else {
+            return;
+        };
+        session
+            .tree
+            .remove(filter, &(client_id.clone(), opts.durable));
+        if opts.durable {
+            fx.ops.push(StoreOp::DeleteSubscription {
+                session: session.settings.name.clone(),
+                client_id: client_id.clone(),
+                filter: filter.clone(),
+            });
+        }
+        let mut ctx = Ctx {
+            settings: &session.settings,
+            limits,
+            fx,
+        };
+        sub.discard_unwanted(now, &mut ctx);
+        if let Some(watchers) = session.presence.get_mut(filter) {
+            watchers.retain(|w| w != client_id);
+            if watchers.is_empty() {
+                session.presence.remove(filter);
+            }
+        }
+        Self::announce(session, fx, filter, client_id, PresenceEvent::Left);
+    }
+
+    /// Tells the presence watchers of `filter` (but not `who` itself) about `who`.
+    fn announce(
+        session: &Session,
+        fx: &mut Effects,
+        filter: &TopicFilter,
+        who: &ClientId,
+        event: PresenceEvent,
+    ) {
+        let Some(watchers) = session.presence.get(filter) else {
+            return;
+        };
+        for w in watchers.iter().filter(|w| *w != who) {
+            if let Some(sub) = session.subscribers.get(w) {
+                sub.notify_presence(filter, who, event, fx);
+            }
+        }
+    }
+
+    fn ack(&mut self, now: Millis, conn: ConnId, message_id: MessageId) {
+        let Some(c) = self.conns.get(&conn) else {
+            return self.refuse(conn, 0, Reject::NotAuthenticated);
+        };
+        let Some(session) = self.sessions.get_mut(&c.session) else {
+            return;
+        };
+        let Some(sub) = session.subscribers.get_mut(&c.client_id) else {
+            return;
+        };
+        if sub.conn != Some(conn) {
+            return;
+        }
+        let mut ctx = Ctx {
+            settings: &session.settings,
+            limits: &self.config.limits,
+            fx: &mut self.fx,
+        };
+        sub.ack(&message_id, now, &mut ctx);
+    }
+
+    fn publish_key(&mut self, conn: ConnId, request_id: u64, public_key: Bytes) {
+        let Some(c) = self.conns.get(&conn) else {
+            return self.refuse(conn, request_id, Reject::NotAuthenticated);
+        };
+        if public_key.len() != 32 {
+            let why = format!(
+                "public_key must be 32 bytes (X25519), got {}",
+                public_key.len()
+            );
+            return self.refuse(conn, request_id, Reject::InvalidFrame(why));
+        }
+        let client_id = c.client_id.clone();
+        let Some(session) = self.sessions.get_mut(&c.session) else {
+            return;
+        };
+        if !session.keys.contains_key(&client_id) && session.keys.len() >= self.config.max_keys {
+            let reject = Reject::LimitExceeded("the session's key directory is full");
+            return self.refuse(conn, request_id, reject);
+        }
+        session.keys.insert(client_id, public_key);
+        self.get_keys(conn, request_id);
+    }
+
+    fn get_keys(&mut self, conn: ConnId, request_id: u64) {
+        let Some(c) = self.conns.get(&conn) else {
+            return self.refuse(conn, request_id, Reject::NotAuthenticated);
+        };
+        let Some(session) = self.sessions.get(&c.session) else {
+            return;
+        };
+        let keys = session
+            .keys
+            .iter()
+            .map(|(c, k)| (c.clone(), k.clone()))
+            .collect();
+        self.fx.send(conn, Event::Keys { request_id, keys });
+    }
+
+    /// The connection is gone (or was taken over). Connection-bound subscriptions end
+    /// with it; durable ones keep queuing.
+    fn disconnect(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(&c.session) else {
+            return;
+        };
+        if session.clients.get(&c.client_id) == Some(&conn) {
+            session.clients.remove(&c.client_id);
+        }
+        if c.anonymous {
+            session.keys.remove(&c.client_id);
+        }
+        let Some(sub) = session.subscribers.get_mut(&c.client_id) else {
+            return;
+        };
+        if sub.conn != Some(conn) {
+            return;
+        }
+        let mut ctx = Ctx {
+            settings: &session.settings,
+            limits: &self.config.limits,
+            fx: &mut self.fx,
+        };
+        sub.detach(&mut ctx);
+        let filters: Vec<(TopicFilter, SubOpts)> =
+            sub.filters.iter().map(|(f, o)| (f.clone(), *o)).collect();
+        for (filter, opts) in filters {
+            if !opts.durable {
+                if let Some(sub) = session.subscribers.get_mut(&c.client_id) {
+                    sub.filters.remove(&filter);
+                }
+                session.tree.remove(&filter, &(c.client_id.clone(), false));
+            }
+            if let Some(watchers) = session.presence.get_mut(&filter) {
+                watchers.retain(|w| *w != c.client_id);
+                if watchers.is_empty() {
+                    session.presence.remove(&filter);
+                }
+            }
+            Self::announce(
+                session,
+                &mut self.fx,
+                &filter,
+                &c.client_id,
+                PresenceEvent::Left,
+            );
+        }
+        if session
+            .subscribers
+            .get(&c.client_id)
+            .is_some_and(|s| s.filters.is_empty())
+        {
+            session.subscribers.remove(&c.client_id);
+        }
+    }
+
+    fn session_updated(&mut self, settings: SessionSettings) {
+        let name = settings.name.clone();
+        let suspended = settings.suspended;
+        self.upsert_session(settings);
+        if suspended {
+            let conns: Vec<ConnId> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.session == name)
+                .map(|(id, _)| *id)
+                .collect();
+            for conn in conns {
+                self.fx.outputs.push_back(Output::Close {
+                    conn,
+                    reject: Reject::SessionSuspended,
+                });
+                self.disconnect(conn);
+            }
+        }
+    }
+
+    fn refuse(&mut self, conn: ConnId, request_id: u64, reject: Reject) {
+        self.fx.send(
+            conn,
+            Event::Error {
+                reject,
+                request_id,
+                message_id: None,
+            },
+        );
+    }
+
+    fn refuse_publish(&mut self, conn: ConnId, message_id: MessageId, reject: Reject) {
+        self.fx.send(
+            conn,
+            Event::Error {
+                reject,
+                request_id: 0,
+                message_id: Some(message_id),
+            },
+        );
+    }
+
+    /// Processes every retry deadline that has passed.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        while let Some(&(deadline, conn)) = self.fx.timers.first() {
+            if deadline > now {
+                break;
+            }
+            self.fx.timers.pop_first();
+            let Some(c) = self.conns.get(&conn) else {
+                continue;
+            };
+            let Some(session) = self.sessions.get_mut(&c.session) else {
+                continue;
+            };
+            let Some(sub) = session.subscribers.get_mut(&c.client_id) else {
+                continue;
+            };
+            if sub.conn != Some(conn) {
+                continue;
+            }
+            let mut ctx = Ctx {
+                settings: &session.settings,
+                limits: &self.config.limits,
+                fx: &mut self.fx,
+            };
+            sub.on_timer(now, &mut ctx);
+        }
+    }
+
+    /// Every batch up to and including `batch_id` is durable: release their answers.
+    pub fn handle_committed(&mut self, batch_id: u64) {
+        while let Some((id, _)) = self.waiters.front() {
+            if *id > batch_id {
+                break;
+            }
+            let Some((_, waiter)) = self.waiters.pop_front() else {
+                break;
+            };
+            match waiter {
+                Waiter::PubAck {
+                    conn,
+                    message_id,
+                    status,
+                    ..
+                } => self.fx.send(conn, Event::PubAck { message_id, status }),
+                Waiter::Subscribed { conn, request_id } => {
+                    self.fx.send(conn, Event::Subscribed { request_id })
+                }
+            }
+        }
+    }
+
+    /// Batch `batch_id` could not be committed: its publishes are refused (and their
+    /// ids forgotten, so a retry is not taken for a replay).
+    pub fn handle_commit_failed(&mut self, batch_id: u64) {
+        while let Some((id, _)) = self.waiters.front() {
+            if *id > batch_id {
+                break;
+            }
+            let Some((_, waiter)) = self.waiters.pop_front() else {
+                break;
+            };
+            let reject = Reject::Internal("the store could not commit; retry");
+            match waiter {
+                Waiter::PubAck {
+                    conn,
+                    session,
+                    message_id,
+                    timestamp_ms,
+                    ..
+                } => {
+                    if let Some(s) = self.sessions.get_mut(&session) {
+                        s.replay.forget(&message_id, timestamp_ms);
+                    }
+                    self.refuse_publish(conn, message_id, reject);
+                }
+                Waiter::Subscribed { conn, request_id } => self.refuse(conn, request_id, reject),
+            }
+        }
+    }
+
+    /// The answer to a [`BacklogRequest`].
+    pub fn handle_backlog(
+        &mut self,
+        now: Millis,
+        request: &BacklogRequest,
+        rows: Vec<StoredCopy>,
+        exhausted: bool,
+    ) {
+        let Some(session) = self.sessions.get_mut(&request.session) else {
+            return;
+        };
+        let Some(sub) = session.subscribers.get_mut(&request.client_id) else {
+            return;
+        };
+        let mut ctx = Ctx {
+            settings: &session.settings,
+            limits: &self.config.limits,
+            fx: &mut self.fx,
+        };
+        sub.backlog_loaded(request.token, rows, exhausted, now, &mut ctx);
+    }
+
+    /// The next thing to send to a connection.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.fx.outputs.pop_front()
+    }
+
+    /// The writes gathered since the last call, if any (or if answers wait on them).
+    pub fn take_batch(&mut self) -> Option<StoreBatch> {
+        let waiting = self
+            .waiters
+            .back()
+            .is_some_and(|(id, _)| *id == self.batch_id);
+        if self.fx.ops.is_empty() && !waiting {
+            return None;
+        }
+        let batch = StoreBatch {
+            id: self.batch_id,
+            ops: std::mem::take(&mut self.fx.ops),
+        };
+        self.batch_id += 1;
+        Some(batch)
+    }
+
+    /// Backlog pages to read, to be run after the batches already taken.
+    pub fn take_loads(&mut self) -> Vec<BacklogRequest> {
+        std::mem::take(&mut self.fx.loads)
+    }
+
+    /// When [`Core::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        self.fx.timers.first().map(|(t, _)| *t)
+    }
+}

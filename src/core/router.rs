@@ -1,0 +1,124 @@
+//! Publish: admission (auth, limits, replay) and fan-out of one message to the
+//! subscribers whose filters match it.
+
+use std::sync::Arc;
+
+use crate::proto::{PayloadFormat, PubAckStatus};
+
+use super::command::{Message, Publish, StoreOp};
+use super::delivery::{Copy, Ctx};
+use super::error::Reject;
+use super::types::{ClientId, ConnId, Millis};
+use super::{Core, Waiter};
+
+impl Core {
+    pub(super) fn publish(&mut self, now: Millis, conn: ConnId, p: Publish) {
+        let id = p.message_id;
+        let Some(c) = self.conns.get(&conn) else {
+            return self.refuse_publish(conn, id, Reject::NotAuthenticated);
+        };
+        let Some(session) = self.sessions.get_mut(&c.session) else {
+            return self.refuse_publish(conn, id, Reject::Internal("session vanished"));
+        };
+        let settings = &session.settings;
+        if settings.suspended {
+            return self.refuse_publish(conn, id, Reject::SessionSuspended);
+        }
+        let size = p.payload.len() as u64;
+        if size > settings.max_payload_bytes {
+            let limit = settings.max_payload_bytes;
+            return self.refuse_publish(conn, id, Reject::PayloadTooLarge { size, limit });
+        }
+        if let Err(reject) = session.replay.admit(now, id, p.timestamp_ms) {
+            return self.refuse_publish(conn, id, reject);
+        }
+
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let message = Arc::new(Message {
+            session: settings.name.clone(),
+            id,
+            seq,
+            topic: p.topic,
+            payload: p.payload,
+            timestamp_ms: p.timestamp_ms,
+            format: p.format,
+            accepted_at: now,
+            expires_at: now.saturating_add(settings.message_expiry_ms),
+        });
+        self.fx.ops.push(StoreOp::PutReplayId {
+            session: settings.name.clone(),
+            id,
+            expires_at: session.replay.expiry_of(p.timestamp_ms),
+        });
+
+        // One copy per subscriber, however many of its filters match; durable if any
+        // matching subscription is.
+        let mut matched: Vec<(ClientId, bool)> = Vec::new();
+        session
+            .tree
+            .for_each_match(&message.topic, |(client, durable)| {
+                matched.push((client.clone(), *durable))
+            });
+        matched.sort_unstable();
+        matched.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 |= later.1;
+            }
+            same
+        });
+
+        let mut ctx = Ctx {
+            settings: &session.settings,
+            limits: &self.config.limits,
+            fx: &mut self.fx,
+        };
+        let (mut copies, mut durable_copies) = (0usize, 0usize);
+        for (client, durable) in matched {
+            let Some(sub) = session.subscribers.get_mut(&client) else {
+                continue;
+            };
+            if sub.legacy_only && message.format != PayloadFormat::LegacyJson {
+                continue; // it could not read it; nothing is queued for it
+            }
+            if durable {
+                if durable_copies == 0 {
+                    ctx.fx.ops.push(StoreOp::PutMessage(message.clone()));
+                }
+                ctx.fx.ops.push(StoreOp::PutCopy {
+                    session: ctx.settings.name.clone(),
+                    client_id: client,
+                    seq,
+                    ephemeral: false,
+                });
+                durable_copies += 1;
+            }
+            copies += 1;
+            let copy = Copy {
+                message: message.clone(),
+                durable,
+                persisted: durable,
+                attempts: 0,
+            };
+            sub.offer(copy, now, &mut ctx);
+        }
+
+        let status = match (copies, durable_copies) {
+            (0, _) => PubAckStatus::NoSubscribers,
+            (_, 0) => PubAckStatus::Accepted,
+            _ => PubAckStatus::Stored,
+        };
+        // The answer waits for the batch holding the replay id (and durable copies).
+        self.waiters.push_back((
+            self.batch_id,
+            Waiter::PubAck {
+                conn,
+                session: message.session.clone(),
+                message_id: id,
+                timestamp_ms: message.timestamp_ms,
+                status,
+            },
+        ));
+    }
+}

@@ -1,0 +1,97 @@
+//! Sessions (tenants): their settings and the isolated state each one owns.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+
+use super::delivery::Subscriber;
+use super::replay::ReplayGuard;
+use super::topic::{TopicFilter, TopicTree};
+use super::types::{ClientId, ConnId, SessionName};
+
+/// Defaults of the seeds' `createSession`.
+pub const DEFAULT_RETRY_INTERVAL_MS: u64 = 5_000;
+pub const DEFAULT_MAX_RETRIES: u32 = 100;
+pub const DEFAULT_MESSAGE_EXPIRY_MS: u64 = 3_600_000;
+pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = 10 * 1024 * 1024;
+
+/// Bounds that keep a tenant from hurting the broker.
+pub const RETRY_INTERVAL_RANGE: std::ops::RangeInclusive<u64> = 100..=86_400_000;
+pub const MAX_RETRIES_LIMIT: u32 = 10_000;
+pub const MESSAGE_EXPIRY_RANGE: std::ops::RangeInclusive<u64> = 1_000..=30 * 86_400_000;
+pub const MAX_HISTORY_SIZE: u32 = 1_000;
+
+/// A session's settings: what `createSession` sets and `Welcome` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSettings {
+    pub name: SessionName,
+    /// Wait this long for an `Ack` before redelivering.
+    pub retry_interval_ms: u64,
+    /// Redeliveries after the first delivery.
+    pub max_retries: u32,
+    /// Drop unacknowledged copies this long after acceptance.
+    pub message_expiry_ms: u64,
+    /// Largest payload accepted.
+    pub max_payload_bytes: u64,
+    /// Messages kept per topic for `Subscribe.history`.
+    pub history_size: u32,
+    /// An administrator suspended it: every connection is refused.
+    pub suspended: bool,
+}
+
+impl SessionSettings {
+    /// Settings with the seeds' defaults.
+    pub fn new(name: SessionName) -> Self {
+        Self {
+            name,
+            retry_interval_ms: DEFAULT_RETRY_INTERVAL_MS,
+            max_retries: DEFAULT_MAX_RETRIES,
+            message_expiry_ms: DEFAULT_MESSAGE_EXPIRY_MS,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            history_size: 0,
+            suspended: false,
+        }
+    }
+
+    /// The last attempt a copy may reach: the first delivery plus every retry.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_retries.saturating_add(1)
+    }
+}
+
+/// Presence options and durability of one subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubOpts {
+    pub durable: bool,
+    pub presence: bool,
+}
+
+/// The runtime state of one session. Nothing in it is reachable from another session.
+#[derive(Debug)]
+pub struct Session {
+    pub settings: SessionSettings,
+    /// filter → (client, durable). One entry per (filter, client).
+    pub tree: TopicTree<(ClientId, bool)>,
+    pub subscribers: HashMap<ClientId, Subscriber>,
+    /// Who is connected, by client id (a second connection takes over).
+    pub clients: HashMap<ClientId, ConnId>,
+    pub replay: ReplayGuard,
+    /// Filters that somebody watches for presence → who watches.
+    pub presence: BTreeMap<TopicFilter, Vec<ClientId>>,
+    /// The X25519 key directory.
+    pub keys: BTreeMap<ClientId, Bytes>,
+}
+
+impl Session {
+    pub fn new(settings: SessionSettings, replay: ReplayGuard) -> Self {
+        Self {
+            settings,
+            tree: TopicTree::default(),
+            subscribers: HashMap::new(),
+            clients: HashMap::new(),
+            replay,
+            presence: BTreeMap::new(),
+            keys: BTreeMap::new(),
+        }
+    }
+}

@@ -1,0 +1,730 @@
+//! Scenario tests of the core on a fake clock, with the in-memory store's tables
+//! standing in for the database (after quinn-proto's `Pair` harness).
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::proto::{PayloadFormat, PresenceEvent, PubAckStatus};
+use crate::store::memory::MemoryState;
+
+const T0: Millis = 1_700_000_000_000;
+
+struct Pair {
+    core: Core,
+    now: Millis,
+    store: MemoryState,
+    inbox: HashMap<ConnId, Vec<Event>>,
+    closed: HashMap<ConnId, Reject>,
+    next_conn: u64,
+    next_id: u8,
+    /// When set, the next batch fails instead of committing.
+    fail_next_commit: bool,
+}
+
+fn settings(name: &str) -> SessionSettings {
+    let mut s = SessionSettings::new(SessionName::parse(name).expect("valid"));
+    s.retry_interval_ms = 1_000;
+    s.max_retries = 3;
+    s.message_expiry_ms = 60_000;
+    s.max_payload_bytes = 1024;
+    s
+}
+
+fn filter(f: &str) -> TopicFilter {
+    TopicFilter::parse(f).expect("valid filter")
+}
+
+impl Pair {
+    fn new() -> Self {
+        Self::with_config(CoreConfig::default())
+    }
+
+    fn with_config(config: CoreConfig) -> Self {
+        Self {
+            core: Core::new(config),
+            now: T0,
+            store: MemoryState::default(),
+            inbox: HashMap::new(),
+            closed: HashMap::new(),
+            next_conn: 1,
+            next_id: 1,
+            fail_next_commit: false,
+        }
+    }
+
+    /// Runs the core until it has nothing left to do, as the driver would.
+    fn drive(&mut self) {
+        loop {
+            let mut busy = false;
+            while let Some(out) = self.core.poll_output() {
+                busy = true;
+                match out {
+                    Output::Send { conn, event } => self.inbox.entry(conn).or_default().push(event),
+                    Output::Close { conn, reject } => {
+                        self.closed.insert(conn, reject);
+                    }
+                }
+            }
+            if let Some(batch) = self.core.take_batch() {
+                busy = true;
+                if std::mem::take(&mut self.fail_next_commit) {
+                    self.core.handle_commit_failed(batch.id);
+                } else {
+                    self.store.apply(&batch);
+                    self.core.handle_committed(batch.id);
+                }
+            }
+            for load in self.core.take_loads() {
+                busy = true;
+                let (rows, exhausted) = self.store.backlog(&load, self.now);
+                self.core.handle_backlog(self.now, &load, rows, exhausted);
+            }
+            if !busy {
+                break;
+            }
+        }
+    }
+
+    fn cmd(&mut self, command: Command) {
+        self.core.handle(self.now, command);
+        self.drive();
+    }
+
+    /// Moves the clock forward, firing every deadline on the way in order.
+    fn advance(&mut self, ms: u64) {
+        let until = self.now + ms;
+        while let Some(deadline) = self.core.poll_timeout() {
+            if deadline > until {
+                break;
+            }
+            self.now = self.now.max(deadline);
+            self.core.handle_timeout(self.now);
+            self.drive();
+        }
+        self.now = until;
+    }
+
+    fn connect_with(
+        &mut self,
+        s: &SessionSettings,
+        client: &str,
+        clean: bool,
+        legacy_only: bool,
+    ) -> ConnId {
+        // As the HTTP API would have done when the session was created.
+        self.store.insert_session(&crate::store::SessionRecord {
+            settings: s.clone(),
+            password_hash: String::new(),
+            created_at: T0,
+        });
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.cmd(Command::Hello(Hello {
+            conn,
+            connection_id: [conn.0 as u8; 16],
+            settings: s.clone(),
+            client_id: ClientId::parse(client).expect("valid"),
+            anonymous: false,
+            clean,
+            legacy_only,
+        }));
+        let welcome = self.take(conn);
+        assert!(
+            matches!(welcome.first(), Some(Event::Welcome { .. })),
+            "expected Welcome first, got {welcome:?}"
+        );
+        // Anything after Welcome (a backlog) stays for the test to read.
+        self.inbox
+            .insert(conn, welcome.into_iter().skip(1).collect());
+        conn
+    }
+
+    fn connect(&mut self, s: &SessionSettings, client: &str) -> ConnId {
+        self.connect_with(s, client, false, false)
+    }
+
+    fn subscribe(&mut self, conn: ConnId, f: &str, durable: bool) {
+        self.cmd(Command::Subscribe {
+            conn,
+            request_id: 7,
+            filter: filter(f),
+            durable,
+            presence: false,
+        });
+        let events = self.take(conn);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Subscribed { request_id: 7 })),
+            "expected Subscribed, got {events:?}"
+        );
+    }
+
+    fn publish_as(
+        &mut self,
+        conn: ConnId,
+        topic: &str,
+        payload: &[u8],
+        format: PayloadFormat,
+        ts: Millis,
+    ) -> MessageId {
+        let id = MessageId([self.next_id; 16]);
+        self.next_id = self.next_id.wrapping_add(1);
+        self.cmd(Command::Publish {
+            conn,
+            publish: Publish {
+                message_id: id,
+                topic: TopicName::parse(topic).expect("valid"),
+                payload: Bytes::copy_from_slice(payload),
+                timestamp_ms: ts,
+                format,
+            },
+        });
+        id
+    }
+
+    fn publish(&mut self, conn: ConnId, topic: &str, payload: &[u8]) -> MessageId {
+        self.publish_as(conn, topic, payload, PayloadFormat::NativeV1, self.now)
+    }
+
+    fn ack(&mut self, conn: ConnId, id: MessageId) {
+        self.cmd(Command::Ack {
+            conn,
+            message_id: id,
+        });
+    }
+
+    fn take(&mut self, conn: ConnId) -> Vec<Event> {
+        self.inbox.remove(&conn).unwrap_or_default()
+    }
+
+    /// (payload, attempt) of every Deliver waiting for `conn`; other events are dropped.
+    fn delivers(&mut self, conn: ConnId) -> Vec<(Vec<u8>, u32)> {
+        self.take(conn)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Deliver { message, attempt } => Some((message.payload.to_vec(), attempt)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn puback(&mut self, conn: ConnId) -> PubAckStatus {
+        let events = self.take(conn);
+        match events.as_slice() {
+            [Event::PubAck { status, .. }] => *status,
+            other => panic!("expected one PubAck, got {other:?}"),
+        }
+    }
+
+    fn error(&mut self, conn: ConnId) -> Reject {
+        let events = self.take(conn);
+        match events.as_slice() {
+            [Event::Error { reject, .. }] => reject.clone(),
+            other => panic!("expected one Error, got {other:?}"),
+        }
+    }
+}
+
+fn payloads(d: &[(Vec<u8>, u32)]) -> Vec<Vec<u8>> {
+    d.iter().map(|(p, _)| p.clone()).collect()
+}
+
+#[test]
+fn publish_reaches_subscriber_and_puback_reports_status() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+
+    p.publish(publisher, "chat/1", b"nobody");
+    assert_eq!(p.puback(publisher), PubAckStatus::NoSubscribers);
+
+    p.subscribe(sub, "chat/+", false);
+    p.publish(publisher, "chat/1", b"hello");
+    assert_eq!(p.puback(publisher), PubAckStatus::Accepted);
+    assert_eq!(p.delivers(sub), vec![(b"hello".to_vec(), 1)]);
+    assert_eq!(
+        p.store.message_count(),
+        0,
+        "connection-bound copies are not written"
+    );
+
+    let durable = p.connect(&s, "dur");
+    p.subscribe(durable, "chat/#", true);
+    p.publish(publisher, "chat/1", b"kept");
+    assert_eq!(p.puback(publisher), PubAckStatus::Stored);
+    assert_eq!(p.store.copy_count(), 1);
+}
+
+#[test]
+fn unacked_delivery_is_retried_up_to_the_limit_then_dropped() {
+    let mut p = Pair::new();
+    let s = settings("s"); // retry every 1 s, 3 retries
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "t", false);
+    p.publish(publisher, "t", b"m");
+    assert_eq!(p.delivers(sub), vec![(b"m".to_vec(), 1)]);
+
+    p.advance(999);
+    assert!(
+        p.delivers(sub).is_empty(),
+        "nothing before the retry interval"
+    );
+    p.advance(1);
+    assert_eq!(p.delivers(sub), vec![(b"m".to_vec(), 2)]);
+    p.advance(1_000);
+    assert_eq!(p.delivers(sub), vec![(b"m".to_vec(), 3)]);
+    p.advance(1_000);
+    assert_eq!(
+        p.delivers(sub),
+        vec![(b"m".to_vec(), 4)],
+        "last attempt is 1 + max_retries"
+    );
+    p.advance(10_000);
+    assert!(
+        p.delivers(sub).is_empty(),
+        "given up after the last attempt"
+    );
+    assert_eq!(p.core.poll_timeout(), None);
+}
+
+#[test]
+fn ack_stops_redelivery() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "t", true);
+    let id = p.publish(publisher, "t", b"m");
+    assert_eq!(p.delivers(sub).len(), 1);
+    p.ack(sub, id);
+    p.advance(5_000);
+    assert!(p.delivers(sub).is_empty());
+    assert_eq!(p.store.copy_count(), 0, "an acked durable copy is deleted");
+    assert_eq!(p.store.message_count(), 0, "and so is its body");
+}
+
+#[test]
+fn nothing_is_delivered_after_expiry() {
+    let mut p = Pair::new();
+    let mut s = settings("s");
+    s.max_retries = 100;
+    s.message_expiry_ms = 2_500;
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "t", false);
+    p.publish(publisher, "t", b"m");
+    p.advance(10_000);
+    let attempts: Vec<u32> = p.delivers(sub).iter().map(|d| d.1).collect();
+    assert_eq!(
+        attempts,
+        vec![1, 2, 3],
+        "sent at 0, 1 s and 2 s; expired at 2.5 s"
+    );
+}
+
+#[test]
+fn durable_backlog_is_delivered_in_order_on_reconnect() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "orders/#", true);
+    p.cmd(Command::Disconnected { conn: sub });
+
+    for i in 0..20u8 {
+        p.publish(publisher, "orders/new", &[i]);
+        assert_eq!(p.puback(publisher), PubAckStatus::Stored);
+    }
+    assert_eq!(p.store.copy_count(), 20);
+
+    // Back with the same client id: no Subscribe needed, backlog in accept order.
+    let sub = p.connect(&s, "sub");
+    let got = p.delivers(sub);
+    let want: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i]).collect();
+    assert_eq!(payloads(&got), want);
+    assert!(
+        got.iter().all(|(_, attempt)| *attempt == 1),
+        "offline time uses no attempts"
+    );
+}
+
+#[test]
+fn attempts_survive_a_reconnect() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "t", true);
+    p.publish(publisher, "t", b"m");
+    p.advance(1_000);
+    assert_eq!(
+        p.delivers(sub).iter().map(|d| d.1).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    p.cmd(Command::Disconnected { conn: sub });
+    let sub = p.connect(&s, "sub");
+    assert_eq!(p.delivers(sub), vec![(b"m".to_vec(), 3)]);
+}
+
+#[test]
+fn sessions_are_isolated() {
+    let mut p = Pair::new();
+    let (a, b) = (settings("a"), settings("b"));
+    let pub_a = p.connect(&a, "pub");
+    let sub_a = p.connect(&a, "sub");
+    let sub_b = p.connect(&b, "sub");
+    let wild_b = p.connect(&b, "wild");
+    p.subscribe(sub_a, "room", false);
+    p.subscribe(sub_b, "room", false);
+    p.subscribe(wild_b, "#", true);
+    p.publish(pub_a, "room", b"for a");
+    assert_eq!(p.delivers(sub_a).len(), 1);
+    assert!(p.delivers(sub_b).is_empty());
+    assert!(p.delivers(wild_b).is_empty());
+}
+
+#[test]
+fn overlapping_filters_give_one_delivery() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "a/#", false);
+    p.subscribe(sub, "a/+", true);
+    p.subscribe(sub, "a/b", false);
+    p.publish(publisher, "a/b", b"once");
+    assert_eq!(p.delivers(sub).len(), 1);
+    assert_eq!(
+        p.puback(publisher),
+        PubAckStatus::Stored,
+        "durable if any match is"
+    );
+}
+
+#[test]
+fn replayed_and_stale_publishes_are_refused() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let id = p.publish(publisher, "t", b"m");
+    assert_eq!(p.puback(publisher), PubAckStatus::NoSubscribers);
+    p.cmd(Command::Publish {
+        conn: publisher,
+        publish: Publish {
+            message_id: id,
+            topic: TopicName::parse("t").expect("valid"),
+            payload: Bytes::from_static(b"m"),
+            timestamp_ms: p.now,
+            format: PayloadFormat::NativeV1,
+        },
+    });
+    assert_eq!(p.error(publisher), Reject::Replayed);
+
+    let now = p.now;
+    p.publish_as(
+        publisher,
+        "t",
+        b"old",
+        PayloadFormat::NativeV1,
+        now - 30_001,
+    );
+    assert!(matches!(p.error(publisher), Reject::StaleTimestamp { .. }));
+    p.publish_as(
+        publisher,
+        "t",
+        b"future",
+        PayloadFormat::NativeV1,
+        now + 30_001,
+    );
+    assert!(matches!(p.error(publisher), Reject::StaleTimestamp { .. }));
+}
+
+#[test]
+fn replay_ids_survive_a_restart() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let id = p.publish(publisher, "t", b"m");
+    p.take(publisher);
+
+    let restore = p.store.restore(p.now);
+    let mut q = Pair::new();
+    q.now = p.now;
+    q.core.restore(restore);
+    let publisher = q.connect(&s, "pub");
+    q.cmd(Command::Publish {
+        conn: publisher,
+        publish: Publish {
+            message_id: id,
+            topic: TopicName::parse("t").expect("valid"),
+            payload: Bytes::from_static(b"m"),
+            timestamp_ms: q.now,
+            format: PayloadFormat::NativeV1,
+        },
+    });
+    assert_eq!(q.error(publisher), Reject::Replayed);
+}
+
+#[test]
+fn oversized_payload_is_refused() {
+    let mut p = Pair::new();
+    let s = settings("s"); // 1 KiB
+    let publisher = p.connect(&s, "pub");
+    p.publish(publisher, "t", &[0; 1025]);
+    assert_eq!(
+        p.error(publisher),
+        Reject::PayloadTooLarge {
+            size: 1025,
+            limit: 1024
+        }
+    );
+    p.publish(publisher, "t", &[0; 1024]);
+    assert_eq!(p.puback(publisher), PubAckStatus::NoSubscribers);
+}
+
+#[test]
+fn a_second_connection_takes_over_the_client_id() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let first = p.connect(&s, "dev");
+    p.subscribe(first, "t", true);
+    let second = p.connect(&s, "dev");
+    assert_eq!(p.closed.get(&first), Some(&Reject::TakenOver));
+    let publisher = p.connect(&s, "pub");
+    p.publish(publisher, "t", b"m");
+    assert!(p.delivers(first).is_empty());
+    assert_eq!(
+        p.delivers(second).len(),
+        1,
+        "the durable subscription moved over"
+    );
+}
+
+#[test]
+fn clean_start_drops_durable_state() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "t", true);
+    p.cmd(Command::Disconnected { conn: sub });
+    p.publish(publisher, "t", b"m");
+    assert_eq!(p.puback(publisher), PubAckStatus::Stored);
+    let sub = p.connect_with(&s, "sub", true, false);
+    assert!(p.delivers(sub).is_empty());
+    assert_eq!(p.store.copy_count(), 0);
+    p.publish(publisher, "t", b"m2");
+    assert_eq!(p.puback(publisher), PubAckStatus::NoSubscribers);
+}
+
+#[test]
+fn unsubscribe_discards_pending_copies() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "t", true);
+    p.publish(publisher, "t", b"m");
+    assert_eq!(p.delivers(sub).len(), 1);
+    p.cmd(Command::Unsubscribe {
+        conn: sub,
+        request_id: 9,
+        filter: filter("t"),
+    });
+    assert!(matches!(
+        p.take(sub).as_slice(),
+        [Event::Unsubscribed { request_id: 9 }]
+    ));
+    p.advance(10_000);
+    assert!(p.delivers(sub).is_empty());
+    assert_eq!(p.store.copy_count(), 0);
+}
+
+#[test]
+fn slow_subscriber_memory_is_bounded_and_nothing_is_lost() {
+    let mut config = CoreConfig::default();
+    config.limits = Limits {
+        max_inflight: 8,
+        max_queued: 16,
+    };
+    let mut p = Pair::with_config(config);
+    let mut s = settings("s");
+    s.retry_interval_ms = 3_600_000; // no retries during the test
+    s.message_expiry_ms = 7_200_000;
+    let publisher = p.connect(&s, "pub");
+    let fast = p.connect(&s, "fast");
+    let slow = p.connect(&s, "slow");
+    p.subscribe(slow, "t", false);
+    p.subscribe(fast, "t", true);
+
+    for i in 0..200u16 {
+        p.publish(publisher, "t", &i.to_be_bytes());
+    }
+    let sub = |p: &Pair, c: &str| {
+        let session = &p.core.sessions[&SessionName::parse("s").expect("valid")];
+        session.subscribers[&ClientId::parse(c).expect("valid")].in_memory()
+    };
+    assert!(sub(&p, "slow") <= 24, "window + queue bound memory");
+    assert!(p.store.copy_count() > 0, "the rest spilled to the store");
+
+    // Ack everything as it arrives: all 200 come, in order, exactly once each.
+    for conn in [slow, fast] {
+        let mut got = Vec::new();
+        loop {
+            let batch = p.take(conn);
+            if batch.is_empty() {
+                break;
+            }
+            for e in batch {
+                if let Event::Deliver { message, attempt } = e {
+                    assert_eq!(attempt, 1);
+                    got.push(u16::from_be_bytes([message.payload[0], message.payload[1]]));
+                    p.ack(conn, message.id);
+                }
+            }
+        }
+        assert_eq!(got, (0..200).collect::<Vec<_>>());
+    }
+    assert_eq!(p.store.copy_count(), 0);
+    assert_eq!(p.store.message_count(), 0);
+}
+
+#[test]
+fn legacy_connections_only_get_legacy_payloads() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let dart = p.connect_with(&s, "dart", false, true);
+    p.subscribe(dart, "t", false);
+    p.publish(publisher, "t", b"native");
+    assert_eq!(p.puback(publisher), PubAckStatus::NoSubscribers);
+    let now = p.now;
+    p.publish_as(
+        publisher,
+        "t",
+        b"{\"data\":\"x\",\"hash\":\"y\"}",
+        PayloadFormat::LegacyJson,
+        now,
+    );
+    assert_eq!(p.puback(publisher), PubAckStatus::Accepted);
+    assert_eq!(p.delivers(dart).len(), 1);
+}
+
+#[test]
+fn failed_commit_refuses_the_publish_and_allows_a_retry() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    p.fail_next_commit = true;
+    let id = p.publish(publisher, "t", b"m");
+    assert!(matches!(p.error(publisher), Reject::Internal(_)));
+    p.cmd(Command::Publish {
+        conn: publisher,
+        publish: Publish {
+            message_id: id,
+            topic: TopicName::parse("t").expect("valid"),
+            payload: Bytes::from_static(b"m"),
+            timestamp_ms: p.now,
+            format: PayloadFormat::NativeV1,
+        },
+    });
+    assert_eq!(p.puback(publisher), PubAckStatus::NoSubscribers);
+}
+
+#[test]
+fn durable_subscriptions_and_backlog_survive_a_restart() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "t", true);
+    p.cmd(Command::Disconnected { conn: sub });
+    p.publish(publisher, "t", b"one");
+    p.publish(publisher, "t", b"two");
+
+    let restore = p.store.restore(p.now);
+    let mut q = Pair::new();
+    q.now = p.now;
+    q.next_id = p.next_id;
+    q.store = std::mem::take(&mut p.store);
+    q.core.restore(restore);
+    let sub = q.connect(&s, "sub");
+    assert_eq!(
+        payloads(&q.delivers(sub)),
+        vec![b"one".to_vec(), b"two".to_vec()]
+    );
+    let publisher = q.connect(&s, "pub");
+    q.publish(publisher, "t", b"three");
+    assert_eq!(q.puback(publisher), PubAckStatus::Stored);
+    assert_eq!(payloads(&q.delivers(sub)), vec![b"three".to_vec()]);
+}
+
+#[test]
+fn presence_is_announced_to_watchers_only() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let watcher = p.connect(&s, "watcher");
+    p.cmd(Command::Subscribe {
+        conn: watcher,
+        request_id: 1,
+        filter: filter("room"),
+        durable: false,
+        presence: true,
+    });
+    p.take(watcher);
+    let other = p.connect(&s, "other");
+    p.subscribe(other, "room", false);
+    let joined = p.take(watcher);
+    assert!(matches!(
+        joined.as_slice(),
+        [Event::Presence { event: PresenceEvent::Joined, client_id, .. }] if client_id.as_str() == "other"
+    ));
+    p.cmd(Command::Disconnected { conn: other });
+    assert!(matches!(
+        p.take(watcher).as_slice(),
+        [Event::Presence {
+            event: PresenceEvent::Left,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn frames_before_hello_are_refused() {
+    let mut p = Pair::new();
+    let stranger = ConnId(99);
+    p.cmd(Command::Subscribe {
+        conn: stranger,
+        request_id: 3,
+        filter: filter("t"),
+        durable: false,
+        presence: false,
+    });
+    assert_eq!(p.error(stranger), Reject::NotAuthenticated);
+}
+
+#[test]
+fn key_directory_round_trip() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let alice = p.connect(&s, "alice");
+    p.cmd(Command::PublishKey {
+        conn: alice,
+        request_id: 4,
+        public_key: Bytes::from_static(&[1; 32]),
+    });
+    assert!(
+        matches!(p.take(alice).as_slice(), [Event::Keys { request_id: 4, keys }] if keys.len() == 1)
+    );
+    p.cmd(Command::PublishKey {
+        conn: alice,
+        request_id: 5,
+        public_key: Bytes::from_static(&[1; 31]),
+    });
+    assert!(matches!(p.error(alice), Reject::InvalidFrame(_)));
+}

@@ -1,0 +1,130 @@
+//! Durable state behind one trait: sessions, queued copies for durable (and spilled)
+//! subscribers, durable subscriptions, replay ids and push tokens.
+//!
+//! The core never calls the store: it emits [`StoreBatch`]es and [`BacklogRequest`]s,
+//! and the driver runs them here, in order, and reports back. Every implementation
+//! passes the same suite (`tests.rs`): memory, SQLite, and later Postgres.
+
+pub mod memory;
+pub mod sqlite;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::core::{
+    BacklogRequest, Millis, Restore, SessionName, SessionSettings, StoreBatch, StoredCopy,
+};
+
+/// Store failures. None of them is the client's fault; the broker answers `INTERNAL`
+/// (or HTTP 503) and the request may be retried.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `create_session` with a name that exists.
+    #[error("session {0} already exists")]
+    SessionExists(String),
+    /// The database reported an error.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A row holds something this version cannot read.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// A session as stored: its settings and its password's argon2id hash (PHC string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub settings: SessionSettings,
+    pub password_hash: String,
+    pub created_at: Millis,
+}
+
+/// A device registered for push notifications. The token is a secret: never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PushToken {
+    pub session: SessionName,
+    pub user_id: String,
+    pub device_id: String,
+    pub token: String,
+    pub platform: String,
+}
+
+impl std::fmt::Debug for PushToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushToken")
+            .field("session", &self.session)
+            .field("user_id", &self.user_id)
+            .field("device_id", &self.device_id)
+            .field("token", &"<redacted>")
+            .field("platform", &self.platform)
+            .finish()
+    }
+}
+
+/// A page of a subscriber's backlog and whether it was the last one.
+pub type BacklogPage = (Vec<StoredCopy>, bool);
+
+/// The broker's durable state. Implementations must apply a batch's ops in order and
+/// atomically, and apply batches in the order given.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// "memory", "sqlite" or "postgres", for logs and `/health`.
+    fn kind(&self) -> &'static str;
+
+    /// Creates a session; [`StoreError::SessionExists`] if the name is taken.
+    async fn create_session(&self, record: &SessionRecord) -> Result<(), StoreError>;
+
+    async fn session(&self, name: &SessionName) -> Result<Option<SessionRecord>, StoreError>;
+
+    async fn sessions(&self) -> Result<Vec<SessionRecord>, StoreError>;
+
+    async fn count_sessions(&self) -> Result<u64, StoreError>;
+
+    /// What the core needs at start-up. Drops ephemeral copies (their connections are
+    /// gone) and anything expired by `now`.
+    async fn restore(&self, now: Millis) -> Result<Restore, StoreError>;
+
+    /// Applies batches in order, atomically (one transaction for all of them).
+    async fn commit(&self, batches: &[StoreBatch]) -> Result<(), StoreError>;
+
+    /// The next page of a subscriber's backlog: unexpired copies with seq > `after_seq`,
+    /// in seq order, at most `limit`; `true` if there are no more.
+    async fn backlog(
+        &self,
+        request: &BacklogRequest,
+        now: Millis,
+    ) -> Result<BacklogPage, StoreError>;
+
+    /// Deletes expired messages, copies and replay ids; returns how many rows went.
+    async fn purge(&self, now: Millis) -> Result<u64, StoreError>;
+
+    async fn put_push_token(&self, token: &PushToken) -> Result<(), StoreError>;
+
+    /// Cheap liveness check for `/health`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Flushes and closes (graceful shutdown).
+    async fn close(&self);
+}
+
+/// Which store to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    /// A SQLite file, created if missing.
+    Sqlite(std::path::PathBuf),
+}
+
+/// Opens the configured store.
+pub async fn open(kind: &StoreKind) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match kind {
+        StoreKind::Memory => Arc::new(memory::MemoryStore::default()),
+        StoreKind::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path).await?),
+    })
+}

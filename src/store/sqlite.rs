@@ -1,0 +1,474 @@
+//! The embedded default store: one SQLite file in WAL mode with `synchronous=NORMAL`,
+//! so a committed batch survives the broker being killed (not the machine losing
+//! power: the same class as JetStream's default), and commits cost no fsync each.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use crate::core::{
+    BacklogRequest, ClientId, Message, MessageId, Millis, Restore, SessionName, SessionSettings,
+    StoreBatch, StoreOp, StoredCopy, TopicFilter, TopicName,
+};
+use crate::proto::PayloadFormat;
+
+use super::{BacklogPage, PushToken, SessionRecord, Store, StoreError};
+
+static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
+
+/// A SQLite-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Corrupt(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        Self::connect(options).await
+    }
+
+    /// An in-memory SQLite database (one connection), for tests.
+    pub async fn open_in_memory() -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    async fn apply(tx: &mut Transaction<'_, Sqlite>, op: &StoreOp) -> Result<(), sqlx::Error> {
+        match op {
+            StoreOp::PutMessage(m) => {
+                sqlx::query(
+                    "INSERT OR IGNORE INTO messages (seq, session, message_id, topic, payload, \
+                     timestamp_ms, format, accepted_at, expires_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(m.seq as i64)
+                .bind(m.session.as_str())
+                .bind(&m.id.as_bytes()[..])
+                .bind(m.topic.as_str())
+                .bind(&m.payload[..])
+                .bind(m.timestamp_ms as i64)
+                .bind(m.format as i32)
+                .bind(m.accepted_at as i64)
+                .bind(m.expires_at as i64)
+                .execute(&mut **tx)
+                .await?;
+            }
+            StoreOp::PutReplayId {
+                session,
+                id,
+                expires_at,
+            } => {
+                sqlx::query(
+                    "INSERT OR REPLACE INTO replay_ids (session, message_id, expires_at) \
+                     VALUES (?, ?, ?)",
+                )
+                .bind(session.as_str())
+                .bind(&id.as_bytes()[..])
+                .bind(*expires_at as i64)
+                .execute(&mut **tx)
+                .await?;
+            }
+            StoreOp::PutCopy {
+                session,
+                client_id,
+                seq,
+                ephemeral,
+            } => {
+                sqlx::query(
+                    "INSERT OR IGNORE INTO copies (session, client_id, seq, attempts, ephemeral) \
+                     VALUES (?, ?, ?, 0, ?)",
+                )
+                .bind(session.as_str())
+                .bind(client_id.as_str())
+                .bind(*seq as i64)
+                .bind(*ephemeral)
+                .execute(&mut **tx)
+                .await?;
+            }
+            StoreOp::DeleteCopy {
+                session,
+                client_id,
+                seq,
+            } => {
+                sqlx::query("DELETE FROM copies WHERE session = ? AND client_id = ? AND seq = ?")
+                    .bind(session.as_str())
+                    .bind(client_id.as_str())
+                    .bind(*seq as i64)
+                    .execute(&mut **tx)
+                    .await?;
+                Self::drop_if_orphan(tx, *seq).await?;
+            }
+            StoreOp::SetAttempts {
+                session,
+                client_id,
+                seq,
+                attempts,
+            } => {
+                sqlx::query(
+                    "UPDATE copies SET attempts = ? WHERE session = ? AND client_id = ? AND seq = ?",
+                )
+                .bind(*attempts as i64)
+                .bind(session.as_str())
+                .bind(client_id.as_str())
+                .bind(*seq as i64)
+                .execute(&mut **tx)
+                .await?;
+            }
+            StoreOp::PutSubscription {
+                session,
+                client_id,
+                filter,
+            } => {
+                sqlx::query(
+                    "INSERT OR IGNORE INTO subscriptions (session, client_id, filter) VALUES (?, ?, ?)",
+                )
+                .bind(session.as_str())
+                .bind(client_id.as_str())
+                .bind(filter.as_str())
+                .execute(&mut **tx)
+                .await?;
+            }
+            StoreOp::DeleteSubscription {
+                session,
+                client_id,
+                filter,
+            } => {
+                sqlx::query(
+                    "DELETE FROM subscriptions WHERE session = ? AND client_id = ? AND filter = ?",
+                )
+                .bind(session.as_str())
+                .bind(client_id.as_str())
+                .bind(filter.as_str())
+                .execute(&mut **tx)
+                .await?;
+            }
+            StoreOp::DeleteClient { session, client_id } => {
+                sqlx::query("DELETE FROM subscriptions WHERE session = ? AND client_id = ?")
+                    .bind(session.as_str())
+                    .bind(client_id.as_str())
+                    .execute(&mut **tx)
+                    .await?;
+                Self::drop_copies(tx, session, client_id, false).await?;
+            }
+            StoreOp::DeleteEphemeral { session, client_id } => {
+                Self::drop_copies(tx, session, client_id, true).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a client's copies (only the ephemeral ones, or all) and the message
+    /// bodies nothing references any more.
+    async fn drop_copies(
+        tx: &mut Transaction<'_, Sqlite>,
+        session: &SessionName,
+        client_id: &ClientId,
+        ephemeral_only: bool,
+    ) -> Result<(), sqlx::Error> {
+        let seqs: Vec<i64> = sqlx::query_scalar(
+            "DELETE FROM copies WHERE session = ? AND client_id = ? AND (ephemeral OR NOT ?) \
+             RETURNING seq",
+        )
+        .bind(session.as_str())
+        .bind(client_id.as_str())
+        .bind(ephemeral_only)
+        .fetch_all(&mut **tx)
+        .await?;
+        for seq in seqs {
+            Self::drop_if_orphan(tx, seq as u64).await?;
+        }
+        Ok(())
+    }
+
+    async fn drop_if_orphan(tx: &mut Transaction<'_, Sqlite>, seq: u64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+        )
+        .bind(seq as i64)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn session_from_row(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
+    let name: String = row.try_get("name")?;
+    let mut settings = SessionSettings::new(SessionName::parse(&name).map_err(corrupt)?);
+    settings.retry_interval_ms = row.try_get::<i64, _>("retry_interval_ms")? as u64;
+    settings.max_retries = row.try_get::<i64, _>("max_retries")? as u32;
+    settings.message_expiry_ms = row.try_get::<i64, _>("message_expiry_ms")? as u64;
+    settings.max_payload_bytes = row.try_get::<i64, _>("max_payload_bytes")? as u64;
+    settings.history_size = row.try_get::<i64, _>("history_size")? as u32;
+    settings.suspended = row.try_get("suspended")?;
+    Ok(SessionRecord {
+        settings,
+        password_hash: row.try_get("password_hash")?,
+        created_at: row.try_get::<i64, _>("created_at")? as u64,
+    })
+}
+
+fn copy_from_row(session: &SessionName, row: &SqliteRow) -> Result<StoredCopy, StoreError> {
+    let id: Vec<u8> = row.try_get("message_id")?;
+    let topic: String = row.try_get("topic")?;
+    let format: i32 = row.try_get("format")?;
+    let payload: Vec<u8> = row.try_get("payload")?;
+    let message = Message {
+        session: session.clone(),
+        id: MessageId::from_slice(&id).map_err(corrupt)?,
+        seq: row.try_get::<i64, _>("seq")? as u64,
+        topic: TopicName::parse(&topic).map_err(corrupt)?,
+        payload: Bytes::from(payload),
+        timestamp_ms: row.try_get::<i64, _>("timestamp_ms")? as u64,
+        format: PayloadFormat::try_from(format).map_err(corrupt)?,
+        accepted_at: row.try_get::<i64, _>("accepted_at")? as u64,
+        expires_at: row.try_get::<i64, _>("expires_at")? as u64,
+    };
+    Ok(StoredCopy {
+        message: Arc::new(message),
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        ephemeral: row.try_get("ephemeral")?,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn create_session(&self, record: &SessionRecord) -> Result<(), StoreError> {
+        let s = &record.settings;
+        let result = sqlx::query(
+            "INSERT INTO sessions (name, password_hash, retry_interval_ms, max_retries, \
+             message_expiry_ms, max_payload_bytes, history_size, suspended, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(s.name.as_str())
+        .bind(&record.password_hash)
+        .bind(s.retry_interval_ms as i64)
+        .bind(s.max_retries as i64)
+        .bind(s.message_expiry_ms as i64)
+        .bind(s.max_payload_bytes as i64)
+        .bind(s.history_size as i64)
+        .bind(s.suspended)
+        .bind(record.created_at as i64)
+        .execute(&self.pool)
+        .await?;
+        if result.rows_affected() == 0 {
+            return Err(StoreError::SessionExists(s.name.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn session(&self, name: &SessionName) -> Result<Option<SessionRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM sessions WHERE name = ?")
+            .bind(name.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    async fn sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM sessions ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    async fn count_sessions(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sessions")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    async fn restore(&self, now: Millis) -> Result<Restore, StoreError> {
+        self.purge(now).await?;
+        let mut tx = self.pool.begin().await?;
+        let seqs: Vec<i64> = sqlx::query_scalar("DELETE FROM copies WHERE ephemeral RETURNING seq")
+            .fetch_all(&mut *tx)
+            .await?;
+        for seq in seqs {
+            Self::drop_if_orphan(&mut tx, seq as u64).await?;
+        }
+        tx.commit().await?;
+
+        let sessions = self
+            .sessions()
+            .await?
+            .into_iter()
+            .map(|r| r.settings)
+            .collect();
+        let subscriptions = sqlx::query("SELECT session, client_id, filter FROM subscriptions")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                let s: String = row.try_get("session")?;
+                let c: String = row.try_get("client_id")?;
+                let f: String = row.try_get("filter")?;
+                Ok((
+                    SessionName::parse(&s).map_err(corrupt)?,
+                    ClientId::parse(&c).map_err(corrupt)?,
+                    TopicFilter::parse(&f).map_err(corrupt)?,
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let replay_ids = sqlx::query("SELECT session, message_id, expires_at FROM replay_ids")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                let s: String = row.try_get("session")?;
+                let id: Vec<u8> = row.try_get("message_id")?;
+                let exp: i64 = row.try_get("expires_at")?;
+                Ok((
+                    SessionName::parse(&s).map_err(corrupt)?,
+                    MessageId::from_slice(&id).map_err(corrupt)?,
+                    exp as u64,
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let max_seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM messages")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Restore {
+            sessions,
+            subscriptions,
+            replay_ids,
+            next_seq: max_seq.map_or(1, |m| m as u64 + 1),
+        })
+    }
+
+    async fn commit(&self, batches: &[StoreBatch]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for batch in batches {
+            for op in &batch.ops {
+                Self::apply(&mut tx, op).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn backlog(
+        &self,
+        request: &BacklogRequest,
+        now: Millis,
+    ) -> Result<BacklogPage, StoreError> {
+        let limit = request.limit.max(1);
+        let rows = sqlx::query(
+            "SELECT m.seq, m.message_id, m.topic, m.payload, m.timestamp_ms, m.format, \
+                    m.accepted_at, m.expires_at, c.attempts, c.ephemeral \
+             FROM copies c JOIN messages m ON m.seq = c.seq \
+             WHERE c.session = ? AND c.client_id = ? AND c.seq > ? AND m.expires_at > ? \
+             ORDER BY c.seq LIMIT ?",
+        )
+        .bind(request.session.as_str())
+        .bind(request.client_id.as_str())
+        .bind(request.after_seq as i64)
+        .bind(now as i64)
+        .bind(limit as i64 + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let exhausted = rows.len() <= limit;
+        let page = rows
+            .iter()
+            .take(limit)
+            .map(|row| copy_from_row(&request.session, row))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((page, exhausted))
+    }
+
+    async fn purge(&self, now: Millis) -> Result<u64, StoreError> {
+        let now = now as i64;
+        let mut tx = self.pool.begin().await?;
+        let mut gone = 0;
+        for sql in [
+            "DELETE FROM copies WHERE seq IN (SELECT seq FROM messages WHERE expires_at <= ?1)",
+            "DELETE FROM messages WHERE expires_at <= ?1",
+            "DELETE FROM replay_ids WHERE expires_at <= ?1",
+        ] {
+            gone += sqlx::query(sql)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(gone)
+    }
+
+    async fn put_push_token(&self, token: &PushToken) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        sqlx::query(
+            "INSERT INTO push_tokens (session, user_id, device_id, token, platform, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (session, user_id, device_id) \
+             DO UPDATE SET token = excluded.token, platform = excluded.platform, \
+                           updated_at = excluded.updated_at",
+        )
+        .bind(token.session.as_str())
+        .bind(&token.user_id)
+        .bind(&token.device_id)
+        .bind(&token.token)
+        .bind(&token.platform)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

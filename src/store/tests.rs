@@ -1,0 +1,270 @@
+//! One suite for every [`Store`]: each implementation must give the same answers.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::core::{
+    BacklogRequest, ClientId, Message, MessageId, SessionName, SessionSettings, StoreBatch,
+    StoreOp, TopicFilter, TopicName,
+};
+use crate::proto::PayloadFormat;
+
+use super::memory::MemoryStore;
+use super::sqlite::SqliteStore;
+use super::{PushToken, SessionRecord, Store, StoreError};
+
+const NOW: u64 = 1_700_000_000_000;
+
+fn session() -> SessionName {
+    SessionName::parse("s1").expect("valid")
+}
+fn client(c: &str) -> ClientId {
+    ClientId::parse(c).expect("valid")
+}
+
+fn message(seq: u64, expires_at: u64) -> Arc<Message> {
+    Arc::new(Message {
+        session: session(),
+        id: MessageId([seq as u8; 16]),
+        seq,
+        topic: TopicName::parse("a/b").expect("valid"),
+        payload: Bytes::from(vec![seq as u8; 3]),
+        timestamp_ms: NOW,
+        format: PayloadFormat::NativeV1,
+        accepted_at: NOW,
+        expires_at,
+    })
+}
+
+fn put(seq: u64, client_id: &str, ephemeral: bool) -> Vec<StoreOp> {
+    vec![
+        StoreOp::PutMessage(message(seq, NOW + 60_000)),
+        StoreOp::PutCopy {
+            session: session(),
+            client_id: client(client_id),
+            seq,
+            ephemeral,
+        },
+    ]
+}
+
+fn request(client_id: &str, after_seq: u64, limit: usize) -> BacklogRequest {
+    BacklogRequest {
+        session: session(),
+        client_id: client(client_id),
+        after_seq,
+        limit,
+        token: 1,
+    }
+}
+
+async fn seqs(store: &dyn Store, client_id: &str, after: u64, limit: usize) -> (Vec<u64>, bool) {
+    let (rows, exhausted) = store
+        .backlog(&request(client_id, after, limit), NOW)
+        .await
+        .expect("backlog");
+    (rows.iter().map(|r| r.message.seq).collect(), exhausted)
+}
+
+async fn suite(store: &dyn Store) {
+    // Sessions: created once, never overwritten.
+    let record = SessionRecord {
+        settings: SessionSettings::new(session()),
+        password_hash: "$argon2id$fake".into(),
+        created_at: NOW,
+    };
+    store.create_session(&record).await.expect("create");
+    let mut other = record.clone();
+    other.password_hash = "$argon2id$other".into();
+    assert!(matches!(
+        store.create_session(&other).await,
+        Err(StoreError::SessionExists(_))
+    ));
+    assert_eq!(
+        store.session(&session()).await.expect("get"),
+        Some(record.clone())
+    );
+    assert_eq!(store.count_sessions().await.expect("count"), 1);
+    assert_eq!(store.sessions().await.expect("list"), vec![record]);
+
+    // Copies come back in seq order, paged, for their own client only.
+    let mut ops = Vec::new();
+    for seq in 1..=5 {
+        ops.extend(put(seq, "alice", false));
+    }
+    ops.extend(put(6, "bob", false));
+    ops.push(StoreOp::PutReplayId {
+        session: session(),
+        id: MessageId([9; 16]),
+        expires_at: NOW + 30_000,
+    });
+    ops.push(StoreOp::PutSubscription {
+        session: session(),
+        client_id: client("alice"),
+        filter: TopicFilter::parse("a/#").expect("valid"),
+    });
+    store
+        .commit(&[StoreBatch { id: 1, ops }])
+        .await
+        .expect("commit");
+    assert_eq!(seqs(store, "alice", 0, 3).await, (vec![1, 2, 3], false));
+    assert_eq!(seqs(store, "alice", 3, 3).await, (vec![4, 5], true));
+    assert_eq!(seqs(store, "bob", 0, 10).await, (vec![6], true));
+    assert_eq!(seqs(store, "carol", 0, 10).await, (vec![], true));
+
+    // Acks delete; attempts are kept; ops apply in order within and across batches.
+    let b2 = StoreBatch {
+        id: 2,
+        ops: vec![
+            StoreOp::DeleteCopy {
+                session: session(),
+                client_id: client("alice"),
+                seq: 1,
+            },
+            StoreOp::SetAttempts {
+                session: session(),
+                client_id: client("alice"),
+                seq: 2,
+                attempts: 3,
+            },
+        ],
+    };
+    let mut ops3 = put(7, "alice", true);
+    ops3.push(StoreOp::DeleteCopy {
+        session: session(),
+        client_id: client("alice"),
+        seq: 7,
+    });
+    ops3.extend(put(8, "alice", true));
+    store
+        .commit(&[b2, StoreBatch { id: 3, ops: ops3 }])
+        .await
+        .expect("commit");
+    let (rows, _) = store
+        .backlog(&request("alice", 0, 10), NOW)
+        .await
+        .expect("backlog");
+    let got: Vec<(u64, u32, bool)> = rows
+        .iter()
+        .map(|r| (r.message.seq, r.attempts, r.ephemeral))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (2, 3, false),
+            (3, 0, false),
+            (4, 0, false),
+            (5, 0, false),
+            (8, 0, true)
+        ]
+    );
+    assert_eq!(rows[0].message.payload, Bytes::from(vec![2u8; 3]));
+    assert_eq!(rows[0].message.topic.as_str(), "a/b");
+
+    // Restore: ephemeral copies are gone, subscriptions and replay ids come back.
+    let restore = store.restore(NOW).await.expect("restore");
+    assert_eq!(restore.sessions.len(), 1);
+    assert_eq!(restore.subscriptions.len(), 1);
+    assert_eq!(
+        restore.replay_ids,
+        vec![(session(), MessageId([9; 16]), NOW + 30_000)]
+    );
+    assert_eq!(
+        restore.next_seq, 7,
+        "seq 8 was ephemeral and dropped; 7 was acked"
+    );
+    assert_eq!(seqs(store, "alice", 0, 10).await, (vec![2, 3, 4, 5], true));
+
+    // Clean start drops a client's subscriptions and copies.
+    store
+        .commit(&[StoreBatch {
+            id: 4,
+            ops: vec![StoreOp::DeleteClient {
+                session: session(),
+                client_id: client("alice"),
+            }],
+        }])
+        .await
+        .expect("commit");
+    assert_eq!(seqs(store, "alice", 0, 10).await, (vec![], true));
+    assert!(
+        store
+            .restore(NOW)
+            .await
+            .expect("restore")
+            .subscriptions
+            .is_empty()
+    );
+
+    // Expiry: backlog skips expired copies, purge deletes them and old replay ids.
+    let mut ops = vec![StoreOp::PutMessage(message(20, NOW + 10))];
+    ops.push(StoreOp::PutCopy {
+        session: session(),
+        client_id: client("bob"),
+        seq: 20,
+        ephemeral: false,
+    });
+    store
+        .commit(&[StoreBatch { id: 5, ops }])
+        .await
+        .expect("commit");
+    let later = NOW + 40_000;
+    let (rows, _) = store
+        .backlog(&request("bob", 0, 10), later)
+        .await
+        .expect("backlog");
+    assert_eq!(rows.len(), 1, "seq 6 expires later, seq 20 already did");
+    assert!(store.purge(later).await.expect("purge") >= 2);
+    assert!(
+        store
+            .restore(later)
+            .await
+            .expect("restore")
+            .replay_ids
+            .is_empty()
+    );
+
+    store
+        .put_push_token(&PushToken {
+            session: session(),
+            user_id: "alice".into(),
+            device_id: "d1".into(),
+            token: "secret".into(),
+            platform: "android".into(),
+        })
+        .await
+        .expect("push token");
+    store.ping().await.expect("ping");
+}
+
+#[tokio::test]
+async fn memory_store() {
+    suite(&MemoryStore::default()).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_in_memory() {
+    suite(&SqliteStore::open_in_memory().await.expect("open")).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_on_disk_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nested/fastport.db");
+    {
+        let store = SqliteStore::open(&path).await.expect("open");
+        suite(&store).await;
+        store
+            .commit(&[StoreBatch {
+                id: 9,
+                ops: put(30, "dave", false),
+            }])
+            .await
+            .expect("commit");
+        store.close().await;
+    }
+    let store = SqliteStore::open(&path).await.expect("reopen");
+    assert_eq!(seqs(&store, "dave", 0, 10).await, (vec![30], true));
+    assert_eq!(store.count_sessions().await.expect("count"), 1);
+}
