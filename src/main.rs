@@ -1,1 +1,397 @@
-fn main() {}
+//! The `fastport` command: run the broker, or use one from the command line.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use fastport::client::{Client, ClientConfig, PublishStatus, SessionKey, SubscribeOptions};
+use fastport::config::ServeArgs;
+use fastport::server::Server;
+use fastport::store::StoreKind;
+
+#[derive(Parser)]
+#[command(
+    name = "fastport",
+    version,
+    about = "fastPort: a secure, multi-tenant, QUIC-first publish/subscribe broker",
+    long_about = "fastPort: a secure, multi-tenant, QUIC-first publish/subscribe broker.\n\n\
+                  Without a subcommand it runs the broker (same as `fastport serve`).",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (the default).
+    Serve(ServeArgs),
+    /// Print a new random 32-byte session key, base64 (share it with clients only).
+    Keygen,
+    /// Manage sessions through the HTTP API.
+    Session {
+        #[command(subcommand)]
+        command: SessionCommand,
+    },
+    /// Publish messages (arguments, or one per line from stdin).
+    Pub(PubArgs),
+    /// Subscribe and print messages as they arrive.
+    Sub(SubArgs),
+}
+
+#[derive(Subcommand)]
+enum SessionCommand {
+    /// Create a session (a tenant with its own password and delivery settings).
+    Create(CreateArgs),
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    /// Broker URL: http://HOST:PORT (a quic:// URL maps to the same host and port).
+    #[arg(long, env = "FASTPORT_URL", default_value = "http://127.0.0.1:3000")]
+    url: String,
+    #[arg(long, env = "FASTPORT_SESSION")]
+    session: String,
+    #[arg(long, env = "FASTPORT_PASSWORD", hide_env_values = true)]
+    password: String,
+    /// Milliseconds before an unacknowledged message is sent again.
+    #[arg(long, value_name = "MS")]
+    retry_interval: Option<u64>,
+    /// Redeliveries after the first delivery.
+    #[arg(long)]
+    max_retries: Option<u64>,
+    /// Milliseconds after which an unacknowledged message is dropped.
+    #[arg(long, value_name = "MS")]
+    expiry: Option<u64>,
+    /// Largest payload accepted, in bytes.
+    #[arg(long, value_name = "BYTES")]
+    max_payload: Option<u64>,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Broker URL.
+    #[arg(long, env = "FASTPORT_URL", default_value = "quic://127.0.0.1:3000")]
+    url: String,
+    /// Session name.
+    #[arg(long, env = "FASTPORT_SESSION")]
+    session: String,
+    /// Session password.
+    #[arg(long, env = "FASTPORT_PASSWORD", hide_env_values = true)]
+    password: String,
+    /// Session key, base64 (from `fastport keygen`); never sent to the broker.
+    #[arg(long, env = "FASTPORT_KEY", hide_env_values = true)]
+    key: String,
+    /// CA certificate to trust [default: certs/ca.pem if it exists, else system roots].
+    #[arg(long, env = "FASTPORT_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Stable client id (needed for durable subscriptions).
+    #[arg(long, env = "FASTPORT_CLIENT_ID")]
+    client_id: Option<String>,
+}
+
+impl ClientArgs {
+    async fn connect(&self) -> Result<Client> {
+        let key = SessionKey::from_base64(&self.key)
+            .context("--key must be a base64 32-byte key (see `fastport keygen`)")?;
+        let mut config = ClientConfig::new(&self.url, &self.session, &self.password, key);
+        config.client_id = self.client_id.clone();
+        config.ca = self.ca.clone().or_else(|| {
+            let default = PathBuf::from("certs/ca.pem");
+            default.exists().then_some(default)
+        });
+        Client::connect(config)
+            .await
+            .with_context(|| format!("connecting to {}", self.url))
+    }
+}
+
+#[derive(Args)]
+struct PubArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Topic to publish to.
+    topic: String,
+    /// Messages; without any, each line of stdin is one message.
+    messages: Vec<String>,
+    /// Seal as LEGACY_JSON (readable by the legacy Dart clients).
+    #[arg(long)]
+    legacy: bool,
+    /// Publish each message this many times (up to 256 in flight) and report the rate.
+    #[arg(long, default_value_t = 1)]
+    repeat: u64,
+}
+
+#[derive(Args)]
+struct SubArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Topic filter (`+` matches one level, `#` the rest).
+    filter: String,
+    /// Keep queuing while this client is offline (needs --client-id).
+    #[arg(long)]
+    durable: bool,
+    /// Exit after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Print JSON lines instead of `topic<TAB>payload`.
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Keygen) => {
+            println!("{}", SessionKey::generate().to_base64());
+            Ok(())
+        }
+        Some(Command::Session {
+            command: SessionCommand::Create(args),
+        }) => create_session(args).await,
+        Some(Command::Pub(args)) => {
+            init_logging("warn");
+            publish(args).await
+        }
+        Some(Command::Sub(args)) => {
+            init_logging("warn");
+            subscribe(args).await
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    init_logging("info");
+    let config = args.resolve()?;
+    let store = match &config.store {
+        StoreKind::Memory => "memory (nothing survives a restart)".to_owned(),
+        StoreKind::Sqlite(path) => format!("sqlite  {}", path.display()),
+    };
+    let server = Server::start(config).await?;
+    let cert = &server.cert;
+    println!("fastPort {} is running", env!("CARGO_PKG_VERSION"));
+    println!("  store  {store}");
+    println!(
+        "  quic   quic://{}   (native clients, ALPN fastport/1)",
+        server.quic_addr
+    );
+    println!(
+        "  http   http://{}   (/health, /api/createSession, /v1/cert-hash)",
+        server.http_addr
+    );
+    println!(
+        "  cert   sha-256 {}  (valid until {})",
+        cert.sha256_hex,
+        cert.not_after_rfc3339()
+    );
+    if let Some(ca) = &cert.ca_path {
+        println!(
+            "  ca     {}   (clients: --ca {})",
+            ca.display(),
+            ca.display()
+        );
+    }
+    if server.http_addr.ip().is_loopback() {
+        println!(
+            "  note   bound to {} only; use --listen 0.0.0.0 to accept other machines",
+            server.http_addr.ip()
+        );
+    } else if !cert.generated {
+        println!("  note   reachable from other machines");
+    } else {
+        println!("  WARN   HTTP is plaintext and reachable beyond this machine; put it behind TLS");
+    }
+    std::io::stdout().flush()?;
+
+    wait_for_signal().await;
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn create_session(args: CreateArgs) -> Result<()> {
+    let base = match args.url.strip_prefix("quic://") {
+        Some(rest) => format!("http://{rest}"),
+        None => args.url.clone(),
+    };
+    let mut body = serde_json::json!({
+        "sessionName": args.session,
+        "password": args.password,
+    });
+    for (field, value) in [
+        ("retryInterval", args.retry_interval),
+        ("maxRetryLimit", args.max_retries),
+        ("messageExpiryTime", args.expiry),
+        ("maxPayloadBytes", args.max_payload),
+    ] {
+        if let Some(v) = value {
+            body[field] = v.into();
+        }
+    }
+    let url = format!("{}/api/createSession", base.trim_end_matches('/'));
+    let response = reqwest::Client::new()
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let answer: serde_json::Value = response.json().await.context("reading the answer")?;
+    if !status.is_success() {
+        let error = answer["error"].as_str().unwrap_or("no reason given");
+        bail!("the broker refused ({status}): {error}");
+    }
+    println!("session {} created", args.session);
+    if let Some(warnings) = answer["warnings"].as_array() {
+        for w in warnings {
+            eprintln!("warning: {}", w.as_str().unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+async fn publish(args: PubArgs) -> Result<()> {
+    let client = args.client.connect().await?;
+    let messages: Vec<String> = if args.messages.is_empty() {
+        std::io::stdin().lock().lines().collect::<Result<_, _>>()?
+    } else {
+        args.messages.clone()
+    };
+    let total = messages.len() as u64 * args.repeat;
+    let started = Instant::now();
+    let window = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut last_status = None;
+    let mut done = 0u64;
+    for message in &messages {
+        for _ in 0..args.repeat {
+            let permit = window.clone().acquire_owned().await?;
+            let (client, topic, message, legacy) = (
+                client.clone(),
+                args.topic.clone(),
+                message.clone(),
+                args.legacy,
+            );
+            tasks.spawn(async move {
+                let _permit = permit;
+                if legacy {
+                    client.publish_legacy(&topic, &message).await
+                } else {
+                    client.publish(&topic, message.into_bytes()).await
+                }
+            });
+            while let Some(result) = tasks.try_join_next() {
+                last_status = Some(result??.status);
+                done += 1;
+            }
+        }
+    }
+    while let Some(result) = tasks.join_next().await {
+        last_status = Some(result??.status);
+        done += 1;
+    }
+    let elapsed = started.elapsed();
+    if total == 1 {
+        println!("published ({})", describe(last_status));
+    } else {
+        let rate = done as f64 / elapsed.as_secs_f64().max(1e-9);
+        println!(
+            "published {done} messages in {:.2} s ({rate:.0} msg/s; last: {})",
+            elapsed.as_secs_f64(),
+            describe(last_status)
+        );
+    }
+    client.close().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(())
+}
+
+fn describe(status: Option<PublishStatus>) -> &'static str {
+    match status {
+        Some(PublishStatus::Stored) => "stored for durable subscribers",
+        Some(PublishStatus::Accepted) => "accepted",
+        Some(PublishStatus::Delivered) => "delivered",
+        Some(PublishStatus::NoSubscribers) => "no subscribers",
+        Some(PublishStatus::AlreadyAccepted) => "already accepted",
+        None => "nothing sent",
+    }
+}
+
+async fn subscribe(args: SubArgs) -> Result<()> {
+    let client = args.client.connect().await?;
+    let options = SubscribeOptions {
+        durable: args.durable,
+        presence: false,
+    };
+    let mut sub = client.subscribe_with(&args.filter, options).await?;
+    eprintln!("subscribed to {} (Ctrl-C to stop)", args.filter);
+    let mut seen = 0u64;
+    let mut stdout = std::io::stdout();
+    while let Some(message) = sub.next().await {
+        if args.json {
+            let line = serde_json::json!({
+                "topic": message.topic,
+                "payload": String::from_utf8_lossy(&message.payload),
+                "message_id": hex::encode(message.message_id),
+                "timestamp_ms": message.timestamp_ms,
+                "attempt": message.attempt,
+            });
+            writeln!(stdout, "{line}")?;
+        } else {
+            writeln!(
+                stdout,
+                "{}\t{}",
+                message.topic,
+                String::from_utf8_lossy(&message.payload)
+            )?;
+        }
+        stdout.flush()?;
+        seen += 1;
+        if args.count.is_some_and(|n| seen >= n) {
+            break;
+        }
+    }
+    client.close().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(())
+}

@@ -1,3 +1,387 @@
-//! The Rust SDK.
+//! The Rust SDK: connect to a broker, publish and subscribe, with end-to-end encryption,
+//! acknowledgements, duplicate suppression and automatic reconnection done for you.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), fastport::client::ClientError> {
+//! use fastport::client::{Client, ClientConfig, SessionKey};
+//!
+//! let key = SessionKey::from_base64("…32 bytes, base64…")?;
+//! let config = ClientConfig::new("quic://127.0.0.1:3000", "my_session", "password", key)
+//!     .ca_file("certs/ca.pem");
+//! let client = Client::connect(config).await?;
+//! let mut sub = client.subscribe("chat/#").await?;
+//! client.publish("chat/room1", b"hello".to_vec()).await?;
+//! while let Some(message) = sub.next().await {
+//!     println!("{}: {:?}", message.topic, message.payload);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! This module and [`crypto`] are the only code in fastPort that ever holds a session
+//! key: the broker routes ciphertext it cannot read.
 
 pub mod crypto;
+mod session;
+pub mod transport;
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::core::NameError;
+use crate::proto::{ErrorCode, PayloadFormat, PubAckStatus};
+
+pub use crypto::{CryptoError, SessionKey};
+pub use transport::BrokerUrl;
+
+/// How a client connects.
+#[derive(Clone)]
+pub struct ClientConfig {
+    pub url: String,
+    pub session: String,
+    pub password: String,
+    pub key: SessionKey,
+    /// Stable identity for durable subscriptions; `None` lets the broker pick one.
+    pub client_id: Option<String>,
+    /// Drop this client's durable state on the first connect.
+    pub clean: bool,
+    /// CA certificate to trust (the broker's `certs/ca.pem`); `None`: system roots.
+    pub ca: Option<PathBuf>,
+    /// Reconnect automatically after the connection is lost.
+    pub reconnect: bool,
+    /// Longest wait between reconnect attempts.
+    pub max_backoff: Duration,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("url", &self.url)
+            .field("session", &self.session)
+            .field("client_id", &self.client_id)
+            .field("clean", &self.clean)
+            .field("ca", &self.ca)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientConfig {
+    pub fn new(
+        url: impl Into<String>,
+        session: impl Into<String>,
+        password: impl Into<String>,
+        key: SessionKey,
+    ) -> Self {
+        Self {
+            url: url.into(),
+            session: session.into(),
+            password: password.into(),
+            key,
+            client_id: None,
+            clean: false,
+            ca: None,
+            reconnect: true,
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+
+    /// Trust this CA file (PEM).
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca = Some(path.into());
+        self
+    }
+
+    /// A stable client id (needed for durable subscriptions).
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(id.into());
+        self
+    }
+
+    /// Drop durable state left from earlier runs.
+    pub fn clean(mut self, clean: bool) -> Self {
+        self.clean = clean;
+        self
+    }
+
+    pub fn reconnect(mut self, reconnect: bool) -> Self {
+        self.reconnect = reconnect;
+        self
+    }
+}
+
+/// Options of a subscription.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    /// Keep queuing while this client is offline (needs a client id).
+    pub durable: bool,
+    /// Also receive presence changes of the filter.
+    pub presence: bool,
+}
+
+/// The broker accepted a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PubAck {
+    pub message_id: [u8; 16],
+    pub status: PublishStatus,
+}
+
+/// What happened to a published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishStatus {
+    /// Durable copies are committed.
+    Stored,
+    /// Only connection-bound subscribers; held in memory.
+    Accepted,
+    /// Every subscriber already acknowledged it.
+    Delivered,
+    /// No subscription matched.
+    NoSubscribers,
+    /// A re-send after a reconnect: the broker had accepted it before the connection
+    /// dropped (it answered `REPLAYED`).
+    AlreadyAccepted,
+}
+
+impl From<PubAckStatus> for PublishStatus {
+    fn from(s: PubAckStatus) -> Self {
+        match s {
+            PubAckStatus::Stored => PublishStatus::Stored,
+            PubAckStatus::Delivered => PublishStatus::Delivered,
+            PubAckStatus::NoSubscribers => PublishStatus::NoSubscribers,
+            PubAckStatus::Accepted | PubAckStatus::Unspecified => PublishStatus::Accepted,
+        }
+    }
+}
+
+/// A received, decrypted and verified message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    /// The plaintext.
+    pub payload: Bytes,
+    pub message_id: [u8; 16],
+    /// The publisher's timestamp (verified by the MAC for `NATIVE_V1`).
+    pub timestamp_ms: u64,
+    pub format: PayloadFormat,
+    /// 1 for a first delivery; higher when the broker had to retry.
+    pub attempt: u32,
+}
+
+/// What the broker told this client at its last `Welcome`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub server_version: String,
+    pub retry_interval_ms: u64,
+    pub max_retries: u32,
+    pub message_expiry_ms: u64,
+    pub max_payload_bytes: u64,
+    pub replay_window_ms: u64,
+    /// How many times the client has connected (1 after the first connect).
+    pub connections: u64,
+}
+
+/// SDK errors.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The URL is not `quic://HOST:PORT`.
+    #[error("invalid URL {0}")]
+    Url(String),
+    /// The broker could not be reached.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// TLS set-up failed (bad CA file…).
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The broker refused the request.
+    #[error("refused by the broker ({code:?}): {message}")]
+    Refused { code: ErrorCode, message: String },
+    /// Sealing or opening a payload failed.
+    #[error("crypto: {0}")]
+    Crypto(#[from] CryptoError),
+    /// A topic, filter, session or client id is invalid.
+    #[error("{0}")]
+    Invalid(#[from] NameError),
+    /// The broker broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// No answer in time.
+    #[error("timed out")]
+    Timeout,
+    /// The client was closed (or gave up after a fatal refusal).
+    #[error("the client is closed")]
+    Closed,
+}
+
+enum Request {
+    Publish {
+        topic: String,
+        payload: Bytes,
+        format: PayloadFormat,
+        reply: oneshot::Sender<Result<PubAck, ClientError>>,
+    },
+    Subscribe {
+        filter: String,
+        options: SubscribeOptions,
+        sink: mpsc::Sender<Message>,
+        reply: oneshot::Sender<Result<u64, ClientError>>,
+    },
+    Unsubscribe {
+        id: u64,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    Close,
+}
+
+/// A connected client. Cheap to clone; all clones share one connection.
+#[derive(Clone)]
+pub struct Client {
+    requests: mpsc::Sender<Request>,
+    info: watch::Receiver<SessionInfo>,
+}
+
+impl Client {
+    /// Connects and authenticates. Fails if the first connection cannot be made or the
+    /// broker refuses the credentials; later disconnections are repaired in the
+    /// background (when `reconnect` is on).
+    pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        let (requests, info) = session::start(config).await?;
+        Ok(Client { requests, info })
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ClientError>>) -> Request,
+    ) -> Result<T, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(make(tx))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Publishes `payload` to `topic`, sealed as `NATIVE_V1`; resolves with the broker's
+    /// `PubAck`. Survives reconnects: an unanswered publish is re-sent.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<PubAck, ClientError> {
+        self.publish_as(topic, payload, PayloadFormat::NativeV1)
+            .await
+    }
+
+    /// Publishes sealed as `LEGACY_JSON`, readable by the legacy Dart clients
+    /// (`payload` must be UTF-8 text).
+    pub async fn publish_legacy(&self, topic: &str, text: &str) -> Result<PubAck, ClientError> {
+        self.publish_as(
+            topic,
+            Bytes::copy_from_slice(text.as_bytes()),
+            PayloadFormat::LegacyJson,
+        )
+        .await
+    }
+
+    async fn publish_as(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+        format: PayloadFormat,
+    ) -> Result<PubAck, ClientError> {
+        let (topic, payload) = (topic.to_owned(), payload.into());
+        self.call(|reply| Request::Publish {
+            topic,
+            payload,
+            format,
+            reply,
+        })
+        .await
+    }
+
+    /// Subscribes to a filter (`+` one level, `#` the rest) for as long as the client
+    /// lives.
+    pub async fn subscribe(&self, filter: &str) -> Result<Subscription, ClientError> {
+        self.subscribe_with(filter, SubscribeOptions::default())
+            .await
+    }
+
+    /// Subscribes with options (e.g. `durable`).
+    pub async fn subscribe_with(
+        &self,
+        filter: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, ClientError> {
+        let (sink, rx) = mpsc::channel(1024);
+        let filter = filter.to_owned();
+        let id = self
+            .call(|reply| Request::Subscribe {
+                filter,
+                options,
+                sink,
+                reply,
+            })
+            .await?;
+        Ok(Subscription {
+            id,
+            rx,
+            requests: self.requests.clone(),
+        })
+    }
+
+    /// What the broker said at the last `Welcome`.
+    pub fn session_info(&self) -> SessionInfo {
+        self.info.borrow().clone()
+    }
+
+    /// Waits until the client has connected `n` times in total (for tools and tests that
+    /// want to see a reconnect happen).
+    pub async fn wait_for_connections(&self, n: u64) -> Result<(), ClientError> {
+        let mut info = self.info.clone();
+        info.wait_for(|i| i.connections >= n)
+            .await
+            .map(|_| ())
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// Closes the connection; pending publishes fail with [`ClientError::Closed`].
+    pub async fn close(&self) {
+        let _ = self.requests.send(Request::Close).await;
+    }
+}
+
+/// A stream of messages for one subscription. Dropping it stops local delivery but
+/// keeps the broker-side subscription (a durable one keeps queuing);
+/// [`Subscription::unsubscribe`] ends it on the broker too.
+pub struct Subscription {
+    id: u64,
+    rx: mpsc::Receiver<Message>,
+    requests: mpsc::Sender<Request>,
+}
+
+impl Subscription {
+    /// The next message; `None` once the client is closed.
+    pub async fn next(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// Ends the subscription on the broker (a durable one and its queue are deleted).
+    pub async fn unsubscribe(self) -> Result<(), ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Unsubscribe { id: self.id, reply })
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+}
+
+impl futures::Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.rx.poll_recv(cx)
+    }
+}

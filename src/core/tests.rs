@@ -547,10 +547,12 @@ fn unsubscribe_discards_pending_copies() {
 
 #[test]
 fn slow_subscriber_memory_is_bounded_and_nothing_is_lost() {
-    let mut config = CoreConfig::default();
-    config.limits = Limits {
-        max_inflight: 8,
-        max_queued: 16,
+    let config = CoreConfig {
+        limits: Limits {
+            max_inflight: 8,
+            max_queued: 16,
+        },
+        ..CoreConfig::default()
     };
     let mut p = Pair::with_config(config);
     let mut s = settings("s");

@@ -1,0 +1,335 @@
+//! Carriers: thin adapters that turn a wire format into core [`Command`]s and core
+//! [`Event`]s back into the wire format. They own no topic or delivery logic.
+//!
+//! What every carrier shares lives here: the [`Outbound`] queue item, and [`Link`], the
+//! per-connection glue (authentication, the `Hello` deadline, publish flow control,
+//! requests the core does not need to see). A carrier's own file only reads and writes.
+
+pub mod framing;
+pub mod native;
+pub mod quic;
+pub mod request;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, mpsc};
+
+use crate::auth::Authenticator;
+use crate::core::{ClientId, Command, CoreConfig, Event, Hello, Reject, SessionName};
+use crate::driver::{DriverGone, DriverHandle};
+use crate::store::{PushToken, Store};
+
+pub use request::{HelloRequest, PROTOCOL_VERSION, Refused, Request};
+
+/// One item of a connection's outbound queue.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// Something the core has to say.
+    Event(Event),
+    /// Answer to a `Ping`.
+    Pong(u64),
+    /// Answer to a `RegisterPushToken`.
+    PushTokenRegistered(u64),
+    /// Send the refusal, then close the connection.
+    Close(Reject),
+}
+
+impl Outbound {
+    /// Whether this item answers a `Publish` (and so frees a publish slot).
+    pub fn answers_publish(&self) -> bool {
+        matches!(
+            self,
+            Outbound::Event(Event::PubAck { .. })
+                | Outbound::Event(Event::Error {
+                    message_id: Some(_),
+                    ..
+                })
+        )
+    }
+}
+
+/// The driver's way to reach a connection: its bounded outbound queue, and a kick that
+/// makes the carrier drop the connection when that queue overflowed (the peer stopped
+/// reading, so a `Close` could not be queued).
+#[derive(Debug, Clone)]
+pub struct ConnTx {
+    pub tx: mpsc::Sender<Outbound>,
+    pub kick: Arc<Notify>,
+}
+
+/// Limits every carrier applies to its connections.
+#[derive(Debug, Clone)]
+pub struct CarrierLimits {
+    /// Largest frame accepted, in bytes.
+    pub max_frame: usize,
+    /// Time a client has to authenticate.
+    pub hello_timeout: Duration,
+    /// Publishes in flight (sent, not yet answered) per connection; past this the
+    /// carrier stops reading, and transport flow control slows the publisher.
+    pub max_pending_publishes: usize,
+}
+
+impl Default for CarrierLimits {
+    fn default() -> Self {
+        Self {
+            max_frame: crate::core::DEFAULT_MAX_PAYLOAD_BYTES as usize + 64 * 1024,
+            hello_timeout: Duration::from_secs(5),
+            max_pending_publishes: 1024,
+        }
+    }
+}
+
+impl CarrierLimits {
+    /// Outbound queue size that a connection reading its stream never fills: the
+    /// delivery window, every publish answer, and room for control frames.
+    pub fn outbound_capacity(&self, core: &CoreConfig) -> usize {
+        core.limits.max_inflight + self.max_pending_publishes + 256
+    }
+}
+
+/// What a [`Link`] needs from the broker.
+pub struct LinkContext {
+    pub driver: DriverHandle,
+    pub auth: Arc<Authenticator>,
+    pub store: Arc<dyn Store>,
+    pub limits: CarrierLimits,
+}
+
+/// The carrier-independent half of one client connection.
+pub struct Link {
+    ctx: Arc<LinkContext>,
+    peer: IpAddr,
+    legacy_only: bool,
+    tx: mpsc::Sender<Outbound>,
+    kick: Arc<Notify>,
+    conn: Option<crate::core::ConnId>,
+    session: Option<SessionName>,
+    publish_slots: Arc<Semaphore>,
+}
+
+impl Link {
+    /// `tx` is the connection's outbound queue; `legacy_only` marks connections that
+    /// can only read `LEGACY_JSON` payloads.
+    pub fn new(
+        ctx: Arc<LinkContext>,
+        peer: IpAddr,
+        legacy_only: bool,
+        tx: mpsc::Sender<Outbound>,
+    ) -> Self {
+        let slots = Arc::new(Semaphore::new(ctx.limits.max_pending_publishes));
+        Self {
+            ctx,
+            peer,
+            legacy_only,
+            tx,
+            kick: Arc::new(Notify::new()),
+            conn: None,
+            session: None,
+            publish_slots: slots,
+        }
+    }
+
+    /// Whether `Hello` succeeded.
+    pub fn is_attached(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Notified when the broker drops this connection for not reading its queue.
+    pub fn kick(&self) -> Arc<Notify> {
+        self.kick.clone()
+    }
+
+    /// Slots the writer gives back as it sends publish answers.
+    pub fn publish_slots(&self) -> Arc<Semaphore> {
+        self.publish_slots.clone()
+    }
+
+    pub fn limits(&self) -> &CarrierLimits {
+        &self.ctx.limits
+    }
+
+    async fn out(&self, item: Outbound) {
+        // The writer ends only after the link is gone, so this cannot be closed early;
+        // if it is, the connection is going away and there is nobody to tell.
+        let _ = self.tx.send(item).await;
+    }
+
+    /// Answers a refused request with an `Error`; the connection lives on.
+    pub async fn refuse(&self, refused: Refused) {
+        if refused.message_id.is_some() {
+            // Every publish answer frees a slot, so a refused publish takes one too.
+            if let Ok(slot) = self.publish_slots.acquire().await {
+                slot.forget();
+            }
+        }
+        self.out(Outbound::Event(Event::Error {
+            reject: refused.reject,
+            request_id: refused.request_id,
+            message_id: refused.message_id,
+        }))
+        .await;
+    }
+
+    /// Sends `reject` and closes the connection (broken framing, Hello timeout).
+    pub async fn fail(&self, reject: Reject) {
+        self.out(Outbound::Close(reject)).await;
+    }
+
+    /// Handles one request. Errs only when the broker is shutting down.
+    pub async fn handle(&mut self, request: Request) -> Result<(), DriverGone> {
+        let conn = match (&request, self.conn) {
+            (Request::Hello(hello), None) => return self.hello(hello.clone()).await,
+            (Request::Hello(_), Some(_)) => {
+                let reject = Reject::InvalidFrame("already authenticated".into());
+                self.refuse(Refused::new(reject)).await;
+                return Ok(());
+            }
+            (Request::Ping(nonce), _) => {
+                self.out(Outbound::Pong(*nonce)).await;
+                return Ok(());
+            }
+            (_, None) => {
+                let refused = match &request {
+                    Request::Publish(p) => Refused {
+                        reject: Reject::NotAuthenticated,
+                        request_id: 0,
+                        message_id: Some(p.message_id),
+                    },
+                    _ => Refused::new(Reject::NotAuthenticated),
+                };
+                self.refuse(refused).await;
+                return Ok(());
+            }
+            (_, Some(conn)) => conn,
+        };
+        let command = match request {
+            Request::Hello(_) | Request::Ping(_) => return Ok(()),
+            Request::Subscribe {
+                request_id,
+                filter,
+                durable,
+                presence,
+                history: _,
+            } => Command::Subscribe {
+                conn,
+                request_id,
+                filter,
+                durable,
+                presence,
+            },
+            Request::Unsubscribe { request_id, filter } => Command::Unsubscribe {
+                conn,
+                request_id,
+                filter,
+            },
+            Request::Publish(publish) => {
+                // Wait for a free slot: this is what makes a publisher slow down.
+                if let Ok(slot) = self.publish_slots.acquire().await {
+                    slot.forget();
+                }
+                Command::Publish { conn, publish }
+            }
+            Request::Ack(message_id) => Command::Ack { conn, message_id },
+            Request::PublishKey {
+                request_id,
+                public_key,
+            } => Command::PublishKey {
+                conn,
+                request_id,
+                public_key,
+            },
+            Request::GetKeys { request_id } => Command::GetKeys { conn, request_id },
+            Request::RegisterPushToken(r) => {
+                self.register_push_token(r).await;
+                return Ok(());
+            }
+        };
+        self.ctx.driver.send(command).await
+    }
+
+    async fn hello(&mut self, hello: HelloRequest) -> Result<(), DriverGone> {
+        if hello.protocol_version != PROTOCOL_VERSION {
+            let reject = Reject::UnsupportedVersion(hello.protocol_version);
+            self.refuse(Refused::new(reject)).await;
+            return Ok(());
+        }
+        let settings = match self
+            .ctx
+            .auth
+            .authenticate(self.peer, &hello.session, &hello.password)
+            .await
+        {
+            Ok(settings) => settings,
+            Err(reject) => {
+                tracing::info!(peer = %self.peer, session = %hello.session, %reject, "hello refused");
+                self.refuse(Refused::new(reject)).await;
+                return Ok(());
+            }
+        };
+        let (client_id, anonymous) = match hello.client_id {
+            Some(id) => (id, false),
+            None => (anonymous_client_id(), true),
+        };
+        let conn = self.ctx.driver.next_conn_id();
+        tracing::debug!(conn = conn.0, peer = %self.peer, session = %hello.session, client = %client_id, "connected");
+        self.conn = Some(conn);
+        self.session = Some(hello.session.clone());
+        let hello = Hello {
+            conn,
+            connection_id: rand::random(),
+            settings,
+            client_id,
+            anonymous,
+            clean: hello.clean,
+            legacy_only: self.legacy_only,
+        };
+        let conn_tx = ConnTx {
+            tx: self.tx.clone(),
+            kick: self.kick.clone(),
+        };
+        self.ctx.driver.attach(hello, conn_tx).await
+    }
+
+    async fn register_push_token(&self, r: request::PushTokenRequest) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let token = PushToken {
+            session,
+            user_id: r.user_id,
+            device_id: r.device_id,
+            token: r.token,
+            platform: r.platform,
+        };
+        match self.ctx.store.put_push_token(&token).await {
+            Ok(()) => self.out(Outbound::PushTokenRegistered(r.request_id)).await,
+            Err(e) => {
+                tracing::error!(error = %e, "storing a push token failed");
+                let reject = Reject::Internal("could not store the push token");
+                self.refuse(Refused {
+                    reject,
+                    request_id: r.request_id,
+                    message_id: None,
+                })
+                .await;
+            }
+        }
+    }
+
+    /// The connection ended: the core forgets it (durable state stays).
+    pub async fn close(self) {
+        if let Some(conn) = self.conn {
+            let _ = self.ctx.driver.send(Command::Disconnected { conn }).await;
+        }
+    }
+}
+
+/// A client id for a client that did not send one; nothing durable is keyed by it.
+fn anonymous_client_id() -> ClientId {
+    let bytes: [u8; 12] = rand::random();
+    let id = format!("anon-{}", hex::encode(bytes));
+    // Hex and a fixed prefix always make a valid id.
+    ClientId::parse(&id).unwrap_or_else(|_| unreachable!("anon ids are valid"))
+}

@@ -1,0 +1,97 @@
+//! Core events → native `ServerFrame`s (shared by QUIC, WebTransport and `/v1/ws`).
+
+use bytes::Bytes;
+
+use crate::core::{Event, Reject};
+use crate::proto::{self, ServerFrame, server_frame::Kind};
+
+use super::Outbound;
+
+/// The broker's version, reported in `Welcome`.
+pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn error_frame(reject: &Reject, request_id: u64, message_id: Option<&[u8; 16]>) -> Kind {
+    Kind::Error(proto::Error {
+        code: reject.code() as i32,
+        message: reject.to_string(),
+        request_id,
+        message_id: message_id.map_or_else(Bytes::new, |id| Bytes::copy_from_slice(id)),
+    })
+}
+
+/// The native frame for one outbound item.
+pub fn server_frame(out: &Outbound) -> ServerFrame {
+    let kind = match out {
+        Outbound::Event(event) => match event {
+            Event::Welcome {
+                connection_id,
+                settings,
+                replay_window_ms,
+                server_time_ms,
+            } => Kind::Welcome(proto::Welcome {
+                server_version: SERVER_VERSION.to_owned(),
+                connection_id: Bytes::copy_from_slice(connection_id),
+                retry_interval_ms: settings.retry_interval_ms,
+                max_retries: settings.max_retries,
+                message_expiry_ms: settings.message_expiry_ms,
+                max_payload_bytes: settings.max_payload_bytes,
+                replay_window_ms: *replay_window_ms,
+                server_time_ms: *server_time_ms,
+            }),
+            Event::Deliver { message, attempt } => Kind::Deliver(proto::Deliver {
+                message_id: Bytes::copy_from_slice(message.id.as_bytes()),
+                topic: message.topic.as_str().to_owned(),
+                payload: message.payload.clone(),
+                timestamp_ms: message.timestamp_ms,
+                format: message.format as i32,
+                attempt: *attempt,
+            }),
+            Event::PubAck { message_id, status } => Kind::PubAck(proto::PubAck {
+                message_id: Bytes::copy_from_slice(message_id.as_bytes()),
+                status: *status as i32,
+            }),
+            Event::Subscribed { request_id } => Kind::Subscribed(proto::Subscribed {
+                request_id: *request_id,
+            }),
+            Event::Unsubscribed { request_id } => Kind::Unsubscribed(proto::Unsubscribed {
+                request_id: *request_id,
+            }),
+            Event::Presence {
+                filter,
+                client_id,
+                event,
+            } => Kind::Presence(proto::Presence {
+                topic: filter.as_str().to_owned(),
+                client_id: client_id.as_str().to_owned(),
+                event: *event as i32,
+            }),
+            Event::Keys { request_id, keys } => Kind::Keys(proto::Keys {
+                request_id: *request_id,
+                keys: keys
+                    .iter()
+                    .map(|(client_id, key)| proto::KeyEntry {
+                        client_id: client_id.as_str().to_owned(),
+                        public_key: key.clone(),
+                    })
+                    .collect(),
+            }),
+            Event::Error {
+                reject,
+                request_id,
+                message_id,
+            } => error_frame(
+                reject,
+                *request_id,
+                message_id.as_ref().map(|m| m.as_bytes()),
+            ),
+        },
+        Outbound::Pong(nonce) => Kind::Pong(proto::Pong { nonce: *nonce }),
+        Outbound::PushTokenRegistered(request_id) => {
+            Kind::PushTokenRegistered(proto::PushTokenRegistered {
+                request_id: *request_id,
+            })
+        }
+        Outbound::Close(reject) => error_frame(reject, 0, None),
+    };
+    ServerFrame { kind: Some(kind) }
+}

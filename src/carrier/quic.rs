@@ -1,0 +1,238 @@
+//! The native QUIC carrier: ALPN `fastport/1`, the client's first bidirectional stream
+//! is the control stream, carrying varint-length-prefixed protobuf frames.
+//!
+//! The broker owns the `quinn::Endpoint` and dispatches each connection on its
+//! negotiated ALPN, so browser WebTransport (ALPN `h3`) can share the UDP port later
+//! without the core knowing.
+
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::time::Instant;
+
+use crate::core::Reject;
+use crate::proto::ClientFrame;
+
+use super::framing::{self, FrameDecoder};
+use super::{Link, LinkContext, Outbound, Request, native};
+
+/// ALPN of the native protocol.
+pub const ALPN_NATIVE: &[u8] = b"fastport/1";
+/// ALPN of HTTP/3 (WebTransport).
+pub const ALPN_H3: &[u8] = b"h3";
+
+/// Idle timeout of QUIC connections (the SDK sends keep-alives well inside it).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Writes are coalesced up to this many bytes per stream write.
+const WRITE_COALESCE: usize = 64 * 1024;
+
+/// QUIC application close codes: 0 for a normal close, otherwise the `ErrorCode`.
+const CLOSE_NORMAL: u32 = 0;
+
+/// Builds the endpoint on an already bound UDP socket.
+pub fn endpoint(socket: UdpSocket, tls: rustls::ServerConfig) -> std::io::Result<Endpoint> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(std::io::Error::other)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT.try_into().map_err(std::io::Error::other)?,
+        ))
+        .max_concurrent_bidi_streams(VarInt::from_u32(64))
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    config.transport_config(Arc::new(transport));
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// Accepts connections until the endpoint is closed.
+pub async fn serve(endpoint: Endpoint, ctx: Arc<LinkContext>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::debug!(error = %e, "QUIC handshake failed");
+                    return;
+                }
+            };
+            let alpn = conn
+                .handshake_data()
+                .and_then(|d| d.downcast::<HandshakeData>().ok())
+                .and_then(|d| d.protocol);
+            match alpn.as_deref() {
+                Some(ALPN_NATIVE) => serve_native(conn, ctx).await,
+                Some(ALPN_H3) => conn.close(
+                    VarInt::from_u32(0x0101), // H3_GENERAL_PROTOCOL_ERROR
+                    b"WebTransport is not enabled on this broker",
+                ),
+                _ => conn.close(VarInt::from_u32(0x0178), b"unsupported ALPN"),
+            }
+        });
+    }
+}
+
+async fn serve_native(conn: Connection, ctx: Arc<LinkContext>) {
+    let peer = conn.remote_address();
+    let hello_deadline = Instant::now() + ctx.limits.hello_timeout;
+    let (send, recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            let code = VarInt::from_u32(Reject::NotAuthenticated.code() as u32);
+            conn.close(code, b"no control stream within the Hello deadline");
+            return;
+        }
+    };
+    let capacity = ctx.limits.outbound_capacity(ctx.driver.core_config());
+    let (tx, rx) = mpsc::channel(capacity);
+    let mut link = Link::new(ctx, peer.ip(), false, tx);
+    let writer = tokio::spawn(write_control(
+        conn.clone(),
+        send,
+        rx,
+        link.publish_slots(),
+        link.kick(),
+    ));
+    tokio::spawn(refuse_extra_streams(conn.clone()));
+
+    read_control(&mut link, recv, hello_deadline).await;
+    link.close().await;
+    let _ = writer.await;
+    tracing::debug!(%peer, "QUIC connection ended");
+}
+
+/// Reads frames from the control stream into the link until the stream ends, breaks,
+/// or the client fails to authenticate in time.
+async fn read_control(link: &mut Link, mut recv: RecvStream, hello_deadline: Instant) {
+    let mut decoder = FrameDecoder::new(link.limits().max_frame);
+    loop {
+        loop {
+            let bytes = match decoder.next_frame() {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => break,
+                Err(e) => return link.fail(Reject::InvalidFrame(e.to_string())).await,
+            };
+            let frame: ClientFrame = match framing::decode(bytes) {
+                Ok(frame) => frame,
+                Err(e) => return link.fail(Reject::InvalidFrame(e.to_string())).await,
+            };
+            let outcome = match Request::try_from(frame) {
+                Ok(request) => link.handle(request).await,
+                Err(refused) => {
+                    link.refuse(refused).await;
+                    Ok(())
+                }
+            };
+            if outcome.is_err() {
+                return link
+                    .fail(Reject::Internal("the broker is shutting down"))
+                    .await;
+            }
+        }
+        let read = recv.read_chunk(WRITE_COALESCE, true);
+        let chunk = if link.is_attached() {
+            read.await
+        } else {
+            match tokio::time::timeout_at(hello_deadline, read).await {
+                Ok(chunk) => chunk,
+                Err(_) => {
+                    let reject = Reject::InvalidFrame("no successful Hello within 5 s".into());
+                    return link.fail(reject).await;
+                }
+            }
+        };
+        match chunk {
+            Ok(Some(chunk)) => decoder.extend(&chunk.bytes),
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+/// Drains the connection's outbound queue onto the control stream, then closes the
+/// connection: with the refusal if one was queued, or at once if the broker kicked it.
+async fn write_control(
+    conn: Connection,
+    mut send: SendStream,
+    mut rx: mpsc::Receiver<Outbound>,
+    publish_slots: Arc<Semaphore>,
+    kick: Arc<Notify>,
+) {
+    let closing = tokio::select! {
+        closing = pump(&mut send, &mut rx, &publish_slots) => closing,
+        _ = kick.notified() => {
+            let reject = Reject::LimitExceeded("outbound queue full: the client is not reading");
+            let reason = reject.to_string();
+            conn.close(VarInt::from_u32(reject.code() as u32), reason.as_bytes());
+            return;
+        }
+    };
+    let _ = send.finish();
+    match closing {
+        Some(reject) => {
+            // Give the Error frame a moment to reach the client before closing.
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            let reason = reject.to_string();
+            conn.close(VarInt::from_u32(reject.code() as u32), reason.as_bytes());
+        }
+        None => conn.close(VarInt::from_u32(CLOSE_NORMAL), b"bye"),
+    }
+}
+
+/// Writes queued items, coalescing what is already queued into one stream write.
+/// Returns the refusal to close with, if one was queued.
+async fn pump(
+    send: &mut SendStream,
+    rx: &mut mpsc::Receiver<Outbound>,
+    publish_slots: &Semaphore,
+) -> Option<Reject> {
+    let mut buf = BytesMut::with_capacity(WRITE_COALESCE);
+    while let Some(first) = rx.recv().await {
+        let mut closing = None;
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            if item.answers_publish() {
+                publish_slots.add_permits(1);
+            }
+            if let Outbound::Close(reject) = &item {
+                closing = Some(reject.clone());
+            }
+            framing::encode_frame(&native::server_frame(&item), &mut buf);
+            if closing.is_some() || buf.len() >= WRITE_COALESCE {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if send.write_chunk(buf.split().freeze()).await.is_err() {
+            return None;
+        }
+        if closing.is_some() {
+            return closing;
+        }
+    }
+    None
+}
+
+/// File transfers (their own bidirectional streams) are not supported by this broker
+/// version: each such stream gets an `Error` and is finished.
+async fn refuse_extra_streams(conn: Connection) {
+    while let Ok((mut send, _recv)) = conn.accept_bi().await {
+        let reject =
+            Reject::InvalidFrame("file transfers are not supported by this broker version".into());
+        let mut buf = BytesMut::new();
+        framing::encode_frame(&native::server_frame(&Outbound::Close(reject)), &mut buf);
+        let _ = send.write_all(&buf).await;
+        let _ = send.finish();
+    }
+}

@@ -1,0 +1,706 @@
+//! The client's background task: one connection at a time, and everything that must
+//! survive it — subscriptions (re-sent after a reconnect), unanswered publishes
+//! (re-sent, re-sealed if they grew stale), and the ids already handed to the
+//! application (so redeliveries are acknowledged, not repeated).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::core::{ClientId, SessionName, TopicFilter, TopicName};
+use crate::proto::{
+    self, ClientFrame, ErrorCode, PayloadFormat, ServerFrame, client_frame, server_frame,
+};
+
+use super::crypto::{MessageContext, SealingKeys};
+use super::transport::{BrokerUrl, ControlWriter, Dialer, open_control};
+use super::{
+    ClientConfig, ClientError, Message, PubAck, PublishStatus, Request, SessionInfo,
+    SubscribeOptions,
+};
+
+/// Ids remembered for duplicate suppression.
+const SEEN_CAPACITY: usize = 100_000;
+/// Deliveries held while no local subscription wants them yet (a durable backlog
+/// arrives right after connecting, before the application subscribes again).
+const ORPHAN_CAPACITY: usize = 10_000;
+/// Time the broker has to answer `Hello`.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn local_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Live {
+    conn: quinn::Connection,
+    writer: ControlWriter,
+    frames: mpsc::Receiver<ServerFrame>,
+}
+
+struct PendingPublish {
+    topic: String,
+    plaintext: Bytes,
+    format: PayloadFormat,
+    timestamp_ms: u64,
+    payload: Bytes,
+    reply: oneshot::Sender<Result<PubAck, ClientError>>,
+    /// Sent again after a reconnect, so `REPLAYED` means it was accepted before.
+    resent: bool,
+}
+
+struct LocalSub {
+    filter: TopicFilter,
+    options: SubscribeOptions,
+    sink: mpsc::Sender<Message>,
+}
+
+enum Outcome {
+    /// The application closed the client.
+    Closed,
+    /// The connection broke; reconnect.
+    Lost,
+    /// The broker refused us for good.
+    Fatal(ClientError),
+}
+
+/// A caller waiting for `Subscribed` (none for re-subscriptions after a reconnect).
+type SubscribeReply = Option<oneshot::Sender<Result<u64, ClientError>>>;
+
+struct State {
+    config: ClientConfig,
+    session: SessionName,
+    keys: SealingKeys,
+    info: watch::Sender<SessionInfo>,
+    clock_offset_ms: i64,
+    next_request_id: u64,
+    next_sub_id: u64,
+    subs: HashMap<u64, LocalSub>,
+    /// request_id → local subscription and the caller waiting for `Subscribed`.
+    subscribing: HashMap<u64, (u64, SubscribeReply)>,
+    /// request_id → caller waiting for `Unsubscribed`.
+    unsubscribing: HashMap<u64, oneshot::Sender<Result<(), ClientError>>>,
+    /// Filters to unsubscribe from once connected again.
+    unsubscribe_later: Vec<TopicFilter>,
+    publishes: HashMap<[u8; 16], PendingPublish>,
+    publish_order: VecDeque<[u8; 16]>,
+    seen: HashSet<[u8; 16]>,
+    seen_order: VecDeque<[u8; 16]>,
+    orphans: VecDeque<Message>,
+    /// Acks for orphans handed over since the last write.
+    ack_later: Vec<[u8; 16]>,
+}
+
+pub(super) async fn start(
+    config: ClientConfig,
+) -> Result<(mpsc::Sender<Request>, watch::Receiver<SessionInfo>), ClientError> {
+    let url = BrokerUrl::parse(&config.url)?;
+    let session = SessionName::parse(&config.session)?;
+    if let Some(id) = &config.client_id {
+        ClientId::parse(id)?;
+    }
+    let mut dialer = Dialer::new(url, config.ca.as_deref())?;
+    let (info, info_rx) = watch::channel(SessionInfo::default());
+    let mut state = State {
+        keys: SealingKeys::derive(&config.key),
+        session,
+        info,
+        clock_offset_ms: 0,
+        next_request_id: 1,
+        next_sub_id: 1,
+        subs: HashMap::new(),
+        subscribing: HashMap::new(),
+        unsubscribing: HashMap::new(),
+        unsubscribe_later: Vec::new(),
+        publishes: HashMap::new(),
+        publish_order: VecDeque::new(),
+        seen: HashSet::new(),
+        seen_order: VecDeque::new(),
+        orphans: VecDeque::new(),
+        ack_later: Vec::new(),
+        config,
+    };
+    let clean = state.config.clean;
+    let live = state.connect(&mut dialer, clean).await?;
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(state.run(dialer, live, rx));
+    Ok((tx, info_rx))
+}
+
+fn frame(kind: client_frame::Kind) -> ClientFrame {
+    ClientFrame { kind: Some(kind) }
+}
+
+fn refused(e: &proto::Error) -> ClientError {
+    ClientError::Refused {
+        code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
+        message: e.message.clone(),
+    }
+}
+
+impl State {
+    fn server_now(&self) -> u64 {
+        (local_now() as i64 + self.clock_offset_ms).max(0) as u64
+    }
+
+    /// Dials, says `Hello` and waits for `Welcome`.
+    async fn connect(&mut self, dialer: &mut Dialer, clean: bool) -> Result<Live, ClientError> {
+        let conn = dialer.dial().await?;
+        let (mut writer, mut frames) = open_control(&conn).await?;
+        writer
+            .send(&frame(client_frame::Kind::Hello(proto::Hello {
+                protocol_version: crate::carrier::PROTOCOL_VERSION,
+                session: self.session.to_string(),
+                password: self.config.password.clone(),
+                client_id: self.config.client_id.clone().unwrap_or_default(),
+                clean,
+            })))
+            .await?;
+        let first = tokio::time::timeout(WELCOME_TIMEOUT, frames.recv())
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .ok_or_else(|| {
+                ClientError::Connect("the broker closed the connection during Hello".into())
+            })?;
+        match first.kind {
+            Some(server_frame::Kind::Welcome(w)) => {
+                self.clock_offset_ms = w.server_time_ms as i64 - local_now() as i64;
+                self.info.send_modify(|info| {
+                    info.server_version = w.server_version;
+                    info.retry_interval_ms = w.retry_interval_ms;
+                    info.max_retries = w.max_retries;
+                    info.message_expiry_ms = w.message_expiry_ms;
+                    info.max_payload_bytes = w.max_payload_bytes;
+                    info.replay_window_ms = w.replay_window_ms;
+                    info.connections += 1;
+                });
+                Ok(Live {
+                    conn,
+                    writer,
+                    frames,
+                })
+            }
+            Some(server_frame::Kind::Error(e)) => Err(refused(&e)),
+            other => Err(ClientError::Protocol(format!(
+                "expected Welcome, got {other:?}"
+            ))),
+        }
+    }
+
+    async fn run(mut self, mut dialer: Dialer, live: Live, mut requests: mpsc::Receiver<Request>) {
+        let mut live = Some(live);
+        let mut backoff = Duration::from_millis(100);
+        let fatal = loop {
+            if let Some(mut l) = live.take() {
+                match self.serve(&mut l, &mut requests).await {
+                    Outcome::Closed => {
+                        l.conn.close(0u32.into(), b"client closed");
+                        break ClientError::Closed;
+                    }
+                    Outcome::Fatal(e) => break e,
+                    Outcome::Lost if !self.config.reconnect => {
+                        break ClientError::Connect("connection lost".into());
+                    }
+                    Outcome::Lost => {
+                        tracing::info!("connection to the broker lost; reconnecting");
+                        backoff = Duration::from_millis(100);
+                    }
+                }
+            }
+            // Wait out the backoff while still taking requests.
+            let jitter = 0.8 + rand::random::<f64>() * 0.4;
+            let until = Instant::now() + backoff.mul_f64(jitter);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    request = requests.recv() => match request {
+                        None | Some(Request::Close) => {
+                            self.fail_all(ClientError::Closed);
+                            return;
+                        }
+                        Some(request) => self.on_request(request, None),
+                    },
+                }
+            }
+            match self.connect(&mut dialer, false).await {
+                Ok(mut l) => match self.resume(&mut l).await {
+                    Ok(()) => live = Some(l),
+                    Err(e) => tracing::debug!(error = %e, "reconnected but lost again"),
+                },
+                Err(e @ ClientError::Refused { code, .. })
+                    if code != ErrorCode::RateLimited && code != ErrorCode::Internal =>
+                {
+                    break e;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reconnect failed");
+                    backoff = (backoff * 2).min(self.config.max_backoff);
+                }
+            }
+        };
+        tracing::debug!(error = %fatal, "client stopped");
+        self.fail_all(fatal);
+    }
+
+    /// Serves one live connection until it ends.
+    async fn serve(&mut self, live: &mut Live, requests: &mut mpsc::Receiver<Request>) -> Outcome {
+        loop {
+            tokio::select! {
+                request = requests.recv() => match request {
+                    None | Some(Request::Close) => {
+                        let _ = live.writer.flush().await;
+                        return Outcome::Closed;
+                    }
+                    Some(request) => self.on_request(request, Some(&mut live.writer)),
+                },
+                frame = live.frames.recv() => match frame {
+                    None => return Outcome::Lost,
+                    Some(frame) => {
+                        if let Err(fatal) = self.on_frame(frame, &mut live.writer).await {
+                            return Outcome::Fatal(fatal);
+                        }
+                    }
+                },
+            }
+            for id in std::mem::take(&mut self.ack_later) {
+                live.writer.push(&frame(client_frame::Kind::Ack(proto::Ack {
+                    message_id: Bytes::copy_from_slice(&id),
+                })));
+            }
+            if live.writer.flush().await.is_err() {
+                return Outcome::Lost;
+            }
+        }
+    }
+
+    /// After a reconnect: subscriptions and unanswered publishes go out again.
+    async fn resume(&mut self, live: &mut Live) -> Result<(), ClientError> {
+        for filter in std::mem::take(&mut self.unsubscribe_later) {
+            let request_id = self.request_id();
+            live.writer.push(&frame(client_frame::Kind::Unsubscribe(
+                proto::Unsubscribe {
+                    request_id,
+                    topic: filter.to_string(),
+                },
+            )));
+        }
+        let subs: Vec<(u64, TopicFilter, SubscribeOptions)> = self
+            .subs
+            .iter()
+            .map(|(id, s)| (*id, s.filter.clone(), s.options))
+            .collect();
+        for (id, filter, options) in subs {
+            let request_id = self.request_id();
+            self.subscribing.insert(request_id, (id, None));
+            live.writer
+                .push(&subscribe_frame(request_id, &filter, options));
+        }
+        let window = self.info.borrow().replay_window_ms;
+        let now = self.server_now();
+        let order: Vec<[u8; 16]> = self.publish_order.iter().copied().collect();
+        for id in order {
+            let Some(p) = self.publishes.get(&id) else {
+                continue;
+            };
+            let stale = now.saturating_sub(p.timestamp_ms) > window / 2;
+            let (topic, plaintext, format) = (p.topic.clone(), p.plaintext.clone(), p.format);
+            if stale {
+                // Re-stamped and re-sealed under the same id (design §4).
+                match self.seal(&topic, &id, now, &plaintext, format) {
+                    Ok(payload) => {
+                        if let Some(p) = self.publishes.get_mut(&id) {
+                            p.payload = payload;
+                            p.timestamp_ms = now;
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(p) = self.publishes.remove(&id) {
+                            let _ = p.reply.send(Err(e));
+                        }
+                        continue;
+                    }
+                }
+            }
+            if let Some(p) = self.publishes.get_mut(&id) {
+                p.resent = true;
+                live.writer.push(&publish_frame(&id, p));
+            }
+        }
+        live.writer.flush().await
+    }
+
+    fn request_id(&mut self) -> u64 {
+        self.next_request_id += 1;
+        self.next_request_id
+    }
+
+    fn seal(
+        &self,
+        topic: &str,
+        id: &[u8; 16],
+        timestamp_ms: u64,
+        plaintext: &[u8],
+        format: PayloadFormat,
+    ) -> Result<Bytes, ClientError> {
+        match format {
+            PayloadFormat::LegacyJson => {
+                let text = std::str::from_utf8(plaintext)
+                    .map_err(|_| ClientError::Crypto(super::crypto::CryptoError::NotUtf8))?;
+                Ok(Bytes::from(self.keys.seal_legacy(text)))
+            }
+            _ => {
+                let ctx = MessageContext {
+                    session: self.session.as_str(),
+                    topic,
+                    id,
+                    timestamp_ms,
+                };
+                Ok(Bytes::from(self.keys.seal_message(&ctx, plaintext)?))
+            }
+        }
+    }
+
+    /// Handles an application request; frames go to `writer` when connected.
+    fn on_request(&mut self, request: Request, writer: Option<&mut ControlWriter>) {
+        match request {
+            Request::Publish {
+                topic,
+                payload,
+                format,
+                reply,
+            } => {
+                if let Err(e) = TopicName::parse(&topic) {
+                    let _ = reply.send(Err(e.into()));
+                    return;
+                }
+                let id: [u8; 16] = rand::random();
+                let timestamp_ms = self.server_now();
+                let sealed = match self.seal(&topic, &id, timestamp_ms, &payload, format) {
+                    Ok(sealed) => sealed,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                let pending = PendingPublish {
+                    topic,
+                    plaintext: payload,
+                    format,
+                    timestamp_ms,
+                    payload: sealed,
+                    reply,
+                    resent: false,
+                };
+                if let Some(w) = writer {
+                    w.push(&publish_frame(&id, &pending));
+                }
+                self.publishes.insert(id, pending);
+                self.publish_order.push_back(id);
+                if self.publish_order.len() > 2 * self.publishes.len() + 64 {
+                    let live = &self.publishes;
+                    self.publish_order.retain(|id| live.contains_key(id));
+                }
+            }
+            Request::Subscribe {
+                filter,
+                options,
+                sink,
+                reply,
+            } => {
+                let filter = match TopicFilter::parse(&filter) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let id = self.next_sub_id;
+                self.next_sub_id += 1;
+                let already = self
+                    .subs
+                    .values()
+                    .any(|s| s.filter == filter && s.options == options);
+                self.subs.insert(
+                    id,
+                    LocalSub {
+                        filter: filter.clone(),
+                        options,
+                        sink,
+                    },
+                );
+                match writer {
+                    Some(w) if !already => {
+                        let request_id = self.request_id();
+                        self.subscribing.insert(request_id, (id, Some(reply)));
+                        w.push(&subscribe_frame(request_id, &filter, options));
+                    }
+                    _ => {
+                        let _ = reply.send(Ok(id));
+                    }
+                }
+                self.adopt_orphans();
+            }
+            Request::Unsubscribe { id, reply } => {
+                let Some(sub) = self.subs.remove(&id) else {
+                    let _ = reply.send(Ok(()));
+                    return;
+                };
+                if self.subs.values().any(|s| s.filter == sub.filter) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                match writer {
+                    Some(w) => {
+                        let request_id = self.request_id();
+                        self.unsubscribing.insert(request_id, reply);
+                        w.push(&frame(client_frame::Kind::Unsubscribe(
+                            proto::Unsubscribe {
+                                request_id,
+                                topic: sub.filter.to_string(),
+                            },
+                        )));
+                    }
+                    None => {
+                        self.unsubscribe_later.push(sub.filter);
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+            }
+            Request::Close => {}
+        }
+    }
+
+    /// Handles one frame from the broker. Errs only on a fatal refusal.
+    async fn on_frame(
+        &mut self,
+        frame: ServerFrame,
+        writer: &mut ControlWriter,
+    ) -> Result<(), ClientError> {
+        let Some(kind) = frame.kind else {
+            return Ok(());
+        };
+        match kind {
+            server_frame::Kind::Deliver(d) => self.on_deliver(d, writer).await,
+            server_frame::Kind::PubAck(a) => {
+                if let Ok(id) = <[u8; 16]>::try_from(&a.message_id[..])
+                    && let Some(p) = self.publishes.remove(&id)
+                {
+                    let status = proto::PubAckStatus::try_from(a.status).unwrap_or_default();
+                    let _ = p.reply.send(Ok(PubAck {
+                        message_id: id,
+                        status: status.into(),
+                    }));
+                }
+            }
+            server_frame::Kind::Subscribed(s) => {
+                if let Some((id, Some(reply))) = self.subscribing.remove(&s.request_id) {
+                    let _ = reply.send(Ok(id));
+                }
+            }
+            server_frame::Kind::Unsubscribed(u) => {
+                if let Some(reply) = self.unsubscribing.remove(&u.request_id) {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            server_frame::Kind::Error(e) => return self.on_error(e),
+            other => tracing::trace!(frame = ?other, "ignored frame"),
+        }
+        Ok(())
+    }
+
+    fn on_error(&mut self, e: proto::Error) -> Result<(), ClientError> {
+        let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+        if let Ok(id) = <[u8; 16]>::try_from(&e.message_id[..])
+            && let Some(p) = self.publishes.remove(&id)
+        {
+            let answer = if code == ErrorCode::Replayed && p.resent {
+                Ok(PubAck {
+                    message_id: id,
+                    status: PublishStatus::AlreadyAccepted,
+                })
+            } else {
+                Err(refused(&e))
+            };
+            let _ = p.reply.send(answer);
+            return Ok(());
+        }
+        if let Some((id, reply)) = self.subscribing.remove(&e.request_id) {
+            self.subs.remove(&id);
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(refused(&e)));
+            }
+            return Ok(());
+        }
+        if let Some(reply) = self.unsubscribing.remove(&e.request_id) {
+            let _ = reply.send(Err(refused(&e)));
+            return Ok(());
+        }
+        match code {
+            ErrorCode::TakenOver | ErrorCode::SessionSuspended | ErrorCode::Unauthenticated => {
+                Err(refused(&e))
+            }
+            _ => {
+                tracing::warn!(?code, message = %e.message, "error from the broker");
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_deliver(&mut self, d: proto::Deliver, writer: &mut ControlWriter) {
+        let Ok(id) = <[u8; 16]>::try_from(&d.message_id[..]) else {
+            tracing::warn!("Deliver without a valid message_id");
+            return;
+        };
+        let ack = frame(client_frame::Kind::Ack(proto::Ack {
+            message_id: d.message_id.clone(),
+        }));
+        if self.seen.contains(&id) {
+            writer.push(&ack); // a redelivery of something already handed over
+            return;
+        }
+        let format = PayloadFormat::try_from(d.format).unwrap_or_default();
+        let opened = match format {
+            PayloadFormat::LegacyJson => self.keys.open_legacy(&d.payload).map(Bytes::from),
+            _ => {
+                let ctx = MessageContext {
+                    session: self.session.as_str(),
+                    topic: &d.topic,
+                    id: &id,
+                    timestamp_ms: d.timestamp_ms,
+                };
+                self.keys.open_message(&ctx, &d.payload).map(Bytes::from)
+            }
+        };
+        let payload = match opened {
+            Ok(p) => p,
+            Err(e) => {
+                // Forged, corrupted, moved between topics, or sealed with another key:
+                // never handed over; acknowledged so it is not sent again.
+                tracing::warn!(topic = %d.topic, error = %e, "dropping a message that failed verification");
+                self.remember(id);
+                writer.push(&ack);
+                return;
+            }
+        };
+        let message = Message {
+            topic: d.topic,
+            payload,
+            message_id: id,
+            timestamp_ms: d.timestamp_ms,
+            format,
+            attempt: d.attempt,
+        };
+        if self.hand_over(&message).await {
+            self.remember(id);
+            writer.push(&ack);
+        } else if self.orphans.len() < ORPHAN_CAPACITY {
+            // Not acknowledged yet: held until a subscription wants it.
+            self.orphans.push_back(message);
+        }
+    }
+
+    /// Gives a message to every local subscription that matches; false if none does.
+    async fn hand_over(&mut self, message: &Message) -> bool {
+        let Ok(topic) = TopicName::parse(&message.topic) else {
+            return false;
+        };
+        let targets: Vec<u64> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.filter.matches(&topic))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut delivered = false;
+        for id in targets {
+            let Some(sub) = self.subs.get(&id) else {
+                continue;
+            };
+            if sub.sink.send(message.clone()).await.is_ok() {
+                delivered = true;
+            } else {
+                // The application dropped the Subscription; stop delivering to it.
+                self.subs.remove(&id);
+            }
+        }
+        delivered
+    }
+
+    /// Replays held deliveries into subscriptions that now want them.
+    fn adopt_orphans(&mut self) {
+        if self.orphans.is_empty() {
+            return;
+        }
+        let orphans = std::mem::take(&mut self.orphans);
+        for message in orphans {
+            let Ok(topic) = TopicName::parse(&message.topic) else {
+                continue;
+            };
+            let mut taken = false;
+            for sub in self.subs.values() {
+                if sub.filter.matches(&topic) && sub.sink.try_send(message.clone()).is_ok() {
+                    taken = true;
+                }
+            }
+            if taken {
+                self.remember(message.message_id);
+                self.ack_later.push(message.message_id);
+            } else {
+                self.orphans.push_back(message);
+            }
+        }
+    }
+
+    fn remember(&mut self, id: [u8; 16]) {
+        if self.seen.insert(id) {
+            self.seen_order.push_back(id);
+            if self.seen_order.len() > SEEN_CAPACITY
+                && let Some(old) = self.seen_order.pop_front()
+            {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
+    fn fail_all(&mut self, error: ClientError) {
+        for (_, p) in self.publishes.drain() {
+            let _ = p.reply.send(Err(error.clone()));
+        }
+        for (_, (_, reply)) in self.subscribing.drain() {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+        for (_, reply) in self.unsubscribing.drain() {
+            let _ = reply.send(Err(error.clone()));
+        }
+        self.subs.clear();
+    }
+}
+
+fn subscribe_frame(
+    request_id: u64,
+    filter: &TopicFilter,
+    options: SubscribeOptions,
+) -> ClientFrame {
+    frame(client_frame::Kind::Subscribe(proto::Subscribe {
+        request_id,
+        topic: filter.to_string(),
+        durable: options.durable,
+        history: 0,
+        presence: options.presence,
+    }))
+}
+
+fn publish_frame(id: &[u8; 16], p: &PendingPublish) -> ClientFrame {
+    frame(client_frame::Kind::Publish(proto::Publish {
+        message_id: Bytes::copy_from_slice(id),
+        topic: p.topic.clone(),
+        payload: p.payload.clone(),
+        timestamp_ms: p.timestamp_ms,
+        format: p.format as i32,
+    }))
+}

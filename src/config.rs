@@ -1,0 +1,334 @@
+//! Broker configuration from flags, environment variables and an optional
+//! `fastport.toml`, merged with this precedence: flag > environment > file > default.
+//!
+//! The seeds' environment names work as they did (`PORT`, `DB_TYPE`, `SQLITE_PATH`,
+//! `DATABASE_URL`, `HOST`); clap reads flags and environment together, and whatever it
+//! leaves unset is taken from the file.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::carrier::CarrierLimits;
+use crate::core::{CoreConfig, DEFAULT_MAX_PAYLOAD_BYTES};
+use crate::driver::DriverConfig;
+use crate::http::CreateSessionLimit;
+use crate::server::ServerConfig;
+use crate::store::StoreKind;
+use crate::tls::CertSource;
+
+/// The default port, for TCP (HTTP) and UDP (QUIC) alike.
+pub const DEFAULT_PORT: u16 = 3000;
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Flags of `fastport serve`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML, same keys as the flags with underscores).
+    /// Default: ./fastport.toml if it exists.
+    #[arg(long, env = "FASTPORT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to bind both listeners to (127.0.0.1 keeps the broker local).
+    #[arg(long, env = "HOST", value_name = "IP")]
+    pub listen: Option<IpAddr>,
+
+    /// Port for both TCP (HTTP, WebSocket) and UDP (QUIC).
+    #[arg(long, env = "PORT")]
+    pub port: Option<u16>,
+
+    /// TCP address for HTTP, overriding --listen/--port.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+
+    /// UDP address for QUIC, overriding --listen/--port.
+    #[arg(long, value_name = "ADDR")]
+    pub quic: Option<SocketAddr>,
+
+    /// Directory for the SQLite database.
+    #[arg(long, env = "FASTPORT_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Storage backend: sqlite (default) or memory.
+    #[arg(long, env = "DB_TYPE", value_name = "KIND")]
+    pub store: Option<String>,
+
+    /// SQLite database file (default: DATA_DIR/fastport.db).
+    #[arg(long, env = "SQLITE_PATH", value_name = "FILE")]
+    pub sqlite_path: Option<PathBuf>,
+
+    /// Postgres URL (for the postgres store).
+    #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Directory for the generated CA and leaf certificate.
+    #[arg(long, env = "FASTPORT_CERTS_DIR", value_name = "DIR")]
+    pub certs_dir: Option<PathBuf>,
+
+    /// A real certificate chain (PEM) to use instead of generated ones.
+    #[arg(long, requires = "key", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --cert.
+    #[arg(long, requires = "cert", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// Accepted clock skew of publish timestamps, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub replay_window_ms: Option<u64>,
+
+    /// Largest payload any session may allow, in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub max_payload: Option<u64>,
+
+    /// Sessions one IP may create per window.
+    #[arg(long, value_name = "N")]
+    pub create_session_limit: Option<u32>,
+
+    /// The window of --create-session-limit, in seconds.
+    #[arg(long, value_name = "SECS")]
+    pub create_session_window: Option<u64>,
+}
+
+/// The same settings, read from `fastport.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub http: Option<SocketAddr>,
+    pub quic: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub store: Option<String>,
+    pub sqlite_path: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub certs_dir: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub replay_window_ms: Option<u64>,
+    pub max_payload: Option<u64>,
+    pub create_session_limit: Option<u32>,
+    pub create_session_window: Option<u64>,
+}
+
+impl FileConfig {
+    fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, required) = match explicit {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from("fastport.toml"), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::default());
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path,
+            source: Box::new(source),
+        })
+    }
+}
+
+impl ServeArgs {
+    /// Merges flags/environment with the file and the defaults.
+    pub fn resolve(self) -> Result<ServerConfig, ConfigError> {
+        let file = FileConfig::load(self.config.as_deref())?;
+        let listen = self
+            .listen
+            .or(file.listen)
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let port = self.port.or(file.port).unwrap_or(DEFAULT_PORT);
+        let http = self
+            .http
+            .or(file.http)
+            .unwrap_or(SocketAddr::new(listen, port));
+        let quic = self
+            .quic
+            .or(file.quic)
+            .unwrap_or(SocketAddr::new(listen, port));
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("data"));
+
+        let store = self.store.or(file.store).unwrap_or_else(|| "sqlite".into());
+        let store = match store.to_ascii_lowercase().as_str() {
+            "sqlite" => StoreKind::Sqlite(
+                self.sqlite_path
+                    .or(file.sqlite_path)
+                    .unwrap_or_else(|| data_dir.join("fastport.db")),
+            ),
+            "memory" => StoreKind::Memory,
+            "postgres" | "postgresql" => {
+                return Err(ConfigError::Invalid(
+                    "the postgres store is not available in this version; use sqlite or memory"
+                        .into(),
+                ));
+            }
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "unknown store {other:?}: expected sqlite or memory"
+                )));
+            }
+        };
+
+        let cert = self.cert.or(file.cert);
+        let key = self.key.or(file.key);
+        if cert.is_some() != key.is_some() {
+            return Err(ConfigError::Invalid("--cert and --key go together".into()));
+        }
+        let mut hosts: Vec<String> = crate::tls::DEFAULT_HOSTS
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+        for ip in [http.ip(), quic.ip()] {
+            if !ip.is_unspecified() && !hosts.contains(&ip.to_string()) {
+                hosts.push(ip.to_string());
+            }
+        }
+        let certs = CertSource {
+            dir: self
+                .certs_dir
+                .or(file.certs_dir)
+                .unwrap_or_else(|| PathBuf::from("certs")),
+            hosts,
+            cert,
+            key,
+        };
+
+        let max_payload = self
+            .max_payload
+            .or(file.max_payload)
+            .unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES);
+        if max_payload == 0 || max_payload > 256 * 1024 * 1024 {
+            return Err(ConfigError::Invalid(
+                "--max-payload must be 1 byte to 256 MiB".into(),
+            ));
+        }
+        let replay_window_ms = self
+            .replay_window_ms
+            .or(file.replay_window_ms)
+            .unwrap_or(30_000);
+        if !(1_000..=600_000).contains(&replay_window_ms) {
+            return Err(ConfigError::Invalid(
+                "--replay-window-ms must be 1000 to 600000".into(),
+            ));
+        }
+        let driver = DriverConfig {
+            core: CoreConfig {
+                replay_window_ms,
+                ..CoreConfig::default()
+            },
+            ..DriverConfig::default()
+        };
+        let carrier = CarrierLimits {
+            max_frame: max_payload as usize + 64 * 1024,
+            ..CarrierLimits::default()
+        };
+        let create_session_limit = CreateSessionLimit {
+            count: self
+                .create_session_limit
+                .or(file.create_session_limit)
+                .unwrap_or(CreateSessionLimit::default().count),
+            window: self
+                .create_session_window
+                .or(file.create_session_window)
+                .map_or(CreateSessionLimit::default().window, Duration::from_secs),
+        };
+        if create_session_limit.count == 0 {
+            return Err(ConfigError::Invalid(
+                "--create-session-limit must be at least 1".into(),
+            ));
+        }
+        let _ = self.database_url.or(file.database_url);
+        Ok(ServerConfig {
+            http,
+            quic,
+            store,
+            certs,
+            driver,
+            carrier,
+            create_session_limit,
+            max_payload_bytes: max_payload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_local_port_3000_sqlite() {
+        let c = ServeArgs::default().resolve().expect("valid");
+        assert_eq!(c.http, "127.0.0.1:3000".parse().expect("addr"));
+        assert_eq!(c.quic, "127.0.0.1:3000".parse().expect("addr"));
+        assert_eq!(
+            c.store,
+            StoreKind::Sqlite(PathBuf::from("data/fastport.db"))
+        );
+        assert_eq!(c.create_session_limit.count, 100);
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fastport.toml");
+        std::fs::write(
+            &path,
+            "port = 4000\nstore = \"memory\"\nlisten = \"0.0.0.0\"\n",
+        )
+        .expect("write");
+        let args = ServeArgs {
+            config: Some(path),
+            port: Some(5000),
+            ..ServeArgs::default()
+        };
+        let c = args.resolve().expect("valid");
+        assert_eq!(c.http, "0.0.0.0:5000".parse().expect("addr"));
+        assert_eq!(c.store, StoreKind::Memory);
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let args = ServeArgs {
+            store: Some("oracle".into()),
+            ..ServeArgs::default()
+        };
+        assert!(
+            args.resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("unknown store")
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.toml");
+        std::fs::write(&path, "prot = 1\n").expect("write");
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        assert!(args.resolve().is_err(), "unknown keys are refused");
+    }
+}

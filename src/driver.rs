@@ -1,0 +1,415 @@
+//! The task that owns the core: it feeds it commands from a bounded inbox, runs its
+//! store work on a second task, hands its outputs to connections, and wakes it on time.
+//!
+//! Like rumqttd's router, the driver never awaits a connection: each connection has a
+//! bounded outbound queue that the driver only `try_send`s to. The core bounds what it
+//! queues per subscriber, so a full queue means a peer that stopped reading; it is
+//! disconnected. Ingress pushes back on its own: carriers await the bounded inbox.
+//!
+//! Store work runs in order on its own task. Commits queued back to back are merged into
+//! one transaction (group commit), which is what keeps `PubAck`-after-commit cheap; the
+//! driver keeps handling commands meanwhile, so the next batch fills while the last one
+//! is being written.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::carrier::{ConnTx, Outbound};
+use crate::core::{
+    BacklogRequest, Command, ConnId, Core, CoreConfig, Hello, Millis, Output, SessionSettings,
+    Stats, StoreBatch, StoredCopy,
+};
+use crate::store::{Store, StoreError};
+
+/// Commands handled per wake-up before outputs are flushed (rumqttd takes up to 500).
+const MAX_DRAIN: usize = 512;
+/// Commits merged into one transaction at most.
+const MAX_GROUP_COMMIT: usize = 256;
+
+/// The wall clock in milliseconds since the Unix epoch.
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// Tuning of the driver.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub core: CoreConfig,
+    /// Capacity of the command inbox.
+    pub inbox: usize,
+    /// How often expired messages and replay ids are purged from the store.
+    pub purge_interval: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            core: CoreConfig::default(),
+            inbox: 4096,
+            purge_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The driver is gone (the broker is shutting down).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the broker is shutting down")]
+pub struct DriverGone;
+
+enum Inbound {
+    Attach { hello: Hello, tx: ConnTx },
+    Command(Command),
+    Stats(oneshot::Sender<Stats>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+enum StoreJob {
+    Commit(StoreBatch),
+    Load(BacklogRequest),
+    Purge,
+}
+
+enum StoreDone {
+    Committed(u64),
+    Failed(u64),
+    Loaded(BacklogRequest, Vec<StoredCopy>, bool),
+    LoadFailed(BacklogRequest),
+}
+
+/// A cheap, cloneable handle for carriers and the HTTP API.
+#[derive(Clone)]
+pub struct DriverHandle {
+    inbox: mpsc::Sender<Inbound>,
+    next_conn: Arc<AtomicU64>,
+    config: Arc<CoreConfig>,
+}
+
+impl DriverHandle {
+    /// A fresh connection handle.
+    pub fn next_conn_id(&self) -> ConnId {
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The core's settings (limits, replay window).
+    pub fn core_config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// Registers an authenticated connection; `Welcome` arrives on `tx`.
+    pub async fn attach(&self, hello: Hello, tx: ConnTx) -> Result<(), DriverGone> {
+        self.inbox
+            .send(Inbound::Attach { hello, tx })
+            .await
+            .map_err(|_| DriverGone)
+    }
+
+    /// Hands a command to the core, waiting while the inbox is full.
+    pub async fn send(&self, command: Command) -> Result<(), DriverGone> {
+        self.inbox
+            .send(Inbound::Command(command))
+            .await
+            .map_err(|_| DriverGone)
+    }
+
+    /// A session was created or changed.
+    pub async fn session_updated(&self, settings: SessionSettings) -> Result<(), DriverGone> {
+        self.send(Command::SessionUpdated(settings)).await
+    }
+
+    pub async fn stats(&self) -> Result<Stats, DriverGone> {
+        let (tx, rx) = oneshot::channel();
+        self.inbox
+            .send(Inbound::Stats(tx))
+            .await
+            .map_err(|_| DriverGone)?;
+        rx.await.map_err(|_| DriverGone)
+    }
+
+    /// Flushes pending writes, stops the store worker and closes the store.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inbox.send(Inbound::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Restores the core from the store and starts the driver and store tasks.
+pub async fn start(
+    store: Arc<dyn Store>,
+    config: DriverConfig,
+) -> Result<(DriverHandle, JoinHandle<()>), StoreError> {
+    let mut core = Core::new(config.core.clone());
+    core.restore(store.restore(now_ms()).await?);
+
+    let (inbox_tx, inbox_rx) = mpsc::channel(config.inbox);
+    // Jobs are bounded; completions are not, but there is at most one per job, so they
+    // are bounded by the job queue (and an unbounded send never blocks the worker, which
+    // could otherwise deadlock against a driver waiting to queue a job).
+    let (jobs_tx, jobs_rx) = mpsc::channel(1024);
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let worker = tokio::spawn(store_worker(store.clone(), jobs_rx, done_tx));
+
+    let driver = Driver {
+        core,
+        inbox: inbox_rx,
+        conns: HashMap::new(),
+        jobs: jobs_tx,
+        done: done_rx,
+        overflowed: Vec::new(),
+    };
+    let handle = DriverHandle {
+        inbox: inbox_tx,
+        next_conn: Arc::new(AtomicU64::new(1)),
+        config: Arc::new(config.core),
+    };
+    let task = tokio::spawn(driver.run(config.purge_interval, worker, store));
+    Ok((handle, task))
+}
+
+struct Driver {
+    core: Core,
+    inbox: mpsc::Receiver<Inbound>,
+    conns: HashMap<ConnId, ConnTx>,
+    jobs: mpsc::Sender<StoreJob>,
+    done: mpsc::UnboundedReceiver<StoreDone>,
+    /// Connections whose outbound queue was full during the last flush.
+    overflowed: Vec<ConnId>,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        purge_interval: Duration,
+        worker: JoinHandle<()>,
+        store: Arc<dyn Store>,
+    ) {
+        let mut purge = tokio::time::interval(purge_interval);
+        purge.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        loop {
+            let deadline = self
+                .core
+                .poll_timeout()
+                .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms())));
+            tokio::select! {
+                biased;
+                Some(done) = self.done.recv() => self.on_store(done),
+                inbound = self.inbox.recv() => match inbound {
+                    Some(Inbound::Shutdown(tx)) => {
+                        shutdown = Some(tx);
+                        break;
+                    }
+                    Some(inbound) => self.on_inbound(inbound),
+                    None => break,
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.core.handle_timeout(now_ms());
+                }
+                _ = purge.tick() => {
+                    if self.jobs.send(StoreJob::Purge).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            for _ in 0..MAX_DRAIN {
+                match self.inbox.try_recv() {
+                    Ok(Inbound::Shutdown(tx)) => {
+                        shutdown = Some(tx);
+                        break;
+                    }
+                    Ok(inbound) => self.on_inbound(inbound),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(done) = self.done.try_recv() {
+                self.on_store(done);
+            }
+            if !self.flush().await {
+                break;
+            }
+            if shutdown.is_some() {
+                break;
+            }
+        }
+
+        // Shutting down: whatever was accepted is committed before the store closes.
+        self.flush().await;
+        drop(self.jobs);
+        let _ = worker.await;
+        store.close().await;
+        tracing::info!("store flushed and closed");
+        if let Some(tx) = shutdown {
+            let _ = tx.send(());
+        }
+    }
+
+    fn on_inbound(&mut self, inbound: Inbound) {
+        let now = now_ms();
+        match inbound {
+            Inbound::Attach { hello, tx } => {
+                self.conns.insert(hello.conn, tx);
+                self.core.handle(now, Command::Hello(hello));
+            }
+            Inbound::Command(command) => {
+                if let Command::Disconnected { conn } = &command {
+                    self.conns.remove(conn);
+                }
+                self.core.handle(now, command);
+            }
+            Inbound::Stats(tx) => {
+                let _ = tx.send(self.core.stats());
+            }
+            Inbound::Shutdown(_) => {}
+        }
+    }
+
+    fn on_store(&mut self, done: StoreDone) {
+        match done {
+            StoreDone::Committed(id) => self.core.handle_committed(id),
+            StoreDone::Failed(id) => self.core.handle_commit_failed(id),
+            StoreDone::Loaded(request, rows, exhausted) => {
+                self.core
+                    .handle_backlog(now_ms(), &request, rows, exhausted)
+            }
+            StoreDone::LoadFailed(request) => {
+                // Try again shortly; the subscriber waits for it meanwhile.
+                let jobs = self.jobs.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let _ = jobs.send(StoreJob::Load(request)).await;
+                });
+            }
+        }
+    }
+
+    /// Sends the core's outputs and store work on their way. False if the store worker
+    /// is gone.
+    async fn flush(&mut self) -> bool {
+        loop {
+            while let Some(output) = self.core.poll_output() {
+                self.route(output);
+            }
+            // A connection that stopped reading is cut off; that may free work for
+            // others (and produce more outputs).
+            let overflowed = std::mem::take(&mut self.overflowed);
+            if overflowed.is_empty() {
+                break;
+            }
+            for conn in overflowed {
+                tracing::warn!(
+                    conn = conn.0,
+                    "outbound queue full; disconnecting slow connection"
+                );
+                if let Some(tx) = self.conns.remove(&conn) {
+                    tx.kick.notify_one();
+                }
+                self.core.handle(now_ms(), Command::Disconnected { conn });
+            }
+        }
+        if let Some(batch) = self.core.take_batch()
+            && self.jobs.send(StoreJob::Commit(batch)).await.is_err()
+        {
+            return false;
+        }
+        for load in self.core.take_loads() {
+            if self.jobs.send(StoreJob::Load(load)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn route(&mut self, output: Output) {
+        let (conn, item, close) = match output {
+            Output::Send { conn, event } => (conn, Outbound::Event(event), false),
+            Output::Close { conn, reject } => (conn, Outbound::Close(reject), true),
+        };
+        let Some(tx) = self.conns.get(&conn) else {
+            return;
+        };
+        match tx.tx.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) if !close => self.overflowed.push(conn),
+            Err(_) => {
+                // Closed: the carrier reports the disconnect itself.
+            }
+        }
+        if close {
+            self.conns.remove(&conn);
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn store_worker(
+    store: Arc<dyn Store>,
+    mut jobs: mpsc::Receiver<StoreJob>,
+    done: mpsc::UnboundedSender<StoreDone>,
+) {
+    let mut next: Option<StoreJob> = None;
+    loop {
+        let job = match next.take() {
+            Some(job) => job,
+            None => match jobs.recv().await {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        let report = match job {
+            StoreJob::Commit(first) => {
+                let mut batches = vec![first];
+                while batches.len() < MAX_GROUP_COMMIT {
+                    match jobs.try_recv() {
+                        Ok(StoreJob::Commit(batch)) => batches.push(batch),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let last = batches.last().map_or(0, |b| b.id);
+                match store.commit(&batches).await {
+                    Ok(()) => StoreDone::Committed(last),
+                    Err(e) => {
+                        tracing::error!(error = %e, batches = batches.len(), "commit failed");
+                        StoreDone::Failed(last)
+                    }
+                }
+            }
+            StoreJob::Load(request) => match store.backlog(&request, now_ms()).await {
+                Ok((rows, exhausted)) => StoreDone::Loaded(request, rows, exhausted),
+                Err(e) => {
+                    tracing::error!(error = %e, "backlog load failed");
+                    StoreDone::LoadFailed(request)
+                }
+            },
+            StoreJob::Purge => {
+                match store.purge(now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(rows = n, "purged expired rows"),
+                    Err(e) => tracing::warn!(error = %e, "purge failed"),
+                }
+                continue;
+            }
+        };
+        if done.send(report).is_err() {
+            break;
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The HTTP side of the TCP port: health, the seed-compatible session API and the
+//! certificate hash for browsers.
+
+mod sessions;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::driver::DriverHandle;
+use crate::store::Store;
+use crate::tls::Certs;
+
+pub use sessions::CreateSessionLimit;
+
+/// What the HTTP handlers share.
+pub struct HttpState {
+    pub store: Arc<dyn Store>,
+    pub driver: DriverHandle,
+    pub certs: Arc<Certs>,
+    pub started: Instant,
+    pub sessions: sessions::SessionApi,
+}
+
+impl HttpState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        driver: DriverHandle,
+        certs: Arc<Certs>,
+        limit: CreateSessionLimit,
+        max_payload_bytes: u64,
+    ) -> Self {
+        Self {
+            store,
+            driver,
+            certs,
+            started: Instant::now(),
+            sessions: sessions::SessionApi::new(limit, max_payload_bytes),
+        }
+    }
+}
+
+/// All HTTP routes.
+pub fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/cert-hash", get(cert_hash))
+        .route("/api/createSession", post(sessions::create_session))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<HttpState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// `{"status":"ok","uptime":seconds,"activeSessions":n}`, or 503 when the store is down.
+async fn health(State(state): State<Arc<HttpState>>) -> Response {
+    let uptime = state.started.elapsed().as_secs();
+    let store = async {
+        state.store.ping().await?;
+        state.store.count_sessions().await
+    };
+    match store.await {
+        Ok(sessions) => Json(json!({
+            "status": "ok",
+            "uptime": uptime,
+            "activeSessions": sessions,
+        }))
+        .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "health check: store unavailable");
+            let body = json!({"status": "error", "uptime": uptime, "error": "store unavailable"});
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
+}
+
+/// The leaf certificate's SHA-256, for WebTransport's `serverCertificateHashes`.
+async fn cert_hash(State(state): State<Arc<HttpState>>) -> Json<serde_json::Value> {
+    let info = state.certs.info();
+    Json(json!({
+        "algorithm": "sha-256",
+        "hash": info.sha256_hex,
+        "not_after": info.not_after_rfc3339(),
+    }))
+}
+
+async fn not_found() -> Response {
+    let body = json!({"success": false, "error": "not found"});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}

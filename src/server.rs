@@ -1,0 +1,147 @@
+//! Starts a whole broker from a [`ServerConfig`]: store, driver, certificates, the QUIC
+//! endpoint and the HTTP listener, and stops it in order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::Authenticator;
+use crate::carrier::{CarrierLimits, LinkContext, quic};
+use crate::driver::{self, DriverConfig, DriverHandle};
+use crate::http::{self, CreateSessionLimit, HttpState};
+use crate::store::{self, StoreError, StoreKind};
+use crate::tls::{CertInfo, CertSource, Certs, TlsError};
+
+/// Everything needed to run a broker.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// TCP address for HTTP (port 0 picks one).
+    pub http: SocketAddr,
+    /// UDP address for QUIC (port 0 picks one).
+    pub quic: SocketAddr,
+    pub store: StoreKind,
+    pub certs: CertSource,
+    pub driver: DriverConfig,
+    pub carrier: CarrierLimits,
+    pub create_session_limit: CreateSessionLimit,
+    /// Largest payload any session may allow.
+    pub max_payload_bytes: u64,
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("certificates: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// A running broker.
+pub struct Server {
+    pub http_addr: SocketAddr,
+    pub quic_addr: SocketAddr,
+    pub cert: CertInfo,
+    pub store_kind: &'static str,
+    driver: DriverHandle,
+    endpoint: quinn::Endpoint,
+    stop_http: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds the listeners, opens the store and starts serving.
+    pub async fn start(config: ServerConfig) -> Result<Self, StartError> {
+        let udp = std::net::UdpSocket::bind(config.quic).map_err(|source| StartError::Bind {
+            what: "QUIC (UDP)",
+            addr: config.quic,
+            source,
+        })?;
+        let tcp = tokio::net::TcpListener::bind(config.http)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "HTTP (TCP)",
+                addr: config.http,
+                source,
+            })?;
+        let bind_err = |what, addr| move |source| StartError::Bind { what, addr, source };
+        let quic_addr = udp
+            .local_addr()
+            .map_err(bind_err("QUIC (UDP)", config.quic))?;
+        let http_addr = tcp
+            .local_addr()
+            .map_err(bind_err("HTTP (TCP)", config.http))?;
+
+        let store = store::open(&config.store).await?;
+        let (driver, driver_task) = driver::start(store.clone(), config.driver.clone()).await?;
+
+        let certs = Certs::load_or_create(config.certs.clone())?;
+        let tls = certs.server_config(&[quic::ALPN_NATIVE, quic::ALPN_H3])?;
+        let endpoint = quic::endpoint(udp, tls).map_err(bind_err("QUIC (UDP)", quic_addr))?;
+
+        let ctx = Arc::new(LinkContext {
+            driver: driver.clone(),
+            auth: Arc::new(Authenticator::new(store.clone())),
+            store: store.clone(),
+            limits: config.carrier.clone(),
+        });
+        let quic_task = tokio::spawn(quic::serve(endpoint.clone(), ctx));
+
+        let state = Arc::new(HttpState::new(
+            store.clone(),
+            driver.clone(),
+            certs.clone(),
+            config.create_session_limit,
+            config.max_payload_bytes,
+        ));
+        let (stop_http, mut stopped) = watch::channel(false);
+        let http_task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            if let Err(e) = http::serve(tcp, state, shutdown).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        let renewal = certs.spawn_renewal();
+
+        Ok(Self {
+            http_addr,
+            quic_addr,
+            cert: certs.info(),
+            store_kind: store.kind(),
+            driver,
+            endpoint,
+            stop_http,
+            tasks: vec![quic_task, http_task, renewal, driver_task],
+        })
+    }
+
+    /// The driver, for in-process use (stats, tests).
+    pub fn driver(&self) -> &DriverHandle {
+        &self.driver
+    }
+
+    /// Stops accepting, closes connections with a reason, commits what was accepted and
+    /// closes the store.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"the broker is shutting down");
+        let _ = self.stop_http.send(true);
+        self.driver.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
