@@ -56,15 +56,22 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// An authenticator allowing each IP bursts of 30 full verifications, refilled at
+    /// 2 per second.
     pub fn new(store: Arc<dyn Store>) -> Self {
         let burst = NonZeroU32::new(30).unwrap_or(NonZeroU32::MIN);
         let per_second = NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN);
+        Self::with_budget(store, Quota::per_second(per_second).allow_burst(burst))
+    }
+
+    /// An authenticator with a custom per-IP budget of full verifications.
+    pub fn with_budget(store: Arc<dyn Store>, budget: Quota) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
             store,
             secret: rand::random(),
             cache: Mutex::new(HashMap::new()),
-            budget: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            budget: RateLimiter::keyed(budget),
             slots: Semaphore::new(cores),
         }
     }
@@ -155,6 +162,11 @@ mod tests {
     use crate::store::memory::MemoryStore;
 
     async fn setup() -> (Authenticator, SessionName) {
+        let burst = NonZeroU32::new(5).expect("non-zero");
+        setup_with(Quota::per_hour(NonZeroU32::MIN).allow_burst(burst)).await
+    }
+
+    async fn setup_with(budget: Quota) -> (Authenticator, SessionName) {
         let store = Arc::new(MemoryStore::default());
         let name = SessionName::parse("s").expect("valid");
         let hash = tokio::task::spawn_blocking(|| hash_password("right"))
@@ -169,7 +181,7 @@ mod tests {
             })
             .await
             .expect("create");
-        (Authenticator::new(store), name)
+        (Authenticator::with_budget(store, budget), name)
     }
 
     const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);

@@ -187,44 +187,56 @@ async fn serve(args: ServeArgs) -> Result<()> {
         StoreKind::Sqlite(path) => format!("sqlite  {}", path.display()),
     };
     let server = Server::start(config).await?;
-    let cert = &server.cert;
-    println!("fastPort {} is running", env!("CARGO_PKG_VERSION"));
-    println!("  store  {store}");
-    println!(
-        "  quic   quic://{}   (native clients, ALPN fastport/1)",
-        server.quic_addr
-    );
-    println!(
-        "  http   http://{}   (/health, /api/createSession, /v1/cert-hash)",
-        server.http_addr
-    );
-    println!(
-        "  cert   sha-256 {}  (valid until {})",
-        cert.sha256_hex,
-        cert.not_after_rfc3339()
-    );
-    if let Some(ca) = &cert.ca_path {
-        println!(
-            "  ca     {}   (clients: --ca {})",
-            ca.display(),
-            ca.display()
-        );
-    }
-    if server.http_addr.ip().is_loopback() {
-        println!(
-            "  note   bound to {} only; use --listen 0.0.0.0 to accept other machines",
-            server.http_addr.ip()
-        );
-    } else if !cert.generated {
-        println!("  note   reachable from other machines");
-    } else {
-        println!("  WARN   HTTP is plaintext and reachable beyond this machine; put it behind TLS");
-    }
-    std::io::stdout().flush()?;
+    // The banner must not take the broker down if stdout is closed (`fastport | head`).
+    let _ = print_banner(&server, &store);
 
     wait_for_signal().await;
     server.shutdown().await;
     Ok(())
+}
+
+fn print_banner(server: &Server, store: &str) -> std::io::Result<()> {
+    let cert = &server.cert;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "fastPort {} is running", env!("CARGO_PKG_VERSION"))?;
+    writeln!(out, "  store  {store}")?;
+    writeln!(
+        out,
+        "  quic   quic://{}   (native clients, ALPN fastport/1)",
+        server.quic_addr
+    )?;
+    writeln!(
+        out,
+        "  http   http://{}   (/health, /api/createSession, /v1/cert-hash)",
+        server.http_addr
+    )?;
+    writeln!(
+        out,
+        "  cert   sha-256 {}  (valid until {})",
+        cert.sha256_hex,
+        cert.not_after_rfc3339()
+    )?;
+    if let Some(ca) = &cert.ca_path {
+        writeln!(
+            out,
+            "  ca     {}   (clients: --ca {})",
+            ca.display(),
+            ca.display()
+        )?;
+    }
+    let ip = server.http_addr.ip();
+    if ip.is_loopback() {
+        writeln!(
+            out,
+            "  note   bound to {ip} only; use --listen 0.0.0.0 to accept other machines"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "  WARN   HTTP is plaintext and reachable beyond this machine; put it behind TLS"
+        )?;
+    }
+    out.flush()
 }
 
 async fn wait_for_signal() {

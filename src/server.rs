@@ -86,7 +86,13 @@ impl Server {
 
         let certs = Certs::load_or_create(config.certs.clone())?;
         let tls = certs.server_config(&[quic::ALPN_NATIVE, quic::ALPN_H3])?;
-        let endpoint = quic::endpoint(udp, tls).map_err(bind_err("QUIC (UDP)", quic_addr))?;
+        let reset_path = config.certs.dir.join("quic-reset.key");
+        let reset_key = quic::load_reset_key(&reset_path).map_err(|source| TlsError::Io {
+            path: reset_path,
+            source,
+        })?;
+        let endpoint =
+            quic::endpoint(udp, tls, &reset_key).map_err(bind_err("QUIC (UDP)", quic_addr))?;
 
         let ctx = Arc::new(LinkContext {
             driver: driver.clone(),

@@ -6,6 +6,7 @@
 //! without the core knowing.
 
 use std::net::UdpSocket;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,8 +36,42 @@ const WRITE_COALESCE: usize = 64 * 1024;
 /// QUIC application close codes: 0 for a normal close, otherwise the `ErrorCode`.
 const CLOSE_NORMAL: u32 = 0;
 
+/// Loads the QUIC stateless-reset key from `path`, creating it (mode 0600) if missing.
+///
+/// The key outlives the process on purpose: after a crash, the restarted broker can
+/// answer a client of the old process with a valid stateless reset, so the client knows
+/// its connection is gone and reconnects at once instead of waiting out the idle timeout.
+pub fn load_reset_key(path: &Path) -> std::io::Result<[u8; 64]> {
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.len() == 64 => {
+            let mut key = [0u8; 64];
+            key.copy_from_slice(&bytes);
+            return Ok(key);
+        }
+        Ok(_) => tracing::warn!(path = %path.display(), "malformed QUIC reset key; replacing it"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let key: [u8; 64] = rand::random();
+    let tmp = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::io::Write::write_all(&mut options.open(&tmp)?, &key)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(key)
+}
+
 /// Builds the endpoint on an already bound UDP socket.
-pub fn endpoint(socket: UdpSocket, tls: rustls::ServerConfig) -> std::io::Result<Endpoint> {
+pub fn endpoint(
+    socket: UdpSocket,
+    tls: rustls::ServerConfig,
+    reset_key: &[u8; 64],
+) -> std::io::Result<Endpoint> {
     let crypto = QuicServerConfig::try_from(tls).map_err(std::io::Error::other)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -47,8 +82,20 @@ pub fn endpoint(socket: UdpSocket, tls: rustls::ServerConfig) -> std::io::Result
         .max_concurrent_bidi_streams(VarInt::from_u32(64))
         .max_concurrent_uni_streams(VarInt::from_u32(0));
     config.transport_config(Arc::new(transport));
+    // Connection ids are validated with a key derived from the same persistent secret,
+    // so the restarted broker recognises its predecessor's ids and resets them instead
+    // of dropping the packets as noise.
+    let digest = <sha2::Sha256 as sha2::Digest>::digest([&reset_key[..], b"fastport cid"].concat());
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&digest[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config,
         Some(config),
         socket,
         Arc::new(quinn::TokioRuntime),

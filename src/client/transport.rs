@@ -17,8 +17,9 @@ use super::ClientError;
 
 /// ALPN of the native protocol.
 pub const ALPN: &[u8] = b"fastport/1";
-/// Keep-alive interval, well inside the broker's 30 s idle timeout.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Keep-alive interval, well inside the broker's 30 s idle timeout. It also bounds how
+/// long an idle client takes to learn (by a stateless reset) that the broker restarted.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Largest frame the SDK accepts from the broker.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 

@@ -1,0 +1,345 @@
+//! Shared helpers of the integration tests: a real broker process on ephemeral ports in
+//! a temporary directory, a raw frame-level client, and timeouts on everything.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fastport::carrier::framing::{self, FrameDecoder};
+use fastport::client::transport::{BrokerUrl, Dialer};
+use fastport::client::{Client, ClientConfig, SessionKey};
+use fastport::proto::{ClientFrame, ServerFrame, client_frame, server_frame};
+use serde_json::{Value, json};
+
+/// Upper bound on any single wait in a test.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Awaits `f` or panics after [`WAIT`].
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+/// A broker process started from the built binary.
+pub struct Broker {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub http: SocketAddr,
+    pub quic: SocketAddr,
+    extra: Vec<String>,
+}
+
+impl Broker {
+    /// Starts a broker with the default (SQLite) store on ephemeral ports.
+    pub fn start() -> Broker {
+        Self::start_with(&[])
+    }
+
+    /// Starts a broker with extra command-line arguments.
+    pub fn start_with(extra: &[&str]) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let zero: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let mut broker = Broker {
+            child: None,
+            dir,
+            http: zero,
+            quic: zero,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fastport"))
+            .arg("serve")
+            .arg("--http")
+            .arg(self.http.to_string())
+            .arg("--quic")
+            .arg(self.quic.to_string())
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .arg("--certs-dir")
+            .arg(self.dir.path().join("certs"))
+            .args(&self.extra)
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", "debug")
+            .env_remove("PORT")
+            .env_remove("HOST")
+            .env_remove("DB_TYPE")
+            .env_remove("SQLITE_PATH")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn the fastport binary");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            // Keep draining after the addresses are known, so the pipe never fills.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut http, mut quic) = (None, None);
+        while http.is_none() || quic.is_none() {
+            let line = rx
+                .recv_timeout(WAIT)
+                .unwrap_or_else(|_| panic!("broker did not start; log:\n{}", self.logs()));
+            let addr = |prefix: &str| {
+                line.trim()
+                    .strip_prefix(prefix)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+            };
+            if let Some(a) = addr("quic   quic://") {
+                quic = Some(a);
+            }
+            if let Some(a) = addr("http   http://") {
+                http = Some(a);
+            }
+        }
+        self.http = http.expect("http address");
+        self.quic = quic.expect("quic address");
+        self.child = Some(child);
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("broker.log")
+    }
+
+    /// Everything the broker has logged so far (all runs).
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("certs/ca.pem")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("data/fastport.db")
+    }
+
+    pub fn quic_url(&self) -> String {
+        format!("quic://{}", self.quic)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// `kill -9`: no flush, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        for _ in 0..100 {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child.kill().ok();
+        panic!("broker did not exit within 10 s of SIGTERM");
+    }
+
+    /// Starts the broker again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Creates a session over HTTP; panics unless it succeeds.
+    pub async fn create_session(&self, name: &str, password: &str, extra: Value) -> Value {
+        let (status, body) = self.post_session(name, password, extra).await;
+        assert_eq!(status, 200, "createSession failed: {body}");
+        body
+    }
+
+    pub async fn post_session(&self, name: &str, password: &str, extra: Value) -> (u16, Value) {
+        let mut body = json!({"sessionName": name, "password": password});
+        if let (Some(map), Value::Object(more)) = (body.as_object_mut(), extra) {
+            map.extend(more);
+        }
+        self.post_json("/api/createSession", &body).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = within(
+            "HTTP POST",
+            reqwest::Client::new()
+                .post(self.http_url(path))
+                .json(body)
+                .send(),
+        )
+        .await
+        .expect("HTTP request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub fn client_config(&self, session: &str, password: &str, key: &SessionKey) -> ClientConfig {
+        ClientConfig::new(self.quic_url(), session, password, key.clone()).ca_file(self.ca())
+    }
+
+    pub async fn client(&self, session: &str, password: &str, key: &SessionKey) -> Client {
+        within(
+            "connect",
+            Client::connect(self.client_config(session, password, key)),
+        )
+        .await
+        .expect("connect")
+    }
+
+    /// A raw frame-level connection with no Hello sent yet.
+    pub async fn raw(&self) -> Raw {
+        Raw::connect(&self.quic_url(), &self.ca()).await
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            eprintln!("--- last broker log lines ---");
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Bytes of a file and its WAL, for "is this in the database" checks.
+pub fn db_bytes(path: &Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).unwrap_or_default();
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    bytes.extend(std::fs::read(PathBuf::from(wal)).unwrap_or_default());
+    bytes
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A connection that speaks frames directly, to do what the SDK never would.
+pub struct Raw {
+    pub conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl Raw {
+    pub async fn connect(url: &str, ca: &Path) -> Raw {
+        let mut dialer =
+            Dialer::new(BrokerUrl::parse(url).expect("url"), Some(ca)).expect("dialer");
+        let conn = within("dial", dialer.dial()).await.expect("dial");
+        let (send, recv) = within("open stream", conn.open_bi())
+            .await
+            .expect("open_bi");
+        Raw {
+            conn,
+            send,
+            recv,
+            decoder: FrameDecoder::new(64 << 20),
+        }
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        within("write", self.send.write_all(bytes))
+            .await
+            .expect("write");
+    }
+
+    pub async fn send(&mut self, kind: client_frame::Kind) {
+        let mut buf = BytesMut::new();
+        framing::encode_frame(&ClientFrame { kind: Some(kind) }, &mut buf);
+        self.send_bytes(&buf).await;
+    }
+
+    /// The next frame, or `None` if the stream ends or nothing arrives in `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<ServerFrame> {
+        loop {
+            if let Some(bytes) = self.decoder.next_frame().expect("broker framing") {
+                return Some(framing::decode(bytes).expect("broker frame decodes"));
+            }
+            match tokio::time::timeout(wait, self.recv.read_chunk(65536, true)).await {
+                Ok(Ok(Some(chunk))) => self.decoder.extend(&chunk.bytes),
+                _ => return None,
+            }
+        }
+    }
+
+    pub async fn next(&mut self) -> server_frame::Kind {
+        self.next_within(WAIT)
+            .await
+            .and_then(|f| f.kind)
+            .expect("a frame from the broker")
+    }
+
+    pub async fn hello(
+        &mut self,
+        session: &str,
+        password: &str,
+        client_id: &str,
+    ) -> server_frame::Kind {
+        self.send(client_frame::Kind::Hello(fastport::proto::Hello {
+            protocol_version: 1,
+            session: session.into(),
+            password: password.into(),
+            client_id: client_id.into(),
+            clean: false,
+        }))
+        .await;
+        self.next().await
+    }
+
+    /// Whether the broker closed the connection within `wait`.
+    pub async fn closed_within(&self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, self.conn.closed()).await.is_ok()
+    }
+}
+
+/// Unwraps an `Error` frame's code.
+pub fn error_code(kind: &server_frame::Kind) -> fastport::proto::ErrorCode {
+    match kind {
+        server_frame::Kind::Error(e) => {
+            fastport::proto::ErrorCode::try_from(e.code).expect("known code")
+        }
+        other => panic!("expected Error, got {other:?}"),
+    }
+}
+
+pub fn now_ms() -> u64 {
+    fastport::driver::now_ms()
+}
+
+pub fn bytes(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}

@@ -1,0 +1,338 @@
+//! Delivery guarantees through the real broker binary: retries, expiry, replay
+//! protection, crash safety (`kill -9`) and SDK reconnection.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Broker, Raw, error_code, now_ms, within};
+use fastport::client::{Client, PublishStatus, SessionKey, SubscribeOptions};
+use fastport::proto::{self, ErrorCode, PayloadFormat, client_frame, server_frame};
+use serde_json::json;
+
+fn subscribe(topic: &str, durable: bool) -> client_frame::Kind {
+    client_frame::Kind::Subscribe(proto::Subscribe {
+        request_id: 1,
+        topic: topic.into(),
+        durable,
+        history: 0,
+        presence: false,
+    })
+}
+
+fn publish(id: [u8; 16], topic: &str, timestamp_ms: u64) -> client_frame::Kind {
+    client_frame::Kind::Publish(proto::Publish {
+        message_id: bytes::Bytes::copy_from_slice(&id),
+        topic: topic.into(),
+        payload: bytes::Bytes::from_static(b"opaque ciphertext"),
+        timestamp_ms,
+        format: PayloadFormat::NativeV1 as i32,
+    })
+}
+
+async fn subscriber(broker: &Broker, session: &str, topic: &str) -> Raw {
+    let mut raw = broker.raw().await;
+    assert!(matches!(
+        raw.hello(session, "secret-pass", "").await,
+        server_frame::Kind::Welcome(_)
+    ));
+    raw.send(subscribe(topic, false)).await;
+    assert!(matches!(
+        raw.next().await,
+        server_frame::Kind::Subscribed(_)
+    ));
+    raw
+}
+
+/// Attempts seen on `raw` until `quiet` passes with nothing new.
+async fn attempts(raw: &mut Raw, quiet: Duration) -> Vec<(u32, Instant)> {
+    let mut seen = Vec::new();
+    while let Some(frame) = raw.next_within(quiet).await {
+        if let Some(server_frame::Kind::Deliver(d)) = frame.kind {
+            seen.push((d.attempt, Instant::now()));
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn unacknowledged_delivery_is_retried_up_to_the_limit() {
+    let broker = Broker::start();
+    let settings = json!({"retryInterval": 200, "maxRetryLimit": 3});
+    broker
+        .create_session("retry", "secret-pass", settings)
+        .await;
+    let mut raw = subscriber(&broker, "retry", "jobs").await;
+
+    let key = SessionKey::generate();
+    let publisher = broker.client("retry", "secret-pass", &key).await;
+    publisher
+        .publish("jobs", b"work".to_vec())
+        .await
+        .expect("publish");
+
+    let seen = attempts(&mut raw, Duration::from_millis(1_200)).await;
+    let numbers: Vec<u32> = seen.iter().map(|(a, _)| *a).collect();
+    assert_eq!(
+        numbers,
+        vec![1, 2, 3, 4],
+        "first delivery plus 3 retries, then nothing"
+    );
+    for pair in seen.windows(2) {
+        let gap = pair[1].1 - pair[0].1;
+        assert!(
+            gap >= Duration::from_millis(150),
+            "retries {gap:?} apart, interval is 200 ms"
+        );
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_redelivered_after_expiry() {
+    let broker = Broker::start();
+    let settings = json!({"retryInterval": 200, "maxRetryLimit": 1000, "messageExpiryTime": 1000});
+    broker
+        .create_session("expiry", "secret-pass", settings)
+        .await;
+    let mut raw = subscriber(&broker, "expiry", "jobs").await;
+
+    let key = SessionKey::generate();
+    let publisher = broker.client("expiry", "secret-pass", &key).await;
+    let sent = Instant::now();
+    publisher
+        .publish("jobs", b"work".to_vec())
+        .await
+        .expect("publish");
+
+    let seen = attempts(&mut raw, Duration::from_millis(1_500)).await;
+    assert!(
+        seen.len() >= 3,
+        "retried while fresh: {} deliveries",
+        seen.len()
+    );
+    let last = seen.last().map(|(_, at)| *at - sent).unwrap_or_default();
+    assert!(
+        last <= Duration::from_millis(1_150),
+        "delivered {last:?} after publishing; expiry is 1 s"
+    );
+}
+
+#[tokio::test]
+async fn acked_delivery_is_not_repeated() {
+    let broker = Broker::start();
+    broker
+        .create_session("acks", "secret-pass", json!({"retryInterval": 200}))
+        .await;
+    let mut raw = subscriber(&broker, "acks", "jobs").await;
+    let key = SessionKey::generate();
+    let publisher = broker.client("acks", "secret-pass", &key).await;
+    publisher
+        .publish("jobs", b"work".to_vec())
+        .await
+        .expect("publish");
+    let server_frame::Kind::Deliver(d) = raw.next().await else {
+        panic!("expected Deliver")
+    };
+    raw.send(client_frame::Kind::Ack(proto::Ack {
+        message_id: d.message_id,
+    }))
+    .await;
+    assert!(
+        attempts(&mut raw, Duration::from_millis(800))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn replays_and_stale_timestamps_are_refused() {
+    let broker = Broker::start();
+    broker
+        .create_session("replay", "secret-pass", json!({}))
+        .await;
+    let mut raw = broker.raw().await;
+    raw.hello("replay", "secret-pass", "").await;
+
+    let id: [u8; 16] = rand::random();
+    raw.send(publish(id, "t", now_ms())).await;
+    assert!(matches!(raw.next().await, server_frame::Kind::PubAck(_)));
+    raw.send(publish(id, "t", now_ms())).await;
+    let answer = raw.next().await;
+    assert_eq!(error_code(&answer), ErrorCode::Replayed);
+    if let server_frame::Kind::Error(e) = &answer {
+        assert_eq!(
+            e.message_id.as_ref(),
+            &id,
+            "the error names the refused message"
+        );
+    }
+
+    raw.send(publish(rand::random(), "t", now_ms() - 31_000))
+        .await;
+    assert_eq!(error_code(&raw.next().await), ErrorCode::StaleTimestamp);
+    raw.send(publish(rand::random(), "t", now_ms() + 31_000))
+        .await;
+    assert_eq!(error_code(&raw.next().await), ErrorCode::StaleTimestamp);
+
+    // The connection lives on after refusals.
+    raw.send(publish(rand::random(), "t", now_ms())).await;
+    assert!(matches!(raw.next().await, server_frame::Kind::PubAck(_)));
+
+    // A replayed id is still refused after a restart (ids are committed with messages).
+    let mut broker = broker;
+    broker.restart();
+    let mut raw = broker.raw().await;
+    raw.hello("replay", "secret-pass", "").await;
+    raw.send(publish(id, "t", now_ms())).await;
+    assert_eq!(error_code(&raw.next().await), ErrorCode::Replayed);
+}
+
+#[tokio::test]
+async fn acknowledged_publishes_survive_kill_9() {
+    let mut broker = Broker::start();
+    broker
+        .create_session("crash", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let config = broker
+        .client_config("crash", "secret-pass", &key)
+        .client_id("survivor");
+    let options = SubscribeOptions {
+        durable: true,
+        presence: false,
+    };
+    let reader = within("connect", Client::connect(config.clone()))
+        .await
+        .expect("connect");
+    reader
+        .subscribe_with("events", options)
+        .await
+        .expect("subscribe");
+    reader.close().await;
+
+    // Publish a burst concurrently, keep every PubAck, and kill -9 right after.
+    let publisher = broker.client("crash", "secret-pass", &key).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300u32 {
+        let p = publisher.clone();
+        tasks.spawn(async move { (i, p.publish("events", i.to_be_bytes().to_vec()).await) });
+    }
+    let mut acked = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, result) = joined.expect("task");
+        let ack = result.expect("publish");
+        assert_eq!(ack.status, PublishStatus::Stored);
+        acked.push(i);
+    }
+    broker.kill9();
+    drop(publisher);
+    broker.restart();
+
+    let reader = within("reconnect", Client::connect(config))
+        .await
+        .expect("connect");
+    let mut sub = reader
+        .subscribe_with("events", options)
+        .await
+        .expect("subscribe");
+    let mut got = Vec::new();
+    while got.len() < acked.len() {
+        let m = within("every acknowledged message", sub.next())
+            .await
+            .expect("message");
+        got.push(u32::from_be_bytes(
+            m.payload[..4].try_into().expect("4 bytes"),
+        ));
+    }
+    acked.sort_unstable();
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, acked, "every acknowledged message, exactly once");
+}
+
+#[tokio::test]
+async fn sdk_resumes_by_itself_when_the_broker_restarts() {
+    let mut broker = Broker::start();
+    broker
+        .create_session("resume", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let reader = broker.client("resume", "secret-pass", &key).await;
+    let mut sub = reader.subscribe("news/#").await.expect("subscribe");
+    let writer = broker.client("resume", "secret-pass", &key).await;
+    writer
+        .publish("news/1", b"before".to_vec())
+        .await
+        .expect("publish");
+    assert_eq!(
+        within("before", sub.next()).await.expect("msg").payload,
+        &b"before"[..]
+    );
+
+    broker.restart();
+    within("reader reconnect", reader.wait_for_connections(2))
+        .await
+        .expect("reconnect");
+    within("writer reconnect", writer.wait_for_connections(2))
+        .await
+        .expect("reconnect");
+
+    // The subscription was restored by the SDK: no new subscribe call.
+    let mut delivered = None;
+    for _ in 0..50 {
+        writer
+            .publish("news/2", b"after".to_vec())
+            .await
+            .expect("publish");
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            delivered = Some(m);
+            break;
+        }
+    }
+    assert_eq!(
+        delivered.expect("delivered after restart").payload,
+        &b"after"[..]
+    );
+}
+
+#[tokio::test]
+async fn sdk_publish_during_an_outage_is_delivered_after_it() {
+    let mut broker = Broker::start();
+    broker
+        .create_session("outage", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let config = broker
+        .client_config("outage", "secret-pass", &key)
+        .client_id("reader");
+    let options = SubscribeOptions {
+        durable: true,
+        presence: false,
+    };
+    let reader = within("connect", Client::connect(config))
+        .await
+        .expect("connect");
+    let mut sub = reader
+        .subscribe_with("t", options)
+        .await
+        .expect("subscribe");
+    let writer = broker.client("outage", "secret-pass", &key).await;
+
+    broker.kill9();
+    let pending = tokio::spawn({
+        let writer = writer.clone();
+        async move { writer.publish("t", b"sent while down".to_vec()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.restart();
+    let ack = within("publish after restart", pending)
+        .await
+        .expect("join")
+        .expect("publish");
+    assert!(matches!(
+        ack.status,
+        PublishStatus::Stored | PublishStatus::AlreadyAccepted
+    ));
+    let m = within("delivery", sub.next()).await.expect("message");
+    assert_eq!(m.payload, &b"sent while down"[..]);
+}

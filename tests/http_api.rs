@@ -1,0 +1,189 @@
+//! The HTTP API of the real broker: health, createSession (seed-compatible), the
+//! certificate hash.
+
+mod common;
+
+use common::{Broker, within};
+use fastport::client::{ClientError, SessionKey};
+use fastport::proto::ErrorCode;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+async fn get(broker: &Broker, path: &str) -> (u16, Value, reqwest::header::HeaderMap) {
+    let response = within("GET", reqwest::get(broker.http_url(path)))
+        .await
+        .expect("GET");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (
+        status,
+        response.json().await.unwrap_or(Value::Null),
+        headers,
+    )
+}
+
+#[tokio::test]
+async fn health_reports_status_uptime_and_sessions() {
+    let broker = Broker::start();
+    let (status, body, _) = get(&broker, "/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "ok");
+    assert!(body["uptime"].is_u64());
+    assert_eq!(body["activeSessions"], 0);
+    broker.create_session("one", "secret-pass", json!({})).await;
+    let (_, body, _) = get(&broker, "/health").await;
+    assert_eq!(body["activeSessions"], 1);
+}
+
+#[tokio::test]
+async fn create_session_is_seed_compatible_and_safe() {
+    let broker = Broker::start();
+    let key = SessionKey::generate();
+    // The seed's Dart body, encryptionKey included.
+    let (status, body) = broker
+        .post_session(
+            "my_chat_room",
+            "secure_pass_123",
+            json!({
+                "retryInterval": 5000,
+                "maxRetryLimit": 100,
+                "encryptionKey": key.to_base64(),
+                "messageExpiryTime": 3600000
+            }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["success"], true);
+    assert_eq!(body["sessionName"], "my_chat_room");
+    let warnings = body["warnings"].as_array().expect("warnings");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().unwrap_or("").contains("encryptionKey"))
+    );
+    assert!(
+        !broker.logs().contains(&key.to_base64()),
+        "the key must never be logged"
+    );
+    assert!(
+        !common::contains(
+            &common::db_bytes(&broker.db_path()),
+            key.to_base64().as_bytes()
+        ),
+        "the key must never be stored"
+    );
+
+    // Re-creating does not take the session over.
+    let (status, body) = broker
+        .post_session("my_chat_room", "attacker-pass", json!({}))
+        .await;
+    assert_eq!(status, 409);
+    assert_eq!(body["success"], false);
+    let taken = fastport::client::Client::connect(broker.client_config(
+        "my_chat_room",
+        "attacker-pass",
+        &key,
+    ))
+    .await;
+    assert!(matches!(
+        taken,
+        Err(ClientError::Refused {
+            code: ErrorCode::Unauthenticated,
+            ..
+        })
+    ));
+    let owner = broker.client("my_chat_room", "secure_pass_123", &key).await;
+    let info = owner.session_info();
+    assert_eq!(
+        (
+            info.retry_interval_ms,
+            info.max_retries,
+            info.message_expiry_ms
+        ),
+        (5000, 100, 3_600_000)
+    );
+
+    // Invalid fields are named.
+    for (body, field) in [
+        (json!({"password": "x"}), "sessionName"),
+        (json!({"sessionName": "ok"}), "password"),
+        (
+            json!({"sessionName": "bad name", "password": "p"}),
+            "sessionName",
+        ),
+        (
+            json!({"sessionName": "ok2", "password": "p", "retryInterval": "soon"}),
+            "retryInterval",
+        ),
+        (
+            json!({"sessionName": "ok3", "password": "p", "maxRetryLimit": 1_000_000}),
+            "maxRetryLimit",
+        ),
+    ] {
+        let (status, answer) = broker.post_json("/api/createSession", &body).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(answer["success"], false);
+        assert!(
+            answer["error"].as_str().unwrap_or("").contains(field),
+            "{answer}"
+        );
+    }
+    let response = reqwest::Client::new()
+        .post(broker.http_url("/api/createSession"))
+        .body("{not json")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status().as_u16(), 400);
+}
+
+#[tokio::test]
+async fn session_creation_is_rate_limited_per_ip() {
+    let broker = Broker::start_with(&[
+        "--create-session-limit",
+        "3",
+        "--create-session-window",
+        "60",
+    ]);
+    for i in 0..3 {
+        let (status, _) = broker
+            .post_session(&format!("s{i}"), "secret-pass", json!({}))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let response = reqwest::Client::new()
+        .post(broker.http_url("/api/createSession"))
+        .json(&json!({"sessionName": "s4", "password": "secret-pass"}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status().as_u16(), 429);
+    let retry_after: u64 = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After in seconds");
+    assert!((1..=60).contains(&retry_after));
+}
+
+#[tokio::test]
+async fn cert_hash_matches_the_served_leaf() {
+    let broker = Broker::start();
+    let (status, body, _) = get(&broker, "/v1/cert-hash").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["algorithm"], "sha-256");
+    let leaf =
+        CertificateDer::from_pem_file(broker.dir.path().join("certs/leaf.pem")).expect("leaf.pem");
+    assert_eq!(body["hash"], hex::encode(Sha256::digest(leaf.as_ref())));
+    let not_after = body["not_after"].as_str().expect("not_after");
+    assert!(
+        not_after.ends_with('Z') && not_after.contains('T'),
+        "RFC 3339: {not_after}"
+    );
+    let (status, body, _) = get(&broker, "/no/such/path").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["success"], false);
+}

@@ -1,0 +1,247 @@
+//! Publish/subscribe through the real broker binary with the real SDK over QUIC.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Broker, contains, db_bytes, within};
+use fastport::client::{Client, ClientError, PublishStatus, SessionKey, SubscribeOptions};
+use fastport::proto::ErrorCode;
+use serde_json::json;
+
+#[tokio::test]
+async fn encrypted_round_trip_never_shows_plaintext_to_the_broker() {
+    let broker = Broker::start();
+    broker
+        .create_session("chat", "correct horse", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let marker = format!("PLAINTEXT-{}", hex::encode(rand::random::<[u8; 8]>()));
+
+    // A durable subscriber that is offline, so the message has to be written to SQLite.
+    let durable = broker
+        .client_config("chat", "correct horse", &key)
+        .client_id("offline-reader");
+    let reader = within("connect", Client::connect(durable.clone()))
+        .await
+        .expect("connect");
+    let options = SubscribeOptions {
+        durable: true,
+        presence: false,
+    };
+    drop(
+        reader
+            .subscribe_with("room/#", options)
+            .await
+            .expect("subscribe"),
+    );
+    reader.close().await;
+
+    let live = broker.client("chat", "correct horse", &key).await;
+    let mut sub = live.subscribe("room/+").await.expect("subscribe");
+    let publisher = broker.client("chat", "correct horse", &key).await;
+    let ack = publisher
+        .publish("room/lobby", marker.clone().into_bytes())
+        .await
+        .expect("publish");
+    assert_eq!(ack.status, PublishStatus::Stored);
+
+    let got = within("delivery", sub.next()).await.expect("a message");
+    assert_eq!(got.topic, "room/lobby");
+    assert_eq!(got.payload, marker.as_bytes());
+    assert_eq!(got.attempt, 1);
+
+    // The SQLite file holds the message (its topic is there) but not its plaintext.
+    let db = db_bytes(&broker.db_path());
+    assert!(
+        contains(&db, b"room/lobby"),
+        "the stored copy is in the database"
+    );
+    assert!(
+        !contains(&db, marker.as_bytes()),
+        "plaintext found in the database"
+    );
+    assert!(
+        !broker.logs().contains(&marker),
+        "plaintext found in the broker's logs"
+    );
+    assert!(
+        !broker.logs().contains("correct horse"),
+        "password found in the logs"
+    );
+
+    // The offline reader gets it, decrypted, when it comes back.
+    let reader = within("reconnect", Client::connect(durable))
+        .await
+        .expect("connect");
+    let mut sub = reader
+        .subscribe_with("room/#", options)
+        .await
+        .expect("subscribe");
+    let got = within("backlog", sub.next())
+        .await
+        .expect("backlog message");
+    assert_eq!(got.payload, marker.as_bytes());
+}
+
+#[tokio::test]
+async fn sessions_are_isolated_and_passwords_checked() {
+    let broker = Broker::start();
+    broker
+        .create_session("tenant-a", "password-a", json!({}))
+        .await;
+    broker
+        .create_session("tenant-b", "password-b", json!({}))
+        .await;
+    let key = SessionKey::generate();
+
+    let wrong = Client::connect(broker.client_config("tenant-a", "password-b", &key)).await;
+    assert!(
+        matches!(
+            wrong,
+            Err(ClientError::Refused {
+                code: ErrorCode::Unauthenticated,
+                ..
+            })
+        ),
+        "wrong password must be refused, got {:?}",
+        wrong.err()
+    );
+    let unknown = Client::connect(broker.client_config("nobody", "password-a", &key)).await;
+    assert!(matches!(
+        unknown,
+        Err(ClientError::Refused {
+            code: ErrorCode::Unauthenticated,
+            ..
+        })
+    ));
+
+    let a = broker.client("tenant-a", "password-a", &key).await;
+    let b = broker.client("tenant-b", "password-b", &key).await;
+    let mut a_room = a.subscribe("room").await.expect("subscribe");
+    let mut b_room = b.subscribe("room").await.expect("subscribe");
+    let mut b_all = b.subscribe("#").await.expect("subscribe");
+
+    let ack = a
+        .publish("room", b"only for a".to_vec())
+        .await
+        .expect("publish");
+    assert_eq!(ack.status, PublishStatus::Accepted);
+    assert_eq!(
+        within("a", a_room.next()).await.expect("msg").payload,
+        &b"only for a"[..]
+    );
+
+    b.publish("room", b"only for b".to_vec())
+        .await
+        .expect("publish");
+    // b's own subscriptions get b's message first and only it: nothing from a arrived.
+    assert_eq!(
+        within("b", b_room.next()).await.expect("msg").payload,
+        &b"only for b"[..]
+    );
+    assert_eq!(
+        within("b#", b_all.next()).await.expect("msg").payload,
+        &b"only for b"[..]
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), a_room.next())
+            .await
+            .is_err(),
+        "a must not see b's message"
+    );
+}
+
+#[tokio::test]
+async fn durable_backlog_arrives_in_order_after_reconnect() {
+    let broker = Broker::start();
+    broker
+        .create_session("orders", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let config = broker
+        .client_config("orders", "secret-pass", &key)
+        .client_id("warehouse");
+    let options = SubscribeOptions {
+        durable: true,
+        presence: false,
+    };
+    let sub = within("connect", Client::connect(config.clone()))
+        .await
+        .expect("connect");
+    sub.subscribe_with("orders/#", options)
+        .await
+        .expect("subscribe");
+    sub.close().await;
+
+    let publisher = broker.client("orders", "secret-pass", &key).await;
+    for i in 0..50 {
+        let ack = publisher
+            .publish(
+                &format!("orders/{}", i % 3),
+                format!("order {i}").into_bytes(),
+            )
+            .await
+            .expect("publish");
+        assert_eq!(ack.status, PublishStatus::Stored);
+    }
+
+    let sub = within("connect", Client::connect(config))
+        .await
+        .expect("connect");
+    let mut stream = sub
+        .subscribe_with("orders/#", options)
+        .await
+        .expect("subscribe");
+    for i in 0..50 {
+        let m = within("backlog", stream.next()).await.expect("message");
+        assert_eq!(
+            m.payload,
+            format!("order {i}").as_bytes(),
+            "backlog out of order"
+        );
+    }
+}
+
+#[tokio::test]
+async fn legacy_json_payloads_cross_between_sdk_clients() {
+    let broker = Broker::start();
+    broker
+        .create_session("mixed", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let a = broker.client("mixed", "secret-pass", &key).await;
+    let mut sub = a.subscribe("t").await.expect("subscribe");
+    a.publish_legacy("t", "héllo dart").await.expect("publish");
+    let m = within("legacy", sub.next()).await.expect("message");
+    assert_eq!(m.payload, "héllo dart".as_bytes());
+    assert_eq!(m.format, fastport::proto::PayloadFormat::LegacyJson);
+}
+
+#[tokio::test]
+async fn wrong_key_messages_are_dropped_not_delivered() {
+    let broker = Broker::start();
+    broker
+        .create_session("keys", "secret-pass", json!({}))
+        .await;
+    let good = SessionKey::generate();
+    let other = SessionKey::generate();
+    let reader = broker.client("keys", "secret-pass", &good).await;
+    let mut sub = reader.subscribe("t").await.expect("subscribe");
+    let stranger = broker.client("keys", "secret-pass", &other).await;
+    stranger
+        .publish("t", b"forged".to_vec())
+        .await
+        .expect("publish");
+    let friend = broker.client("keys", "secret-pass", &good).await;
+    friend
+        .publish("t", b"genuine".to_vec())
+        .await
+        .expect("publish");
+    let m = within("genuine", sub.next()).await.expect("message");
+    assert_eq!(
+        m.payload,
+        &b"genuine"[..],
+        "the forged message must fail its MAC"
+    );
+}
