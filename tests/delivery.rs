@@ -340,15 +340,24 @@ async fn sdk_publish_during_an_outage_is_delivered_after_it() {
 #[tokio::test]
 async fn sigterm_flushes_and_exits_cleanly() {
     let mut broker = Broker::start();
-    broker.create_session("term", "secret-pass", json!({})).await;
+    broker
+        .create_session("term", "secret-pass", json!({}))
+        .await;
     let key = SessionKey::generate();
-    let config = broker.client_config("term", "secret-pass", &key).client_id("reader");
+    let config = broker
+        .client_config("term", "secret-pass", &key)
+        .client_id("reader");
     let options = SubscribeOptions {
         durable: true,
         presence: false,
     };
-    let reader = within("connect", Client::connect(config.clone())).await.expect("connect");
-    reader.subscribe_with("t", options).await.expect("subscribe");
+    let reader = within("connect", Client::connect(config.clone()))
+        .await
+        .expect("connect");
+    reader
+        .subscribe_with("t", options)
+        .await
+        .expect("subscribe");
     reader.close().await;
 
     let mut raw = broker.raw().await;
@@ -361,13 +370,22 @@ async fn sigterm_flushes_and_exits_cleanly() {
     assert!(status.success(), "exit status {status}");
     // Connections were closed with a reason, not left to time out.
     assert!(raw.closed_within(Duration::from_secs(2)).await);
-    let reason = raw.conn.close_reason().map(|r| r.to_string()).unwrap_or_default();
+    let reason = raw
+        .conn
+        .close_reason()
+        .map(|r| r.to_string())
+        .unwrap_or_default();
     assert!(reason.contains("shutting down"), "close reason: {reason}");
     assert!(broker.logs().contains("store flushed and closed"));
 
     broker.restart();
-    let reader = within("reconnect", Client::connect(config)).await.expect("connect");
-    let mut sub = reader.subscribe_with("t", options).await.expect("subscribe");
+    let reader = within("reconnect", Client::connect(config))
+        .await
+        .expect("connect");
+    let mut sub = reader
+        .subscribe_with("t", options)
+        .await
+        .expect("subscribe");
     for i in 0..20u8 {
         let m = within("backlog", sub.next()).await.expect("message");
         assert_eq!(m.payload.as_ref(), &[i]);

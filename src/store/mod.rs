@@ -6,6 +6,7 @@
 //! passes the same suite (`tests.rs`): memory, SQLite, and later Postgres.
 
 pub mod memory;
+pub mod plan;
 pub mod sqlite;
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use crate::core::{
     BacklogRequest, ClientId, Message, MessageId, Millis, Restore, SessionName, SessionSettings,
@@ -22,9 +22,14 @@ use crate::core::{
 };
 use crate::proto::PayloadFormat;
 
+use super::plan::{Step, plan};
 use super::{BacklogPage, PushToken, SessionRecord, Store, StoreError};
 
 static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
+
+/// Rows per multi-row statement (9 columns × 100 stays far below SQLite's 32766
+/// variables).
+const ROWS_PER_STATEMENT: usize = 300;
 
 /// A SQLite-backed [`Store`].
 #[derive(Debug, Clone)]
@@ -190,6 +195,101 @@ impl SqliteStore {
             }
             StoreOp::DeleteEphemeral { session, client_id } => {
                 Self::drop_copies(tx, session, client_id, true).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one planned step as few multi-row statements as SQLite's variable limit
+    /// allows.
+    async fn run(tx: &mut Transaction<'_, Sqlite>, step: Step<'_>) -> Result<(), sqlx::Error> {
+        match step {
+            Step::Single(op) => Self::apply(tx, op).await?,
+            Step::ReplayIds(rows) => {
+                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                    let mut q = QueryBuilder::<Sqlite>::new(
+                        "INSERT OR REPLACE INTO replay_ids (session, message_id, expires_at) ",
+                    );
+                    q.push_values(chunk, |mut b, (session, id, expires_at)| {
+                        b.push_bind(session.as_str())
+                            .push_bind(&id.as_bytes()[..])
+                            .push_bind(*expires_at as i64);
+                    });
+                    q.build().execute(&mut **tx).await?;
+                }
+            }
+            Step::Messages(rows) => {
+                for chunk in rows.chunks(ROWS_PER_STATEMENT / 3) {
+                    let mut q = QueryBuilder::<Sqlite>::new(
+                        "INSERT OR IGNORE INTO messages (seq, session, message_id, topic, payload, \
+                         timestamp_ms, format, accepted_at, expires_at) ",
+                    );
+                    q.push_values(chunk, |mut b, m| {
+                        b.push_bind(m.seq as i64)
+                            .push_bind(m.session.as_str())
+                            .push_bind(&m.id.as_bytes()[..])
+                            .push_bind(m.topic.as_str())
+                            .push_bind(&m.payload[..])
+                            .push_bind(m.timestamp_ms as i64)
+                            .push_bind(m.format as i32)
+                            .push_bind(m.accepted_at as i64)
+                            .push_bind(m.expires_at as i64);
+                    });
+                    q.build().execute(&mut **tx).await?;
+                }
+            }
+            Step::Copies(rows) => {
+                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                    let mut q = QueryBuilder::<Sqlite>::new(
+                        "INSERT OR IGNORE INTO copies (session, client_id, seq, attempts, ephemeral) ",
+                    );
+                    q.push_values(chunk, |mut b, ((session, client_id, seq), ephemeral)| {
+                        b.push_bind(session.as_str())
+                            .push_bind(client_id.as_str())
+                            .push_bind(*seq as i64)
+                            .push_bind(0i64)
+                            .push_bind(*ephemeral);
+                    });
+                    q.build().execute(&mut **tx).await?;
+                }
+            }
+            Step::Attempts(rows) => {
+                for ((session, client_id, seq), attempts) in rows {
+                    sqlx::query(
+                        "UPDATE copies SET attempts = ? WHERE session = ? AND client_id = ? AND seq = ?",
+                    )
+                    .bind(attempts as i64)
+                    .bind(session.as_str())
+                    .bind(client_id.as_str())
+                    .bind(seq as i64)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+            }
+            Step::DeleteCopies(keys) => {
+                for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+                    let mut q = QueryBuilder::<Sqlite>::new(
+                        "DELETE FROM copies WHERE (session, client_id, seq) IN (",
+                    );
+                    q.push_values(chunk, |mut b, (session, client_id, seq)| {
+                        b.push_bind(session.as_str())
+                            .push_bind(client_id.as_str())
+                            .push_bind(*seq as i64);
+                    });
+                    q.push(")");
+                    q.build().execute(&mut **tx).await?;
+                }
+            }
+            Step::DropOrphans(seqs) => {
+                for chunk in seqs.chunks(ROWS_PER_STATEMENT) {
+                    let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM messages WHERE seq IN (");
+                    let mut list = q.separated(", ");
+                    for seq in chunk {
+                        list.push_bind(*seq as i64);
+                    }
+                    q.push(") AND NOT EXISTS (SELECT 1 FROM copies c WHERE c.seq = messages.seq)");
+                    q.build().execute(&mut **tx).await?;
+                }
             }
         }
         Ok(())
@@ -384,10 +484,8 @@ impl Store for SqliteStore {
 
     async fn commit(&self, batches: &[StoreBatch]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        for batch in batches {
-            for op in &batch.ops {
-                Self::apply(&mut tx, op).await?;
-            }
+        for step in plan(batches.iter().flat_map(|b| &b.ops)) {
+            Self::run(&mut tx, step).await?;
         }
         tx.commit().await?;
         Ok(())
