@@ -338,9 +338,10 @@ impl Driver {
         };
         match tx.tx.try_send(item) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) if !close => self.overflowed.push(conn),
-            Err(_) => {
-                // Closed: the carrier reports the disconnect itself.
+            Err(mpsc::error::TrySendError::Full(_)) if close => tx.kick.notify_one(),
+            Err(mpsc::error::TrySendError::Full(_)) => self.overflowed.push(conn),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                // The carrier reports the disconnect itself.
             }
         }
         if close {

@@ -391,3 +391,54 @@ async fn sigterm_flushes_and_exits_cleanly() {
         assert_eq!(m.payload.as_ref(), &[i]);
     }
 }
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_gets_everything_later_and_slows_no_one() {
+    let broker = Broker::start();
+    broker
+        .create_session("slow", "secret-pass", json!({"retryInterval": 600000}))
+        .await;
+    let mut slow = subscriber(&broker, "slow", "feed").await;
+    let key = SessionKey::generate();
+    let fast = broker.client("slow", "secret-pass", &key).await;
+    let mut fast_sub = fast.subscribe("feed").await.expect("subscribe");
+    let publisher = broker.client("slow", "secret-pass", &key).await;
+
+    // Far more than the slow subscriber's window and queue: the rest spills to the store.
+    const N: u32 = 3000;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let p = publisher.clone();
+        tasks.spawn(async move { p.publish("feed", i.to_be_bytes().to_vec()).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task").expect("publish");
+    }
+    let mut fast_got = 0;
+    while fast_got < N {
+        within("fast subscriber", fast_sub.next())
+            .await
+            .expect("message");
+        fast_got += 1;
+    }
+
+    // Now the slow one reads and acknowledges: every message, each once, as first delivery.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut firsts = 0;
+    while seen.len() < N as usize {
+        let Some(frame) = slow.next_within(Duration::from_secs(10)).await else {
+            panic!("slow subscriber stalled after {} messages", seen.len());
+        };
+        if let Some(server_frame::Kind::Deliver(d)) = frame.kind {
+            if d.attempt == 1 {
+                firsts += 1;
+            }
+            seen.insert(d.message_id.clone());
+            slow.send(client_frame::Kind::Ack(proto::Ack {
+                message_id: d.message_id,
+            }))
+            .await;
+        }
+    }
+    assert_eq!(firsts, N, "no message needed a retry");
+}

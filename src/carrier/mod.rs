@@ -160,9 +160,10 @@ impl Link {
     pub async fn refuse(&self, refused: Refused) {
         if refused.message_id.is_some() {
             // Every publish answer frees a slot, so a refused publish takes one too.
-            if let Ok(slot) = self.publish_slots.acquire().await {
-                slot.forget();
-            }
+            let Ok(slot) = self.publish_slots.acquire().await else {
+                return;
+            };
+            slot.forget();
         }
         self.out(Outbound::Event(Event::Error {
             reject: refused.reject,
@@ -225,10 +226,12 @@ impl Link {
                 filter,
             },
             Request::Publish(publish) => {
-                // Wait for a free slot: this is what makes a publisher slow down.
-                if let Ok(slot) = self.publish_slots.acquire().await {
-                    slot.forget();
-                }
+                // Wait for a free slot: this is what makes a publisher slow down. The
+                // writer closes the slots when the connection is going away.
+                let Ok(slot) = self.publish_slots.acquire().await else {
+                    return Ok(());
+                };
+                slot.forget();
                 Command::Publish { conn, publish }
             }
             Request::Ack(message_id) => Command::Ack { conn, message_id },

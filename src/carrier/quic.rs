@@ -219,12 +219,15 @@ async fn write_control(
     let closing = tokio::select! {
         closing = pump(&mut send, &mut rx, &publish_slots) => closing,
         _ = kick.notified() => {
+            publish_slots.close();
             let reject = Reject::LimitExceeded("outbound queue full: the client is not reading");
             let reason = reject.to_string();
             conn.close(VarInt::from_u32(reject.code() as u32), reason.as_bytes());
             return;
         }
     };
+    // Nothing more will be answered: a reader waiting for a publish slot gives up.
+    publish_slots.close();
     let _ = send.finish();
     match closing {
         Some(reject) => {
