@@ -100,12 +100,13 @@ impl Server {
             store: store.clone(),
             limits: config.carrier.clone(),
         });
-        let quic_task = tokio::spawn(quic::serve(endpoint.clone(), ctx));
+        let quic_task = tokio::spawn(quic::serve(endpoint.clone(), ctx.clone()));
 
         let state = Arc::new(HttpState::new(
             store.clone(),
             driver.clone(),
             certs.clone(),
+            ctx,
             config.create_session_limit,
             config.max_payload_bytes,
         ));

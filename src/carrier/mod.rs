@@ -6,9 +6,12 @@
 //! requests the core does not need to see). A carrier's own file only reads and writes.
 
 pub mod framing;
+pub mod legacy;
 pub mod native;
 pub mod quic;
 pub mod request;
+pub mod websocket;
+pub mod ws;
 
 use std::net::IpAddr;
 use std::sync::Arc;

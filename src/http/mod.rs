@@ -1,5 +1,6 @@
-//! The HTTP side of the TCP port: health, the seed-compatible session API and the
-//! certificate hash for browsers.
+//! The HTTP side of the TCP port: health, the seed-compatible session API, the
+//! certificate hash for browsers, and the WebSocket upgrades (`/` and `/ws` for the
+//! legacy JSON bridge, `/v1/ws` for protobuf frames).
 
 mod sessions;
 
@@ -9,12 +10,15 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
+use crate::carrier::{LinkContext, legacy, ws};
 use crate::driver::DriverHandle;
 use crate::store::Store;
 use crate::tls::Certs;
@@ -28,6 +32,8 @@ pub struct HttpState {
     pub certs: Arc<Certs>,
     pub started: Instant,
     pub sessions: sessions::SessionApi,
+    /// What WebSocket connections need from the broker.
+    pub links: Arc<LinkContext>,
 }
 
 impl HttpState {
@@ -35,6 +41,7 @@ impl HttpState {
         store: Arc<dyn Store>,
         driver: DriverHandle,
         certs: Arc<Certs>,
+        links: Arc<LinkContext>,
         limit: CreateSessionLimit,
         max_payload_bytes: u64,
     ) -> Self {
@@ -44,6 +51,7 @@ impl HttpState {
             certs,
             started: Instant::now(),
             sessions: sessions::SessionApi::new(limit, max_payload_bytes),
+            links,
         }
     }
 }
@@ -51,6 +59,9 @@ impl HttpState {
 /// All HTTP routes.
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
+        .route("/", get(legacy_or_index))
+        .route("/ws", get(legacy_ws))
+        .route("/v1/ws", get(native_ws))
         .route("/health", get(health))
         .route("/v1/cert-hash", get(cert_hash))
         .route("/api/createSession", post(sessions::create_session))
@@ -102,6 +113,71 @@ async fn cert_hash(State(state): State<Arc<HttpState>>) -> Json<serde_json::Valu
         "hash": info.sha256_hex,
         "not_after": info.not_after_rfc3339(),
     }))
+}
+
+type Upgrade = Result<WebSocketUpgrade, WebSocketUpgradeRejection>;
+
+/// Applies the frame size limit to an upgrade.
+fn limited(upgrade: WebSocketUpgrade, state: &HttpState) -> WebSocketUpgrade {
+    let max = state.links.limits.max_frame;
+    upgrade.max_message_size(max).max_frame_size(max)
+}
+
+/// `GET /`: the legacy bridge for WebSocket upgrades (where fastPort 2.0 listened),
+/// otherwise a short description of the broker.
+async fn legacy_or_index(
+    State(state): State<Arc<HttpState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    upgrade: Upgrade,
+) -> Response {
+    match upgrade {
+        Ok(upgrade) => {
+            let links = state.links.clone();
+            limited(upgrade, &state).on_upgrade(move |socket| legacy::serve(socket, peer, links))
+        }
+        Err(_) => Json(json!({
+            "name": "fastPort",
+            "version": env!("CARGO_PKG_VERSION"),
+            "endpoints": {
+                "health": "/health",
+                "createSession": "POST /api/createSession",
+                "certHash": "/v1/cert-hash",
+                "legacyWebSocket": ["/", "/ws"],
+                "protobufWebSocket": "/v1/ws",
+            },
+        }))
+        .into_response(),
+    }
+}
+
+/// `GET /ws`: the legacy JSON bridge.
+async fn legacy_ws(
+    State(state): State<Arc<HttpState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    upgrade: Upgrade,
+) -> Response {
+    match upgrade {
+        Ok(upgrade) => {
+            let links = state.links.clone();
+            limited(upgrade, &state).on_upgrade(move |socket| legacy::serve(socket, peer, links))
+        }
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+/// `GET /v1/ws`: native protobuf frames over WebSocket.
+async fn native_ws(
+    State(state): State<Arc<HttpState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    upgrade: Upgrade,
+) -> Response {
+    match upgrade {
+        Ok(upgrade) => {
+            let links = state.links.clone();
+            limited(upgrade, &state).on_upgrade(move |socket| ws::serve(socket, peer, links))
+        }
+        Err(rejection) => rejection.into_response(),
+    }
 }
 
 async fn not_found() -> Response {

@@ -1,0 +1,397 @@
+//! The legacy JSON bridge: fastPort 2.0's WebSocket protocol (seed "WebSocket
+//! Protocol", design §6 and §10), so the seeds' Dart clients work unchanged but for the
+//! URL. It is one more adapter into the same core: JSON text frames become the same
+//! [`Request`]s the native carriers produce, and core events are written back as JSON.
+//!
+//! Mapping (design §10): `messageId`/`fileId` are UUID text ↔ 16-byte ids; `timestamp`
+//! is Unix milliseconds; a legacy message travels natively as `format = LEGACY_JSON`
+//! with `payload` = the UTF-8 JSON `{"data":…,"hash":…}` as sent; an `init` with a
+//! `userId` makes that id the client id and the client's subscriptions durable.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, WebSocket};
+use bytes::Bytes;
+use futures::stream::StreamExt;
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::core::{
+    ClientId, Event, MessageId, Publish, Reject, SessionName, TopicFilter, TopicName,
+};
+use crate::proto::PayloadFormat;
+
+use super::request::{HelloRequest, PROTOCOL_VERSION, PushTokenRequest, Refused};
+use super::websocket::{self, Encoder, IDLE_TIMEOUT, Incoming};
+use super::{Link, LinkContext, Outbound, Request};
+
+/// Serves one legacy WebSocket connection.
+pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
+    let (sink, mut stream) = socket.split();
+    let capacity = ctx.limits.outbound_capacity(ctx.driver.core_config());
+    let hello_timeout = ctx.limits.hello_timeout;
+    let (tx, rx) = mpsc::channel(capacity);
+    let mut link = Link::new(ctx, peer.ip(), true, tx);
+    let writer = tokio::spawn(websocket::write_loop(
+        sink,
+        rx,
+        LegacyEncoder::default(),
+        link.publish_slots(),
+        link.kick(),
+    ));
+
+    let mut reader = Reader { identified: false };
+    let hello_deadline = Instant::now() + hello_timeout;
+    loop {
+        let deadline = if link.is_attached() {
+            Instant::now() + IDLE_TIMEOUT
+        } else {
+            hello_deadline
+        };
+        let message = match websocket::next_message(&mut stream, deadline).await {
+            Incoming::Message(message) => message,
+            Incoming::Gone => break,
+            Incoming::TimedOut if link.is_attached() => {
+                link.fail(Reject::InvalidFrame("idle for 60 s".into()))
+                    .await;
+                break;
+            }
+            Incoming::TimedOut => {
+                link.fail(Reject::InvalidFrame("no successful init within 5 s".into()))
+                    .await;
+                break;
+            }
+        };
+        let outcome = match message {
+            Message::Text(text) => match reader.parse(text.as_str()) {
+                Ok(request) => link.handle(request).await,
+                Err(refused) => {
+                    link.refuse(refused).await;
+                    Ok(())
+                }
+            },
+            Message::Binary(_) => {
+                let reject = Reject::InvalidFrame(
+                    "file transfers are not supported by this broker version".into(),
+                );
+                link.refuse(Refused::new(reject)).await;
+                Ok(())
+            }
+            _ => Ok(()), // pings and pongs only count as activity
+        };
+        if outcome.is_err() {
+            link.fail(Reject::Internal("the broker is shutting down"))
+                .await;
+            break;
+        }
+    }
+    link.close().await;
+    let _ = writer.await;
+}
+
+/// Parses the client's JSON frames.
+struct Reader {
+    /// `init` carried a `userId`: subscriptions are durable.
+    identified: bool,
+}
+
+fn invalid(why: impl Into<String>) -> Refused {
+    Refused::new(Reject::InvalidFrame(why.into()))
+}
+
+fn string<'a>(frame: &'a Map<String, Value>, kind: &str, field: &str) -> Result<&'a str, Refused> {
+    match frame.get(field) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(invalid(format!("{kind}: {field} must be a string"))),
+        None => Err(invalid(format!("{kind}: {field} is required"))),
+    }
+}
+
+fn optional_string<'a>(
+    frame: &'a Map<String, Value>,
+    kind: &str,
+    field: &str,
+) -> Result<Option<&'a str>, Refused> {
+    match frame.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(invalid(format!("{kind}: {field} must be a string"))),
+    }
+}
+
+/// A legacy UUID id as a 16-byte id.
+pub fn parse_uuid(kind: &str, field: &str, text: &str) -> Result<MessageId, Refused> {
+    Uuid::parse_str(text)
+        .map(|u| MessageId(*u.as_bytes()))
+        .map_err(|_| invalid(format!("{kind}: {field} must be a UUID")))
+}
+
+/// A 16-byte id as legacy UUID text.
+pub fn uuid_text(id: &MessageId) -> String {
+    Uuid::from_bytes(*id.as_bytes()).hyphenated().to_string()
+}
+
+impl Reader {
+    fn parse(&mut self, text: &str) -> Result<Request, Refused> {
+        let frame: Map<String, Value> = match serde_json::from_str(text) {
+            Ok(Value::Object(map)) => map,
+            Ok(_) => return Err(invalid("expected a JSON object")),
+            Err(e) => return Err(invalid(format!("invalid JSON: {e}"))),
+        };
+        let kind = string(&frame, "frame", "type")?;
+        match kind {
+            "init" => {
+                let session = SessionName::parse(string(&frame, kind, "sessionName")?)
+                    .map_err(|e| invalid(format!("init: sessionName: {e}")))?;
+                let password = string(&frame, kind, "password")?.to_owned();
+                let client_id = optional_string(&frame, kind, "userId")?
+                    .filter(|u| !u.is_empty())
+                    .map(ClientId::parse)
+                    .transpose()
+                    .map_err(|e| invalid(format!("init: userId: {e}")))?;
+                self.identified = client_id.is_some();
+                Ok(Request::Hello(HelloRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    session,
+                    password,
+                    client_id,
+                    clean: false,
+                }))
+            }
+            "subscribe" | "unsubscribe" => {
+                let filter = TopicFilter::parse(string(&frame, kind, "topic")?)
+                    .map_err(|e| invalid(format!("{kind}: topic: {e}")))?;
+                Ok(if kind == "subscribe" {
+                    Request::Subscribe {
+                        request_id: 0,
+                        filter,
+                        durable: self.identified,
+                        history: 0,
+                        presence: false,
+                    }
+                } else {
+                    Request::Unsubscribe {
+                        request_id: 0,
+                        filter,
+                    }
+                })
+            }
+            "publish" => {
+                let message_id = parse_uuid(kind, "messageId", string(&frame, kind, "messageId")?)?;
+                let refused = |why: String| Refused {
+                    reject: Reject::InvalidFrame(why),
+                    request_id: 0,
+                    message_id: Some(message_id),
+                };
+                let topic = TopicName::parse(string(&frame, kind, "topic")?)
+                    .map_err(|e| refused(format!("publish: topic: {e}")))?;
+                let data = string(&frame, kind, "data")?;
+                let hash = string(&frame, kind, "hash")?;
+                let timestamp_ms =
+                    frame
+                        .get("timestamp")
+                        .and_then(Value::as_u64)
+                        .ok_or_else(|| {
+                            refused("publish: timestamp must be Unix milliseconds".into())
+                        })?;
+                let payload = json!({"data": data, "hash": hash}).to_string();
+                Ok(Request::Publish(Publish {
+                    message_id,
+                    topic,
+                    payload: Bytes::from(payload),
+                    timestamp_ms,
+                    format: PayloadFormat::LegacyJson,
+                }))
+            }
+            "ack" => Ok(Request::Ack(parse_uuid(
+                kind,
+                "messageId",
+                string(&frame, kind, "messageId")?,
+            )?)),
+            "register_fcm_token" => Ok(Request::RegisterPushToken(PushTokenRequest {
+                request_id: 0,
+                user_id: string(&frame, kind, "userId")?.to_owned(),
+                token: string(&frame, kind, "fcmToken")?.to_owned(),
+                device_id: optional_string(&frame, kind, "deviceId")?
+                    .unwrap_or_default()
+                    .to_owned(),
+                platform: optional_string(&frame, kind, "platform")?
+                    .unwrap_or_default()
+                    .to_owned(),
+            })),
+            other => Err(invalid(format!("unknown type {other:?}"))),
+        }
+    }
+}
+
+/// Writes core events as the seed's JSON frames.
+#[derive(Default)]
+struct LegacyEncoder {
+    /// `init_response` was sent: refusals are `error` frames from now on.
+    welcomed: bool,
+}
+
+fn text(value: Value) -> Message {
+    Message::Text(value.to_string().into())
+}
+
+fn error_frame(reject: &Reject, message_id: Option<&MessageId>) -> Value {
+    let mut frame = json!({
+        "type": "error",
+        "code": reject.code().as_str_name(),
+        "message": reject.to_string(),
+    });
+    if let Some(id) = message_id {
+        frame["messageId"] = json!(uuid_text(id));
+    }
+    frame
+}
+
+impl Encoder for LegacyEncoder {
+    fn encode(&mut self, item: &Outbound) -> Vec<Message> {
+        let frame = match item {
+            Outbound::Event(Event::Welcome { settings, .. }) => {
+                self.welcomed = true;
+                json!({"type": "init_response", "success": true, "sessionName": settings.name.as_str()})
+            }
+            Outbound::Event(Event::Deliver { message, .. }) => {
+                // Only LEGACY_JSON reaches legacy connections; its payload is the
+                // {"data","hash"} object the publisher sent.
+                let body: Value = serde_json::from_slice(&message.payload).unwrap_or(Value::Null);
+                json!({
+                    "type": "message",
+                    "topic": message.topic.as_str(),
+                    "data": body.get("data").cloned().unwrap_or(Value::Null),
+                    "hash": body.get("hash").cloned().unwrap_or(Value::Null),
+                    "timestamp": message.timestamp_ms,
+                    "messageId": uuid_text(&message.id),
+                })
+            }
+            Outbound::Event(Event::PubAck { message_id, status }) => json!({
+                "type": "ack_received",
+                "messageId": uuid_text(message_id),
+                "status": status.as_str_name(),
+            }),
+            Outbound::Event(Event::Error { reject, .. })
+                if !self.welcomed
+                    && !matches!(reject, Reject::NotAuthenticated | Reject::InvalidFrame(_)) =>
+            {
+                // A refused init: the seed's answer, then the connection closes.
+                let frame =
+                    json!({"type": "init_response", "success": false, "error": reject.to_string()});
+                return vec![
+                    text(frame),
+                    websocket::close_message(websocket::close::POLICY, &reject.to_string()),
+                ];
+            }
+            Outbound::Event(Event::Error {
+                reject, message_id, ..
+            }) => error_frame(reject, message_id.as_ref()),
+            Outbound::Close(reject) => error_frame(reject, None),
+            Outbound::PushTokenRegistered(_) => {
+                json!({"type": "register_fcm_token_response", "success": true})
+            }
+            // No legacy counterpart: subscribe gets no reply (design §10).
+            Outbound::Event(
+                Event::Subscribed { .. }
+                | Event::Unsubscribed { .. }
+                | Event::Presence { .. }
+                | Event::Keys { .. },
+            )
+            | Outbound::Pong(_) => return Vec::new(),
+        };
+        vec![text(frame)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Request, Refused> {
+        Reader { identified: false }.parse(text)
+    }
+
+    #[test]
+    fn seed_frames_parse() {
+        let id = "0b6f2a4e-8c1d-4e5f-9a0b-1c2d3e4f5a6b";
+        let r = parse(&format!(
+            r#"{{"type":"publish","topic":"chat/general","data":"ZW5j","hash":"abc","timestamp":1700000000000,"messageId":"{id}"}}"#
+        ));
+        let Ok(Request::Publish(p)) = r else {
+            panic!("publish refused: {r:?}")
+        };
+        assert_eq!(uuid_text(&p.message_id), id);
+        assert_eq!(p.format, PayloadFormat::LegacyJson);
+        let body: Value = serde_json::from_slice(&p.payload).expect("json");
+        assert_eq!(body, json!({"data": "ZW5j", "hash": "abc"}));
+
+        let mut reader = Reader { identified: false };
+        let r =
+            reader.parse(r#"{"type":"init","sessionName":"s","password":"p","userId":"alice"}"#);
+        assert!(matches!(
+            r,
+            Ok(Request::Hello(HelloRequest {
+                client_id: Some(_),
+                ..
+            }))
+        ));
+        let r = reader.parse(r#"{"type":"subscribe","topic":"a/#"}"#);
+        assert!(
+            matches!(r, Ok(Request::Subscribe { durable: true, .. })),
+            "userId makes it durable"
+        );
+    }
+
+    #[test]
+    fn bad_frames_are_explained() {
+        for (text, needle) in [
+            ("not json", "invalid JSON"),
+            ("[1,2]", "JSON object"),
+            (r#"{"type":"launch"}"#, "unknown type"),
+            (r#"{"topic":"x"}"#, "type is required"),
+            (r#"{"type":"subscribe"}"#, "topic is required"),
+            (
+                r#"{"type":"subscribe","topic":5}"#,
+                "topic must be a string",
+            ),
+            (
+                r#"{"type":"publish","topic":"t","data":"d","hash":"h","timestamp":1,"messageId":"nope"}"#,
+                "UUID",
+            ),
+            (
+                r#"{"type":"publish","topic":"t","data":"d","hash":"h","timestamp":"soon","messageId":"0b6f2a4e-8c1d-4e5f-9a0b-1c2d3e4f5a6b"}"#,
+                "timestamp",
+            ),
+        ] {
+            let Err(refused) = parse(text) else {
+                panic!("accepted {text}")
+            };
+            assert!(
+                refused.reject.to_string().contains(needle),
+                "{text}: {}",
+                refused.reject
+            );
+        }
+    }
+
+    #[test]
+    fn refused_init_gets_init_response_false() {
+        let mut e = LegacyEncoder::default();
+        let out = e.encode(&Outbound::Event(Event::Error {
+            reject: Reject::BadCredentials,
+            request_id: 0,
+            message_id: None,
+        }));
+        let Message::Text(t) = &out[0] else {
+            panic!("text")
+        };
+        let v: Value = serde_json::from_str(t.as_str()).expect("json");
+        assert_eq!(v["type"], "init_response");
+        assert_eq!(v["success"], false);
+        assert!(matches!(&out[1], Message::Close(Some(c)) if c.code == 1008));
+    }
+}

@@ -1,0 +1,140 @@
+//! What the two WebSocket carriers share: the writer task (outbound queue → messages,
+//! keep-alive pings, kicks) and the reader's timing rules (Hello deadline, idle
+//! timeout).
+//!
+//! Keep-alive follows design §10: the broker pings every 20 s and closes a connection
+//! that has sent nothing for 60 s.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures::SinkExt;
+use futures::stream::{SplitSink, SplitStream, StreamExt};
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::time::Instant;
+
+use crate::core::Reject;
+
+use super::Outbound;
+
+/// Interval of the broker's pings.
+pub const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// Silence after which a connection is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// WebSocket close codes (RFC 6455).
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+}
+
+/// The close code for a refusal that ends a connection.
+pub fn close_code(reject: &Reject) -> u16 {
+    match reject {
+        Reject::Internal(_) => close::INTERNAL,
+        Reject::InvalidFrame(_) => close::PROTOCOL_ERROR,
+        _ => close::POLICY,
+    }
+}
+
+pub fn close_message(code: u16, reason: &str) -> Message {
+    // Close reasons are limited to 123 bytes.
+    let mut reason = reason.to_owned();
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// Turns outbound items into WebSocket messages for one carrier.
+pub trait Encoder: Send + 'static {
+    /// The messages for one item (none if the carrier has no way to say it).
+    fn encode(&mut self, item: &Outbound) -> Vec<Message>;
+}
+
+/// Writes the outbound queue to the socket until the queue ends, a `Close` is written,
+/// or the broker kicks the connection. Pings every [`PING_INTERVAL`].
+pub async fn write_loop<E: Encoder>(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+    mut encoder: E,
+    publish_slots: Arc<Semaphore>,
+    kick: Arc<Notify>,
+) {
+    let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    loop {
+        tokio::select! {
+            item = rx.recv() => {
+                let Some(item) = item else {
+                    let _ = sink.send(close_message(close::NORMAL, "bye")).await;
+                    break;
+                };
+                if item.answers_publish() {
+                    publish_slots.add_permits(1);
+                }
+                let closing = match &item {
+                    Outbound::Close(reject) => Some(reject.clone()),
+                    _ => None,
+                };
+                let mut closed = false;
+                for message in encoder.encode(&item) {
+                    closed |= matches!(message, Message::Close(_));
+                    if sink.feed(message).await.is_err() {
+                        publish_slots.close();
+                        return;
+                    }
+                }
+                if closed {
+                    let _ = sink.flush().await;
+                    break;
+                }
+                if let Some(reject) = closing {
+                    let _ = sink.send(close_message(close_code(&reject), &reject.to_string())).await;
+                    break;
+                }
+                // Flush once the queue is drained, so bursts go out together.
+                if rx.is_empty() && sink.flush().await.is_err() {
+                    break;
+                }
+            }
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
+            }
+            _ = kick.notified() => {
+                let reject = Reject::LimitExceeded("outbound queue full: the client is not reading");
+                let _ = sink.send(close_message(close::POLICY, &reject.to_string())).await;
+                break;
+            }
+        }
+    }
+    publish_slots.close();
+}
+
+/// What the reader got from the socket.
+pub enum Incoming {
+    Message(Message),
+    /// The peer closed, the socket broke, or the stream ended.
+    Gone,
+    /// Nothing arrived before the deadline.
+    TimedOut,
+}
+
+/// The next message, waiting at most until `deadline`.
+pub async fn next_message(stream: &mut SplitStream<WebSocket>, deadline: Instant) -> Incoming {
+    match tokio::time::timeout_at(deadline, stream.next()).await {
+        Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => Incoming::Gone,
+        Ok(Some(Ok(message))) => Incoming::Message(message),
+        Err(_) => Incoming::TimedOut,
+    }
+}

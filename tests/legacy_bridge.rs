@@ -1,0 +1,334 @@
+//! The legacy JSON bridge, driven by an independent client that speaks only the seed's
+//! JSON the way the Dart client does: plain tokio-tungstenite, and its own AES code —
+//! nothing from fastPort's SDK.
+
+mod common;
+
+use std::time::Duration;
+
+use aes::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit, block_padding::Pkcs7};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use common::{Broker, within};
+use fastport::client::{PublishStatus, SessionKey};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The Dart client's message encryption, written from the seed's description.
+fn dart_encrypt(key: &[u8; 32], plaintext: &str) -> (String, String) {
+    let iv: [u8; 16] = rand::random();
+    let ct = cbc::Encryptor::<aes::Aes256>::new(key.into(), &iv.into())
+        .encrypt_padded_vec_mut::<Pkcs7>(plaintext.as_bytes());
+    let data = B64.encode([&iv[..], &ct].concat());
+    (data, hex::encode(Sha256::digest(plaintext.as_bytes())))
+}
+
+fn dart_decrypt(key: &[u8; 32], data: &str, hash: &str) -> String {
+    let raw = B64.decode(data).expect("base64");
+    let (iv, ct) = raw.split_at(16);
+    let pt = cbc::Decryptor::<aes::Aes256>::new(key.into(), iv.into())
+        .decrypt_padded_vec_mut::<Pkcs7>(ct)
+        .expect("decrypts");
+    assert_eq!(hex::encode(Sha256::digest(&pt)), hash, "hash matches");
+    String::from_utf8(pt).expect("utf-8")
+}
+
+struct Dart {
+    ws: Ws,
+}
+
+impl Dart {
+    async fn connect(broker: &Broker, path: &str) -> Dart {
+        let url = format!("ws://{}{path}", broker.http);
+        let (ws, _) = within("ws connect", tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect");
+        Dart { ws }
+    }
+
+    async fn send(&mut self, frame: Value) {
+        self.ws
+            .send(Message::text(frame.to_string()))
+            .await
+            .expect("send");
+    }
+
+    /// The next JSON frame; `None` on close or after `wait` of silence.
+    async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
+        loop {
+            match tokio::time::timeout(wait, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return Some(serde_json::from_str(&t).expect("JSON from broker"));
+                }
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    async fn recv(&mut self) -> Value {
+        self.recv_within(common::WAIT)
+            .await
+            .expect("a frame from the broker")
+    }
+
+    async fn init(&mut self, session: &str, password: &str, user_id: Option<&str>) -> Value {
+        let mut frame = json!({"type": "init", "sessionName": session, "password": password});
+        if let Some(u) = user_id {
+            frame["userId"] = json!(u);
+        }
+        self.send(frame).await;
+        self.recv().await
+    }
+
+    async fn publish(&mut self, key: &[u8; 32], topic: &str, text: &str) -> String {
+        let (data, hash) = dart_encrypt(key, text);
+        let id = uuid::Uuid::new_v4().to_string();
+        self.send(json!({
+            "type": "publish", "topic": topic, "data": data, "hash": hash,
+            "timestamp": common::now_ms(), "messageId": id,
+        }))
+        .await;
+        id
+    }
+
+    /// Waits for the close frame and returns its code.
+    async fn close_code(&mut self) -> Option<CloseCode> {
+        loop {
+            match tokio::time::timeout(common::WAIT, self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code),
+                Ok(Some(Ok(_))) => continue,
+                _ => return None,
+            }
+        }
+    }
+}
+
+async fn setup(settings: Value) -> (Broker, [u8; 32]) {
+    let broker = Broker::start();
+    broker.create_session("dart", "secret-pass", settings).await;
+    (broker, rand::random())
+}
+
+#[tokio::test]
+async fn init_with_right_and_wrong_password() {
+    let (broker, _) = setup(json!({})).await;
+    let mut ok = Dart::connect(&broker, "/").await;
+    let answer = ok.init("dart", "secret-pass", None).await;
+    assert_eq!(
+        answer,
+        json!({"type": "init_response", "success": true, "sessionName": "dart"})
+    );
+
+    let mut bad = Dart::connect(&broker, "/ws").await;
+    let answer = bad.init("dart", "wrong", None).await;
+    assert_eq!(answer["type"], "init_response");
+    assert_eq!(answer["success"], false);
+    assert!(answer["error"].as_str().is_some());
+    assert_eq!(bad.close_code().await, Some(CloseCode::Policy));
+}
+
+#[tokio::test]
+async fn publish_subscribe_ack_and_redelivery() {
+    let (broker, key) = setup(json!({"retryInterval": 300, "maxRetryLimit": 2})).await;
+    let mut sub = Dart::connect(&broker, "/").await;
+    sub.init("dart", "secret-pass", None).await;
+    sub.send(json!({"type": "subscribe", "topic": "chat/+"}))
+        .await;
+    let mut lazy = Dart::connect(&broker, "/ws").await;
+    lazy.init("dart", "secret-pass", None).await;
+    lazy.send(json!({"type": "subscribe", "topic": "chat/#"}))
+        .await;
+    let mut publisher = Dart::connect(&broker, "/").await;
+    publisher.init("dart", "secret-pass", None).await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // subscribe has no reply
+
+    let id = publisher
+        .publish(&key, "chat/general", "Hello, World!")
+        .await;
+    assert_eq!(publisher.recv().await["type"], "ack_received");
+
+    let message = sub.recv().await;
+    assert_eq!(message["type"], "message");
+    assert_eq!(message["topic"], "chat/general");
+    assert_eq!(message["messageId"], id.as_str());
+    assert!(message["timestamp"].is_u64());
+    let text = dart_decrypt(
+        &key,
+        message["data"].as_str().expect("data"),
+        message["hash"].as_str().expect("hash"),
+    );
+    assert_eq!(text, "Hello, World!");
+    sub.send(json!({"type": "ack", "messageId": id})).await;
+    assert!(
+        sub.recv_within(Duration::from_millis(800)).await.is_none(),
+        "acked: no redelivery"
+    );
+
+    // The subscriber that never acks gets the same message again, up to the limit.
+    let mut copies = 0;
+    while let Some(frame) = lazy.recv_within(Duration::from_millis(800)).await {
+        assert_eq!(frame["messageId"], id.as_str());
+        copies += 1;
+    }
+    assert_eq!(copies, 3, "first delivery plus maxRetryLimit = 2 retries");
+}
+
+#[tokio::test]
+async fn legacy_and_native_clients_share_a_session() {
+    let (broker, key) = setup(json!({})).await;
+    let session_key = SessionKey::from_base64(&B64.encode(key)).expect("key");
+    let native = broker.client("dart", "secret-pass", &session_key).await;
+    let mut native_sub = native.subscribe("room/#").await.expect("subscribe");
+
+    let mut dart = Dart::connect(&broker, "/").await;
+    dart.init("dart", "secret-pass", Some("dart-phone")).await;
+    dart.send(json!({"type": "subscribe", "topic": "room/+"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Legacy → native: the SDK opens the LEGACY_JSON payload.
+    dart.publish(&key, "room/1", "from dart").await;
+    let m = within("native receives", native_sub.next())
+        .await
+        .expect("message");
+    assert_eq!(m.payload, &b"from dart"[..]);
+    // The Dart client is subscribed too: it gets its own message (delivered at once)
+    // and the ack_received (after the commit).
+    let (first, second) = (dart.recv().await, dart.recv().await);
+    assert_eq!(
+        (first["type"].as_str(), second["type"].as_str()),
+        (Some("message"), Some("ack_received"))
+    );
+    assert_eq!(
+        dart_decrypt(
+            &key,
+            first["data"].as_str().expect("d"),
+            first["hash"].as_str().expect("h")
+        ),
+        "from dart"
+    );
+
+    // Native → legacy, sealed as LEGACY_JSON by the SDK.
+    let ack = native
+        .publish_legacy("room/2", "from rust")
+        .await
+        .expect("publish");
+    assert_eq!(
+        ack.status,
+        PublishStatus::Stored,
+        "the Dart client's subscription is durable (userId)"
+    );
+    let m = dart.recv().await;
+    assert_eq!(m["topic"], "room/2");
+    assert_eq!(
+        dart_decrypt(
+            &key,
+            m["data"].as_str().expect("d"),
+            m["hash"].as_str().expect("h")
+        ),
+        "from rust"
+    );
+    within("native gets its own", native_sub.next())
+        .await
+        .expect("message");
+
+    // NATIVE_V1 messages are not queued for legacy clients (they could not read them).
+    let ack = native
+        .publish("room/3", b"native only".to_vec())
+        .await
+        .expect("publish");
+    assert_eq!(
+        ack.status,
+        PublishStatus::Accepted,
+        "only the native subscriber matched"
+    );
+    assert!(dart.recv_within(Duration::from_millis(500)).await.is_none());
+}
+
+#[tokio::test]
+async fn durable_legacy_subscriber_gets_its_backlog() {
+    let (broker, key) = setup(json!({})).await;
+    let mut dart = Dart::connect(&broker, "/").await;
+    dart.init("dart", "secret-pass", Some("tablet")).await;
+    dart.send(json!({"type": "subscribe", "topic": "inbox"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(dart);
+
+    let mut publisher = Dart::connect(&broker, "/").await;
+    publisher.init("dart", "secret-pass", None).await;
+    for i in 0..5 {
+        publisher.publish(&key, "inbox", &format!("note {i}")).await;
+        assert_eq!(publisher.recv().await["status"], "STORED");
+    }
+    let mut dart = Dart::connect(&broker, "/").await;
+    dart.init("dart", "secret-pass", Some("tablet")).await;
+    for i in 0..5 {
+        let m = dart.recv().await;
+        let text = dart_decrypt(
+            &key,
+            m["data"].as_str().expect("d"),
+            m["hash"].as_str().expect("h"),
+        );
+        assert_eq!(text, format!("note {i}"));
+        dart.send(json!({"type": "ack", "messageId": m["messageId"]}))
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn bad_legacy_input_gets_error_frames() {
+    let (broker, key) = setup(json!({})).await;
+    let mut dart = Dart::connect(&broker, "/").await;
+    // Before init.
+    dart.send(json!({"type": "subscribe", "topic": "t"})).await;
+    assert_eq!(dart.recv().await["code"], "UNAUTHENTICATED");
+    dart.init("dart", "secret-pass", None).await;
+
+    let cases: Vec<(String, &str)> = vec![
+        ("{not json".into(), "INVALID_FRAME"),
+        ("[]".into(), "INVALID_FRAME"),
+        (json!({"type": "teleport"}).to_string(), "INVALID_FRAME"),
+        (json!({"type": "subscribe"}).to_string(), "INVALID_FRAME"),
+        (json!({"type": "subscribe", "topic": 7}).to_string(), "INVALID_FRAME"),
+        (json!({"type": "publish", "topic": "t", "data": "x", "hash": "y", "timestamp": 1, "messageId": "not-a-uuid"}).to_string(), "INVALID_FRAME"),
+        (json!({"type": "publish", "topic": "t", "data": "x", "hash": "y", "timestamp": 1, "messageId": uuid::Uuid::new_v4().to_string()}).to_string(), "STALE_TIMESTAMP"),
+        (json!({"type": "ack", "messageId": 12}).to_string(), "INVALID_FRAME"),
+    ];
+    for (frame, code) in cases {
+        dart.ws
+            .send(Message::text(frame.clone()))
+            .await
+            .expect("send");
+        let answer = dart.recv().await;
+        assert_eq!(answer["type"], "error", "{frame}");
+        assert_eq!(answer["code"], code, "{frame}: {answer}");
+        assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // A frame over the 10 MB limit closes that connection only.
+    let big = "x".repeat(11 * 1024 * 1024);
+    let _ = dart.ws.send(Message::text(big)).await;
+    assert!(
+        dart.recv_within(Duration::from_secs(5)).await.is_none(),
+        "closed"
+    );
+
+    let mut again = Dart::connect(&broker, "/").await;
+    again.init("dart", "secret-pass", None).await;
+    again.send(json!({"type": "subscribe", "topic": "t"})).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    again.publish(&key, "t", "still fine").await;
+    let mut types = vec![
+        again.recv().await["type"].clone(),
+        again.recv().await["type"].clone(),
+    ];
+    types.sort_by_key(|t| t.to_string());
+    assert_eq!(types, vec![json!("ack_received"), json!("message")]);
+}
