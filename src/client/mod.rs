@@ -55,6 +55,9 @@ pub struct ClientConfig {
     pub reconnect: bool,
     /// Longest wait between reconnect attempts.
     pub max_backoff: Duration,
+    /// With a `quic://` URL, try protobuf over WebSocket on the same host and port when
+    /// QUIC does not connect (e.g. UDP is blocked): `ws://` on loopback, else `wss://`.
+    pub websocket_fallback: bool,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -86,6 +89,7 @@ impl ClientConfig {
             ca: None,
             reconnect: true,
             max_backoff: Duration::from_secs(5),
+            websocket_fallback: true,
         }
     }
 
@@ -109,6 +113,12 @@ impl ClientConfig {
 
     pub fn reconnect(mut self, reconnect: bool) -> Self {
         self.reconnect = reconnect;
+        self
+    }
+
+    /// Whether a `quic://` URL may fall back to WebSocket.
+    pub fn websocket_fallback(mut self, fallback: bool) -> Self {
+        self.websocket_fallback = fallback;
         self
     }
 }
@@ -186,7 +196,7 @@ pub struct SessionInfo {
 /// SDK errors.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
-    /// The URL is not `quic://HOST:PORT`.
+    /// The URL is not `quic://HOST:PORT` or `ws[s]://HOST:PORT/PATH`.
     #[error("invalid URL {0}")]
     Url(String),
     /// The broker could not be reached.

@@ -16,7 +16,7 @@ use crate::proto::{
 };
 
 use super::crypto::{MessageContext, SealingKeys};
-use super::transport::{BrokerUrl, ControlWriter, Dialer, open_control};
+use super::transport::{BrokerUrl, Control, ControlWriter, Dialer};
 use super::{
     ClientConfig, ClientError, Message, PubAck, PublishStatus, Request, SessionInfo,
     SubscribeOptions,
@@ -36,11 +36,8 @@ fn local_now() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-struct Live {
-    conn: quinn::Connection,
-    writer: ControlWriter,
-    frames: mpsc::Receiver<ServerFrame>,
-}
+/// The live connection is a control channel (QUIC or WebSocket).
+type Live = Control;
 
 struct PendingPublish {
     topic: String,
@@ -103,7 +100,7 @@ pub(super) async fn start(
     if let Some(id) = &config.client_id {
         ClientId::parse(id)?;
     }
-    let mut dialer = Dialer::new(url, config.ca.as_deref())?;
+    let mut dialer = Dialer::new(url, config.ca.as_deref(), config.websocket_fallback)?;
     let (info, info_rx) = watch::channel(SessionInfo::default());
     let mut state = State {
         keys: SealingKeys::derive(&config.key),
@@ -149,8 +146,10 @@ impl State {
 
     /// Dials, says `Hello` and waits for `Welcome`.
     async fn connect(&mut self, dialer: &mut Dialer, clean: bool) -> Result<Live, ClientError> {
-        let conn = dialer.dial().await?;
-        let (mut writer, mut frames) = open_control(&conn).await?;
+        let Control {
+            mut writer,
+            mut frames,
+        } = dialer.connect().await?;
         writer
             .send(&frame(client_frame::Kind::Hello(proto::Hello {
                 protocol_version: crate::carrier::PROTOCOL_VERSION,
@@ -178,11 +177,7 @@ impl State {
                     info.replay_window_ms = w.replay_window_ms;
                     info.connections += 1;
                 });
-                Ok(Live {
-                    conn,
-                    writer,
-                    frames,
-                })
+                Ok(Live { writer, frames })
             }
             Some(server_frame::Kind::Error(e)) => Err(refused(&e)),
             other => Err(ClientError::Protocol(format!(
@@ -198,7 +193,7 @@ impl State {
             if let Some(mut l) = live.take() {
                 match self.serve(&mut l, &mut requests).await {
                     Outcome::Closed => {
-                        l.conn.close(0u32.into(), b"client closed");
+                        l.writer.close().await;
                         break ClientError::Closed;
                     }
                     Outcome::Fatal(e) => break e,

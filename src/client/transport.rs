@@ -1,14 +1,24 @@
-//! Dialing the broker over QUIC and speaking frames on the control stream.
+//! Reaching the broker: QUIC first (`quic://`), protobuf over WebSocket (`ws://`,
+//! `wss://`) when asked for — or when QUIC cannot connect, e.g. on a network that
+//! blocks UDP. Either way the session task sees one [`Control`]: frames out, frames in.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use prost::Message as _;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::carrier::framing::{self, FrameDecoder};
 use crate::proto::{ClientFrame, ServerFrame};
@@ -22,78 +32,156 @@ pub const ALPN: &[u8] = b"fastport/1";
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Largest frame the SDK accepts from the broker.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+/// How long a QUIC attempt may take before falling back to WebSocket.
+const QUIC_FALLBACK_AFTER: Duration = Duration::from_secs(3);
+/// How long any connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A parsed broker URL: `quic://HOST:PORT` (the port defaults to 3000).
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How a broker is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Quic,
+    Ws,
+    Wss,
+}
+
+/// A parsed broker URL: `quic://HOST:PORT` (port 3000 by default), or
+/// `ws[s]://HOST:PORT/PATH` (path `/v1/ws` by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
+    pub scheme: Scheme,
     pub host: String,
     pub port: u16,
+    pub path: String,
 }
 
 impl BrokerUrl {
     pub fn parse(url: &str) -> Result<Self, ClientError> {
         let bad = |why: &str| ClientError::Url(format!("{url:?}: {why}"));
-        let rest = url
-            .strip_prefix("quic://")
-            .ok_or_else(|| bad("expected quic://HOST:PORT"))?;
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('/') {
-            return Err(bad("no path expected"));
-        }
-        let (host, port) = match rest.rsplit_once(':') {
+        let (scheme, rest, default_port) = if let Some(rest) = url.strip_prefix("quic://") {
+            (Scheme::Quic, rest, 3000)
+        } else if let Some(rest) = url.strip_prefix("ws://") {
+            (Scheme::Ws, rest, 80)
+        } else if let Some(rest) = url.strip_prefix("wss://") {
+            (Scheme::Wss, rest, 443)
+        } else {
+            return Err(bad("expected quic://, ws:// or wss://"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let path = match (scheme, path.trim_end_matches('/')) {
+            (Scheme::Quic, "") => String::new(),
+            (Scheme::Quic, _) => return Err(bad("a quic:// URL has no path")),
+            (_, "") => "/v1/ws".to_owned(),
+            (_, p) => p.to_owned(),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
             // An IPv6 literal without a port ends in ']'.
             Some((h, p)) if !p.ends_with(']') => {
                 (h, p.parse::<u16>().map_err(|_| bad("invalid port"))?)
             }
-            _ => (rest, 3000),
+            _ => (authority, default_port),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err(bad("missing host"));
         }
         Ok(Self {
+            scheme,
             host: host.to_owned(),
             port,
+            path,
         })
+    }
+
+    /// The WebSocket URL to try when QUIC does not connect: the same host and port
+    /// (fastPort serves both on one port number), `ws://` for loopback, else `wss://`.
+    pub fn websocket_fallback(&self) -> BrokerUrl {
+        let loopback = self.host == "localhost"
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        BrokerUrl {
+            scheme: if loopback { Scheme::Ws } else { Scheme::Wss },
+            host: self.host.clone(),
+            port: self.port,
+            path: "/v1/ws".to_owned(),
+        }
+    }
+
+    fn websocket_url(&self) -> String {
+        let scheme = if self.scheme == Scheme::Wss {
+            "wss"
+        } else {
+            "ws"
+        };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("{scheme}://{host}:{}{}", self.port, self.path)
+    }
+}
+
+impl std::fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.scheme {
+            Scheme::Quic => write!(f, "quic://{}:{}", self.host, self.port),
+            _ => f.write_str(&self.websocket_url()),
+        }
     }
 }
 
 /// TLS trust for the broker: a CA file (the broker's `certs/ca.pem`) or the system roots.
-fn client_tls(ca: Option<&Path>) -> Result<rustls::ClientConfig, ClientError> {
+fn client_tls(ca: Option<&Path>, alpn: Option<&[u8]>) -> Result<rustls::ClientConfig, ClientError> {
     let roots = crate::tls::client_roots(ca).map_err(|e| ClientError::Tls(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    if let Some(alpn) = alpn {
+        tls.alpn_protocols = vec![alpn.to_vec()];
+    }
     Ok(tls)
 }
 
-/// A client endpoint that can dial the broker repeatedly (reconnects reuse it).
+/// Opens control channels to the broker, again and again (reconnects reuse it).
 pub struct Dialer {
+    url: BrokerUrl,
+    fallback: Option<BrokerUrl>,
+    quic: quinn::ClientConfig,
     /// Bound on first use, for the address family of the broker's address.
     endpoint: Option<Endpoint>,
-    config: quinn::ClientConfig,
-    url: BrokerUrl,
+    websocket_tls: Arc<rustls::ClientConfig>,
 }
 
 impl Dialer {
-    pub fn new(url: BrokerUrl, ca: Option<&Path>) -> Result<Self, ClientError> {
-        let tls = QuicClientConfig::try_from(client_tls(ca)?)
-            .map_err(|e| ClientError::Tls(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(tls));
+    /// A dialer for `url`; with `fallback`, a `quic://` URL falls back to WebSocket.
+    pub fn new(url: BrokerUrl, ca: Option<&Path>, fallback: bool) -> Result<Self, ClientError> {
+        let tls = client_tls(ca, Some(ALPN))?;
+        let tls = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let mut quic = quinn::ClientConfig::new(Arc::new(tls));
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(KEEP_ALIVE));
         if let Ok(idle) = Duration::from_secs(30).try_into() {
             transport.max_idle_timeout(Some(idle));
         }
-        config.transport_config(Arc::new(transport));
+        quic.transport_config(Arc::new(transport));
+        let fallback = (fallback && url.scheme == Scheme::Quic).then(|| url.websocket_fallback());
         Ok(Self {
-            endpoint: None,
-            config,
             url,
+            fallback,
+            quic,
+            endpoint: None,
+            websocket_tls: Arc::new(client_tls(ca, None)?),
         })
     }
 
@@ -102,7 +190,34 @@ impl Dialer {
         &self.url
     }
 
-    /// Opens a new QUIC connection to the broker.
+    /// Opens a control channel: QUIC, or WebSocket per the URL or as a fallback.
+    pub async fn connect(&mut self) -> Result<Control, ClientError> {
+        if self.url.scheme != Scheme::Quic {
+            let url = self.url.clone();
+            return self.websocket(&url).await;
+        }
+        let wait = if self.fallback.is_some() {
+            QUIC_FALLBACK_AFTER
+        } else {
+            CONNECT_TIMEOUT
+        };
+        let quic_error = match tokio::time::timeout(wait, self.dial()).await {
+            Ok(Ok(conn)) => return Control::over_quic(conn).await,
+            Ok(Err(e)) => e,
+            Err(_) => ClientError::Timeout,
+        };
+        let Some(fallback) = self.fallback.clone() else {
+            return Err(quic_error);
+        };
+        tracing::info!(error = %quic_error, %fallback, "QUIC did not connect; trying WebSocket");
+        self.websocket(&fallback).await.map_err(|ws_error| {
+            ClientError::Connect(format!(
+                "QUIC: {quic_error}; WebSocket ({fallback}): {ws_error}"
+            ))
+        })
+    }
+
+    /// Opens a QUIC connection to the broker (without a control stream).
     pub async fn dial(&mut self) -> Result<Connection, ClientError> {
         let target = (self.url.host.as_str(), self.url.port);
         let addr = tokio::net::lookup_host(target)
@@ -125,37 +240,88 @@ impl Dialer {
             }
         };
         let connecting = endpoint
-            .connect_with(self.config.clone(), addr, &self.url.host)
+            .connect_with(self.quic.clone(), addr, &self.url.host)
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        tokio::time::timeout(Duration::from_secs(10), connecting)
+        tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| ClientError::Timeout)?
             .map_err(|e| ClientError::Connect(e.to_string()))
     }
+
+    async fn websocket(&self, url: &BrokerUrl) -> Result<Control, ClientError> {
+        let request = url
+            .websocket_url()
+            .into_client_request()
+            .map_err(|e| ClientError::Url(e.to_string()))?;
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_FRAME))
+            .max_frame_size(Some(MAX_FRAME));
+        let connector = match url.scheme {
+            Scheme::Wss => Some(Connector::Rustls(self.websocket_tls.clone())),
+            _ => Some(Connector::Plain),
+        };
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            connector,
+        );
+        let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        Ok(Control::over_websocket(ws))
+    }
 }
 
-/// The write half of a control stream.
-pub struct ControlWriter {
-    send: SendStream,
-    buf: BytesMut,
+/// The write half of a control channel.
+pub enum ControlWriter {
+    Quic {
+        conn: Connection,
+        send: SendStream,
+        buf: BytesMut,
+    },
+    WebSocket {
+        sink: SplitSink<Ws, WsMessage>,
+        queued: Vec<Bytes>,
+    },
 }
 
 impl ControlWriter {
     /// Queues a frame; nothing is sent until [`ControlWriter::flush`].
     pub fn push(&mut self, frame: &ClientFrame) {
-        framing::encode_frame(frame, &mut self.buf);
+        match self {
+            ControlWriter::Quic { buf, .. } => framing::encode_frame(frame, buf),
+            ControlWriter::WebSocket { queued, .. } => {
+                queued.push(Bytes::from(frame.encode_to_vec()))
+            }
+        }
     }
 
     /// Writes everything queued in one go.
     pub async fn flush(&mut self) -> Result<(), ClientError> {
-        if self.buf.is_empty() {
-            return Ok(());
+        let broken = |e: &dyn std::fmt::Display| ClientError::Connect(e.to_string());
+        match self {
+            ControlWriter::Quic { send, buf, .. } => {
+                if !buf.is_empty() {
+                    send.write_chunk(buf.split().freeze())
+                        .await
+                        .map_err(|e| broken(&e))?;
+                }
+            }
+            ControlWriter::WebSocket { sink, queued } => {
+                if queued.is_empty() {
+                    return Ok(());
+                }
+                for bytes in queued.drain(..) {
+                    sink.feed(WsMessage::Binary(bytes))
+                        .await
+                        .map_err(|e| broken(&e))?;
+                }
+                sink.flush().await.map_err(|e| broken(&e))?;
+            }
         }
-        let bytes = self.buf.split().freeze();
-        self.send
-            .write_chunk(bytes)
-            .await
-            .map_err(|e| ClientError::Connect(e.to_string()))
+        Ok(())
     }
 
     /// Queues and flushes one frame.
@@ -163,29 +329,59 @@ impl ControlWriter {
         self.push(frame);
         self.flush().await
     }
+
+    /// Closes the channel (and its QUIC connection).
+    pub async fn close(&mut self) {
+        match self {
+            ControlWriter::Quic { conn, .. } => conn.close(0u32.into(), b"client closed"),
+            ControlWriter::WebSocket { sink, .. } => {
+                let _ = sink.send(WsMessage::Close(None)).await;
+            }
+        }
+    }
 }
 
-/// Opens the control stream: frames written go to the broker, frames read arrive on the
-/// returned channel (which closes when the stream or connection ends).
-pub async fn open_control(
-    conn: &Connection,
-) -> Result<(ControlWriter, mpsc::Receiver<ServerFrame>), ClientError> {
-    let (send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| ClientError::Connect(e.to_string()))?;
-    let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(read_frames(recv, tx));
-    Ok((
-        ControlWriter {
-            send,
-            buf: BytesMut::new(),
-        },
-        rx,
-    ))
+/// A control channel: write frames with `writer`, read them from `frames` (which
+/// closes when the channel ends).
+pub struct Control {
+    pub writer: ControlWriter,
+    pub frames: mpsc::Receiver<ServerFrame>,
 }
 
-async fn read_frames(mut recv: RecvStream, tx: mpsc::Sender<ServerFrame>) {
+impl Control {
+    /// Opens the control stream on a QUIC connection.
+    pub async fn over_quic(conn: Connection) -> Result<Control, ClientError> {
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let (tx, frames) = mpsc::channel(1024);
+        tokio::spawn(read_quic(recv, tx));
+        Ok(Control {
+            writer: ControlWriter::Quic {
+                conn,
+                send,
+                buf: BytesMut::new(),
+            },
+            frames,
+        })
+    }
+
+    fn over_websocket(ws: Ws) -> Control {
+        let (sink, stream) = ws.split();
+        let (tx, frames) = mpsc::channel(1024);
+        tokio::spawn(read_websocket(stream, tx));
+        Control {
+            writer: ControlWriter::WebSocket {
+                sink,
+                queued: Vec::new(),
+            },
+            frames,
+        }
+    }
+}
+
+async fn read_quic(mut recv: RecvStream, tx: mpsc::Sender<ServerFrame>) {
     let mut decoder = FrameDecoder::new(MAX_FRAME);
     loop {
         loop {
@@ -215,6 +411,27 @@ async fn read_frames(mut recv: RecvStream, tx: mpsc::Sender<ServerFrame>) {
     }
 }
 
+async fn read_websocket(mut stream: SplitStream<Ws>, tx: mpsc::Sender<ServerFrame>) {
+    while let Some(Ok(message)) = stream.next().await {
+        let bytes = match message {
+            WsMessage::Binary(bytes) => bytes,
+            WsMessage::Close(_) => return,
+            _ => continue,
+        };
+        match ServerFrame::decode(bytes) {
+            Ok(frame) => {
+                if tx.send(frame).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable frame from the broker");
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,13 +439,43 @@ mod tests {
     #[test]
     fn urls() {
         let u = BrokerUrl::parse("quic://127.0.0.1:4433").expect("valid");
-        assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 4433));
+        assert_eq!(
+            (u.scheme, u.host.as_str(), u.port),
+            (Scheme::Quic, "127.0.0.1", 4433)
+        );
         let u = BrokerUrl::parse("quic://example.com").expect("valid");
         assert_eq!((u.host.as_str(), u.port), ("example.com", 3000));
         let u = BrokerUrl::parse("quic://[::1]:5000/").expect("valid");
         assert_eq!((u.host.as_str(), u.port), ("::1", 5000));
-        assert!(BrokerUrl::parse("http://x:1").is_err());
-        assert!(BrokerUrl::parse("quic://x:notaport").is_err());
-        assert!(BrokerUrl::parse("quic://:1").is_err());
+        let u = BrokerUrl::parse("ws://localhost:3000").expect("valid");
+        assert_eq!((u.scheme, u.path.as_str()), (Scheme::Ws, "/v1/ws"));
+        assert_eq!(u.to_string(), "ws://localhost:3000/v1/ws");
+        let u = BrokerUrl::parse("wss://broker.example/custom/path").expect("valid");
+        assert_eq!(
+            (u.scheme, u.port, u.path.as_str()),
+            (Scheme::Wss, 443, "/custom/path")
+        );
+        for bad in [
+            "http://x:1",
+            "quic://x:notaport",
+            "quic://:1",
+            "quic://x/path",
+        ] {
+            assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn fallback_stays_encrypted_off_loopback() {
+        let local = BrokerUrl::parse("quic://127.0.0.1:3000").expect("valid");
+        assert_eq!(
+            local.websocket_fallback().to_string(),
+            "ws://127.0.0.1:3000/v1/ws"
+        );
+        let remote = BrokerUrl::parse("quic://broker.example:3000").expect("valid");
+        assert_eq!(
+            remote.websocket_fallback().to_string(),
+            "wss://broker.example:3000/v1/ws"
+        );
     }
 }

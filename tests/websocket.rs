@@ -1,0 +1,211 @@
+//! Protobuf over WebSocket (`/v1/ws`): the SDK over `ws://`, the fallback from QUIC,
+//! and broken input on the endpoint.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Broker, within};
+use fastport::client::{Client, ClientConfig, SessionKey};
+use fastport::proto::{self, ClientFrame, ErrorCode, ServerFrame, client_frame, server_frame};
+use futures::{SinkExt, StreamExt};
+use prost::Message as _;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn sdk_over_websocket_talks_with_sdk_over_quic() {
+    let broker = Broker::start();
+    broker.create_session("web", "secret-pass", json!({})).await;
+    let key = SessionKey::generate();
+    let url = format!("ws://{}/v1/ws", broker.http);
+    let over_ws = within(
+        "ws connect",
+        Client::connect(ClientConfig::new(url, "web", "secret-pass", key.clone())),
+    )
+    .await
+    .expect("connect over WebSocket");
+    let over_quic = broker.client("web", "secret-pass", &key).await;
+
+    let mut ws_sub = over_ws.subscribe("a/#").await.expect("subscribe");
+    let mut quic_sub = over_quic.subscribe("b/#").await.expect("subscribe");
+    over_quic
+        .publish("a/1", b"quic to ws".to_vec())
+        .await
+        .expect("publish");
+    over_ws
+        .publish("b/1", b"ws to quic".to_vec())
+        .await
+        .expect("publish");
+    assert_eq!(
+        within("ws gets", ws_sub.next()).await.expect("msg").payload,
+        &b"quic to ws"[..]
+    );
+    assert_eq!(
+        within("quic gets", quic_sub.next())
+            .await
+            .expect("msg")
+            .payload,
+        &b"ws to quic"[..]
+    );
+
+    let info = over_ws.session_info();
+    assert_eq!(
+        info.retry_interval_ms, 5000,
+        "Welcome arrived over WebSocket"
+    );
+}
+
+#[tokio::test]
+async fn sdk_falls_back_to_websocket_when_quic_cannot_connect() {
+    // QUIC listens elsewhere, so quic://<http address> finds no QUIC there.
+    let broker = Broker::start();
+    broker.create_session("fb", "secret-pass", json!({})).await;
+    let key = SessionKey::generate();
+    let url = format!("quic://{}", broker.http);
+    let config =
+        ClientConfig::new(url.clone(), "fb", "secret-pass", key.clone()).ca_file(broker.ca());
+    let client = within("fallback connect", Client::connect(config))
+        .await
+        .expect("fell back");
+    let mut sub = client.subscribe("t").await.expect("subscribe");
+    client
+        .publish("t", b"via fallback".to_vec())
+        .await
+        .expect("publish");
+    assert_eq!(
+        within("delivery", sub.next()).await.expect("msg").payload,
+        &b"via fallback"[..]
+    );
+
+    // Without the fallback the same URL fails.
+    let config = ClientConfig::new(url, "fb", "secret-pass", key)
+        .ca_file(broker.ca())
+        .websocket_fallback(false);
+    assert!(
+        within("no fallback", Client::connect(config))
+            .await
+            .is_err()
+    );
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn raw(broker: &Broker) -> Ws {
+    let url = format!("ws://{}/v1/ws", broker.http);
+    within("connect", tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect")
+        .0
+}
+
+async fn send(ws: &mut Ws, kind: client_frame::Kind) {
+    let bytes = ClientFrame { kind: Some(kind) }.encode_to_vec();
+    ws.send(Message::Binary(bytes.into())).await.expect("send");
+}
+
+/// The next frame, or `None` once the broker closes.
+async fn next(ws: &mut Ws) -> Option<server_frame::Kind> {
+    loop {
+        match within("frame", ws.next()).await {
+            Some(Ok(Message::Binary(b))) => return ServerFrame::decode(b).expect("decodes").kind,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+fn code(kind: Option<server_frame::Kind>) -> ErrorCode {
+    match kind {
+        Some(server_frame::Kind::Error(e)) => ErrorCode::try_from(e.code).expect("known"),
+        other => panic!("expected Error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_input_on_v1_ws() {
+    let broker = Broker::start();
+    broker.create_session("bad", "secret-pass", json!({})).await;
+
+    // Refused but alive: before Hello, an empty frame.
+    let mut ws = raw(&broker).await;
+    send(&mut ws, client_frame::Kind::Ping(proto::Ping { nonce: 3 })).await;
+    assert!(matches!(
+        next(&mut ws).await,
+        Some(server_frame::Kind::Pong(proto::Pong { nonce: 3 }))
+    ));
+    send(
+        &mut ws,
+        client_frame::Kind::Subscribe(proto::Subscribe {
+            request_id: 1,
+            topic: "t".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert_eq!(code(next(&mut ws).await), ErrorCode::Unauthenticated);
+    send(
+        &mut ws,
+        client_frame::Kind::Hello(proto::Hello {
+            protocol_version: 1,
+            session: "bad".into(),
+            password: "secret-pass".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert!(matches!(
+        next(&mut ws).await,
+        Some(server_frame::Kind::Welcome(_))
+    ));
+    ws.send(Message::Binary(Bytes::new())).await.expect("send"); // no kind
+    assert_eq!(code(next(&mut ws).await), ErrorCode::InvalidFrame);
+    send(&mut ws, client_frame::Kind::Ping(proto::Ping { nonce: 4 })).await;
+    assert!(matches!(
+        next(&mut ws).await,
+        Some(server_frame::Kind::Pong(_))
+    ));
+
+    // Undecodable bytes: INVALID_FRAME, then closed.
+    ws.send(Message::Binary(Bytes::from_static(&[0xff, 0xff, 0xff])))
+        .await
+        .expect("send");
+    assert_eq!(code(next(&mut ws).await), ErrorCode::InvalidFrame);
+    assert!(
+        next(&mut ws).await.is_none(),
+        "closed after undecodable bytes"
+    );
+
+    // Text on the binary endpoint: INVALID_FRAME, then closed.
+    let mut ws = raw(&broker).await;
+    ws.send(Message::text("{\"type\":\"init\"}"))
+        .await
+        .expect("send");
+    assert_eq!(code(next(&mut ws).await), ErrorCode::InvalidFrame);
+    assert!(next(&mut ws).await.is_none());
+
+    // Over the frame limit: closed.
+    let mut ws = raw(&broker).await;
+    let _ = ws
+        .send(Message::Binary(vec![0u8; 11 * 1024 * 1024].into()))
+        .await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), next(&mut ws))
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+    );
+
+    // Everyone else is fine.
+    let key = SessionKey::generate();
+    let client = broker.client("bad", "secret-pass", &key).await;
+    let mut sub = client.subscribe("t").await.expect("subscribe");
+    client.publish("t", b"ok".to_vec()).await.expect("publish");
+    assert_eq!(
+        within("round trip", sub.next()).await.expect("msg").payload,
+        &b"ok"[..]
+    );
+}
