@@ -100,6 +100,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES")]
     pub max_payload: Option<u64>,
 
+    /// Largest file accepted, in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub max_file_size: Option<u64>,
+
     /// Sessions one IP may create per window.
     #[arg(long, value_name = "N")]
     pub create_session_limit: Option<u32>,
@@ -126,6 +130,7 @@ pub struct FileConfig {
     pub key: Option<PathBuf>,
     pub replay_window_ms: Option<u64>,
     pub max_payload: Option<u64>,
+    pub max_file_size: Option<u64>,
     pub create_session_limit: Option<u32>,
     pub create_session_window: Option<u64>,
 }
@@ -235,9 +240,14 @@ impl ServeArgs {
                 "--replay-window-ms must be 1000 to 600000".into(),
             ));
         }
+        let max_file_bytes = self
+            .max_file_size
+            .or(file.max_file_size)
+            .unwrap_or(CoreConfig::default().max_file_bytes);
         let driver = DriverConfig {
             core: CoreConfig {
                 replay_window_ms,
+                max_file_bytes,
                 ..CoreConfig::default()
             },
             ..DriverConfig::default()

@@ -20,10 +20,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::carrier::files::FilePort;
 use crate::carrier::{ConnTx, Outbound};
 use crate::core::{
-    BacklogRequest, Command, ConnId, Core, CoreConfig, Hello, Millis, Output, SessionSettings,
-    Stats, StoreBatch, StoredCopy,
+    BacklogRequest, Command, ConnId, Core, CoreConfig, FileOffer, Hello, Millis, Output, Reject,
+    SessionSettings, Stats, StoreBatch, StoredCopy,
 };
 use crate::store::{Store, StoreError};
 
@@ -65,8 +66,16 @@ impl Default for DriverConfig {
 pub struct DriverGone;
 
 enum Inbound {
-    Attach { hello: Hello, tx: ConnTx },
+    Attach {
+        hello: Hello,
+        tx: ConnTx,
+    },
     Command(Command),
+    OpenFile {
+        conn: ConnId,
+        offer: FileOffer,
+        reply: oneshot::Sender<Result<Vec<FilePort>, Reject>>,
+    },
     Stats(oneshot::Sender<Stats>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -122,6 +131,20 @@ impl DriverHandle {
     /// A session was created or changed.
     pub async fn session_updated(&self, settings: SessionSettings) -> Result<(), DriverGone> {
         self.send(Command::SessionUpdated(settings)).await
+    }
+
+    /// Admits a file offered by `conn`; the answer names the receivers' file ports.
+    pub async fn open_file(
+        &self,
+        conn: ConnId,
+        offer: FileOffer,
+    ) -> Result<Result<Vec<FilePort>, Reject>, DriverGone> {
+        let (reply, rx) = oneshot::channel();
+        self.inbox
+            .send(Inbound::OpenFile { conn, offer, reply })
+            .await
+            .map_err(|_| DriverGone)?;
+        rx.await.map_err(|_| DriverGone)
     }
 
     pub async fn stats(&self) -> Result<Stats, DriverGone> {
@@ -264,6 +287,15 @@ impl Driver {
                     self.conns.remove(conn);
                 }
                 self.core.handle(now, command);
+            }
+            Inbound::OpenFile { conn, offer, reply } => {
+                let ports = self.core.open_file(now, conn, &offer).map(|receivers| {
+                    receivers
+                        .iter()
+                        .filter_map(|c| self.conns.get(c).map(|tx| tx.files.clone()))
+                        .collect()
+                });
+                let _ = reply.send(ports);
             }
             Inbound::Stats(tx) => {
                 let _ = tx.send(self.core.stats());

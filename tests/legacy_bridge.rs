@@ -6,109 +6,15 @@ mod common;
 
 use std::time::Duration;
 
-use aes::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit, block_padding::Pkcs7};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use common::dart::{Dart, dart_decrypt};
 use common::{Broker, within};
 use fastport::client::{PublishStatus, SessionKey};
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// The Dart client's message encryption, written from the seed's description.
-fn dart_encrypt(key: &[u8; 32], plaintext: &str) -> (String, String) {
-    let iv: [u8; 16] = rand::random();
-    let ct = cbc::Encryptor::<aes::Aes256>::new(key.into(), &iv.into())
-        .encrypt_padded_vec_mut::<Pkcs7>(plaintext.as_bytes());
-    let data = B64.encode([&iv[..], &ct].concat());
-    (data, hex::encode(Sha256::digest(plaintext.as_bytes())))
-}
-
-fn dart_decrypt(key: &[u8; 32], data: &str, hash: &str) -> String {
-    let raw = B64.decode(data).expect("base64");
-    let (iv, ct) = raw.split_at(16);
-    let pt = cbc::Decryptor::<aes::Aes256>::new(key.into(), iv.into())
-        .decrypt_padded_vec_mut::<Pkcs7>(ct)
-        .expect("decrypts");
-    assert_eq!(hex::encode(Sha256::digest(&pt)), hash, "hash matches");
-    String::from_utf8(pt).expect("utf-8")
-}
-
-struct Dart {
-    ws: Ws,
-}
-
-impl Dart {
-    async fn connect(broker: &Broker, path: &str) -> Dart {
-        let url = format!("ws://{}{path}", broker.http);
-        let (ws, _) = within("ws connect", tokio_tungstenite::connect_async(url))
-            .await
-            .expect("connect");
-        Dart { ws }
-    }
-
-    async fn send(&mut self, frame: Value) {
-        self.ws
-            .send(Message::text(frame.to_string()))
-            .await
-            .expect("send");
-    }
-
-    /// The next JSON frame; `None` on close or after `wait` of silence.
-    async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
-        loop {
-            match tokio::time::timeout(wait, self.ws.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    return Some(serde_json::from_str(&t).expect("JSON from broker"));
-                }
-                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-                _ => return None,
-            }
-        }
-    }
-
-    async fn recv(&mut self) -> Value {
-        self.recv_within(common::WAIT)
-            .await
-            .expect("a frame from the broker")
-    }
-
-    async fn init(&mut self, session: &str, password: &str, user_id: Option<&str>) -> Value {
-        let mut frame = json!({"type": "init", "sessionName": session, "password": password});
-        if let Some(u) = user_id {
-            frame["userId"] = json!(u);
-        }
-        self.send(frame).await;
-        self.recv().await
-    }
-
-    async fn publish(&mut self, key: &[u8; 32], topic: &str, text: &str) -> String {
-        let (data, hash) = dart_encrypt(key, text);
-        let id = uuid::Uuid::new_v4().to_string();
-        self.send(json!({
-            "type": "publish", "topic": topic, "data": data, "hash": hash,
-            "timestamp": common::now_ms(), "messageId": id,
-        }))
-        .await;
-        id
-    }
-
-    /// Waits for the close frame and returns its code.
-    async fn close_code(&mut self) -> Option<CloseCode> {
-        loop {
-            match tokio::time::timeout(common::WAIT, self.ws.next()).await {
-                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code),
-                Ok(Some(Ok(_))) => continue,
-                _ => return None,
-            }
-        }
-    }
-}
 
 async fn setup(settings: Value) -> (Broker, [u8; 32]) {
     let broker = Broker::start();

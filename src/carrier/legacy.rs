@@ -8,6 +8,7 @@
 //! with `payload` = the UTF-8 JSON `{"data":…,"hash":…}` as sent; an `init` with a
 //! `userId` makes that id the client id and the client's subscriptions durable.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -24,6 +25,9 @@ use crate::core::{
 };
 use crate::proto::PayloadFormat;
 
+use crate::driver::now_ms;
+
+use super::files::{FILE_PORT_CAPACITY, FileItem, FileMeta, Upload};
 use super::request::{HelloRequest, PROTOCOL_VERSION, PushTokenRequest, Refused};
 use super::websocket::{self, Encoder, IDLE_TIMEOUT, Incoming};
 use super::{Link, LinkContext, Outbound, Request};
@@ -34,16 +38,19 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     let capacity = ctx.limits.outbound_capacity(ctx.driver.core_config());
     let hello_timeout = ctx.limits.hello_timeout;
     let (tx, rx) = mpsc::channel(capacity);
-    let mut link = Link::new(ctx, peer.ip(), true, tx);
+    let (files_tx, files_rx) = mpsc::channel(FILE_PORT_CAPACITY);
+    let mut link = Link::new(ctx, peer.ip(), true, tx, files_tx);
     let writer = tokio::spawn(websocket::write_loop(
         sink,
         rx,
+        files_rx,
         LegacyEncoder::default(),
         link.publish_slots(),
         link.kick(),
     ));
 
     let mut reader = Reader { identified: false };
+    let mut uploads: HashMap<MessageId, Upload> = HashMap::new();
     let hello_deadline = Instant::now() + hello_timeout;
     loop {
         let deadline = if link.is_attached() {
@@ -65,22 +72,26 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
                 break;
             }
         };
-        let outcome = match message {
-            Message::Text(text) => match reader.parse(text.as_str()) {
-                Ok(request) => link.handle(request).await,
-                Err(refused) => {
+        let parsed = match message {
+            Message::Text(text) => reader.parse(text.as_str()),
+            Message::Binary(bytes) => parse_chunk(bytes),
+            _ => continue, // pings and pongs only count as activity
+        };
+        let outcome = match parsed {
+            Ok(LegacyIn::Request(request)) => link.handle(request).await,
+            Ok(file) => {
+                if let Err(refused) = files(&mut link, &mut uploads, file).await {
+                    if let Some(id) = refused.message_id {
+                        uploads.remove(&id); // dropping it aborts the transfer
+                    }
                     link.refuse(refused).await;
-                    Ok(())
                 }
-            },
-            Message::Binary(_) => {
-                let reject = Reject::InvalidFrame(
-                    "file transfers are not supported by this broker version".into(),
-                );
-                link.refuse(Refused::new(reject)).await;
                 Ok(())
             }
-            _ => Ok(()), // pings and pongs only count as activity
+            Err(refused) => {
+                link.refuse(refused).await;
+                Ok(())
+            }
         };
         if outcome.is_err() {
             link.fail(Reject::Internal("the broker is shutting down"))
@@ -134,8 +145,116 @@ pub fn uuid_text(id: &MessageId) -> String {
     Uuid::from_bytes(*id.as_bytes()).hyphenated().to_string()
 }
 
+/// What one legacy frame asks for.
+enum LegacyIn {
+    Request(Request),
+    InitFile(FileMeta),
+    Chunk {
+        file_id: MessageId,
+        index: u32,
+        payload: Bytes,
+    },
+    EndFile {
+        file_id: MessageId,
+        sha256: Bytes,
+    },
+}
+
+/// Most file uploads one legacy connection may have open at once.
+const MAX_UPLOADS: usize = 16;
+
+/// Handles the file frames of a legacy connection.
+async fn files(
+    link: &mut Link,
+    uploads: &mut HashMap<MessageId, Upload>,
+    frame: LegacyIn,
+) -> Result<(), Refused> {
+    let with_id = |file_id| {
+        move |reject| Refused {
+            reject,
+            request_id: 0,
+            message_id: Some(file_id),
+        }
+    };
+    match frame {
+        LegacyIn::Request(_) => Ok(()),
+        LegacyIn::InitFile(meta) => {
+            let refused = with_id(meta.file_id);
+            let Some(conn) = link.conn_id() else {
+                return Err(refused(Reject::NotAuthenticated));
+            };
+            if uploads.len() >= MAX_UPLOADS {
+                return Err(refused(Reject::LimitExceeded(
+                    "too many file uploads at once",
+                )));
+            }
+            if uploads.contains_key(&meta.file_id) {
+                return Err(refused(Reject::Replayed));
+            }
+            let file_id = meta.file_id;
+            let upload = Upload::open(link.driver(), conn, meta)
+                .await
+                .map_err(refused)?;
+            uploads.insert(file_id, upload);
+            Ok(())
+        }
+        LegacyIn::Chunk {
+            file_id,
+            index,
+            payload,
+        } => {
+            let refused = with_id(file_id);
+            let upload = uploads.get_mut(&file_id).ok_or_else(|| {
+                refused(Reject::NotFound(format!(
+                    "no open file {}",
+                    uuid_text(&file_id)
+                )))
+            })?;
+            upload.chunk(index, payload).await.map_err(refused)
+        }
+        LegacyIn::EndFile { file_id, sha256 } => {
+            let refused = with_id(file_id);
+            let upload = uploads.remove(&file_id).ok_or_else(|| {
+                refused(Reject::NotFound(format!(
+                    "no open file {}",
+                    uuid_text(&file_id)
+                )))
+            })?;
+            upload.finish(sha256, Bytes::new()).await;
+            link.file_accepted(file_id).await;
+            Ok(())
+        }
+    }
+}
+
+/// A binary chunk: `[0x02][36-byte fileId][4-byte big-endian index][payload]`.
+fn parse_chunk(bytes: Bytes) -> Result<LegacyIn, Refused> {
+    const HEADER: usize = 1 + 36 + 4;
+    if bytes.len() < HEADER || bytes[0] != 0x02 {
+        return Err(invalid(
+            "binary frames are file chunks: [0x02][36-byte fileId][4-byte index][payload]",
+        ));
+    }
+    let id =
+        std::str::from_utf8(&bytes[1..37]).map_err(|_| invalid("chunk: fileId must be a UUID"))?;
+    let file_id = parse_uuid("chunk", "fileId", id)?;
+    let index = u32::from_be_bytes([bytes[37], bytes[38], bytes[39], bytes[40]]);
+    Ok(LegacyIn::Chunk {
+        file_id,
+        index,
+        payload: bytes.slice(HEADER..),
+    })
+}
+
 impl Reader {
-    fn parse(&mut self, text: &str) -> Result<Request, Refused> {
+    fn parse(&mut self, text: &str) -> Result<LegacyIn, Refused> {
+        self.parse_frame(text).map(|parsed| match parsed {
+            Parsed::Request(r) => LegacyIn::Request(r),
+            Parsed::File(f) => f,
+        })
+    }
+
+    fn parse_frame(&mut self, text: &str) -> Result<Parsed, Refused> {
         let frame: Map<String, Value> = match serde_json::from_str(text) {
             Ok(Value::Object(map)) => map,
             Ok(_) => return Err(invalid("expected a JSON object")),
@@ -153,18 +272,18 @@ impl Reader {
                     .transpose()
                     .map_err(|e| invalid(format!("init: userId: {e}")))?;
                 self.identified = client_id.is_some();
-                Ok(Request::Hello(HelloRequest {
+                Ok(Parsed::Request(Request::Hello(HelloRequest {
                     protocol_version: PROTOCOL_VERSION,
                     session,
                     password,
                     client_id,
                     clean: false,
-                }))
+                })))
             }
             "subscribe" | "unsubscribe" => {
                 let filter = TopicFilter::parse(string(&frame, kind, "topic")?)
                     .map_err(|e| invalid(format!("{kind}: topic: {e}")))?;
-                Ok(if kind == "subscribe" {
+                Ok(Parsed::Request(if kind == "subscribe" {
                     Request::Subscribe {
                         request_id: 0,
                         filter,
@@ -177,7 +296,7 @@ impl Reader {
                         request_id: 0,
                         filter,
                     }
-                })
+                }))
             }
             "publish" => {
                 let message_id = parse_uuid(kind, "messageId", string(&frame, kind, "messageId")?)?;
@@ -198,33 +317,86 @@ impl Reader {
                             refused("publish: timestamp must be Unix milliseconds".into())
                         })?;
                 let payload = json!({"data": data, "hash": hash}).to_string();
-                Ok(Request::Publish(Publish {
+                Ok(Parsed::Request(Request::Publish(Publish {
                     message_id,
                     topic,
                     payload: Bytes::from(payload),
                     timestamp_ms,
                     format: PayloadFormat::LegacyJson,
-                }))
+                })))
             }
-            "ack" => Ok(Request::Ack(parse_uuid(
+            "ack" => Ok(Parsed::Request(Request::Ack(parse_uuid(
                 kind,
                 "messageId",
                 string(&frame, kind, "messageId")?,
-            )?)),
-            "register_fcm_token" => Ok(Request::RegisterPushToken(PushTokenRequest {
-                request_id: 0,
-                user_id: string(&frame, kind, "userId")?.to_owned(),
-                token: string(&frame, kind, "fcmToken")?.to_owned(),
-                device_id: optional_string(&frame, kind, "deviceId")?
-                    .unwrap_or_default()
-                    .to_owned(),
-                platform: optional_string(&frame, kind, "platform")?
-                    .unwrap_or_default()
-                    .to_owned(),
-            })),
+            )?))),
+            "register_fcm_token" => Ok(Parsed::Request(Request::RegisterPushToken(
+                PushTokenRequest {
+                    request_id: 0,
+                    user_id: string(&frame, kind, "userId")?.to_owned(),
+                    token: string(&frame, kind, "fcmToken")?.to_owned(),
+                    device_id: optional_string(&frame, kind, "deviceId")?
+                        .unwrap_or_default()
+                        .to_owned(),
+                    platform: optional_string(&frame, kind, "platform")?
+                        .unwrap_or_default()
+                        .to_owned(),
+                },
+            ))),
+            "init_file" => {
+                let file_id = parse_uuid(kind, "fileId", string(&frame, kind, "fileId")?)?;
+                let refused = |why: String| Refused {
+                    reject: Reject::InvalidFrame(why),
+                    request_id: 0,
+                    message_id: Some(file_id),
+                };
+                let topic = TopicName::parse(string(&frame, kind, "topic")?)
+                    .map_err(|e| refused(format!("init_file: topic: {e}")))?;
+                let name = string(&frame, kind, "fileName")?;
+                let size = frame
+                    .get("fileSize")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| {
+                        refused("init_file: fileSize must be a number of bytes".into())
+                    })?;
+                let chunk_count = match frame.get("totalChunks") {
+                    None | Some(Value::Null) => 0,
+                    Some(v) => v
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| refused("init_file: totalChunks must be a count".into()))?,
+                };
+                let timestamp_ms = frame
+                    .get("timestamp")
+                    .and_then(Value::as_u64)
+                    .unwrap_or_else(now_ms);
+                Ok(Parsed::File(LegacyIn::InitFile(FileMeta {
+                    file_id,
+                    topic,
+                    name: Bytes::copy_from_slice(name.as_bytes()),
+                    size,
+                    chunk_size: 0,
+                    chunk_count,
+                    timestamp_ms,
+                    format: PayloadFormat::LegacyJson,
+                })))
+            }
+            "end_file" => {
+                let file_id = parse_uuid(kind, "fileId", string(&frame, kind, "fileId")?)?;
+                let hash = optional_string(&frame, kind, "hash")?.unwrap_or_default();
+                // The seed sends the hex SHA-256 of the file; anything else is kept as is.
+                let sha256 = hex::decode(hash)
+                    .map_or_else(|_| Bytes::copy_from_slice(hash.as_bytes()), Bytes::from);
+                Ok(Parsed::File(LegacyIn::EndFile { file_id, sha256 }))
+            }
             other => Err(invalid(format!("unknown type {other:?}"))),
         }
     }
+}
+
+enum Parsed {
+    Request(Request),
+    File(LegacyIn),
 }
 
 /// Writes core events as the seed's JSON frames.
@@ -232,6 +404,8 @@ impl Reader {
 struct LegacyEncoder {
     /// `init_response` was sent: refusals are `error` frames from now on.
     welcomed: bool,
+    /// Topics of the files being forwarded (`end_file` names it again).
+    file_topics: HashMap<MessageId, String>,
 }
 
 fn text(value: Value) -> Message {
@@ -294,6 +468,9 @@ impl Encoder for LegacyEncoder {
             Outbound::PushTokenRegistered(_) => {
                 json!({"type": "register_fcm_token_response", "success": true})
             }
+            Outbound::FileAccepted(file_id) => {
+                json!({"type": "ack_received", "messageId": uuid_text(file_id)})
+            }
             // No legacy counterpart: subscribe gets no reply (design §10).
             Outbound::Event(
                 Event::Subscribed { .. }
@@ -305,6 +482,51 @@ impl Encoder for LegacyEncoder {
         };
         vec![text(frame)]
     }
+
+    fn encode_file(&mut self, item: &FileItem) -> Vec<Message> {
+        let frame = match item {
+            FileItem::Header(meta) => {
+                self.file_topics
+                    .insert(meta.file_id, meta.topic.as_str().to_owned());
+                json!({
+                    "type": "init_file",
+                    "fileId": uuid_text(&meta.file_id),
+                    "fileName": String::from_utf8_lossy(&meta.name),
+                    "fileSize": meta.size,
+                    "totalChunks": meta.chunk_count,
+                    "topic": meta.topic.as_str(),
+                })
+            }
+            FileItem::Chunk {
+                file_id,
+                index,
+                payload,
+            } => {
+                let mut frame = Vec::with_capacity(41 + payload.len());
+                frame.push(0x02);
+                frame.extend_from_slice(uuid_text(file_id).as_bytes());
+                frame.extend_from_slice(&index.to_be_bytes());
+                frame.extend_from_slice(payload);
+                return vec![Message::Binary(frame.into())];
+            }
+            FileItem::End {
+                file_id, sha256, ..
+            } => json!({
+                "type": "end_file",
+                "fileId": uuid_text(file_id),
+                "hash": hex::encode(sha256),
+                "topic": self.file_topics.remove(file_id),
+            }),
+            FileItem::Abort { file_id } => {
+                self.file_topics.remove(file_id);
+                error_frame(
+                    &Reject::Internal("the file transfer was aborted"),
+                    Some(file_id),
+                )
+            }
+        };
+        vec![text(frame)]
+    }
 }
 
 #[cfg(test)]
@@ -312,7 +534,11 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Request, Refused> {
-        Reader { identified: false }.parse(text)
+        let mut reader = Reader { identified: false };
+        match reader.parse(text)? {
+            LegacyIn::Request(r) => Ok(r),
+            _ => panic!("not a request: {text}"),
+        }
     }
 
     #[test]
@@ -334,16 +560,44 @@ mod tests {
             reader.parse(r#"{"type":"init","sessionName":"s","password":"p","userId":"alice"}"#);
         assert!(matches!(
             r,
-            Ok(Request::Hello(HelloRequest {
+            Ok(LegacyIn::Request(Request::Hello(HelloRequest {
                 client_id: Some(_),
                 ..
-            }))
+            })))
         ));
         let r = reader.parse(r#"{"type":"subscribe","topic":"a/#"}"#);
         assert!(
-            matches!(r, Ok(Request::Subscribe { durable: true, .. })),
+            matches!(
+                r,
+                Ok(LegacyIn::Request(Request::Subscribe { durable: true, .. }))
+            ),
             "userId makes it durable"
         );
+        let r = reader.parse(&format!(
+            r#"{{"type":"init_file","fileId":"{id}","fileName":"a.pdf","fileSize":10,"totalChunks":1,"topic":"files/x"}}"#
+        ));
+        assert!(matches!(
+            r,
+            Ok(LegacyIn::InitFile(FileMeta {
+                chunk_count: 1,
+                size: 10,
+                ..
+            }))
+        ));
+        let hash = "ab".repeat(32);
+        let r = reader.parse(&format!(
+            r#"{{"type":"end_file","fileId":"{id}","hash":"{hash}","topic":"files/x"}}"#
+        ));
+        assert!(matches!(r, Ok(LegacyIn::EndFile { sha256, .. }) if sha256.len() == 32));
+        let mut chunk = vec![0x02];
+        chunk.extend_from_slice(id.as_bytes());
+        chunk.extend_from_slice(&7u32.to_be_bytes());
+        chunk.extend_from_slice(b"payload");
+        let parsed = parse_chunk(Bytes::from(chunk));
+        assert!(
+            matches!(parsed, Ok(LegacyIn::Chunk { index: 7, payload, .. }) if payload == b"payload"[..])
+        );
+        assert!(parse_chunk(Bytes::from_static(&[0x01; 50])).is_err());
     }
 
     #[test]

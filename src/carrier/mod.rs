@@ -5,6 +5,7 @@
 //! per-connection glue (authentication, the `Hello` deadline, publish flow control,
 //! requests the core does not need to see). A carrier's own file only reads and writes.
 
+pub mod files;
 pub mod framing;
 pub mod legacy;
 pub mod native;
@@ -14,13 +15,13 @@ pub mod websocket;
 pub mod ws;
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore, mpsc};
 
 use crate::auth::Authenticator;
-use crate::core::{ClientId, Command, CoreConfig, Event, Hello, Reject, SessionName};
+use crate::core::{ClientId, Command, ConnId, CoreConfig, Event, Hello, Reject, SessionName};
 use crate::driver::{DriverGone, DriverHandle};
 use crate::store::{PushToken, Store};
 
@@ -35,6 +36,8 @@ pub enum Outbound {
     Pong(u64),
     /// Answer to a `RegisterPushToken`.
     PushTokenRegistered(u64),
+    /// A file upload multiplexed on this connection (WebSocket) reached every receiver.
+    FileAccepted(crate::core::MessageId),
     /// Send the refusal, then close the connection.
     Close(Reject),
 }
@@ -60,6 +63,8 @@ impl Outbound {
 pub struct ConnTx {
     pub tx: mpsc::Sender<Outbound>,
     pub kick: Arc<Notify>,
+    /// Where files for this connection go (see [`files`]).
+    pub files: files::FilePort,
 }
 
 /// Limits every carrier applies to its connections.
@@ -107,19 +112,23 @@ pub struct Link {
     legacy_only: bool,
     tx: mpsc::Sender<Outbound>,
     kick: Arc<Notify>,
-    conn: Option<crate::core::ConnId>,
+    files: files::FilePort,
+    /// Set once `Hello` succeeds; shared with the carrier's file-stream tasks.
+    conn_cell: Arc<OnceLock<ConnId>>,
+    conn: Option<ConnId>,
     session: Option<SessionName>,
     publish_slots: Arc<Semaphore>,
 }
 
 impl Link {
-    /// `tx` is the connection's outbound queue; `legacy_only` marks connections that
-    /// can only read `LEGACY_JSON` payloads.
+    /// `tx` is the connection's outbound queue and `files` its file port; `legacy_only`
+    /// marks connections that can only read `LEGACY_JSON` payloads.
     pub fn new(
         ctx: Arc<LinkContext>,
         peer: IpAddr,
         legacy_only: bool,
         tx: mpsc::Sender<Outbound>,
+        files: files::FilePort,
     ) -> Self {
         let slots = Arc::new(Semaphore::new(ctx.limits.max_pending_publishes));
         Self {
@@ -128,6 +137,8 @@ impl Link {
             legacy_only,
             tx,
             kick: Arc::new(Notify::new()),
+            files,
+            conn_cell: Arc::new(OnceLock::new()),
             conn: None,
             session: None,
             publish_slots: slots,
@@ -137,6 +148,21 @@ impl Link {
     /// Whether `Hello` succeeded.
     pub fn is_attached(&self) -> bool {
         self.conn.is_some()
+    }
+
+    /// The connection's id once `Hello` succeeded (for tasks that outlive a borrow).
+    pub fn conn_cell(&self) -> Arc<OnceLock<ConnId>> {
+        self.conn_cell.clone()
+    }
+
+    /// The connection's id, if `Hello` succeeded.
+    pub fn conn_id(&self) -> Option<ConnId> {
+        self.conn
+    }
+
+    /// The driver, for carriers that start file transfers.
+    pub fn driver(&self) -> &DriverHandle {
+        &self.ctx.driver
     }
 
     /// Notified when the broker drops this connection for not reading its queue.
@@ -174,6 +200,11 @@ impl Link {
             message_id: refused.message_id,
         }))
         .await;
+    }
+
+    /// Tells the client its multiplexed file upload was delivered.
+    pub async fn file_accepted(&self, file_id: crate::core::MessageId) {
+        self.out(Outbound::FileAccepted(file_id)).await;
     }
 
     /// Sends `reject` and closes the connection (broken framing, Hello timeout).
@@ -281,6 +312,7 @@ impl Link {
         let conn = self.ctx.driver.next_conn_id();
         tracing::debug!(conn = conn.0, peer = %self.peer, session = %hello.session, client = %client_id, "connected");
         self.conn = Some(conn);
+        let _ = self.conn_cell.set(conn);
         self.session = Some(hello.session.clone());
         let hello = Hello {
             conn,
@@ -294,6 +326,7 @@ impl Link {
         let conn_tx = ConnTx {
             tx: self.tx.clone(),
             kick: self.kick.clone(),
+            files: self.files.clone(),
         };
         self.ctx.driver.attach(hello, conn_tx).await
     }

@@ -91,6 +91,9 @@ pub fn server_frame(out: &Outbound) -> ServerFrame {
                 request_id: *request_id,
             })
         }
+        Outbound::FileAccepted(file_id) => Kind::FileAccepted(proto::FileAccepted {
+            file_id: Bytes::copy_from_slice(file_id.as_bytes()),
+        }),
         Outbound::Close(reject) => error_frame(reject, 0, None),
     };
     ServerFrame { kind: Some(kind) }

@@ -5,9 +5,10 @@
 //! negotiated ALPN, so browser WebTransport (ALPN `h3`) can share the UDP port later
 //! without the core knowing.
 
+use std::collections::HashMap;
 use std::net::UdpSocket;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -16,9 +17,11 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
 
-use crate::core::Reject;
-use crate::proto::ClientFrame;
+use crate::core::{ConnId, Event, MessageId, Reject};
+use crate::driver::DriverHandle;
+use crate::proto::{self, ClientFrame, ServerFrame, client_frame, server_frame};
 
+use super::files::{self, FILE_PORT_CAPACITY, FileItem, FileMeta, Upload};
 use super::framing::{self, FrameDecoder};
 use super::{Link, LinkContext, Outbound, Request, native};
 
@@ -144,7 +147,10 @@ async fn serve_native(conn: Connection, ctx: Arc<LinkContext>) {
     };
     let capacity = ctx.limits.outbound_capacity(ctx.driver.core_config());
     let (tx, rx) = mpsc::channel(capacity);
-    let mut link = Link::new(ctx, peer.ip(), false, tx);
+    let (files_tx, files_rx) = mpsc::channel(FILE_PORT_CAPACITY);
+    let max_frame = ctx.limits.max_frame;
+    let driver = ctx.driver.clone();
+    let mut link = Link::new(ctx, peer.ip(), false, tx, files_tx);
     let writer = tokio::spawn(write_control(
         conn.clone(),
         send,
@@ -152,7 +158,13 @@ async fn serve_native(conn: Connection, ctx: Arc<LinkContext>) {
         link.publish_slots(),
         link.kick(),
     ));
-    tokio::spawn(refuse_extra_streams(conn.clone()));
+    tokio::spawn(write_files(conn.clone(), files_rx));
+    tokio::spawn(accept_uploads(
+        conn.clone(),
+        driver,
+        link.conn_cell(),
+        max_frame,
+    ));
 
     read_control(&mut link, recv, hello_deadline).await;
     link.close().await;
@@ -274,15 +286,168 @@ async fn pump(
     None
 }
 
-/// File transfers (their own bidirectional streams) are not supported by this broker
-/// version: each such stream gets an `Error` and is finished.
-async fn refuse_extra_streams(conn: Connection) {
-    while let Ok((mut send, _recv)) = conn.accept_bi().await {
-        let reject =
-            Reject::InvalidFrame("file transfers are not supported by this broker version".into());
-        let mut buf = BytesMut::new();
-        framing::encode_frame(&native::server_frame(&Outbound::Close(reject)), &mut buf);
-        let _ = send.write_all(&buf).await;
-        let _ = send.finish();
+/// Frames read from one QUIC stream.
+struct StreamFrames {
+    recv: RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl StreamFrames {
+    fn new(recv: RecvStream, max_frame: usize) -> Self {
+        Self {
+            recv,
+            decoder: FrameDecoder::new(max_frame),
+        }
+    }
+
+    /// The next frame; `Ok(None)` when the stream ends (or breaks) between frames.
+    async fn next(&mut self) -> Result<Option<ClientFrame>, Reject> {
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(bytes)) => {
+                    return framing::decode(bytes)
+                        .map(Some)
+                        .map_err(|e| Reject::InvalidFrame(e.to_string()));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Reject::InvalidFrame(e.to_string())),
+            }
+            match self.recv.read_chunk(WRITE_COALESCE, true).await {
+                Ok(Some(chunk)) => self.decoder.extend(&chunk.bytes),
+                Ok(None) | Err(_) => return Ok(None),
+            }
+        }
+    }
+}
+
+/// Every bidirectional stream after the control stream is one file upload.
+async fn accept_uploads(
+    conn: Connection,
+    driver: DriverHandle,
+    conn_id: Arc<OnceLock<ConnId>>,
+    max_frame: usize,
+) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(serve_upload(
+            send,
+            StreamFrames::new(recv, max_frame),
+            driver.clone(),
+            conn_id.clone(),
+        ));
+    }
+}
+
+async fn reply(send: &mut SendStream, kind: server_frame::Kind) {
+    let frame = ServerFrame { kind: Some(kind) };
+    let _ = send.write_chunk(files::encode(&frame)).await;
+    let _ = send.finish();
+}
+
+async fn refuse_upload(send: &mut SendStream, reject: Reject, file_id: Option<MessageId>) {
+    let item = Outbound::Event(Event::Error {
+        reject,
+        request_id: 0,
+        message_id: file_id,
+    });
+    if let Some(kind) = native::server_frame(&item).kind {
+        reply(send, kind).await;
+    }
+}
+
+/// One file upload: `FileHeader`, chunks, `FileEnd` in; `FileAccepted` or `Error` out.
+async fn serve_upload(
+    mut send: SendStream,
+    mut frames: StreamFrames,
+    driver: DriverHandle,
+    conn_id: Arc<OnceLock<ConnId>>,
+) {
+    let Some(conn) = conn_id.get().copied() else {
+        return refuse_upload(&mut send, Reject::NotAuthenticated, None).await;
+    };
+    let header = match tokio::time::timeout(Duration::from_secs(10), frames.next()).await {
+        Ok(Ok(Some(ClientFrame {
+            kind: Some(client_frame::Kind::FileHeader(h)),
+        }))) => h,
+        Ok(Ok(None)) => return,
+        _ => {
+            let reject = Reject::InvalidFrame("a file stream starts with FileHeader".into());
+            return refuse_upload(&mut send, reject, None).await;
+        }
+    };
+    let meta = match FileMeta::from_header(header) {
+        Ok(meta) => meta,
+        Err(refused) => return refuse_upload(&mut send, refused.reject, refused.message_id).await,
+    };
+    let file_id = meta.file_id;
+    let mut upload = match Upload::open(&driver, conn, meta).await {
+        Ok(upload) => upload,
+        Err(reject) => return refuse_upload(&mut send, reject, Some(file_id)).await,
+    };
+    loop {
+        match frames.next().await {
+            Ok(Some(ClientFrame {
+                kind: Some(client_frame::Kind::FileChunk(chunk)),
+            })) => {
+                if let Err(reject) = upload.chunk(chunk.index, chunk.payload).await {
+                    return refuse_upload(&mut send, reject, Some(file_id)).await;
+                }
+            }
+            Ok(Some(ClientFrame {
+                kind: Some(client_frame::Kind::FileEnd(end)),
+            })) => {
+                upload.finish(end.sha256, end.mac).await;
+                let accepted = proto::FileAccepted {
+                    file_id: bytes::Bytes::copy_from_slice(file_id.as_bytes()),
+                };
+                return reply(&mut send, server_frame::Kind::FileAccepted(accepted)).await;
+            }
+            Ok(Some(_)) => {
+                let reject =
+                    Reject::InvalidFrame("expected FileChunk or FileEnd on a file stream".into());
+                return refuse_upload(&mut send, reject, Some(file_id)).await;
+            }
+            // The sender went away before FileEnd: dropping the upload aborts it.
+            Ok(None) => return,
+            Err(reject) => return refuse_upload(&mut send, reject, Some(file_id)).await,
+        }
+    }
+}
+
+/// Writes this connection's incoming files, one unidirectional stream each.
+async fn write_files(conn: Connection, mut port: mpsc::Receiver<FileItem>) {
+    let mut streams: HashMap<MessageId, SendStream> = HashMap::new();
+    while let Some(item) = port.recv().await {
+        let bytes = files::encode(&files::server_frame(&item));
+        match item {
+            FileItem::Header(meta) => {
+                let Ok(mut stream) = conn.open_uni().await else {
+                    return; // the connection is gone; senders notice the closed port
+                };
+                if stream.write_chunk(bytes).await.is_ok() {
+                    streams.insert(meta.file_id, stream);
+                }
+            }
+            FileItem::Chunk { file_id, .. } => {
+                if let Some(stream) = streams.get_mut(&file_id)
+                    && stream.write_chunk(bytes).await.is_err()
+                {
+                    streams.remove(&file_id);
+                }
+            }
+            FileItem::End {
+                file_id, written, ..
+            } => {
+                if let Some(mut stream) = streams.remove(&file_id) {
+                    let _ = stream.write_chunk(bytes).await;
+                    let _ = stream.finish();
+                }
+                let _ = written.send(());
+            }
+            FileItem::Abort { file_id } => {
+                if let Some(mut stream) = streams.remove(&file_id) {
+                    let _ = stream.reset(VarInt::from_u32(Reject::Internal("").code() as u32));
+                }
+            }
+        }
     }
 }

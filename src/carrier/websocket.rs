@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::core::Reject;
 
 use super::Outbound;
+use super::files::FileItem;
 
 /// Interval of the broker's pings.
 pub const PING_INTERVAL: Duration = Duration::from_secs(20);
@@ -59,13 +60,18 @@ pub fn close_message(code: u16, reason: &str) -> Message {
 pub trait Encoder: Send + 'static {
     /// The messages for one item (none if the carrier has no way to say it).
     fn encode(&mut self, item: &Outbound) -> Vec<Message>;
+
+    /// The messages for one item of the connection's file port.
+    fn encode_file(&mut self, item: &FileItem) -> Vec<Message>;
 }
 
-/// Writes the outbound queue to the socket until the queue ends, a `Close` is written,
-/// or the broker kicks the connection. Pings every [`PING_INTERVAL`].
+/// Writes the outbound queue and the file port to the socket until the queue ends, a
+/// `Close` is written, or the broker kicks the connection. Pings every
+/// [`PING_INTERVAL`].
 pub async fn write_loop<E: Encoder>(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outbound>,
+    mut files: mpsc::Receiver<FileItem>,
     mut encoder: E,
     publish_slots: Arc<Semaphore>,
     kick: Arc<Notify>,
@@ -73,6 +79,18 @@ pub async fn write_loop<E: Encoder>(
     let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
     loop {
         tokio::select! {
+            Some(item) = files.recv() => {
+                let mut failed = false;
+                for message in encoder.encode_file(&item) {
+                    failed |= sink.send(message).await.is_err();
+                }
+                if failed {
+                    break;
+                }
+                if let FileItem::End { written, .. } = item {
+                    let _ = written.send(());
+                }
+            }
             item = rx.recv() => {
                 let Some(item) = item else {
                     let _ = sink.send(close_message(close::NORMAL, "bye")).await;

@@ -1,7 +1,9 @@
 //! Protobuf over WebSocket (`/v1/ws`): the native frames, one per binary message, with
 //! no length prefix — for clients that cannot use QUIC (browsers without WebTransport,
-//! networks that block UDP). Same requests, same answers as the QUIC control stream.
+//! networks that block UDP). Same requests, same answers as the QUIC control stream;
+//! file transfers are multiplexed on the connection by `file_id` (design §3).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,9 +14,11 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::core::Reject;
-use crate::proto::ClientFrame;
+use crate::core::{MessageId, Reject};
+use crate::proto::{self, ClientFrame, ServerFrame, client_frame::Kind};
 
+use super::files::{self, FILE_PORT_CAPACITY, FileItem, FileMeta, Upload};
+use super::request::Refused;
 use super::websocket::{self, Encoder, IDLE_TIMEOUT, Incoming};
 use super::{Link, LinkContext, Outbound, Request, native};
 
@@ -24,16 +28,19 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     let capacity = ctx.limits.outbound_capacity(ctx.driver.core_config());
     let hello_timeout = ctx.limits.hello_timeout;
     let (tx, rx) = mpsc::channel(capacity);
-    let mut link = Link::new(ctx, peer.ip(), false, tx);
+    let (files_tx, files_rx) = mpsc::channel(FILE_PORT_CAPACITY);
+    let mut link = Link::new(ctx, peer.ip(), false, tx, files_tx);
     let writer = tokio::spawn(websocket::write_loop(
         sink,
         rx,
+        files_rx,
         NativeEncoder,
         link.publish_slots(),
         link.kick(),
     ));
 
     let hello_deadline = Instant::now() + hello_timeout;
+    let mut uploads = Uploads::default();
     loop {
         let deadline = if link.is_attached() {
             Instant::now() + IDLE_TIMEOUT
@@ -74,6 +81,10 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
                 break;
             }
         };
+        let frame = match uploads.take(&mut link, frame).await {
+            Some(frame) => frame,
+            None => continue,
+        };
         let outcome = match Request::try_from(frame) {
             Ok(request) => link.handle(request).await,
             Err(refused) => {
@@ -91,15 +102,109 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     let _ = writer.await;
 }
 
+/// Most file uploads multiplexed on one connection at a time.
+const MAX_UPLOADS: usize = 16;
+
+/// File uploads multiplexed on this connection by `file_id`.
+#[derive(Default)]
+struct Uploads {
+    open: HashMap<MessageId, Upload>,
+}
+
+impl Uploads {
+    /// Handles file frames; gives any other frame back.
+    async fn take(&mut self, link: &mut Link, frame: ClientFrame) -> Option<ClientFrame> {
+        let result = match frame.kind {
+            Some(Kind::FileHeader(header)) => self.open(link, header).await,
+            Some(Kind::FileChunk(chunk)) => self.chunk(chunk).await,
+            Some(Kind::FileEnd(end)) => self.end(link, end).await,
+            kind => return Some(ClientFrame { kind }),
+        };
+        if let Err(refused) = result {
+            if let Some(id) = refused.message_id {
+                self.open.remove(&id); // dropping it aborts the transfer
+            }
+            link.refuse(refused).await;
+        }
+        None
+    }
+
+    async fn open(&mut self, link: &mut Link, header: proto::FileHeader) -> Result<(), Refused> {
+        let meta = FileMeta::from_header(header)?;
+        let file_id = meta.file_id;
+        let refused = |reject| Refused {
+            reject,
+            request_id: 0,
+            message_id: Some(file_id),
+        };
+        let Some(conn) = link.conn_id() else {
+            return Err(refused(Reject::NotAuthenticated));
+        };
+        if self.open.len() >= MAX_UPLOADS {
+            return Err(refused(Reject::LimitExceeded(
+                "too many file uploads at once",
+            )));
+        }
+        if self.open.contains_key(&file_id) {
+            return Err(refused(Reject::Replayed));
+        }
+        let upload = Upload::open(link.driver(), conn, meta)
+            .await
+            .map_err(refused)?;
+        self.open.insert(file_id, upload);
+        Ok(())
+    }
+
+    fn upload(&mut self, raw_id: &[u8]) -> Result<(MessageId, &mut Upload), Refused> {
+        let id = MessageId::from_slice(raw_id).map_err(|e| Refused::new(e.into()))?;
+        match self.open.get_mut(&id) {
+            Some(upload) => Ok((id, upload)),
+            None => Err(Refused {
+                reject: Reject::NotFound(format!("no open file upload {id}")),
+                request_id: 0,
+                message_id: Some(id),
+            }),
+        }
+    }
+
+    async fn chunk(&mut self, chunk: proto::FileChunk) -> Result<(), Refused> {
+        let (id, upload) = self.upload(&chunk.file_id)?;
+        upload
+            .chunk(chunk.index, chunk.payload)
+            .await
+            .map_err(|reject| Refused {
+                reject,
+                request_id: 0,
+                message_id: Some(id),
+            })
+    }
+
+    async fn end(&mut self, link: &mut Link, end: proto::FileEnd) -> Result<(), Refused> {
+        let (id, _) = self.upload(&end.file_id)?;
+        if let Some(upload) = self.open.remove(&id) {
+            upload.finish(end.sha256, end.mac).await;
+            link.file_accepted(id).await;
+        }
+        Ok(())
+    }
+}
+
 /// One `ServerFrame` per binary message.
 struct NativeEncoder;
 
+fn binary(frame: ServerFrame) -> Message {
+    let mut buf = BytesMut::with_capacity(frame.encoded_len());
+    // Encoding into a growable buffer cannot fail.
+    let _ = frame.encode(&mut buf);
+    Message::Binary(buf.freeze())
+}
+
 impl Encoder for NativeEncoder {
     fn encode(&mut self, item: &Outbound) -> Vec<Message> {
-        let frame = native::server_frame(item);
-        let mut buf = BytesMut::with_capacity(frame.encoded_len());
-        // Encoding into a growable buffer cannot fail.
-        let _ = frame.encode(&mut buf);
-        vec![Message::Binary(buf.freeze())]
+        vec![binary(native::server_frame(item))]
+    }
+
+    fn encode_file(&mut self, item: &FileItem) -> Vec<Message> {
+        vec![binary(files::server_frame(item))]
     }
 }

@@ -21,6 +21,7 @@
 //! key: the broker routes ciphertext it cannot read.
 
 pub mod crypto;
+mod files;
 mod session;
 pub mod transport;
 
@@ -36,6 +37,7 @@ use crate::core::NameError;
 use crate::proto::{ErrorCode, PayloadFormat, PubAckStatus};
 
 pub use crypto::{CryptoError, SessionKey};
+pub use files::{CHUNK_SIZE, FileReceipt, IncomingFile};
 pub use transport::BrokerUrl;
 
 /// How a client connects.
@@ -242,6 +244,25 @@ enum Request {
         id: u64,
         reply: oneshot::Sender<Result<(), ClientError>>,
     },
+    SubscribeFiles {
+        filter: String,
+        sink: mpsc::Sender<IncomingFile>,
+        reply: oneshot::Sender<Result<u64, ClientError>>,
+    },
+    /// Where to send the next file (its own QUIC stream, or the WebSocket).
+    BeginFile {
+        reply: oneshot::Sender<Result<files::FileStart, ClientError>>,
+    },
+    /// A file frame multiplexed on the WebSocket control channel.
+    FileFrame(crate::proto::ClientFrame),
+    /// The last frame of a multiplexed file; `reply` gets the broker's answer.
+    FileEnd {
+        frame: crate::proto::ClientFrame,
+        file_id: [u8; 16],
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    /// A received file was verified: acknowledge it.
+    AckFile([u8; 16]),
     Close,
 }
 
@@ -341,6 +362,46 @@ impl Client {
         })
     }
 
+    /// Sends a file to `topic`, sealed as `NATIVE_V1` chunk by chunk (its name too), and
+    /// resolves once every online subscriber has it. `size` is the number of bytes
+    /// `data` yields.
+    pub async fn send_file(
+        &self,
+        topic: &str,
+        name: &str,
+        data: impl tokio::io::AsyncRead + Unpin,
+        size: u64,
+    ) -> Result<FileReceipt, ClientError> {
+        let start = self.call(|reply| Request::BeginFile { reply }).await?;
+        files::upload(start, topic, name, data, size, PayloadFormat::NativeV1).await
+    }
+
+    /// Sends a file the legacy Dart clients can read (`LEGACY_JSON`: plain name,
+    /// chunks sealed with the raw key).
+    pub async fn send_file_legacy(
+        &self,
+        topic: &str,
+        name: &str,
+        data: impl tokio::io::AsyncRead + Unpin,
+        size: u64,
+    ) -> Result<FileReceipt, ClientError> {
+        let start = self.call(|reply| Request::BeginFile { reply }).await?;
+        files::upload(start, topic, name, data, size, PayloadFormat::LegacyJson).await
+    }
+
+    /// Receives the files published to topics matching `filter`.
+    pub async fn subscribe_files(&self, filter: &str) -> Result<FileSubscription, ClientError> {
+        let (sink, rx) = mpsc::channel(16);
+        let filter = filter.to_owned();
+        self.call(|reply| Request::SubscribeFiles {
+            filter,
+            sink,
+            reply,
+        })
+        .await?;
+        Ok(FileSubscription { rx })
+    }
+
     /// What the broker said at the last `Welcome`.
     pub fn session_info(&self) -> SessionInfo {
         self.info.borrow().clone()
@@ -385,6 +446,18 @@ impl Subscription {
             .await
             .map_err(|_| ClientError::Closed)?;
         rx.await.map_err(|_| ClientError::Closed)?
+    }
+}
+
+/// Incoming files for one filter.
+pub struct FileSubscription {
+    rx: mpsc::Receiver<IncomingFile>,
+}
+
+impl FileSubscription {
+    /// The next file; read its chunks before (or while) waiting for the next one.
+    pub async fn next(&mut self) -> Option<IncomingFile> {
+        self.rx.recv().await
     }
 }
 

@@ -16,6 +16,7 @@ use crate::proto::{
 };
 
 use super::crypto::{MessageContext, SealingKeys};
+use super::files::{self, FilePart, FileStart, FileSubs, Opener};
 use super::transport::{BrokerUrl, Control, ControlWriter, Dialer};
 use super::{
     ClientConfig, ClientError, Message, PubAck, PublishStatus, Request, SessionInfo,
@@ -90,6 +91,15 @@ struct State {
     orphans: VecDeque<Message>,
     /// Acks for orphans handed over since the last write.
     ack_later: Vec<[u8; 16]>,
+    /// File subscriptions, shared with the tasks that receive files.
+    file_subs: FileSubs,
+    /// Multiplexed (WebSocket) uploads waiting for `FileAccepted`.
+    uploads: HashMap<[u8; 16], oneshot::Sender<Result<(), ClientError>>>,
+    /// Multiplexed (WebSocket) incoming files, by id.
+    incoming: HashMap<[u8; 16], mpsc::Sender<FilePart>>,
+    /// This task's own request queue, for the pieces it spawns (weak, so the task
+    /// still ends when the last `Client` is dropped).
+    requests: mpsc::WeakSender<Request>,
 }
 
 pub(super) async fn start(
@@ -119,11 +129,16 @@ pub(super) async fn start(
         seen_order: VecDeque::new(),
         orphans: VecDeque::new(),
         ack_later: Vec::new(),
+        file_subs: FileSubs::default(),
+        uploads: HashMap::new(),
+        incoming: HashMap::new(),
+        requests: mpsc::channel(1).0.downgrade(),
         config,
     };
+    let (tx, rx) = mpsc::channel(256);
+    state.requests = tx.downgrade();
     let clean = state.config.clean;
     let live = state.connect(&mut dialer, clean).await?;
-    let (tx, rx) = mpsc::channel(256);
     tokio::spawn(state.run(dialer, live, rx));
     Ok((tx, info_rx))
 }
@@ -177,6 +192,9 @@ impl State {
                     info.replay_window_ms = w.replay_window_ms;
                     info.connections += 1;
                 });
+                if let Some(conn) = writer.quic_connection() {
+                    tokio::spawn(files::accept_quic_files(conn.clone(), self.opener()));
+                }
                 Ok(Live { writer, frames })
             }
             Some(server_frame::Kind::Error(e)) => Err(refused(&e)),
@@ -328,6 +346,20 @@ impl State {
         live.writer.flush().await
     }
 
+    fn opener(&self) -> Opener {
+        Opener {
+            session: self.session.clone(),
+            keys: self.keys.clone(),
+            subs: self.file_subs.clone(),
+            requests: self.requests.clone(),
+        }
+    }
+
+    /// Whether the broker already has a subscription for `filter` from this client.
+    fn subscribed(&self, filter: &TopicFilter) -> bool {
+        self.subs.values().any(|s| s.filter == *filter) || self.file_subs.filters().contains(filter)
+    }
+
     fn request_id(&mut self) -> u64 {
         self.next_request_id += 1;
         self.next_request_id
@@ -465,6 +497,104 @@ impl State {
                     }
                 }
             }
+            Request::SubscribeFiles {
+                filter,
+                sink,
+                reply,
+            } => {
+                let filter = match TopicFilter::parse(&filter) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let id = self.next_sub_id;
+                self.next_sub_id += 1;
+                let already = self.subscribed(&filter);
+                self.file_subs.add(id, filter.clone(), sink);
+                match writer {
+                    Some(w) if !already => {
+                        let request_id = self.request_id();
+                        self.subscribing.insert(request_id, (id, Some(reply)));
+                        w.push(&subscribe_frame(
+                            request_id,
+                            &filter,
+                            SubscribeOptions::default(),
+                        ));
+                    }
+                    _ => {
+                        let _ = reply.send(Ok(id));
+                    }
+                }
+            }
+            Request::BeginFile { reply } => {
+                let start = |sink| FileStart {
+                    sink,
+                    session: self.session.clone(),
+                    keys: self.keys.clone(),
+                    timestamp_ms: self.server_now(),
+                };
+                match writer.as_deref().map(ControlWriter::quic_connection) {
+                    None => {
+                        let _ = reply.send(Err(ClientError::Connect(
+                            "not connected; retry the file".into(),
+                        )));
+                    }
+                    Some(Some(conn)) => {
+                        // Opening a stream may wait for the broker's stream limit:
+                        // not on this task.
+                        let conn = conn.clone();
+                        let pending = start(files::FileSink::Multiplexed {
+                            requests: mpsc::channel(1).0,
+                        });
+                        tokio::spawn(async move {
+                            let answer = match conn.open_bi().await {
+                                Ok((send, recv)) => Ok(FileStart {
+                                    sink: files::FileSink::Quic { send, recv },
+                                    ..pending
+                                }),
+                                Err(e) => Err(ClientError::Connect(e.to_string())),
+                            };
+                            let _ = reply.send(answer);
+                        });
+                    }
+                    Some(None) => {
+                        let answer = match self.requests.upgrade() {
+                            Some(requests) => Ok(start(files::FileSink::Multiplexed { requests })),
+                            None => Err(ClientError::Closed),
+                        };
+                        let _ = reply.send(answer);
+                    }
+                }
+            }
+            Request::FileFrame(frame) => {
+                if let Some(w) = writer {
+                    w.push(&frame);
+                }
+            }
+            Request::FileEnd {
+                frame,
+                file_id,
+                reply,
+            } => match writer {
+                Some(w) => {
+                    w.push(&frame);
+                    self.uploads.insert(file_id, reply);
+                }
+                None => {
+                    let _ = reply.send(Err(ClientError::Connect(
+                        "connection lost during the upload".into(),
+                    )));
+                }
+            },
+            Request::AckFile(id) => {
+                if let Some(w) = writer {
+                    w.push(&frame(client_frame::Kind::Ack(proto::Ack {
+                        message_id: Bytes::copy_from_slice(&id),
+                    })));
+                }
+            }
             Request::Close => {}
         }
     }
@@ -501,14 +631,56 @@ impl State {
                     let _ = reply.send(Ok(()));
                 }
             }
-            server_frame::Kind::Error(e) => return self.on_error(e),
+            server_frame::Kind::Error(e) => return self.on_error(e).await,
+            server_frame::Kind::FileAccepted(a) => {
+                if let Ok(id) = <[u8; 16]>::try_from(&a.file_id[..])
+                    && let Some(reply) = self.uploads.remove(&id)
+                {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            server_frame::Kind::FileHeader(h) => {
+                let Ok(id) = <[u8; 16]>::try_from(&h.file_id[..]) else {
+                    return Ok(());
+                };
+                let (tx, rx) = mpsc::channel(8);
+                tokio::spawn(files::receive(self.opener(), rx));
+                if tx.send(FilePart::Header(h)).await.is_ok() {
+                    self.incoming.insert(id, tx);
+                }
+            }
+            server_frame::Kind::FileChunk(c) => {
+                if let Ok(id) = <[u8; 16]>::try_from(&c.file_id[..])
+                    && let Some(tx) = self.incoming.get(&id)
+                    && tx.send(FilePart::Chunk(c)).await.is_err()
+                {
+                    self.incoming.remove(&id);
+                }
+            }
+            server_frame::Kind::FileEnd(e) => {
+                if let Ok(id) = <[u8; 16]>::try_from(&e.file_id[..])
+                    && let Some(tx) = self.incoming.remove(&id)
+                {
+                    let _ = tx.send(FilePart::End(e)).await;
+                }
+            }
             other => tracing::trace!(frame = ?other, "ignored frame"),
         }
         Ok(())
     }
 
-    fn on_error(&mut self, e: proto::Error) -> Result<(), ClientError> {
+    async fn on_error(&mut self, e: proto::Error) -> Result<(), ClientError> {
         let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+        if let Ok(id) = <[u8; 16]>::try_from(&e.message_id[..]) {
+            if let Some(reply) = self.uploads.remove(&id) {
+                let _ = reply.send(Err(refused(&e)));
+                return Ok(());
+            }
+            if let Some(tx) = self.incoming.remove(&id) {
+                let _ = tx.send(FilePart::Aborted(e.message)).await;
+                return Ok(());
+            }
+        }
         if let Ok(id) = <[u8; 16]>::try_from(&e.message_id[..])
             && let Some(p) = self.publishes.remove(&id)
         {
@@ -670,6 +842,9 @@ impl State {
             }
         }
         for (_, reply) in self.unsubscribing.drain() {
+            let _ = reply.send(Err(error.clone()));
+        }
+        for (_, reply) in self.uploads.drain() {
             let _ = reply.send(Err(error.clone()));
         }
         self.subs.clear();

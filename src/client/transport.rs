@@ -330,6 +330,14 @@ impl ControlWriter {
         self.flush().await
     }
 
+    /// The QUIC connection under this channel, if it is one.
+    pub fn quic_connection(&self) -> Option<&Connection> {
+        match self {
+            ControlWriter::Quic { conn, .. } => Some(conn),
+            ControlWriter::WebSocket { .. } => None,
+        }
+    }
+
     /// Closes the channel (and its QUIC connection).
     pub async fn close(&mut self) {
         match self {

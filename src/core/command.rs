@@ -59,6 +59,17 @@ pub struct Publish {
     pub format: PayloadFormat,
 }
 
+/// A file a client wants to send (its `FileHeader`, as far as the core cares).
+#[derive(Debug, Clone)]
+pub struct FileOffer {
+    pub file_id: MessageId,
+    pub topic: TopicName,
+    pub timestamp_ms: Millis,
+    pub format: PayloadFormat,
+    /// Declared plaintext size (carriers enforce the limit on the bytes that arrive).
+    pub size: u64,
+}
+
 /// Everything that can happen to the core, from a carrier or the driver.
 #[derive(Debug, Clone)]
 pub enum Command {

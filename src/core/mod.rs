@@ -29,6 +29,7 @@
 mod command;
 mod delivery;
 mod error;
+mod files;
 mod replay;
 mod router;
 mod session;
@@ -45,8 +46,8 @@ use bytes::Bytes;
 use crate::proto::{PresenceEvent, PubAckStatus};
 
 pub use command::{
-    BacklogRequest, Command, Event, Hello, Message, Output, Publish, Restore, StoreBatch, StoreOp,
-    StoredCopy,
+    BacklogRequest, Command, Event, FileOffer, Hello, Message, Output, Publish, Restore,
+    StoreBatch, StoreOp, StoredCopy,
 };
 pub use error::Reject;
 pub use replay::ReplayGuard;
@@ -82,6 +83,8 @@ pub struct CoreConfig {
     pub max_subscriptions: usize,
     /// Most entries in a session's key directory.
     pub max_keys: usize,
+    /// Largest file accepted, in bytes.
+    pub max_file_bytes: u64,
 }
 
 impl Default for CoreConfig {
@@ -95,6 +98,7 @@ impl Default for CoreConfig {
             replay_capacity: 4_000_000,
             max_subscriptions: 1_000,
             max_keys: 10_000,
+            max_file_bytes: 4 << 30,
         }
     }
 }

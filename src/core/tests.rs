@@ -730,3 +730,57 @@ fn key_directory_round_trip() {
     });
     assert!(matches!(p.error(alice), Reject::InvalidFrame(_)));
 }
+
+#[test]
+fn files_go_to_online_subscribers_once_and_legacy_only_to_legacy() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let sender = p.connect(&s, "sender");
+    let native = p.connect(&s, "native");
+    let dart = p.connect_with(&s, "dart", false, true);
+    let offline = p.connect(&s, "offline");
+    p.subscribe(native, "files/#", false);
+    p.subscribe(native, "files/+", false);
+    p.subscribe(dart, "files/#", false);
+    p.subscribe(offline, "files/#", true);
+    p.cmd(Command::Disconnected { conn: offline });
+
+    let offer = |id: u8, format| FileOffer {
+        file_id: MessageId([id; 16]),
+        topic: TopicName::parse("files/a").expect("valid"),
+        timestamp_ms: T0,
+        format,
+        size: 10,
+    };
+    let receivers = p
+        .core
+        .open_file(p.now, sender, &offer(1, PayloadFormat::NativeV1))
+        .expect("admitted");
+    assert_eq!(
+        receivers,
+        vec![native],
+        "once per connection, online only, no legacy"
+    );
+    let receivers = p
+        .core
+        .open_file(p.now, sender, &offer(2, PayloadFormat::LegacyJson))
+        .expect("admitted");
+    assert_eq!(receivers, vec![native, dart]);
+
+    assert_eq!(
+        p.core
+            .open_file(p.now, sender, &offer(1, PayloadFormat::NativeV1)),
+        Err(Reject::Replayed)
+    );
+    let mut big = offer(3, PayloadFormat::NativeV1);
+    big.size = p.core.config().max_file_bytes + 1;
+    assert!(matches!(
+        p.core.open_file(p.now, sender, &big),
+        Err(Reject::PayloadTooLarge { .. })
+    ));
+    assert_eq!(
+        p.core
+            .open_file(p.now, ConnId(999), &offer(4, PayloadFormat::NativeV1)),
+        Err(Reject::NotAuthenticated)
+    );
+}

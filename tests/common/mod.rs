@@ -2,6 +2,8 @@
 //! a temporary directory, a raw frame-level client, and timeouts on everything.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod dart;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

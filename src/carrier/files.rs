@@ -1,0 +1,329 @@
+//! File transfers in the carrier layer: the bytes never reach the core.
+//!
+//! The sender's carrier parses the `FileHeader`, asks the core (through the driver)
+//! to admit the file and name its receivers, then pipes each chunk to every receiver's
+//! *file port*: a small bounded queue that the receiver's carrier drains onto its own
+//! wire (a QUIC unidirectional stream per file, `/v1/ws` binary frames, or the legacy
+//! `init_file`/binary/`end_file` frames). Awaiting those queues is the end-to-end flow
+//! control: a slow receiver slows the sender, and memory per transfer stays at a few
+//! chunks. A receiver that stalls past [`RECEIVER_STALL`] is dropped from the transfer
+//! so it cannot hold the others back.
+//!
+//! Files go to the receivers online when the transfer starts; they are not spooled for
+//! offline or durable subscribers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::core::{ConnId, FileOffer, MessageId, Millis, Reject, TopicName};
+use crate::driver::DriverHandle;
+use crate::proto::{self, PayloadFormat, ServerFrame, server_frame};
+
+use super::framing;
+use super::request::{Refused, parse_format};
+
+/// Chunks queued per receiver.
+pub const FILE_PORT_CAPACITY: usize = 16;
+/// How long one receiver may block a transfer before it is dropped from it.
+pub const RECEIVER_STALL: Duration = Duration::from_secs(30);
+/// Ciphertext overhead allowed per chunk on top of the plaintext (version, IV,
+/// padding, tag).
+const CHUNK_OVERHEAD: u64 = 1 + 16 + 16 + 32;
+
+/// What the broker knows of a file: its `FileHeader`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileMeta {
+    pub file_id: MessageId,
+    pub topic: TopicName,
+    /// Sealed (`NATIVE_V1`) or, for legacy files, the plain name.
+    pub name: Bytes,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub chunk_count: u32,
+    pub timestamp_ms: Millis,
+    pub format: PayloadFormat,
+}
+
+impl FileMeta {
+    /// Validates a `FileHeader` from a client.
+    pub fn from_header(h: proto::FileHeader) -> Result<Self, Refused> {
+        let file_id = MessageId::from_slice(&h.file_id).map_err(|e| Refused::new(e.into()))?;
+        let refused = |reject| Refused {
+            reject,
+            request_id: 0,
+            message_id: Some(file_id),
+        };
+        let format = match h.format {
+            0 => PayloadFormat::NativeV1,
+            raw => parse_format(raw).map_err(refused)?,
+        };
+        if h.name.len() > 4096 {
+            return Err(refused(Reject::InvalidFrame(
+                "file name is longer than 4096 bytes".into(),
+            )));
+        }
+        Ok(Self {
+            file_id,
+            topic: TopicName::parse(&h.topic).map_err(|e| refused(e.into()))?,
+            name: h.name,
+            size: h.size,
+            chunk_size: h.chunk_size,
+            chunk_count: h.chunk_count,
+            timestamp_ms: h.timestamp_ms,
+            format,
+        })
+    }
+
+    pub fn offer(&self) -> FileOffer {
+        FileOffer {
+            file_id: self.file_id,
+            topic: self.topic.clone(),
+            timestamp_ms: self.timestamp_ms,
+            format: self.format,
+            size: self.size,
+        }
+    }
+
+    pub fn to_proto(&self) -> proto::FileHeader {
+        proto::FileHeader {
+            file_id: Bytes::copy_from_slice(self.file_id.as_bytes()),
+            topic: self.topic.as_str().to_owned(),
+            name: self.name.clone(),
+            size: self.size,
+            chunk_size: self.chunk_size,
+            timestamp_ms: self.timestamp_ms,
+            format: self.format as i32,
+            chunk_count: self.chunk_count,
+        }
+    }
+}
+
+/// One item of a receiver's file port.
+#[derive(Debug)]
+pub enum FileItem {
+    Header(Arc<FileMeta>),
+    Chunk {
+        file_id: MessageId,
+        index: u32,
+        payload: Bytes,
+    },
+    /// The last item of a file; `written` fires once it is on the receiver's wire.
+    End {
+        file_id: MessageId,
+        sha256: Bytes,
+        mac: Bytes,
+        written: oneshot::Sender<()>,
+    },
+    /// The sender went away (or the receiver was dropped): discard the file.
+    Abort {
+        file_id: MessageId,
+    },
+}
+
+/// A connection's file port.
+pub type FilePort = mpsc::Sender<FileItem>;
+
+/// One file being received from a sender and piped to its receivers.
+pub struct Upload {
+    meta: Arc<FileMeta>,
+    receivers: Vec<FilePort>,
+    next_index: u32,
+    received: u64,
+    max_bytes: u64,
+    done: bool,
+}
+
+impl Upload {
+    /// Admits the file and sends its header to every receiver.
+    pub async fn open(
+        driver: &DriverHandle,
+        conn: ConnId,
+        meta: FileMeta,
+    ) -> Result<Upload, Reject> {
+        let receivers = driver
+            .open_file(conn, meta.offer())
+            .await
+            .map_err(|_| Reject::Internal("the broker is shutting down"))??;
+        let mut upload = Upload {
+            meta: Arc::new(meta),
+            receivers,
+            next_index: 0,
+            received: 0,
+            max_bytes: driver.core_config().max_file_bytes,
+            done: false,
+        };
+        let meta = upload.meta.clone();
+        upload.forward(|| FileItem::Header(meta.clone())).await;
+        Ok(upload)
+    }
+
+    pub fn file_id(&self) -> MessageId {
+        self.meta.file_id
+    }
+
+    /// How many receivers are still attached.
+    pub fn receivers(&self) -> usize {
+        self.receivers.len()
+    }
+
+    /// Pipes one chunk; chunks must arrive in order from index 0.
+    pub async fn chunk(&mut self, index: u32, payload: Bytes) -> Result<(), Reject> {
+        if index != self.next_index {
+            return Err(Reject::InvalidFrame(format!(
+                "chunk {index} out of order; expected {}",
+                self.next_index
+            )));
+        }
+        self.received += payload.len() as u64;
+        let allowance = self.max_bytes + (u64::from(index) + 1) * CHUNK_OVERHEAD;
+        if self.received > allowance {
+            return Err(Reject::PayloadTooLarge {
+                size: self.received,
+                limit: self.max_bytes,
+            });
+        }
+        self.next_index += 1;
+        let file_id = self.meta.file_id;
+        self.forward(|| FileItem::Chunk {
+            file_id,
+            index,
+            payload: payload.clone(),
+        })
+        .await;
+        Ok(())
+    }
+
+    /// Ends the file and waits until every receiver has it on its wire.
+    pub async fn finish(mut self, sha256: Bytes, mac: Bytes) {
+        self.done = true;
+        let file_id = self.meta.file_id;
+        let mut pending = Vec::new();
+        for port in std::mem::take(&mut self.receivers) {
+            let (written, wait) = oneshot::channel();
+            let end = FileItem::End {
+                file_id,
+                sha256: sha256.clone(),
+                mac: mac.clone(),
+                written,
+            };
+            if let Ok(Ok(())) = tokio::time::timeout(RECEIVER_STALL, port.send(end)).await {
+                pending.push(wait);
+            }
+        }
+        for wait in pending {
+            let _ = tokio::time::timeout(RECEIVER_STALL, wait).await;
+        }
+    }
+
+    /// Sends an item to every receiver, dropping receivers that stall or are gone.
+    async fn forward(&mut self, make: impl Fn() -> FileItem) {
+        let mut kept = Vec::with_capacity(self.receivers.len());
+        for port in std::mem::take(&mut self.receivers) {
+            match tokio::time::timeout(RECEIVER_STALL, port.send(make())).await {
+                Ok(Ok(())) => kept.push(port),
+                Ok(Err(_)) => {} // the receiver's connection is gone
+                Err(_) => {
+                    tracing::info!(file = %self.meta.file_id, "a receiver stalled; dropping it from the transfer");
+                    let _ = port.try_send(FileItem::Abort {
+                        file_id: self.meta.file_id,
+                    });
+                }
+            }
+        }
+        self.receivers = kept;
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if !self.done {
+            for port in &self.receivers {
+                let _ = port.try_send(FileItem::Abort {
+                    file_id: self.meta.file_id,
+                });
+            }
+        }
+    }
+}
+
+/// The native frame for a file item (QUIC streams and `/v1/ws`).
+pub fn server_frame(item: &FileItem) -> ServerFrame {
+    let id = |file_id: &MessageId| Bytes::copy_from_slice(file_id.as_bytes());
+    let kind = match item {
+        FileItem::Header(meta) => server_frame::Kind::FileHeader(meta.to_proto()),
+        FileItem::Chunk {
+            file_id,
+            index,
+            payload,
+        } => server_frame::Kind::FileChunk(proto::FileChunk {
+            file_id: id(file_id),
+            index: *index,
+            payload: payload.clone(),
+        }),
+        FileItem::End {
+            file_id,
+            sha256,
+            mac,
+            ..
+        } => server_frame::Kind::FileEnd(proto::FileEnd {
+            file_id: id(file_id),
+            sha256: sha256.clone(),
+            mac: mac.clone(),
+        }),
+        FileItem::Abort { file_id } => server_frame::Kind::Error(proto::Error {
+            code: proto::ErrorCode::Internal as i32,
+            message: "the file transfer was aborted".into(),
+            request_id: 0,
+            message_id: id(file_id),
+        }),
+    };
+    ServerFrame { kind: Some(kind) }
+}
+
+/// Encodes a frame with its length prefix (for QUIC streams).
+pub fn encode(frame: &ServerFrame) -> Bytes {
+    let mut buf = BytesMut::new();
+    framing::encode_frame(frame, &mut buf);
+    buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_validated() {
+        let good = proto::FileHeader {
+            file_id: Bytes::from_static(&[1; 16]),
+            topic: "files/a".into(),
+            name: Bytes::from_static(b"sealed"),
+            size: 10,
+            chunk_size: 4,
+            timestamp_ms: 5,
+            format: 0,
+            chunk_count: 3,
+        };
+        let meta = FileMeta::from_header(good.clone()).expect("valid");
+        assert_eq!(
+            meta.format,
+            PayloadFormat::NativeV1,
+            "unspecified means NATIVE_V1"
+        );
+        assert_eq!(meta.to_proto().chunk_count, 3);
+        let mut bad = good.clone();
+        bad.topic = "files/#".into();
+        assert!(matches!(
+            FileMeta::from_header(bad),
+            Err(Refused {
+                message_id: Some(_),
+                ..
+            })
+        ));
+        let mut bad = good;
+        bad.file_id = Bytes::from_static(b"short");
+        assert!(FileMeta::from_header(bad).is_err());
+    }
+}

@@ -1,0 +1,284 @@
+//! File transfers across carriers: native QUIC streams, `/v1/ws` multiplexing, and the
+//! legacy bridge's `init_file` / binary chunks / `end_file`, in every direction.
+
+mod common;
+
+use std::time::Duration;
+
+use common::dart::{Dart, key_b64};
+use common::{Broker, within};
+use fastport::client::{Client, ClientConfig, ClientError, SessionKey};
+use fastport::proto::{ErrorCode, PayloadFormat};
+use futures::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+fn data(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+async fn setup() -> (Broker, [u8; 32], SessionKey) {
+    let broker = Broker::start();
+    broker
+        .create_session("files", "secret-pass", json!({}))
+        .await;
+    let raw: [u8; 32] = rand::random();
+    let key = SessionKey::from_base64(&key_b64(&raw)).expect("key");
+    (broker, raw, key)
+}
+
+#[tokio::test]
+async fn native_file_over_quic_streams_to_quic_and_websocket_receivers() {
+    let (broker, _, key) = setup().await;
+    let quic_reader = broker.client("files", "secret-pass", &key).await;
+    let ws_url = format!("ws://{}/v1/ws", broker.http);
+    let ws_reader = within(
+        "ws connect",
+        Client::connect(ClientConfig::new(
+            ws_url,
+            "files",
+            "secret-pass",
+            key.clone(),
+        )),
+    )
+    .await
+    .expect("connect");
+    let quic_files = quic_reader
+        .subscribe_files("docs/#")
+        .await
+        .expect("subscribe");
+    let ws_files = ws_reader
+        .subscribe_files("docs/+")
+        .await
+        .expect("subscribe");
+
+    // Receivers read while the file streams in: the broker never holds it whole, so
+    // the sender finishes only as fast as its receivers read.
+    let readers: Vec<_> = [quic_files, ws_files]
+        .into_iter()
+        .map(|mut files| {
+            tokio::spawn(async move {
+                let file = within("incoming file", files.next()).await.expect("a file");
+                let meta = (
+                    file.name.clone(),
+                    file.topic.clone(),
+                    file.format,
+                    file.file_id,
+                );
+                (meta, within("file content", file.read_to_end()).await)
+            })
+        })
+        .collect();
+    let sender = broker.client("files", "secret-pass", &key).await;
+    let content = data(5 * 1024 * 1024 + 123);
+    let receipt = within(
+        "upload",
+        sender.send_file(
+            "docs/q3",
+            "report q3.pdf",
+            &content[..],
+            content.len() as u64,
+        ),
+    )
+    .await
+    .expect("file accepted");
+    assert_eq!(receipt.bytes, content.len() as u64);
+    assert_eq!(receipt.chunks, 81, "64 KiB chunks");
+
+    for reader in readers {
+        let ((name, topic, format, file_id), got) = reader.await.expect("reader");
+        assert_eq!(
+            name, "report q3.pdf",
+            "the name is sealed and opened end to end"
+        );
+        assert_eq!(
+            (topic.as_str(), format),
+            ("docs/q3", PayloadFormat::NativeV1)
+        );
+        assert_eq!(file_id, receipt.file_id);
+        let got = got.expect("verified");
+        assert!(
+            got == content,
+            "content differs ({} vs {} bytes)",
+            got.len(),
+            content.len()
+        );
+    }
+    // The broker saw neither the name nor the content.
+    assert!(!broker.logs().contains("report q3"));
+}
+
+#[tokio::test]
+async fn native_file_over_websocket_reaches_a_quic_receiver() {
+    let (broker, _, key) = setup().await;
+    let reader = broker.client("files", "secret-pass", &key).await;
+    let mut incoming = reader.subscribe_files("up").await.expect("subscribe");
+    let ws_url = format!("ws://{}/v1/ws", broker.http);
+    let sender = within(
+        "ws connect",
+        Client::connect(ClientConfig::new(
+            ws_url,
+            "files",
+            "secret-pass",
+            key.clone(),
+        )),
+    )
+    .await
+    .expect("connect");
+    let content = data(700_000);
+    let receipt = within(
+        "upload",
+        sender.send_file("up", "photo.jpg", &content[..], content.len() as u64),
+    )
+    .await
+    .expect("accepted");
+    let file = within("file", incoming.next()).await.expect("file");
+    assert_eq!(
+        (file.name.as_str(), file.file_id),
+        ("photo.jpg", receipt.file_id)
+    );
+    assert!(
+        within("content", file.read_to_end())
+            .await
+            .expect("verified")
+            == content
+    );
+}
+
+#[tokio::test]
+async fn legacy_file_reaches_legacy_and_native_receivers() {
+    let (broker, raw, key) = setup().await;
+    let mut dart_reader = Dart::connect(&broker, "/").await;
+    dart_reader.init("files", "secret-pass", None).await;
+    dart_reader
+        .send(json!({"type": "subscribe", "topic": "share/#"}))
+        .await;
+    let native = broker.client("files", "secret-pass", &key).await;
+    let mut native_files = native.subscribe_files("share/#").await.expect("subscribe");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let content = data(3 * 1024 * 1024 + 7);
+    let legacy_reader = tokio::spawn(async move { dart_reader.receive_file(&raw).await });
+    let native_reader = tokio::spawn(async move {
+        let file = within("native file", native_files.next())
+            .await
+            .expect("file");
+        let meta = (file.name.clone(), file.format);
+        (meta, within("content", file.read_to_end()).await)
+    });
+
+    let mut dart_sender = Dart::connect(&broker, "/").await;
+    dart_sender.init("files", "secret-pass", None).await;
+    let id = dart_sender
+        .send_file(&raw, "share/docs", "document.pdf", &content, 64 * 1024)
+        .await;
+    let ack = dart_sender.recv().await;
+    assert_eq!(ack, json!({"type": "ack_received", "messageId": id}));
+
+    let (init, got) = legacy_reader.await.expect("legacy reader");
+    assert_eq!(init["fileName"], "document.pdf");
+    assert_eq!(init["fileSize"], content.len());
+    assert_eq!(init["totalChunks"], 49);
+    assert_eq!(init["topic"], "share/docs");
+    assert!(got == content, "legacy receiver content differs");
+
+    let ((name, format), got) = native_reader.await.expect("native reader");
+    assert_eq!(
+        (name.as_str(), format),
+        ("document.pdf", PayloadFormat::LegacyJson)
+    );
+    assert!(got.expect("hash verified") == content);
+}
+
+#[tokio::test]
+async fn sdk_legacy_file_reaches_a_dart_client_but_native_files_do_not() {
+    let (broker, raw, key) = setup().await;
+    let mut dart = Dart::connect(&broker, "/").await;
+    dart.init("files", "secret-pass", None).await;
+    dart.send(json!({"type": "subscribe", "topic": "inbox"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sender = broker.client("files", "secret-pass", &key).await;
+
+    // A NATIVE_V1 file is not sent to a legacy client (it could not open it).
+    sender
+        .send_file("inbox", "native.bin", &b"sealed natively"[..], 15)
+        .await
+        .expect("accepted");
+    assert!(dart.recv_within(Duration::from_millis(400)).await.is_none());
+
+    let content = data(200_000);
+    sender
+        .send_file_legacy("inbox", "for dart.txt", &content[..], content.len() as u64)
+        .await
+        .expect("accepted");
+    let (init, got) = dart.receive_file(&raw).await;
+    assert_eq!(init["fileName"], "for dart.txt");
+    assert!(got == content);
+}
+
+#[tokio::test]
+async fn broken_file_transfers_are_refused() {
+    let (broker, raw, key) = setup().await;
+    let mut dart = Dart::connect(&broker, "/").await;
+    dart.init("files", "secret-pass", None).await;
+
+    // A chunk for a file that was never opened.
+    let mut chunk = vec![0x02];
+    chunk.extend_from_slice(uuid::Uuid::new_v4().to_string().as_bytes());
+    chunk.extend_from_slice(&0u32.to_be_bytes());
+    chunk.extend_from_slice(b"orphan");
+    dart.ws.send(Message::binary(chunk)).await.expect("send");
+    assert_eq!(dart.recv().await["code"], "NOT_FOUND");
+    // A binary frame that is not a chunk.
+    dart.ws
+        .send(Message::binary(vec![0x07; 8]))
+        .await
+        .expect("send");
+    assert_eq!(dart.recv().await["code"], "INVALID_FRAME");
+    // Chunks out of order abort the transfer.
+    let id = uuid::Uuid::new_v4().to_string();
+    dart.send(json!({"type": "init_file", "fileId": id, "fileName": "x", "fileSize": 10, "totalChunks": 2, "topic": "t"}))
+        .await;
+    let mut chunk = vec![0x02];
+    chunk.extend_from_slice(id.as_bytes());
+    chunk.extend_from_slice(&1u32.to_be_bytes());
+    chunk.extend_from_slice(b"skipped zero");
+    dart.ws.send(Message::binary(chunk)).await.expect("send");
+    let answer = dart.recv().await;
+    assert_eq!(answer["code"], "INVALID_FRAME");
+    assert_eq!(answer["messageId"], id.as_str());
+    // An end for an unknown file.
+    dart.send(json!({"type": "end_file", "fileId": id, "hash": "00", "topic": "t"}))
+        .await;
+    assert_eq!(dart.recv().await["code"], "NOT_FOUND");
+
+    // Over the broker's file size limit (declared): refused before any chunk.
+    let small = Broker::start_with(&["--max-file-size", "1000"]);
+    small
+        .create_session("files", "secret-pass", json!({}))
+        .await;
+    let client = small.client("files", "secret-pass", &key).await;
+    let too_big = client.send_file("t", "big", &data(5000)[..], 5000).await;
+    assert!(
+        matches!(
+            too_big,
+            Err(ClientError::Refused {
+                code: ErrorCode::PayloadTooLarge,
+                ..
+            })
+        ),
+        "{too_big:?}"
+    );
+
+    // Everyone is still served.
+    let mut reader = Dart::connect(&broker, "/").await;
+    reader.init("files", "secret-pass", None).await;
+    reader
+        .send(json!({"type": "subscribe", "topic": "ok"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    dart.send_file(&raw, "ok", "fine.txt", b"fine", 64).await;
+    let (_, got) = reader.receive_file(&raw).await;
+    assert_eq!(got, b"fine");
+}
