@@ -104,6 +104,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES")]
     pub max_file_size: Option<u64>,
 
+    /// WebSocket ping interval, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub ws_ping_interval_ms: Option<u64>,
+
+    /// WebSocket connections silent this long are closed, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub ws_idle_timeout_ms: Option<u64>,
+
     /// Sessions one IP may create per window.
     #[arg(long, value_name = "N")]
     pub create_session_limit: Option<u32>,
@@ -131,6 +139,8 @@ pub struct FileConfig {
     pub replay_window_ms: Option<u64>,
     pub max_payload: Option<u64>,
     pub max_file_size: Option<u64>,
+    pub ws_ping_interval_ms: Option<u64>,
+    pub ws_idle_timeout_ms: Option<u64>,
     pub create_session_limit: Option<u32>,
     pub create_session_window: Option<u64>,
 }
@@ -252,10 +262,27 @@ impl ServeArgs {
             },
             ..DriverConfig::default()
         };
+        let defaults = CarrierLimits::default();
+        let ms = Duration::from_millis;
         let carrier = CarrierLimits {
             max_frame: max_payload as usize + 64 * 1024,
-            ..CarrierLimits::default()
+            ws_ping_interval: self
+                .ws_ping_interval_ms
+                .or(file.ws_ping_interval_ms)
+                .map_or(defaults.ws_ping_interval, ms),
+            ws_idle_timeout: self
+                .ws_idle_timeout_ms
+                .or(file.ws_idle_timeout_ms)
+                .map_or(defaults.ws_idle_timeout, ms),
+            ..defaults
         };
+        if carrier.ws_ping_interval.is_zero() || carrier.ws_idle_timeout <= carrier.ws_ping_interval
+        {
+            return Err(ConfigError::Invalid(
+                "--ws-idle-timeout-ms must be longer than --ws-ping-interval-ms (and both above 0)"
+                    .into(),
+            ));
+        }
         let create_session_limit = CreateSessionLimit {
             count: self
                 .create_session_limit

@@ -43,6 +43,10 @@ enum Command {
     Pub(PubArgs),
     /// Subscribe and print messages as they arrive.
     Sub(SubArgs),
+    /// Send a file to a topic, encrypted chunk by chunk, with a progress bar.
+    SendFile(SendFileArgs),
+    /// Receive files published to a topic filter into a directory.
+    Recv(RecvArgs),
 }
 
 #[derive(Subcommand)]
@@ -145,6 +149,44 @@ struct SubArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct SendFileArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Topic to send the file to.
+    topic: String,
+    /// The file.
+    path: PathBuf,
+    /// Seal as LEGACY_JSON (readable by the legacy Dart clients).
+    #[arg(long)]
+    legacy: bool,
+}
+
+#[derive(Args)]
+struct RecvArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Topic filter (`+` matches one level, `#` the rest).
+    filter: String,
+    /// Directory to save files into.
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// Exit after this many files.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -176,7 +218,103 @@ async fn main() -> Result<()> {
             init_logging("warn");
             subscribe(args).await
         }
+        Some(Command::SendFile(args)) => {
+            init_logging("warn");
+            send_file(args).await
+        }
+        Some(Command::Recv(args)) => {
+            init_logging("warn");
+            receive_files(args).await
+        }
     }
+}
+
+async fn send_file(args: SendFileArgs) -> Result<()> {
+    let file = tokio::fs::File::open(&args.path)
+        .await
+        .with_context(|| format!("opening {}", args.path.display()))?;
+    let size = file.metadata().await?.len();
+    let name = args
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let client = args.client.connect().await?;
+    let bar = progress(size, &name);
+    let reader = bar.wrap_async_read(file);
+    let receipt = if args.legacy {
+        client
+            .send_file_legacy(&args.topic, &name, reader, size)
+            .await
+    } else {
+        client.send_file(&args.topic, &name, reader, size).await
+    };
+    bar.finish();
+    let receipt = receipt?;
+    println!(
+        "sent {name} ({} bytes, {} chunks) to {}",
+        receipt.bytes, receipt.chunks, args.topic
+    );
+    client.close().await;
+    Ok(())
+}
+
+/// A file name safe to create inside the target directory.
+fn safe_name(name: &str) -> String {
+    let base = std::path::Path::new(name)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if base.is_empty() || base == "." || base == ".." {
+        "received-file".into()
+    } else {
+        base
+    }
+}
+
+async fn receive_files(args: RecvArgs) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let client = args.client.connect().await?;
+    let mut files = client.subscribe_files(&args.filter).await?;
+    tokio::fs::create_dir_all(&args.dir).await?;
+    eprintln!("waiting for files on {} (Ctrl-C to stop)", args.filter);
+    let mut received = 0u64;
+    while let Some(mut file) = files.next().await {
+        let path = args.dir.join(safe_name(&file.name));
+        let mut out = tokio::fs::File::create(&path)
+            .await
+            .with_context(|| format!("creating {}", path.display()))?;
+        let bar = progress(file.size, &file.name);
+        let mut failed = None;
+        while let Some(chunk) = file.next_chunk().await {
+            match chunk {
+                Ok(bytes) => {
+                    out.write_all(&bytes).await?;
+                    bar.inc(bytes.len() as u64);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        out.flush().await?;
+        bar.finish();
+        match failed {
+            None => println!("{}	{}", file.topic, path.display()),
+            Some(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                eprintln!("discarded {}: {e}", file.name);
+            }
+        }
+        received += 1;
+        if args.count.is_some_and(|n| received >= n) {
+            break;
+        }
+    }
+    client.close().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {

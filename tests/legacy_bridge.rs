@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use common::dart::{Dart, dart_decrypt};
 use common::{Broker, within};
 use fastport::client::{PublishStatus, SessionKey};
-use futures::SinkExt;
+use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -237,4 +237,74 @@ async fn bad_legacy_input_gets_error_frames() {
     ];
     types.sort_by_key(|t| t.to_string());
     assert_eq!(types, vec![json!("ack_received"), json!("message")]);
+}
+
+#[tokio::test]
+async fn keep_alive_pings_and_silent_connections_close() {
+    let broker = Broker::start_with(&[
+        "--ws-ping-interval-ms",
+        "300",
+        "--ws-idle-timeout-ms",
+        "1500",
+    ]);
+    broker
+        .create_session("dart", "secret-pass", json!({}))
+        .await;
+    let mut dart = Dart::connect(&broker, "/").await;
+    dart.init("dart", "secret-pass", None).await;
+
+    // While the client reads, it answers pings and the connection stays open.
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(2500);
+    while let Ok(next) = tokio::time::timeout_at(until, dart.ws.next()).await {
+        match next {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pings >= 5, "{pings} pings in 2.5 s at a 300 ms interval");
+
+    // A client that goes silent (not even pongs) is closed.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let mut closed = false;
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_secs(2), dart.ws.next()).await
+    {
+        if let Message::Close(frame) = message {
+            closed = frame.is_some_and(|f| f.reason.contains("idle"));
+            break;
+        }
+    }
+    assert!(closed, "the broker closes an idle connection with a reason");
+}
+
+#[tokio::test]
+async fn fcm_tokens_are_registered_and_never_logged() {
+    let broker = Broker::start();
+    broker
+        .create_session("dart", "secret-pass", json!({}))
+        .await;
+    let mut dart = Dart::connect(&broker, "/").await;
+    dart.init("dart", "secret-pass", Some("alice")).await;
+    dart.send(json!({
+        "type": "register_fcm_token", "userId": "alice", "fcmToken": "FCM-SECRET-TOKEN-123",
+        "deviceId": "pixel-7", "platform": "android",
+    }))
+    .await;
+    assert_eq!(
+        dart.recv().await,
+        json!({"type": "register_fcm_token_response", "success": true})
+    );
+    dart.send(json!({"type": "register_fcm_token", "userId": "alice"}))
+        .await;
+    assert_eq!(
+        dart.recv().await["code"],
+        "INVALID_FRAME",
+        "fcmToken is required"
+    );
+    assert!(!broker.logs().contains("FCM-SECRET-TOKEN-123"));
+    assert!(
+        common::contains(&common::db_bytes(&broker.db_path()), b"pixel-7"),
+        "the token is stored for pushes"
+    );
 }

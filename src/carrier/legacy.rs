@@ -29,7 +29,7 @@ use crate::driver::now_ms;
 
 use super::files::{FILE_PORT_CAPACITY, FileItem, FileMeta, Upload};
 use super::request::{HelloRequest, PROTOCOL_VERSION, PushTokenRequest, Refused};
-use super::websocket::{self, Encoder, IDLE_TIMEOUT, Incoming};
+use super::websocket::{self, Encoder, Incoming};
 use super::{Link, LinkContext, Outbound, Request};
 
 /// Serves one legacy WebSocket connection.
@@ -37,6 +37,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     let (sink, mut stream) = socket.split();
     let capacity = ctx.limits.outbound_capacity(ctx.driver.core_config());
     let hello_timeout = ctx.limits.hello_timeout;
+    let (ping_interval, idle_timeout) = (ctx.limits.ws_ping_interval, ctx.limits.ws_idle_timeout);
     let (tx, rx) = mpsc::channel(capacity);
     let (files_tx, files_rx) = mpsc::channel(FILE_PORT_CAPACITY);
     let mut link = Link::new(ctx, peer.ip(), true, tx, files_tx);
@@ -47,6 +48,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
         LegacyEncoder::default(),
         link.publish_slots(),
         link.kick(),
+        ping_interval,
     ));
 
     let mut reader = Reader { identified: false };
@@ -54,7 +56,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     let hello_deadline = Instant::now() + hello_timeout;
     loop {
         let deadline = if link.is_attached() {
-            Instant::now() + IDLE_TIMEOUT
+            Instant::now() + idle_timeout
         } else {
             hello_deadline
         };
@@ -62,7 +64,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
             Incoming::Message(message) => message,
             Incoming::Gone => break,
             Incoming::TimedOut if link.is_attached() => {
-                link.fail(Reject::InvalidFrame("idle for 60 s".into()))
+                link.fail(Reject::LimitExceeded("idle timeout: nothing received"))
                     .await;
                 break;
             }
@@ -101,6 +103,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     }
     link.close().await;
     let _ = writer.await;
+    websocket::linger(&mut stream).await;
 }
 
 /// Parses the client's JSON frames.

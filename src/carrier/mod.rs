@@ -77,6 +77,10 @@ pub struct CarrierLimits {
     /// Publishes in flight (sent, not yet answered) per connection; past this the
     /// carrier stops reading, and transport flow control slows the publisher.
     pub max_pending_publishes: usize,
+    /// WebSocket carriers ping this often.
+    pub ws_ping_interval: Duration,
+    /// WebSocket carriers close a connection silent for this long.
+    pub ws_idle_timeout: Duration,
 }
 
 impl Default for CarrierLimits {
@@ -85,6 +89,8 @@ impl Default for CarrierLimits {
             max_frame: crate::core::DEFAULT_MAX_PAYLOAD_BYTES as usize + 64 * 1024,
             hello_timeout: Duration::from_secs(5),
             max_pending_publishes: 1024,
+            ws_ping_interval: websocket::PING_INTERVAL,
+            ws_idle_timeout: websocket::IDLE_TIMEOUT,
         }
     }
 }

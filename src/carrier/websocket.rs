@@ -19,9 +19,9 @@ use crate::core::Reject;
 use super::Outbound;
 use super::files::FileItem;
 
-/// Interval of the broker's pings.
+/// Default interval of the broker's pings.
 pub const PING_INTERVAL: Duration = Duration::from_secs(20);
-/// Silence after which a connection is closed.
+/// Default silence after which a connection is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// WebSocket close codes (RFC 6455).
@@ -67,7 +67,7 @@ pub trait Encoder: Send + 'static {
 
 /// Writes the outbound queue and the file port to the socket until the queue ends, a
 /// `Close` is written, or the broker kicks the connection. Pings every
-/// [`PING_INTERVAL`].
+/// `ping_interval`.
 pub async fn write_loop<E: Encoder>(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outbound>,
@@ -75,8 +75,9 @@ pub async fn write_loop<E: Encoder>(
     mut encoder: E,
     publish_slots: Arc<Semaphore>,
     kick: Arc<Notify>,
+    ping_interval: std::time::Duration,
 ) {
-    let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     loop {
         tokio::select! {
             Some(item) = files.recv() => {
@@ -146,6 +147,15 @@ pub enum Incoming {
     Gone,
     /// Nothing arrived before the deadline.
     TimedOut,
+}
+
+/// After the broker closed a connection: keeps reading (and dropping) until the client
+/// answers the close, for at most 2 s. Dropping the socket at once would make the
+/// kernel reset the connection when the client's next frame arrives, and a reset can
+/// destroy the error and close frames the client has not read yet.
+pub async fn linger(stream: &mut SplitStream<WebSocket>) {
+    let until = Instant::now() + std::time::Duration::from_secs(2);
+    while let Incoming::Message(_) = next_message(stream, until).await {}
 }
 
 /// The next message, waiting at most until `deadline`.

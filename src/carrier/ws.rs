@@ -19,7 +19,7 @@ use crate::proto::{self, ClientFrame, ServerFrame, client_frame::Kind};
 
 use super::files::{self, FILE_PORT_CAPACITY, FileItem, FileMeta, Upload};
 use super::request::Refused;
-use super::websocket::{self, Encoder, IDLE_TIMEOUT, Incoming};
+use super::websocket::{self, Encoder, Incoming};
 use super::{Link, LinkContext, Outbound, Request, native};
 
 /// Serves one `/v1/ws` connection.
@@ -27,6 +27,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     let (sink, mut stream) = socket.split();
     let capacity = ctx.limits.outbound_capacity(ctx.driver.core_config());
     let hello_timeout = ctx.limits.hello_timeout;
+    let (ping_interval, idle_timeout) = (ctx.limits.ws_ping_interval, ctx.limits.ws_idle_timeout);
     let (tx, rx) = mpsc::channel(capacity);
     let (files_tx, files_rx) = mpsc::channel(FILE_PORT_CAPACITY);
     let mut link = Link::new(ctx, peer.ip(), false, tx, files_tx);
@@ -37,13 +38,14 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
         NativeEncoder,
         link.publish_slots(),
         link.kick(),
+        ping_interval,
     ));
 
     let hello_deadline = Instant::now() + hello_timeout;
     let mut uploads = Uploads::default();
     loop {
         let deadline = if link.is_attached() {
-            Instant::now() + IDLE_TIMEOUT
+            Instant::now() + idle_timeout
         } else {
             hello_deadline
         };
@@ -51,7 +53,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
             Incoming::Message(message) => message,
             Incoming::Gone => break,
             Incoming::TimedOut if link.is_attached() => {
-                link.fail(Reject::InvalidFrame("idle for 60 s".into()))
+                link.fail(Reject::LimitExceeded("idle timeout: nothing received"))
                     .await;
                 break;
             }
@@ -100,6 +102,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     }
     link.close().await;
     let _ = writer.await;
+    websocket::linger(&mut stream).await;
 }
 
 /// Most file uploads multiplexed on one connection at a time.
