@@ -1,0 +1,419 @@
+//! Load generator: the same workloads against fastPort (native QUIC, protobuf over
+//! WebSocket, the legacy JSON bridge), Mosquitto (MQTT QoS 0/1, default and tuned
+//! config) and NATS (core and JetStream), side by side on this machine.
+//!
+//! ```text
+//! cargo bench --bench loadgen -- [--quick] [--runs N] [--json PATH]
+//!                                [--workloads w1,w2,...] [--systems SUBSTRING]
+//! ```
+//!
+//! It starts fastPort from the release binary and a tuned Mosquitto itself; the
+//! machine's Mosquitto (127.0.0.1:1883) and NATS with JetStream (127.0.0.1:4222) must
+//! be running. Every figure is the median of `--runs` runs with its min–max; ratios
+//! are computed within the same invocation, so they hold on a noisy machine where the
+//! absolute numbers do not.
+
+mod procs;
+mod systems;
+mod workloads;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use fastport::client::SessionKey;
+use serde::Serialize;
+
+use systems::{Env, Kind, System};
+use workloads::Sample;
+
+#[derive(Parser, Debug)]
+#[command(about = "fastPort vs Mosquitto vs NATS, same workloads, same machine")]
+struct Args {
+    /// A few seconds per workload (smaller counts), for a cheap rerun.
+    #[arg(long)]
+    quick: bool,
+    /// Runs per system and workload (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Also write every run's raw figures here, as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Workloads to run (w1..w6).
+    #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w5,w6")]
+    workloads: Vec<String>,
+    /// Only systems whose name contains this.
+    #[arg(long)]
+    systems: Option<String>,
+    /// cargo bench passes this; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// One workload's definition.
+struct Workload {
+    id: &'static str,
+    title: String,
+    unit: &'static str,
+    /// Higher is better (throughput) or lower (latency, memory).
+    higher_is_better: bool,
+    systems: Vec<&'static str>,
+    /// (fastPort row, peer row) pairs whose ratio is reported.
+    ratios: Vec<(&'static str, &'static str)>,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    machine: String,
+    quick: bool,
+    runs: usize,
+    results: &'a BTreeMap<String, BTreeMap<String, Vec<Sample>>>,
+}
+
+const FP_QUIC: &str = "fastPort QUIC";
+const FP_DURABLE: &str = "fastPort QUIC durable";
+const FP_WS: &str = "fastPort WS (/v1/ws)";
+const FP_LEGACY: &str = "fastPort legacy JSON";
+const MQ1: &str = "Mosquitto QoS1 default";
+const MQ1T: &str = "Mosquitto QoS1 tuned";
+const MQ0: &str = "Mosquitto QoS0 default";
+const MQ0T: &str = "Mosquitto QoS0 tuned";
+const NATS: &str = "NATS core";
+const JS: &str = "NATS JetStream";
+
+fn plan(quick: bool) -> Vec<Workload> {
+    let n = |q: u64, f: u64| if quick { q } else { f };
+    vec![
+        Workload {
+            id: "w1",
+            title: format!("1 → 1, 128 B, {} messages", n(20_000, 100_000)),
+            unit: "msgs/s",
+            higher_is_better: true,
+            systems: vec![
+                FP_DURABLE, FP_QUIC, FP_WS, FP_LEGACY, JS, MQ1, MQ1T, NATS, MQ0, MQ0T,
+            ],
+            ratios: vec![
+                (FP_DURABLE, JS),
+                (FP_QUIC, MQ1),
+                (FP_QUIC, MQ1T),
+                (FP_QUIC, NATS),
+            ],
+        },
+        Workload {
+            id: "w2",
+            title: format!("1 → 16, 128 B, {} messages", n(5_000, 20_000)),
+            unit: "deliveries/s",
+            higher_is_better: true,
+            systems: vec![FP_QUIC, FP_DURABLE, JS, MQ1, MQ1T, NATS, MQ0T],
+            ratios: vec![(FP_QUIC, MQ1), (FP_QUIC, MQ1T), (FP_DURABLE, JS)],
+        },
+        Workload {
+            id: "w3",
+            title: format!(
+                "100 publishers × 100 topics → 100 subscribers, 128 B, {} per publisher",
+                n(300, 1_000)
+            ),
+            unit: "msgs/s",
+            higher_is_better: true,
+            systems: vec![FP_QUIC, MQ1, MQ1T, NATS, MQ0T],
+            ratios: vec![(FP_QUIC, MQ1), (FP_QUIC, MQ1T)],
+        },
+        Workload {
+            id: "w4",
+            title: format!(
+                "latency at a paced 10,000 msg/s for {} s, 128 B (p99; p50, p99.9 in extras)",
+                n(3, 10)
+            ),
+            unit: "p99 µs",
+            higher_is_better: false,
+            systems: vec![FP_QUIC, FP_DURABLE, MQ1, MQ1T, JS, NATS, MQ0T],
+            ratios: vec![(FP_QUIC, MQ1), (FP_QUIC, MQ1T), (FP_DURABLE, JS)],
+        },
+        Workload {
+            id: "w5",
+            title: format!(
+                "1 → 1, 1 MiB messages (1,047,552 B: NATS's max_payload), {} messages",
+                n(30, 100)
+            ),
+            unit: "MB/s",
+            higher_is_better: true,
+            systems: vec![FP_QUIC, FP_DURABLE, MQ1T, JS, NATS],
+            ratios: vec![(FP_QUIC, MQ1T), (FP_DURABLE, JS), (FP_QUIC, NATS)],
+        },
+        Workload {
+            id: "w6",
+            title: format!(
+                "{} idle subscribed connections: broker RSS per connection",
+                n(1_000, 10_000)
+            ),
+            unit: "KiB/conn",
+            higher_is_better: false,
+            systems: vec![FP_QUIC, FP_WS, MQ1T, NATS],
+            ratios: vec![(FP_QUIC, MQ1T), (FP_WS, MQ1T), (FP_QUIC, NATS)],
+        },
+    ]
+}
+
+async fn run_one(workload: &str, system: &System, env: &Env, quick: bool) -> Result<Sample> {
+    let n = |q: u64, f: u64| if quick { q } else { f };
+    let quiet = Duration::from_secs(if quick { 3 } else { 10 });
+    match workload {
+        "w1" => workloads::throughput(system, env, 1, 1, n(20_000, 100_000), 128, quiet).await,
+        "w2" => workloads::throughput(system, env, 1, 16, n(5_000, 20_000), 128, quiet).await,
+        "w3" => workloads::throughput(system, env, 100, 1, n(300, 1_000), 128, quiet).await,
+        "w4" => workloads::latency(system, env, 10_000, Duration::from_secs(n(3, 10)), 128).await,
+        "w5" => {
+            let mut s =
+                workloads::throughput(system, env, 1, 1, n(30, 100), 1_047_552, quiet).await?;
+            s.value = s.extra.get("MB/s").copied().unwrap_or(0.0);
+            Ok(s)
+        }
+        "w6" => workloads::idle_connections(system, env, n(1_000, 10_000) as usize).await,
+        other => bail!("unknown workload {other}"),
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if v >= 100.0 {
+        format!("{:.0}", v)
+    } else {
+        format!("{:.2}", v)
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}")
+}
+
+fn print_table(w: &Workload, results: &BTreeMap<String, Vec<Sample>>) -> BTreeMap<String, f64> {
+    println!("\n### {} — {}\n", w.id.to_uppercase(), w.title);
+    println!(
+        "| system | {} (median) | min–max | lost | broker CPU s | loadgen CPU s | extras (median) |",
+        w.unit
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    let mut medians = BTreeMap::new();
+    for name in &w.systems {
+        let Some(samples) = results.get(*name) else {
+            continue;
+        };
+        let mut values: Vec<f64> = samples.iter().map(|s| s.value).collect();
+        let (lo, hi) = values
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(*v), hi.max(*v))
+            });
+        let m = median(&mut values);
+        medians.insert(name.to_string(), m);
+        let lost: u64 = samples.iter().map(|s| s.lost).max().unwrap_or(0);
+        let mut broker: Vec<f64> = samples.iter().map(|s| s.broker_cpu_s).collect();
+        let mut gen_cpu: Vec<f64> = samples.iter().map(|s| s.loadgen_cpu_s).collect();
+        let mut extras = Vec::new();
+        if let Some(first) = samples.first() {
+            for key in first.extra.keys() {
+                let mut vs: Vec<f64> = samples
+                    .iter()
+                    .filter_map(|s| s.extra.get(key).copied())
+                    .collect();
+                extras.push(format!("{key} {}", fmt(median(&mut vs))));
+            }
+        }
+        println!(
+            "| {name} | {} | {}–{} | {lost} | {} | {} | {} |",
+            fmt(m),
+            fmt(lo),
+            fmt(hi),
+            fmt(median(&mut broker)),
+            fmt(median(&mut gen_cpu)),
+            extras.join(", ")
+        );
+    }
+    if !w.ratios.is_empty() {
+        println!();
+        let better = if w.higher_is_better {
+            "higher"
+        } else {
+            "lower"
+        };
+        for (fp, peer) in &w.ratios {
+            if let (Some(a), Some(b)) = (medians.get(*fp), medians.get(*peer)) {
+                println!("- {fp} / {peer} = **{:.2}×** ({better} is better)", a / b);
+            }
+        }
+    }
+    medians
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if !procs::port_open(1883) {
+        bail!("Mosquitto is not running on 127.0.0.1:1883 (see DEVELOPERS.md to start it)");
+    }
+    if !procs::port_open(4222) {
+        bail!("NATS is not running on 127.0.0.1:4222 (start it with JetStream: -js)");
+    }
+    let fastport = procs::Fastport::start(&[]).context("starting fastPort")?;
+    fastport
+        .create_session("bench", serde_json::json!({}))
+        .await?;
+    let (tuned, tuned_port) = procs::start_tuned_mosquitto()?;
+    let mosquitto_pid = procs::pid_of("mosquitto", Some("/run/mosquitto/mosquitto.pid"));
+    let nats_pid = procs::pid_of("nats-server", None);
+    let fp_pid = Some(fastport.process.pid());
+
+    let system = |name: &str, kind: Kind, pid| System {
+        name: name.to_owned(),
+        kind,
+        pid,
+    };
+    let all = vec![
+        system(
+            FP_QUIC,
+            Kind::Fastport {
+                ws: false,
+                durable: false,
+            },
+            fp_pid,
+        ),
+        system(
+            FP_DURABLE,
+            Kind::Fastport {
+                ws: false,
+                durable: true,
+            },
+            fp_pid,
+        ),
+        system(
+            FP_WS,
+            Kind::Fastport {
+                ws: true,
+                durable: false,
+            },
+            fp_pid,
+        ),
+        system(FP_LEGACY, Kind::FastportLegacy, fp_pid),
+        system(
+            MQ1,
+            Kind::Mosquitto {
+                port: 1883,
+                qos1: true,
+            },
+            mosquitto_pid,
+        ),
+        system(
+            MQ1T,
+            Kind::Mosquitto {
+                port: tuned_port,
+                qos1: true,
+            },
+            Some(tuned.pid()),
+        ),
+        system(
+            MQ0,
+            Kind::Mosquitto {
+                port: 1883,
+                qos1: false,
+            },
+            mosquitto_pid,
+        ),
+        system(
+            MQ0T,
+            Kind::Mosquitto {
+                port: tuned_port,
+                qos1: false,
+            },
+            Some(tuned.pid()),
+        ),
+        system(NATS, Kind::NatsCore, nats_pid),
+        system(JS, Kind::NatsJetStream, nats_pid),
+    ];
+    let mut env = Env {
+        fastport_quic: format!("quic://{}", fastport.quic),
+        fastport_http: fastport.http.to_string(),
+        fastport_ca: fastport.ca.clone(),
+        session: "bench".into(),
+        key: SessionKey::generate(),
+        nats_url: "nats://127.0.0.1:4222".into(),
+        run: 0,
+    };
+
+    println!(
+        "# fastPort load generator ({})",
+        if args.quick { "quick" } else { "full" }
+    );
+    println!(
+        "\nMachine: {}. Runs per figure: {}. Brokers: fastPort {} (release, SQLite), Mosquitto 1883 (machine config) and {tuned_port} (tuned), NATS 127.0.0.1:4222 (JetStream file storage).",
+        machine(),
+        args.runs,
+        env!("CARGO_PKG_VERSION")
+    );
+    let mut results: BTreeMap<String, BTreeMap<String, Vec<Sample>>> = BTreeMap::new();
+    for w in plan(args.quick) {
+        if !args.workloads.iter().any(|x| x == w.id) {
+            continue;
+        }
+        for name in &w.systems {
+            if args.systems.as_deref().is_some_and(|f| !name.contains(f)) {
+                continue;
+            }
+            let Some(system) = all.iter().find(|s| s.name == *name) else {
+                continue;
+            };
+            for run in 0..args.runs {
+                env.run += 1;
+                eprint!("{} {} run {}/{} … ", w.id, name, run + 1, args.runs);
+                match run_one(w.id, system, &env, args.quick).await {
+                    Ok(sample) => {
+                        eprintln!("{} {} (lost {})", fmt(sample.value), w.unit, sample.lost);
+                        results
+                            .entry(w.id.to_owned())
+                            .or_default()
+                            .entry(name.to_string())
+                            .or_default()
+                            .push(sample);
+                    }
+                    Err(e) => eprintln!("failed: {e:#}"),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        if let Some(r) = results.get(w.id) {
+            print_table(&w, r);
+        }
+    }
+    if let Some(path) = &args.json {
+        let report = Report {
+            machine: machine(),
+            quick: args.quick,
+            runs: args.runs,
+            results: &results,
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("raw figures written to {}", path.display());
+    }
+    drop(tuned);
+    drop(fastport);
+    Ok(())
+}

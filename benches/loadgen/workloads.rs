@@ -1,0 +1,321 @@
+//! The workloads, each run the same way against every system.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+
+use crate::procs;
+use crate::systems::{Env, System};
+
+/// One measurement of one system.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Sample {
+    /// The headline figure (msgs/s, deliveries/s, µs, MB/s, KiB …).
+    pub value: f64,
+    /// Messages sent but never received.
+    pub lost: u64,
+    pub elapsed_s: f64,
+    /// CPU seconds the broker used during the run.
+    pub broker_cpu_s: f64,
+    /// CPU seconds the load generator used during the run.
+    pub loadgen_cpu_s: f64,
+    /// Secondary figures (percentiles, memory).
+    pub extra: BTreeMap<String, f64>,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ns() -> u64 {
+    epoch().elapsed().as_nanos() as u64
+}
+
+/// Payload: publisher id (u32), sequence (u64), send time (u64 ns), then padding.
+fn payload(publisher: u32, seq: u64, size: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(size.max(20));
+    b.put_u32(publisher);
+    b.put_u64(seq);
+    b.put_u64(now_ns());
+    b.resize(size.max(20), 0);
+    b.freeze()
+}
+
+fn parse(p: &[u8]) -> Option<(u32, u64, u64)> {
+    if p.len() < 20 {
+        return None;
+    }
+    let pid = u32::from_be_bytes(p[0..4].try_into().ok()?);
+    let seq = u64::from_be_bytes(p[4..12].try_into().ok()?);
+    let sent = u64::from_be_bytes(p[12..20].try_into().ok()?);
+    Some((pid, seq, sent))
+}
+
+struct Meter {
+    pid: Option<u32>,
+    broker0: Duration,
+    gen0: Duration,
+}
+
+impl Meter {
+    fn start(system: &System) -> Meter {
+        Meter {
+            pid: system.pid,
+            broker0: system.pid.map_or(Duration::ZERO, procs::cpu_time),
+            gen0: procs::own_cpu(),
+        }
+    }
+
+    fn finish(self, sample: &mut Sample) {
+        if let Some(pid) = self.pid {
+            sample.broker_cpu_s = (procs::cpu_time(pid) - self.broker0).as_secs_f64();
+        }
+        sample.loadgen_cpu_s = (procs::own_cpu().saturating_sub(self.gen0)).as_secs_f64();
+    }
+}
+
+/// Throughput: `topics` publishers (one per topic), `fanout` subscribers per topic,
+/// `per_publisher` messages of `size` bytes each. The value is deliveries per second.
+pub async fn throughput(
+    system: &System,
+    env: &Env,
+    topics: usize,
+    fanout: usize,
+    per_publisher: u64,
+    size: usize,
+    quiet: Duration,
+) -> Result<Sample> {
+    system.prepare(env).await?;
+    let topic = |t: usize| format!("bench/t{t}");
+    let mut receivers = Vec::new();
+    for t in 0..topics {
+        for k in 0..fanout {
+            let mut sub = system.subscriber(env, t * fanout + k, &topic(t)).await?;
+            receivers.push(tokio::spawn(async move {
+                let mut seen = vec![false; per_publisher as usize];
+                let (mut unique, mut bytes, mut last) = (0u64, 0u64, None);
+                while unique < per_publisher {
+                    match tokio::time::timeout(quiet, sub.next()).await {
+                        Ok(Some(p)) => {
+                            if let Some((_, seq, _)) = parse(&p)
+                                && let Some(slot) = seen.get_mut(seq as usize)
+                                && !*slot
+                            {
+                                *slot = true;
+                                unique += 1;
+                                bytes += p.len() as u64;
+                                last = Some(Instant::now());
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                (unique, bytes, last)
+            }));
+        }
+    }
+    let mut publishers = Vec::new();
+    for t in 0..topics {
+        publishers.push(system.publisher(env, t).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let meter = Meter::start(system);
+    let rss = RssSampler::start(system.pid);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (t, mut publisher) in publishers.into_iter().enumerate() {
+        let topic = topic(t);
+        tasks.push(tokio::spawn(async move {
+            for seq in 0..per_publisher {
+                publisher.send(&topic, payload(t as u32, seq, size)).await?;
+            }
+            publisher.drain().await?;
+            anyhow::Ok(publisher)
+        }));
+    }
+    let mut keep = Vec::new();
+    for task in tasks {
+        keep.push(task.await??);
+    }
+    let (mut received, mut bytes, mut last) = (0u64, 0u64, start);
+    for r in receivers {
+        let (unique, b, at) = r.await?;
+        received += unique;
+        bytes += b;
+        if let Some(at) = at {
+            last = last.max(at);
+        }
+    }
+    let elapsed = (last - start).as_secs_f64().max(1e-6);
+    let expected = topics as u64 * fanout as u64 * per_publisher;
+    let mut sample = Sample {
+        value: received as f64 / elapsed,
+        lost: expected.saturating_sub(received),
+        elapsed_s: elapsed,
+        ..Sample::default()
+    };
+    sample
+        .extra
+        .insert("MB/s".into(), bytes as f64 / elapsed / 1e6);
+    if let Some(peak) = rss.finish().await {
+        sample
+            .extra
+            .insert("broker peak RSS MiB".into(), peak as f64 / (1 << 20) as f64);
+    }
+    meter.finish(&mut sample);
+    drop(keep);
+    Ok(sample)
+}
+
+/// Latency at a paced rate: one publisher, one subscriber, `rate` messages per second
+/// for `duration`. The value is the p99 in microseconds; p50 and p99.9 are extras.
+pub async fn latency(
+    system: &System,
+    env: &Env,
+    rate: u64,
+    duration: Duration,
+    size: usize,
+) -> Result<Sample> {
+    system.prepare(env).await?;
+    let topic = "bench/lat";
+    let total = rate * duration.as_millis() as u64 / 1000;
+    let mut sub = system.subscriber(env, 0, topic).await?;
+    let receiver = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(total as usize);
+        while (latencies.len() as u64) < total {
+            match tokio::time::timeout(Duration::from_secs(3), sub.next()).await {
+                Ok(Some(p)) => {
+                    if let Some((_, _, sent)) = parse(&p) {
+                        latencies.push(now_ns().saturating_sub(sent));
+                    }
+                }
+                _ => break,
+            }
+        }
+        latencies
+    });
+    let mut publisher = system.publisher(env, 0).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let meter = Meter::start(system);
+    let start = Instant::now();
+    let per_tick = (rate / 1000).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut seq = 0u64;
+    while seq < total {
+        tick.tick().await;
+        for _ in 0..per_tick.min(total - seq) {
+            publisher.send(topic, payload(0, seq, size)).await?;
+            seq += 1;
+        }
+    }
+    publisher.drain().await?;
+    let mut latencies = receiver.await?;
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i] as f64 / 1000.0
+    };
+    let mut sample = Sample {
+        value: pct(0.99),
+        lost: total.saturating_sub(latencies.len() as u64),
+        elapsed_s: elapsed,
+        ..Sample::default()
+    };
+    sample.extra.insert("p50 µs".into(), pct(0.50));
+    sample.extra.insert("p99 µs".into(), pct(0.99));
+    sample.extra.insert("p99.9 µs".into(), pct(0.999));
+    meter.finish(&mut sample);
+    Ok(sample)
+}
+
+/// Idle connections: opens `count` authenticated, subscribed connections and reads the
+/// broker's memory per connection (KiB, the value) and the connect rate.
+pub async fn idle_connections(system: &System, env: &Env, count: usize) -> Result<Sample> {
+    system.prepare(env).await?;
+    let pid = system.pid;
+    let rss0 = pid.map_or(0, procs::rss);
+    let meter = Meter::start(system);
+    let start = Instant::now();
+    let mut held = Vec::with_capacity(count);
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let mut next = 0;
+    use futures::StreamExt;
+    while held.len() < count {
+        while next < count && pending.len() < 64 {
+            let topic = format!("idle/{next}");
+            let id = 100_000 + next;
+            pending.push(async move { system.subscriber(env, id, &topic).await });
+            next += 1;
+        }
+        match pending.next().await {
+            Some(conn) => held.push(conn?),
+            None => break,
+        }
+    }
+    let connect_s = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss1 = pid.map_or(0, procs::rss);
+    let mut sample = Sample {
+        value: rss1.saturating_sub(rss0) as f64 / count as f64 / 1024.0,
+        elapsed_s: connect_s,
+        ..Sample::default()
+    };
+    sample
+        .extra
+        .insert("connects/s".into(), count as f64 / connect_s);
+    sample
+        .extra
+        .insert("broker RSS MiB".into(), rss1 as f64 / (1 << 20) as f64);
+    meter.finish(&mut sample);
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(sample)
+}
+
+/// Samples a process's RSS every 20 ms and keeps the peak.
+struct RssSampler {
+    task: Option<(
+        tokio::task::JoinHandle<u64>,
+        tokio::sync::oneshot::Sender<()>,
+    )>,
+}
+
+impl RssSampler {
+    fn start(pid: Option<u32>) -> RssSampler {
+        let Some(pid) = pid else {
+            return RssSampler { task: None };
+        };
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut peak = 0;
+            loop {
+                peak = peak.max(procs::rss(pid));
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = &mut stopped => return peak,
+                }
+            }
+        });
+        RssSampler {
+            task: Some((task, stop)),
+        }
+    }
+
+    async fn finish(self) -> Option<u64> {
+        let (task, stop) = self.task?;
+        let _ = stop.send(());
+        task.await.ok()
+    }
+}

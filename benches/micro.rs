@@ -1,0 +1,295 @@
+//! Micro-benchmarks of the hot paths: framing, topic matching, the core's publish
+//! fan-out, the replay guard, a group commit to SQLite, and the SDK's crypto.
+//!
+//! `cargo bench --bench micro` (add a filter, e.g. `-- topic`, to run some).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use fastport::carrier::framing::{self, FrameDecoder};
+use fastport::client::SessionKey;
+use fastport::client::crypto::{MessageContext, SealingKeys};
+use fastport::core::{
+    ClientId, Command, ConnId, Core, CoreConfig, Hello, Message, MessageId, Publish, ReplayGuard,
+    SessionName, SessionSettings, StoreBatch, StoreOp, TopicFilter, TopicName, TopicTree,
+};
+use fastport::proto::{self, ClientFrame, PayloadFormat, ServerFrame, client_frame, server_frame};
+use fastport::store::Store;
+use fastport::store::sqlite::SqliteStore;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn framing_benches(c: &mut Criterion) {
+    let deliver = ServerFrame {
+        kind: Some(server_frame::Kind::Deliver(proto::Deliver {
+            message_id: Bytes::from_static(&[7; 16]),
+            topic: "sensors/building-1/floor-2/temperature".into(),
+            payload: Bytes::from(vec![0u8; 128]),
+            timestamp_ms: T0,
+            format: PayloadFormat::NativeV1 as i32,
+            attempt: 1,
+        })),
+    };
+    let mut group = c.benchmark_group("framing");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("encode Deliver 128 B", |b| {
+        let mut out = BytesMut::with_capacity(1 << 16);
+        b.iter(|| {
+            framing::encode_frame(black_box(&deliver), &mut out);
+            if out.len() > 60_000 {
+                out.clear();
+            }
+        })
+    });
+    let publish = ClientFrame {
+        kind: Some(client_frame::Kind::Publish(proto::Publish {
+            message_id: Bytes::from_static(&[9; 16]),
+            topic: "sensors/building-1/floor-2/temperature".into(),
+            payload: Bytes::from(vec![0u8; 128]),
+            timestamp_ms: T0,
+            format: PayloadFormat::NativeV1 as i32,
+        })),
+    };
+    let mut one = BytesMut::new();
+    framing::encode_frame(&publish, &mut one);
+    let many: Vec<u8> = one.iter().copied().cycle().take(one.len() * 256).collect();
+    group.throughput(Throughput::Elements(256));
+    group.bench_function("decode 256 Publish 128 B", |b| {
+        b.iter(|| {
+            let mut d = FrameDecoder::new(1 << 20);
+            d.extend(black_box(&many));
+            let mut n = 0;
+            while let Ok(Some(bytes)) = d.next_frame() {
+                let frame: ClientFrame = framing::decode(bytes).expect("decodes");
+                black_box(frame);
+                n += 1;
+            }
+            assert_eq!(n, 256);
+        })
+    });
+    group.finish();
+}
+
+fn topic_benches(c: &mut Criterion) {
+    let mut tree = TopicTree::default();
+    // 10,000 subscriptions: exact topics, one-level and multi-level wildcards.
+    for i in 0..10_000u32 {
+        let filter = match i % 4 {
+            0 => format!("sensors/b{}/f{}/temp", i % 100, i % 17),
+            1 => format!("sensors/b{}/+/temp", i % 100),
+            2 => format!("sensors/b{}/#", i % 100),
+            _ => format!("chat/room{i}"),
+        };
+        tree.insert(&TopicFilter::parse(&filter).expect("valid"), i);
+    }
+    let topic = TopicName::parse("sensors/b42/f8/temp").expect("valid");
+    let mut group = c.benchmark_group("topics");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("match among 10k subscriptions", |b| {
+        b.iter(|| {
+            let mut hits = 0;
+            tree.for_each_match(black_box(&topic), |_| hits += 1);
+            black_box(hits)
+        })
+    });
+    group.finish();
+}
+
+fn settings() -> SessionSettings {
+    let mut s = SessionSettings::new(SessionName::parse("bench").expect("valid"));
+    s.retry_interval_ms = 3_600_000;
+    s.message_expiry_ms = 7_200_000;
+    s
+}
+
+/// A core with one publisher and `subscribers` connection-bound subscribers of `t`.
+fn core_with(subscribers: u64) -> Core {
+    let mut core = Core::new(CoreConfig::default());
+    for conn in 0..=subscribers {
+        core.handle(
+            T0,
+            Command::Hello(Hello {
+                conn: ConnId(conn),
+                connection_id: [0; 16],
+                settings: settings(),
+                client_id: ClientId::parse(&format!("c{conn}")).expect("valid"),
+                anonymous: false,
+                clean: false,
+                legacy_only: false,
+            }),
+        );
+        if conn > 0 {
+            core.handle(
+                T0,
+                Command::Subscribe {
+                    conn: ConnId(conn),
+                    request_id: 1,
+                    filter: TopicFilter::parse("t").expect("valid"),
+                    durable: false,
+                    presence: false,
+                },
+            );
+        }
+    }
+    while core.poll_output().is_some() {}
+    core
+}
+
+fn core_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("core");
+    for subscribers in [1u64, 16] {
+        group.throughput(Throughput::Elements(subscribers));
+        group.bench_function(format!("publish + ack, fan-out 1->{subscribers}"), |b| {
+            let mut core = core_with(subscribers);
+            let topic = TopicName::parse("t").expect("valid");
+            let payload = Bytes::from(vec![0u8; 128]);
+            let mut n: u128 = 0;
+            b.iter(|| {
+                n += 1;
+                let id = MessageId(n.to_be_bytes());
+                core.handle(
+                    T0,
+                    Command::Publish {
+                        conn: ConnId(0),
+                        publish: Publish {
+                            message_id: id,
+                            topic: topic.clone(),
+                            payload: payload.clone(),
+                            timestamp_ms: T0,
+                            format: PayloadFormat::NativeV1,
+                        },
+                    },
+                );
+                for conn in 1..=subscribers {
+                    core.handle(
+                        T0,
+                        Command::Ack {
+                            conn: ConnId(conn),
+                            message_id: id,
+                        },
+                    );
+                }
+                if let Some(batch) = core.take_batch() {
+                    core.handle_committed(batch.id);
+                }
+                while let Some(out) = core.poll_output() {
+                    black_box(out);
+                }
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("replay");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("admit fresh id (1M remembered)", |b| {
+        let mut guard = ReplayGuard::new(30_000, 4_000_000);
+        let mut n: u128 = 0;
+        for _ in 0..1_000_000 {
+            n += 1;
+            guard
+                .admit(T0, MessageId(n.to_be_bytes()), T0)
+                .expect("fresh");
+        }
+        let mut now = T0;
+        b.iter(|| {
+            n += 1;
+            now += 1; // ids age out as time passes, like a steady stream
+            let _ = black_box(guard.admit(now, MessageId(n.to_be_bytes()), now));
+        })
+    });
+    group.finish();
+}
+
+fn store_benches(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = runtime
+        .block_on(SqliteStore::open(&dir.path().join("bench.db")))
+        .expect("open");
+    let session = SessionName::parse("bench").expect("valid");
+    let client = ClientId::parse("sub").expect("valid");
+    let mut seq = 0u64;
+    let mut group = c.benchmark_group("store");
+    group.throughput(Throughput::Elements(256));
+    group.sample_size(20);
+    group.bench_function("sqlite commit 256 durable messages", |b| {
+        b.iter_batched(
+            || {
+                let mut ops = Vec::with_capacity(768);
+                for _ in 0..256 {
+                    seq += 1;
+                    let id = MessageId((seq as u128).to_be_bytes());
+                    ops.push(StoreOp::PutReplayId {
+                        session: session.clone(),
+                        id,
+                        expires_at: T0,
+                    });
+                    ops.push(StoreOp::PutMessage(Arc::new(Message {
+                        session: session.clone(),
+                        id,
+                        seq,
+                        topic: TopicName::parse("t").expect("valid"),
+                        payload: Bytes::from(vec![0u8; 128]),
+                        timestamp_ms: T0,
+                        format: PayloadFormat::NativeV1,
+                        accepted_at: T0,
+                        expires_at: T0,
+                    })));
+                    ops.push(StoreOp::PutCopy {
+                        session: session.clone(),
+                        client_id: client.clone(),
+                        seq,
+                        ephemeral: false,
+                    });
+                }
+                StoreBatch { id: seq, ops }
+            },
+            |batch| runtime.block_on(store.commit(&[batch])).expect("commit"),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn crypto_benches(c: &mut Criterion) {
+    let keys = SealingKeys::derive(&SessionKey::generate());
+    let id = [3u8; 16];
+    let ctx = MessageContext {
+        session: "bench",
+        topic: "sensors/b42/f8/temp",
+        id: &id,
+        timestamp_ms: T0,
+    };
+    let mut group = c.benchmark_group("crypto");
+    for size in [128usize, 64 * 1024] {
+        let plain = vec![0u8; size];
+        let sealed = keys.seal_message(&ctx, &plain).expect("seal");
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_function(format!("seal NATIVE_V1 {size} B"), |b| {
+            b.iter(|| {
+                keys.seal_message(black_box(&ctx), black_box(&plain))
+                    .expect("seal")
+            })
+        });
+        group.bench_function(format!("open NATIVE_V1 {size} B"), |b| {
+            b.iter(|| {
+                keys.open_message(black_box(&ctx), black_box(&sealed))
+                    .expect("open")
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    framing_benches,
+    topic_benches,
+    core_benches,
+    store_benches,
+    crypto_benches
+);
+criterion_main!(benches);
