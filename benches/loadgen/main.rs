@@ -43,7 +43,7 @@ struct Args {
     /// Workloads to run (w1..w6).
     #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w5,w6")]
     workloads: Vec<String>,
-    /// Only systems whose name contains this.
+    /// Only systems whose name contains this (`=NAME` for exactly NAME).
     #[arg(long)]
     systems: Option<String>,
     /// cargo bench passes this; ignored.
@@ -375,7 +375,11 @@ async fn main() -> Result<()> {
             continue;
         }
         for name in &w.systems {
-            if args.systems.as_deref().is_some_and(|f| !name.contains(f)) {
+            let wanted = |f: &str| match f.strip_prefix('=') {
+                Some(exact) => *name == exact,
+                None => name.contains(f),
+            };
+            if args.systems.as_deref().is_some_and(|f| !wanted(f)) {
                 continue;
             }
             let Some(system) = all.iter().find(|s| s.name == *name) else {

@@ -109,6 +109,15 @@ pub enum Subscriber {
 }
 
 impl Subscriber {
+    /// Ends the subscription for good, so a durable one does not keep collecting
+    /// copies of later runs' messages.
+    pub async fn close(self) {
+        if let Subscriber::Fastport { sub, _client } = self {
+            let _ = sub.unsubscribe().await;
+            _client.close().await;
+        }
+    }
+
     pub async fn next(&mut self) -> Option<Bytes> {
         match self {
             Subscriber::Fastport { sub, .. } => sub.next().await.map(|m| m.payload),

@@ -115,6 +115,7 @@ pub async fn throughput(
                         _ => break,
                     }
                 }
+                sub.close().await;
                 (unique, bytes, last)
             }));
         }
@@ -198,6 +199,7 @@ pub async fn latency(
                 _ => break,
             }
         }
+        sub.close().await;
         latencies
     });
     let mut publisher = system.publisher(env, 0).await?;

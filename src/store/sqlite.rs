@@ -50,7 +50,11 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            // Keep the working set (recent messages, copies, indexes) in memory: 64 MiB
+            // of page cache and memory-mapped reads instead of a read() per page.
+            .pragma("cache_size", "-65536")
+            .pragma("mmap_size", "268435456");
         Self::connect(options).await
     }
 
@@ -101,15 +105,12 @@ impl SqliteStore {
                 id,
                 expires_at,
             } => {
-                sqlx::query(
-                    "INSERT OR REPLACE INTO replay_ids (session, message_id, expires_at) \
-                     VALUES (?, ?, ?)",
-                )
-                .bind(session.as_str())
-                .bind(&id.as_bytes()[..])
-                .bind(*expires_at as i64)
-                .execute(&mut **tx)
-                .await?;
+                let (entries, expires_at) = pack_replay_ids(&[(session, id, *expires_at)]);
+                sqlx::query("INSERT INTO replay_log (expires_at, entries) VALUES (?, ?)")
+                    .bind(expires_at as i64)
+                    .bind(entries)
+                    .execute(&mut **tx)
+                    .await?;
             }
             StoreOp::PutCopy {
                 session,
@@ -206,17 +207,12 @@ impl SqliteStore {
         match step {
             Step::Single(op) => Self::apply(tx, op).await?,
             Step::ReplayIds(rows) => {
-                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                    let mut q = QueryBuilder::<Sqlite>::new(
-                        "INSERT OR REPLACE INTO replay_ids (session, message_id, expires_at) ",
-                    );
-                    q.push_values(chunk, |mut b, (session, id, expires_at)| {
-                        b.push_bind(session.as_str())
-                            .push_bind(&id.as_bytes()[..])
-                            .push_bind(*expires_at as i64);
-                    });
-                    q.build().execute(&mut **tx).await?;
-                }
+                let (entries, expires_at) = pack_replay_ids(&rows);
+                sqlx::query("INSERT INTO replay_log (expires_at, entries) VALUES (?, ?)")
+                    .bind(expires_at as i64)
+                    .bind(entries)
+                    .execute(&mut **tx)
+                    .await?;
             }
             Step::Messages(rows) => {
                 for chunk in rows.chunks(ROWS_PER_STATEMENT / 3) {
@@ -327,6 +323,48 @@ impl SqliteStore {
         .await?;
         Ok(())
     }
+}
+
+/// Packs replay ids into one `replay_log` row: the entries and their latest expiry.
+fn pack_replay_ids(rows: &[(&SessionName, &MessageId, Millis)]) -> (Vec<u8>, Millis) {
+    let mut out = Vec::with_capacity(rows.len() * 40);
+    let mut latest = 0;
+    for (session, id, expires_at) in rows {
+        let name = session.as_str().as_bytes();
+        // Session names are at most 128 bytes, so the length fits a u16.
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(&expires_at.to_be_bytes());
+        latest = latest.max(*expires_at);
+    }
+    (out, latest)
+}
+
+/// Reads the entries of a `replay_log` row, keeping those still protected at `now`.
+fn unpack_replay_ids(
+    mut bytes: &[u8],
+    now: Millis,
+    out: &mut Vec<(SessionName, MessageId, Millis)>,
+) -> Result<(), StoreError> {
+    let truncated = || StoreError::Corrupt("truncated replay log entry".into());
+    while !bytes.is_empty() {
+        let (len, rest) = bytes.split_first_chunk::<2>().ok_or_else(truncated)?;
+        let len = u16::from_be_bytes(*len) as usize;
+        if rest.len() < len + 24 {
+            return Err(truncated());
+        }
+        let name = std::str::from_utf8(&rest[..len]).map_err(corrupt)?;
+        let id = MessageId::from_slice(&rest[len..len + 16]).map_err(corrupt)?;
+        let mut exp = [0u8; 8];
+        exp.copy_from_slice(&rest[len + 16..len + 24]);
+        let expires_at = u64::from_be_bytes(exp);
+        if expires_at > now {
+            out.push((SessionName::parse(name).map_err(corrupt)?, id, expires_at));
+        }
+        bytes = &rest[len + 24..];
+    }
+    Ok(())
 }
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -456,21 +494,14 @@ impl Store for SqliteStore {
                 ))
             })
             .collect::<Result<_, StoreError>>()?;
-        let replay_ids = sqlx::query("SELECT session, message_id, expires_at FROM replay_ids")
+        let mut replay_ids = Vec::new();
+        let logs: Vec<Vec<u8>> = sqlx::query_scalar("SELECT entries FROM replay_log WHERE expires_at > ?")
+            .bind(now as i64)
             .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|row| {
-                let s: String = row.try_get("session")?;
-                let id: Vec<u8> = row.try_get("message_id")?;
-                let exp: i64 = row.try_get("expires_at")?;
-                Ok((
-                    SessionName::parse(&s).map_err(corrupt)?,
-                    MessageId::from_slice(&id).map_err(corrupt)?,
-                    exp as u64,
-                ))
-            })
-            .collect::<Result<_, StoreError>>()?;
+            .await?;
+        for entries in logs {
+            unpack_replay_ids(&entries, now, &mut replay_ids)?;
+        }
         let max_seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM messages")
             .fetch_one(&self.pool)
             .await?;
@@ -527,7 +558,7 @@ impl Store for SqliteStore {
         for sql in [
             "DELETE FROM copies WHERE seq IN (SELECT seq FROM messages WHERE expires_at <= ?1)",
             "DELETE FROM messages WHERE expires_at <= ?1",
-            "DELETE FROM replay_ids WHERE expires_at <= ?1",
+            "DELETE FROM replay_log WHERE expires_at <= ?1",
         ] {
             gone += sqlx::query(sql)
                 .bind(now)
