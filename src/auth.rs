@@ -49,6 +49,9 @@ pub struct Authenticator {
     /// Random per process, so cached digests are useless outside it.
     secret: [u8; 32],
     cache: Mutex<HashMap<SessionName, Verified>>,
+    /// Verifications under way, by digest: concurrent logins with the same password
+    /// (a reconnect storm) wait for one argon2 run instead of each starting one.
+    inflight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<bool>>>>,
     /// Full (argon2) verifications allowed per client IP.
     budget: DefaultKeyedRateLimiter<IpAddr>,
     /// Concurrent argon2 runs: one per core, so logins cannot starve the broker.
@@ -71,6 +74,7 @@ impl Authenticator {
             store,
             secret: rand::random(),
             cache: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
             budget: RateLimiter::keyed(budget),
             slots: Semaphore::new(cores),
         }
@@ -112,28 +116,52 @@ impl Authenticator {
             }
         }
 
-        if self.budget.check_key(&peer).is_err() {
-            return Err(Reject::RateLimited(
-                "too many login attempts from this address",
-            ));
-        }
-        if self.budget.len() > 100_000 {
-            self.budget.retain_recent();
-        }
         let Some(record) = record else {
+            // Unknown sessions cost a budget slot too, so they cannot be enumerated.
+            if self.budget.check_key(&peer).is_err() {
+                return Err(Reject::RateLimited(
+                    "too many login attempts from this address",
+                ));
+            }
             return Err(Reject::BadCredentials);
         };
-        let ok = {
-            let _slot = self
-                .slots
-                .acquire()
-                .await
-                .map_err(|_| Reject::Internal("shutting down"))?;
-            let (password, phc) = (password.to_owned(), record.password_hash.clone());
-            tokio::task::spawn_blocking(move || verify_password(&password, &phc))
-                .await
-                .unwrap_or(false)
-        };
+        let cell = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(digest)
+            .or_default()
+            .clone();
+        let outcome = cell
+            .get_or_try_init(|| async {
+                // Only the login that actually runs argon2 spends the budget.
+                if self.budget.check_key(&peer).is_err() {
+                    return Err(Reject::RateLimited(
+                        "too many login attempts from this address",
+                    ));
+                }
+                if self.budget.len() > 100_000 {
+                    self.budget.retain_recent();
+                }
+                let _slot = self
+                    .slots
+                    .acquire()
+                    .await
+                    .map_err(|_| Reject::Internal("shutting down"))?;
+                let (password, phc) = (password.to_owned(), record.password_hash.clone());
+                Ok(
+                    tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+                        .await
+                        .unwrap_or(false),
+                )
+            })
+            .await
+            .copied();
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&digest);
+        let ok = outcome?;
         if !ok {
             return Err(Reject::BadCredentials);
         }
@@ -201,6 +229,24 @@ mod tests {
             auth.authenticate(IP, &unknown, "right").await,
             Err(Reject::BadCredentials)
         );
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_storm_runs_argon2_once() {
+        let (auth, name) = setup().await; // budget: 5 verifications per IP
+        let auth = Arc::new(auth);
+        let logins: Vec<_> = (0..50)
+            .map(|_| {
+                let (auth, name) = (auth.clone(), name.clone());
+                tokio::spawn(async move { auth.authenticate(IP, &name, "right").await })
+            })
+            .collect();
+        for login in logins {
+            assert!(
+                login.await.expect("join").is_ok(),
+                "concurrent logins share one verification"
+            );
+        }
     }
 
     #[tokio::test]

@@ -32,6 +32,9 @@ use crate::store::{Store, StoreError};
 const MAX_DRAIN: usize = 512;
 /// Commits merged into one transaction at most.
 const MAX_GROUP_COMMIT: usize = 256;
+/// A commit with fewer ops than this waits up to [`COMMIT_LINGER`] for more.
+const SMALL_COMMIT: usize = 64;
+const COMMIT_LINGER: Duration = Duration::from_millis(1);
 
 /// The wall clock in milliseconds since the Unix epoch.
 pub fn now_ms() -> Millis {
@@ -406,14 +409,31 @@ async fn store_worker(
         let report = match job {
             StoreJob::Commit(first) => {
                 let mut batches = vec![first];
+                let mut ops = batches[0].ops.len();
+                let linger_until = tokio::time::Instant::now() + COMMIT_LINGER;
                 while batches.len() < MAX_GROUP_COMMIT {
-                    match jobs.try_recv() {
-                        Ok(StoreJob::Commit(batch)) => batches.push(batch),
-                        Ok(other) => {
+                    let job = match jobs.try_recv() {
+                        Ok(job) => job,
+                        // A small commit waits a moment for company: at low rates this
+                        // turns a commit per message into one per millisecond. It
+                        // delays PubAck, never delivery (that happened already).
+                        Err(_) if ops < SMALL_COMMIT => {
+                            match tokio::time::timeout_at(linger_until, jobs.recv()).await {
+                                Ok(Some(job)) => job,
+                                _ => break,
+                            }
+                        }
+                        Err(_) => break,
+                    };
+                    match job {
+                        StoreJob::Commit(batch) => {
+                            ops += batch.ops.len();
+                            batches.push(batch);
+                        }
+                        other => {
                             next = Some(other);
                             break;
                         }
-                        Err(_) => break,
                     }
                 }
                 let last = batches.last().map_or(0, |b| b.id);

@@ -175,6 +175,24 @@ pub fn start_tuned_mosquitto() -> Result<(Spawned, u16)> {
     Ok((Spawned { child, _dir: dir }, port))
 }
 
+/// A NATS server of our own (core only), for workloads that need a fresh process.
+pub fn start_nats() -> Result<(Spawned, u16)> {
+    let port = free_tcp_port()?;
+    let dir = tempfile::tempdir()?;
+    let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("nats-server");
+    let child = Command::new(binary)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nats-server")?;
+    wait_for_port(port)?;
+    Ok((Spawned { child, _dir: dir }, port))
+}
+
 fn mosquitto_binary() -> PathBuf {
     for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
         if Path::new(p).exists() {

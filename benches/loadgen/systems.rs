@@ -67,6 +67,7 @@ type Pending = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
 
 /// One publishing connection.
 pub enum Publisher {
+    /// Publishes go out at once (`publish_pipelined`); the window holds their acks.
     Fastport {
         client: Client,
         inflight: FuturesUnordered<Pending>,
@@ -405,9 +406,9 @@ impl Publisher {
                 while inflight.len() >= WINDOW {
                     inflight.next().await.transpose()?;
                 }
-                let (client, topic) = (client.clone(), topic.to_owned());
+                let ack = client.publish_pipelined(topic, payload).await?;
                 inflight.push(Box::pin(async move {
-                    client.publish(&topic, payload).await?;
+                    ack.await?;
                     Ok(())
                 }));
             }

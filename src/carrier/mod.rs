@@ -221,7 +221,9 @@ impl Link {
     /// Handles one request. Errs only when the broker is shutting down.
     pub async fn handle(&mut self, request: Request) -> Result<(), DriverGone> {
         let conn = match (&request, self.conn) {
-            (Request::Hello(hello), None) => return self.hello(hello.clone()).await,
+            // Boxed: authentication (a store query, argon2) makes a large future, and
+            // an unboxed one would be part of every connection's task for its whole life.
+            (Request::Hello(hello), None) => return Box::pin(self.hello(hello.clone())).await,
             (Request::Hello(_), Some(_)) => {
                 let reject = Reject::InvalidFrame("already authenticated".into());
                 self.refuse(Refused::new(reject)).await;
@@ -285,7 +287,7 @@ impl Link {
             },
             Request::GetKeys { request_id } => Command::GetKeys { conn, request_id },
             Request::RegisterPushToken(r) => {
-                self.register_push_token(r).await;
+                Box::pin(self.register_push_token(r)).await;
                 return Ok(());
             }
         };

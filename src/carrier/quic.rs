@@ -83,7 +83,9 @@ pub fn endpoint(
             IDLE_TIMEOUT.try_into().map_err(std::io::Error::other)?,
         ))
         .max_concurrent_bidi_streams(VarInt::from_u32(64))
-        .max_concurrent_uni_streams(VarInt::from_u32(0));
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // No unreliable datagrams in the protocol: no buffer for them.
+        .datagram_receive_buffer_size(None);
     config.transport_config(Arc::new(transport));
     // Connection ids are validated with a key derived from the same persistent secret,
     // so the restarted broker recognises its predecessor's ids and resets them instead
@@ -259,7 +261,8 @@ async fn pump(
     rx: &mut mpsc::Receiver<Outbound>,
     publish_slots: &Semaphore,
 ) -> Option<Reject> {
-    let mut buf = BytesMut::with_capacity(WRITE_COALESCE);
+    // Grows to what a burst needs; an idle connection holds no write buffer.
+    let mut buf = BytesMut::new();
     while let Some(first) = rx.recv().await {
         let mut closing = None;
         let mut next = Some(first);

@@ -141,6 +141,19 @@ pub struct PubAck {
     pub status: PublishStatus,
 }
 
+/// A publish on its way; resolves to its `PubAck` (see [`Client::publish_pipelined`]).
+pub struct PendingPubAck(oneshot::Receiver<Result<PubAck, ClientError>>);
+
+impl Future for PendingPubAck {
+    type Output = Result<PubAck, ClientError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(ClientError::Closed)))
+    }
+}
+
 /// What happened to a published message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishStatus {
@@ -303,6 +316,29 @@ impl Client {
     ) -> Result<PubAck, ClientError> {
         self.publish_as(topic, payload, PayloadFormat::NativeV1)
             .await
+    }
+
+    /// Sends a publish (sealed as `NATIVE_V1`) without waiting for its `PubAck`: the
+    /// returned [`PendingPubAck`] resolves when it arrives. One task can keep many
+    /// publishes in flight this way; this call waits only while the client's queue is
+    /// full.
+    pub async fn publish_pipelined(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<PendingPubAck, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Publish {
+            topic: topic.to_owned(),
+            payload: payload.into(),
+            format: PayloadFormat::NativeV1,
+            reply,
+        };
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        Ok(PendingPubAck(answer))
     }
 
     /// Publishes sealed as `LEGACY_JSON`, readable by the legacy Dart clients

@@ -117,10 +117,16 @@ async fn cert_hash(State(state): State<Arc<HttpState>>) -> Json<serde_json::Valu
 
 type Upgrade = Result<WebSocketUpgrade, WebSocketUpgradeRejection>;
 
-/// Applies the frame size limit to an upgrade.
+/// Applies the frame size limit to an upgrade, and small I/O buffers: tungstenite's
+/// default 128 KiB read buffer per connection would dominate the memory of idle
+/// connections, and the writer flushes on its own (coalescing what is queued).
 fn limited(upgrade: WebSocketUpgrade, state: &HttpState) -> WebSocketUpgrade {
     let max = state.links.limits.max_frame;
-    upgrade.max_message_size(max).max_frame_size(max)
+    upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
 }
 
 /// `GET /`: the legacy bridge for WebSocket upgrades (where fastPort 2.0 listened),

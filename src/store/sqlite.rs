@@ -495,10 +495,11 @@ impl Store for SqliteStore {
             })
             .collect::<Result<_, StoreError>>()?;
         let mut replay_ids = Vec::new();
-        let logs: Vec<Vec<u8>> = sqlx::query_scalar("SELECT entries FROM replay_log WHERE expires_at > ?")
-            .bind(now as i64)
-            .fetch_all(&self.pool)
-            .await?;
+        let logs: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT entries FROM replay_log WHERE expires_at > ?")
+                .bind(now as i64)
+                .fetch_all(&self.pool)
+                .await?;
         for entries in logs {
             unpack_replay_ids(&entries, now, &mut replay_ids)?;
         }
