@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use base64::Engine;
 use bytes::Bytes;
+use fastport::client::transport::{Control, Dialer};
 use fastport::client::{Client, ClientConfig, SessionKey, SubscribeOptions, Subscription};
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
@@ -378,6 +379,45 @@ impl System {
                 Subscriber::Channel(rx)
             }
         })
+    }
+
+    /// An idle, authenticated connection subscribed to its own topic. fastPort's QUIC
+    /// connections share `dialer`'s endpoint: an SDK client per connection would give
+    /// each its own UDP socket and receive buffers, and 10,000 of those would measure
+    /// the load generator, not the broker.
+    pub async fn idle(&self, env: &Env, id: usize, dialer: &Dialer) -> Result<Box<dyn std::any::Any + Send>> {
+        if !matches!(self.kind, Kind::Fastport { ws: false, .. }) {
+            return Ok(Box::new(self.subscriber(env, id, &format!("idle/{id}")).await?));
+        }
+        use fastport::proto::{self, ClientFrame, client_frame, server_frame};
+        let mut control = Control::over_quic(dialer.dial().await?).await?;
+        let frame = |kind| ClientFrame { kind: Some(kind) };
+        control
+            .writer
+            .send(&frame(client_frame::Kind::Hello(proto::Hello {
+                protocol_version: 1,
+                session: env.session.clone(),
+                password: "bench-password".into(),
+                client_id: String::new(),
+                clean: false,
+            })))
+            .await?;
+        match control.frames.recv().await.and_then(|f| f.kind) {
+            Some(server_frame::Kind::Welcome(_)) => {}
+            other => return Err(anyhow!("expected Welcome, got {other:?}")),
+        }
+        control
+            .writer
+            .send(&frame(client_frame::Kind::Subscribe(proto::Subscribe {
+                request_id: 1,
+                topic: format!("idle/{id}"),
+                ..Default::default()
+            })))
+            .await?;
+        match control.frames.recv().await.and_then(|f| f.kind) {
+            Some(server_frame::Kind::Subscribed(_)) => Ok(Box::new(control)),
+            other => Err(anyhow!("expected Subscribed, got {other:?}")),
+        }
     }
 
     /// Resets per-run broker state (JetStream: a fresh file-backed stream).

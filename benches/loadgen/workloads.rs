@@ -250,15 +250,17 @@ pub async fn idle_connections(system: &System, env: &Env, count: usize) -> Resul
     let rss0 = pid.map_or(0, procs::rss);
     let meter = Meter::start(system);
     let start = Instant::now();
+    let url = fastport::client::BrokerUrl::parse(&env.fastport_quic)?;
+    let dialer = fastport::client::transport::Dialer::new(url, Some(&env.fastport_ca), false)?;
+    let dialer = &dialer;
     let mut held = Vec::with_capacity(count);
     let mut pending = futures::stream::FuturesUnordered::new();
     let mut next = 0;
     use futures::StreamExt;
     while held.len() < count {
         while next < count && pending.len() < 64 {
-            let topic = format!("idle/{next}");
             let id = 100_000 + next;
-            pending.push(async move { system.subscriber(env, id, &topic).await });
+            pending.push(async move { system.idle(env, id, dialer).await });
             next += 1;
         }
         match pending.next().await {

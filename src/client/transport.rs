@@ -158,8 +158,9 @@ pub struct Dialer {
     url: BrokerUrl,
     fallback: Option<BrokerUrl>,
     quic: quinn::ClientConfig,
-    /// Bound on first use, for the address family of the broker's address.
-    endpoint: Option<Endpoint>,
+    /// Bound on first use, for the address family of the broker's address; shared by
+    /// every connection this dialer opens.
+    endpoint: std::sync::Mutex<Option<Endpoint>>,
     websocket_tls: Arc<rustls::ClientConfig>,
 }
 
@@ -180,7 +181,7 @@ impl Dialer {
             url,
             fallback,
             quic,
-            endpoint: None,
+            endpoint: std::sync::Mutex::new(None),
             websocket_tls: Arc::new(client_tls(ca, None)?),
         })
     }
@@ -217,26 +218,30 @@ impl Dialer {
         })
     }
 
-    /// Opens a QUIC connection to the broker (without a control stream).
-    pub async fn dial(&mut self) -> Result<Connection, ClientError> {
+    /// Opens a QUIC connection to the broker (without a control stream). Connections
+    /// opened by one dialer share its UDP socket.
+    pub async fn dial(&self) -> Result<Connection, ClientError> {
         let target = (self.url.host.as_str(), self.url.port);
         let addr = tokio::net::lookup_host(target)
             .await
             .map_err(|e| ClientError::Connect(format!("cannot resolve {}: {e}", self.url.host)))?
             .next()
             .ok_or_else(|| ClientError::Connect(format!("no address for {}", self.url.host)))?;
-        let endpoint = match &self.endpoint {
-            Some(endpoint) => endpoint.clone(),
-            None => {
-                let bind: SocketAddr = if addr.is_ipv4() {
-                    ([0, 0, 0, 0], 0).into()
-                } else {
-                    ([0u16; 8], 0).into()
-                };
-                let endpoint =
-                    Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
-                self.endpoint = Some(endpoint.clone());
-                endpoint
+        let endpoint = {
+            let mut slot = self.endpoint.lock().unwrap_or_else(|e| e.into_inner());
+            match &*slot {
+                Some(endpoint) => endpoint.clone(),
+                None => {
+                    let bind: SocketAddr = if addr.is_ipv4() {
+                        ([0, 0, 0, 0], 0).into()
+                    } else {
+                        ([0u16; 8], 0).into()
+                    };
+                    let endpoint =
+                        Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
+                    *slot = Some(endpoint.clone());
+                    endpoint
+                }
             }
         };
         let connecting = endpoint

@@ -259,7 +259,7 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(url: &str, ca: &Path) -> Raw {
-        let mut dialer =
+        let dialer =
             Dialer::new(BrokerUrl::parse(url).expect("url"), Some(ca), false).expect("dialer");
         let conn = within("dial", dialer.dial()).await.expect("dial");
         let (send, recv) = within("open stream", conn.open_bi())
