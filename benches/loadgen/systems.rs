@@ -385,9 +385,16 @@ impl System {
     /// connections share `dialer`'s endpoint: an SDK client per connection would give
     /// each its own UDP socket and receive buffers, and 10,000 of those would measure
     /// the load generator, not the broker.
-    pub async fn idle(&self, env: &Env, id: usize, dialer: &Dialer) -> Result<Box<dyn std::any::Any + Send>> {
+    pub async fn idle(
+        &self,
+        env: &Env,
+        id: usize,
+        dialer: &Dialer,
+    ) -> Result<Box<dyn std::any::Any + Send>> {
         if !matches!(self.kind, Kind::Fastport { ws: false, .. }) {
-            return Ok(Box::new(self.subscriber(env, id, &format!("idle/{id}")).await?));
+            return Ok(Box::new(
+                self.subscriber(env, id, &format!("idle/{id}")).await?,
+            ));
         }
         use fastport::proto::{self, ClientFrame, client_frame, server_frame};
         let mut control = Control::over_quic(dialer.dial().await?).await?;

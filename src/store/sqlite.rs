@@ -215,7 +215,7 @@ impl SqliteStore {
                     .await?;
             }
             Step::Messages(rows) => {
-                for chunk in rows.chunks(ROWS_PER_STATEMENT / 3) {
+                for chunk in statement_chunks(&rows, ROWS_PER_STATEMENT / 3) {
                     let mut q = QueryBuilder::<Sqlite>::new(
                         "INSERT OR IGNORE INTO messages (seq, session, message_id, topic, payload, \
                          timestamp_ms, format, accepted_at, expires_at) ",
@@ -235,7 +235,7 @@ impl SqliteStore {
                 }
             }
             Step::Copies(rows) => {
-                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                for chunk in statement_chunks(&rows, ROWS_PER_STATEMENT) {
                     let mut q = QueryBuilder::<Sqlite>::new(
                         "INSERT OR IGNORE INTO copies (session, client_id, seq, attempts, ephemeral) ",
                     );
@@ -263,7 +263,7 @@ impl SqliteStore {
                 }
             }
             Step::DeleteCopies(keys) => {
-                for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+                for chunk in statement_chunks(&keys, ROWS_PER_STATEMENT) {
                     let mut q = QueryBuilder::<Sqlite>::new(
                         "DELETE FROM copies WHERE (session, client_id, seq) IN (",
                     );
@@ -277,7 +277,7 @@ impl SqliteStore {
                 }
             }
             Step::DropOrphans(seqs) => {
-                for chunk in seqs.chunks(ROWS_PER_STATEMENT) {
+                for chunk in statement_chunks(&seqs, ROWS_PER_STATEMENT) {
                     let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM messages WHERE seq IN (");
                     let mut list = q.separated(", ");
                     for seq in chunk {
@@ -323,6 +323,25 @@ impl SqliteStore {
         .await?;
         Ok(())
     }
+}
+
+/// Splits rows into chunks whose sizes come from a small fixed set (`max`, 64, 16, 4,
+/// 1), so the multi-row statements built from them have few distinct texts and stay
+/// in the prepared-statement cache instead of being parsed again each commit.
+fn statement_chunks<T>(rows: &[T], max: usize) -> impl Iterator<Item = &[T]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let size = [max, 64, 16, 4, 1]
+            .into_iter()
+            .find(|&n| n <= rest.len())
+            .unwrap_or(1);
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        Some(chunk)
+    })
 }
 
 /// Packs replay ids into one `replay_log` row: the entries and their latest expiry.
@@ -408,6 +427,21 @@ fn copy_from_row(session: &SessionName, row: &SqliteRow) -> Result<StoredCopy, S
         attempts: row.try_get::<i64, _>("attempts")? as u32,
         ephemeral: row.try_get("ephemeral")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::statement_chunks;
+
+    #[test]
+    fn chunks_use_few_sizes_and_cover_everything() {
+        let rows: Vec<u32> = (0..397).collect();
+        let sizes: Vec<usize> = statement_chunks(&rows, 300).map(<[u32]>::len).collect();
+        assert_eq!(sizes, vec![300, 64, 16, 16, 1]);
+        let flat: Vec<u32> = statement_chunks(&rows, 300).flatten().copied().collect();
+        assert_eq!(flat, rows);
+        assert_eq!(statement_chunks::<u32>(&[], 300).count(), 0);
+    }
 }
 
 #[async_trait]
