@@ -429,21 +429,6 @@ fn copy_from_row(session: &SessionName, row: &SqliteRow) -> Result<StoredCopy, S
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::statement_chunks;
-
-    #[test]
-    fn chunks_use_few_sizes_and_cover_everything() {
-        let rows: Vec<u32> = (0..397).collect();
-        let sizes: Vec<usize> = statement_chunks(&rows, 300).map(<[u32]>::len).collect();
-        assert_eq!(sizes, vec![300, 64, 16, 16, 1]);
-        let flat: Vec<u32> = statement_chunks(&rows, 300).flatten().copied().collect();
-        assert_eq!(flat, rows);
-        assert_eq!(statement_chunks::<u32>(&[], 300).count(), 0);
-    }
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     fn kind(&self) -> &'static str {
@@ -634,5 +619,20 @@ impl Store for SqliteStore {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::statement_chunks;
+
+    #[test]
+    fn chunks_use_few_sizes_and_cover_everything() {
+        let rows: Vec<u32> = (0..397).collect();
+        let sizes: Vec<usize> = statement_chunks(&rows, 300).map(<[u32]>::len).collect();
+        assert_eq!(sizes, vec![300, 64, 16, 16, 1]);
+        let flat: Vec<u32> = statement_chunks(&rows, 300).flatten().copied().collect();
+        assert_eq!(flat, rows);
+        assert_eq!(statement_chunks::<u32>(&[], 300).count(), 0);
     }
 }
