@@ -14,6 +14,7 @@
 //! absolute numbers do not.
 
 mod procs;
+mod relay;
 mod systems;
 mod workloads;
 
@@ -40,8 +41,8 @@ struct Args {
     /// Also write every run's raw figures here, as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Workloads to run (w1..w6).
-    #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w6,w5")]
+    /// Workloads to run (w1..w7).
+    #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w6,w5,w7")]
     workloads: Vec<String>,
     /// Only systems whose name contains this (`=NAME` for exactly NAME).
     #[arg(long)]
@@ -49,6 +50,13 @@ struct Args {
     /// cargo bench passes this; ignored.
     #[arg(long, hide = true)]
     bench: bool,
+    /// Internal: run as the bare quinn relay on this UDP port.
+    #[arg(long, hide = true)]
+    relay_server: Option<u16>,
+    #[arg(long, hide = true)]
+    relay_cert: Option<std::path::PathBuf>,
+    #[arg(long, hide = true)]
+    relay_key: Option<std::path::PathBuf>,
 }
 
 /// One workload's definition.
@@ -81,6 +89,7 @@ const MQ0: &str = "Mosquitto QoS0 default";
 const MQ0T: &str = "Mosquitto QoS0 tuned";
 const NATS: &str = "NATS core";
 const JS: &str = "NATS JetStream";
+const RELAY: &str = "bare quinn relay";
 
 fn plan(quick: bool) -> Vec<Workload> {
     let n = |q: u64, f: u64| if quick { q } else { f };
@@ -152,6 +161,17 @@ fn plan(quick: bool) -> Vec<Workload> {
             systems: vec![FP_QUIC, FP_DURABLE, MQ1T, JS, NATS],
             ratios: vec![(FP_QUIC, MQ1T), (FP_DURABLE, JS), (FP_QUIC, NATS)],
         },
+        Workload {
+            id: "w7",
+            title: format!(
+                "one {} file → 2 subscribers (64 KiB sealed chunks)",
+                if quick { "128 MiB" } else { "1 GiB" }
+            ),
+            unit: "MB/s",
+            higher_is_better: true,
+            systems: vec![FP_QUIC, RELAY],
+            ratios: vec![(FP_QUIC, RELAY)],
+        },
     ]
 }
 
@@ -193,6 +213,7 @@ async fn run_one(workload: &str, system: &System, env: &Env, quick: bool) -> Res
                     system.pid = Some(proc_.pid());
                     Box::new(proc_)
                 }
+                Kind::Relay => bail!("the relay only runs the file workload"),
                 Kind::NatsCore | Kind::NatsJetStream => {
                     let (proc_, port) = procs::start_nats()?;
                     env.nats_url = format!("nats://127.0.0.1:{port}");
@@ -203,6 +224,14 @@ async fn run_one(workload: &str, system: &System, env: &Env, quick: bool) -> Res
             };
             tokio::time::sleep(Duration::from_millis(300)).await;
             workloads::idle_connections(&system, &env, count).await
+        }
+        "w7" => {
+            let size = n(128 << 20, 1 << 30);
+            if system.kind == Kind::Relay {
+                workloads::file_relay(size).await
+            } else {
+                workloads::file_fanout(system, env, size).await
+            }
         }
         other => bail!("unknown workload {other}"),
     }
@@ -302,6 +331,11 @@ fn print_table(w: &Workload, results: &BTreeMap<String, Vec<Sample>>) -> BTreeMa
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let (Some(port), Some(cert), Some(key)) =
+        (args.relay_server, &args.relay_cert, &args.relay_key)
+    {
+        return relay::serve(port, cert, key).await;
+    }
     if !procs::port_open(1883) {
         bail!("Mosquitto is not running on 127.0.0.1:1883 (see DEVELOPERS.md to start it)");
     }
@@ -382,6 +416,7 @@ async fn main() -> Result<()> {
         ),
         system(NATS, Kind::NatsCore, nats_pid),
         system(JS, Kind::NatsJetStream, nats_pid),
+        system(RELAY, Kind::Relay, None),
     ];
     let mut env = Env {
         fastport_quic: format!("quic://{}", fastport.quic),

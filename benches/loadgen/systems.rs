@@ -40,6 +40,8 @@ pub enum Kind {
     },
     NatsCore,
     NatsJetStream,
+    /// The bare quinn relay of the file workload.
+    Relay,
 }
 
 /// A system under test, as a row of the report.
@@ -133,7 +135,7 @@ fn nats_subject(topic: &str) -> String {
     topic.replace('/', ".")
 }
 
-async fn fastport_client(env: &Env, kind: &Kind, client_id: Option<String>) -> Result<Client> {
+pub async fn fastport_client(env: &Env, kind: &Kind, client_id: Option<String>) -> Result<Client> {
     let ws = matches!(kind, Kind::Fastport { ws: true, .. });
     let url = if ws {
         format!("ws://{}/v1/ws", env.fastport_http)
@@ -258,6 +260,7 @@ impl System {
                 }
             }
             Kind::NatsCore => Publisher::Nats(async_nats::connect(&env.nats_url).await?),
+            Kind::Relay => return Err(anyhow!("the relay only runs the file workload")),
             Kind::NatsJetStream => Publisher::JetStream {
                 js: async_nats::jetstream::new(async_nats::connect(&env.nats_url).await?),
                 inflight: FuturesUnordered::new(),
@@ -343,6 +346,7 @@ impl System {
                 std::mem::forget(client);
                 Subscriber::Channel(rx)
             }
+            Kind::Relay => return Err(anyhow!("the relay only runs the file workload")),
             Kind::NatsCore => {
                 let client = async_nats::connect(&env.nats_url).await?;
                 let sub = client.subscribe(nats_subject(topic)).await?;

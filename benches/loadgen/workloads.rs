@@ -73,7 +73,9 @@ impl Meter {
 
     fn finish(self, sample: &mut Sample) {
         if let Some(pid) = self.pid {
-            sample.broker_cpu_s = (procs::cpu_time(pid) - self.broker0).as_secs_f64();
+            sample.broker_cpu_s = procs::cpu_time(pid)
+                .saturating_sub(self.broker0)
+                .as_secs_f64();
         }
         sample.loadgen_cpu_s = (procs::own_cpu().saturating_sub(self.gen0)).as_secs_f64();
     }
@@ -285,6 +287,101 @@ pub async fn idle_connections(system: &System, env: &Env, count: usize) -> Resul
     meter.finish(&mut sample);
     drop(held);
     tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(sample)
+}
+
+/// One file of `size` bytes through fastPort to two subscribers. The value is MB/s
+/// (of file content, per receiver); the broker's peak RSS is an extra.
+pub async fn file_fanout(system: &System, env: &Env, size: u64) -> Result<Sample> {
+    let topic = "bench/file";
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let client = crate::systems::fastport_client(env, &system.kind, None).await?;
+        let mut files = client.subscribe_files(topic).await?;
+        readers.push(tokio::spawn(async move {
+            let _client = client;
+            let mut file = files
+                .next()
+                .await
+                .ok_or_else(|| anyhow::anyhow!("no file"))?;
+            let mut bytes = 0u64;
+            while let Some(chunk) = file.next_chunk().await {
+                bytes += chunk?.len() as u64;
+            }
+            anyhow::Ok(bytes)
+        }));
+    }
+    let sender = crate::systems::fastport_client(env, &system.kind, None).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let meter = Meter::start(system);
+    let rss = RssSampler::start(system.pid);
+    let start = Instant::now();
+    use tokio::io::AsyncReadExt;
+    sender
+        .send_file(topic, "big.bin", tokio::io::repeat(7).take(size), size)
+        .await?;
+    let mut lost = 0;
+    for reader in readers {
+        let got = reader.await??;
+        lost += size.saturating_sub(got);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut sample = Sample {
+        value: size as f64 / elapsed / 1e6,
+        lost,
+        elapsed_s: elapsed,
+        ..Sample::default()
+    };
+    if let Some(peak) = rss.finish().await {
+        sample
+            .extra
+            .insert("broker peak RSS MiB".into(), peak as f64 / (1 << 20) as f64);
+    }
+    meter.finish(&mut sample);
+    Ok(sample)
+}
+
+/// The same file through the bare quinn relay (a child process).
+pub async fn file_relay(size: u64) -> Result<Sample> {
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = crate::relay::make_cert(dir.path())?;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["--relay-server", &port.to_string()])
+        .arg("--relay-cert")
+        .arg(&cert)
+        .arg("--relay-key")
+        .arg(&key)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("relay stdout"))?;
+    std::io::BufRead::lines(std::io::BufReader::new(stdout)).next();
+    let system = System {
+        name: "relay".into(),
+        kind: crate::systems::Kind::Relay,
+        pid: Some(child.id()),
+    };
+    let meter = Meter::start(&system);
+    let rss = RssSampler::start(system.pid);
+    let result = crate::relay::transfer(port, &cert, size).await;
+    let peak = rss.finish().await;
+    let mut sample = Sample::default();
+    meter.finish(&mut sample); // before the process is gone
+    let _ = child.kill();
+    let _ = child.wait();
+    let elapsed = result?;
+    sample.value = size as f64 / elapsed / 1e6;
+    sample.elapsed_s = elapsed;
+    if let Some(peak) = peak {
+        sample
+            .extra
+            .insert("broker peak RSS MiB".into(), peak as f64 / (1 << 20) as f64);
+    }
     Ok(sample)
 }
 
