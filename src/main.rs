@@ -348,9 +348,10 @@ fn print_banner(server: &Server, store: &str) -> std::io::Result<()> {
         "  quic   quic://{}   (native clients, ALPN fastport/1)",
         server.quic_addr
     )?;
+    let scheme = if server.https { "https" } else { "http" };
     writeln!(
         out,
-        "  http   http://{}   (/health, /api/createSession, /v1/cert-hash)",
+        "  {scheme:<6} {scheme}://{}   (/health, /api/createSession, /v1/cert-hash)",
         server.http_addr
     )?;
     writeln!(
@@ -373,10 +374,10 @@ fn print_banner(server: &Server, store: &str) -> std::io::Result<()> {
             out,
             "  note   bound to {ip} only; use --listen 0.0.0.0 to accept other machines"
         )?;
-    } else {
+    } else if !server.https {
         writeln!(
             out,
-            "  WARN   HTTP is plaintext and reachable beyond this machine; put it behind TLS"
+            "  WARN   HTTP is plaintext and reachable beyond this machine; use --cert/--key"
         )?;
     }
     out.flush()

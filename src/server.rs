@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use crate::auth::Authenticator;
 use crate::carrier::{CarrierLimits, LinkContext, quic};
 use crate::driver::{self, DriverConfig, DriverHandle};
-use crate::http::{self, CreateSessionLimit, HttpState};
+use crate::http::{self, CreateSessionLimit, HttpState, TlsListener};
 use crate::store::{self, StoreError, StoreKind};
 use crate::tls::{CertInfo, CertSource, Certs, TlsError};
 
@@ -49,6 +49,8 @@ pub enum StartError {
 /// A running broker.
 pub struct Server {
     pub http_addr: SocketAddr,
+    /// The TCP port speaks TLS (HTTPS/WSS): a real certificate was given.
+    pub https: bool,
     pub quic_addr: SocketAddr,
     pub cert: CertInfo,
     pub store_kind: &'static str,
@@ -111,18 +113,33 @@ impl Server {
             config.max_payload_bytes,
         ));
         let (stop_http, mut stopped) = watch::channel(false);
-        let http_task = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            };
-            if let Err(e) = http::serve(tcp, state, shutdown).await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        let shutdown = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        // A real certificate (--cert) also serves HTTPS/WSS on the TCP port; the
+        // generated one is for QUIC and browsers' pinned hashes only.
+        let https = config.certs.cert.is_some();
+        let http_task = if https {
+            let tls = certs.server_config(&[b"http/1.1"])?;
+            let listener =
+                TlsListener::new(tcp, tls).map_err(bind_err("HTTPS (TCP)", http_addr))?;
+            tokio::spawn(async move {
+                if let Err(e) = http::serve(listener, state, shutdown).await {
+                    tracing::error!(error = %e, "HTTPS server failed");
+                }
+            })
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = http::serve(tcp, state, shutdown).await {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            })
+        };
         let renewal = certs.spawn_renewal();
 
         Ok(Self {
             http_addr,
+            https,
             quic_addr,
             cert: certs.info(),
             store_kind: store.kind(),

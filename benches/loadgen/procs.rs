@@ -116,7 +116,7 @@ impl Fastport {
                     .and_then(|a| a.parse::<SocketAddr>().ok())
             };
             quic = quic.or(addr("quic   quic://"));
-            http = http.or(addr("http   http://"));
+            http = http.or(addr("http   http://")).or(addr("https  https://"));
         }
         // Keep draining stdout so the broker never blocks on it.
         std::thread::spawn(move || for _ in lines {});

@@ -3,6 +3,7 @@
 //! legacy JSON bridge, `/v1/ws` for protobuf frames).
 
 mod sessions;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::store::Store;
 use crate::tls::Certs;
 
 pub use sessions::CreateSessionLimit;
+pub use tls::{Peer, TlsListener};
 
 /// What the HTTP handlers share.
 pub struct HttpState {
@@ -69,15 +71,20 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` completes.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Serves `router` on `listener` (plain TCP, or [`TlsListener`]) until `shutdown`
+/// completes.
+pub async fn serve<L>(
+    listener: L,
     state: Arc<HttpState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    for<'a> Peer: axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+{
     axum::serve(
         listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        router(state).into_make_service_with_connect_info::<Peer>(),
     )
     .with_graceful_shutdown(shutdown)
     .await
@@ -133,7 +140,7 @@ fn limited(upgrade: WebSocketUpgrade, state: &HttpState) -> WebSocketUpgrade {
 /// otherwise a short description of the broker.
 async fn legacy_or_index(
     State(state): State<Arc<HttpState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     upgrade: Upgrade,
 ) -> Response {
     match upgrade {
@@ -159,7 +166,7 @@ async fn legacy_or_index(
 /// `GET /ws`: the legacy JSON bridge.
 async fn legacy_ws(
     State(state): State<Arc<HttpState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     upgrade: Upgrade,
 ) -> Response {
     match upgrade {
@@ -174,7 +181,7 @@ async fn legacy_ws(
 /// `GET /v1/ws`: native protobuf frames over WebSocket.
 async fn native_ws(
     State(state): State<Arc<HttpState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     upgrade: Upgrade,
 ) -> Response {
     match upgrade {

@@ -6,7 +6,7 @@
 //! `encryptionKey` is accepted but never stored or logged — the key must never reach the
 //! server, and the response says so.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,7 +117,7 @@ fn string_field<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str
 /// The handler.
 pub async fn create_session(
     State(state): State<Arc<HttpState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(super::Peer(peer)): ConnectInfo<super::Peer>,
     body: Bytes,
 ) -> Response {
     let api = &state.sessions;

@@ -108,7 +108,7 @@ impl Broker {
             if let Some(a) = addr("quic   quic://") {
                 quic = Some(a);
             }
-            if let Some(a) = addr("http   http://") {
+            if let Some(a) = addr("http   http://").or_else(|| addr("https  https://")) {
                 http = Some(a);
             }
         }
