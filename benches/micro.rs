@@ -129,6 +129,7 @@ fn core_with(subscribers: u64) -> Core {
                     filter: TopicFilter::parse("t").expect("valid"),
                     durable: false,
                     presence: false,
+                    history: 0,
                 },
             );
         }

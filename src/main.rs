@@ -146,6 +146,9 @@ struct SubArgs {
     /// Keep queuing while this client is offline (needs --client-id).
     #[arg(long)]
     durable: bool,
+    /// First replay up to this many retained messages (sessions with historySize).
+    #[arg(long, default_value_t = 0)]
+    history: u32,
     /// Exit after this many messages.
     #[arg(long)]
     count: Option<u64>,
@@ -518,6 +521,7 @@ async fn subscribe(args: SubArgs) -> Result<()> {
     let options = SubscribeOptions {
         durable: args.durable,
         presence: false,
+        history: args.history,
     };
     let mut sub = client.subscribe_with(&args.filter, options).await?;
     eprintln!("subscribed to {} (Ctrl-C to stop)", args.filter);

@@ -200,6 +200,7 @@ async fn acknowledged_publishes_survive_kill_9() {
     let options = SubscribeOptions {
         durable: true,
         presence: false,
+        ..SubscribeOptions::default()
     };
     let reader = within("connect", Client::connect(config.clone()))
         .await
@@ -308,6 +309,7 @@ async fn sdk_publish_during_an_outage_is_delivered_after_it() {
     let options = SubscribeOptions {
         durable: true,
         presence: false,
+        ..SubscribeOptions::default()
     };
     let reader = within("connect", Client::connect(config))
         .await
@@ -350,6 +352,7 @@ async fn sigterm_flushes_and_exits_cleanly() {
     let options = SubscribeOptions {
         durable: true,
         presence: false,
+        ..SubscribeOptions::default()
     };
     let reader = within("connect", Client::connect(config.clone()))
         .await

@@ -28,6 +28,7 @@ async fn encrypted_round_trip_never_shows_plaintext_to_the_broker() {
     let options = SubscribeOptions {
         durable: true,
         presence: false,
+        ..SubscribeOptions::default()
     };
     drop(
         reader
@@ -165,6 +166,7 @@ async fn durable_backlog_arrives_in_order_after_reconnect() {
     let options = SubscribeOptions {
         durable: true,
         presence: false,
+        ..SubscribeOptions::default()
     };
     let sub = within("connect", Client::connect(config.clone()))
         .await
@@ -243,5 +245,48 @@ async fn wrong_key_messages_are_dropped_not_delivered() {
         m.payload,
         &b"genuine"[..],
         "the forged message must fail its MAC"
+    );
+}
+
+#[tokio::test]
+async fn late_subscribers_get_the_retained_history_first() {
+    let broker = Broker::start();
+    broker
+        .create_session("news", "secret-pass", json!({"historySize": 5}))
+        .await;
+    let key = SessionKey::generate();
+    let publisher = broker.client("news", "secret-pass", &key).await;
+    for i in 0..8 {
+        publisher
+            .publish("news/today", format!("story {i}").into_bytes())
+            .await
+            .expect("publish");
+    }
+    let reader = broker.client("news", "secret-pass", &key).await;
+    let options = SubscribeOptions {
+        history: 10,
+        ..SubscribeOptions::default()
+    };
+    let mut sub = reader
+        .subscribe_with("news/#", options)
+        .await
+        .expect("subscribe");
+    for i in 3..8 {
+        let m = within("history", sub.next())
+            .await
+            .expect("retained message");
+        assert_eq!(
+            m.payload,
+            format!("story {i}").as_bytes(),
+            "the last 5, oldest first"
+        );
+    }
+    publisher
+        .publish("news/today", b"live".to_vec())
+        .await
+        .expect("publish");
+    assert_eq!(
+        within("live", sub.next()).await.expect("live").payload,
+        &b"live"[..]
     );
 }

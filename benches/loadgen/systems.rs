@@ -277,6 +277,7 @@ impl System {
                 let options = SubscribeOptions {
                     durable: *durable,
                     presence: false,
+                    ..SubscribeOptions::default()
                 };
                 let sub = client.subscribe_with(topic, options).await?;
                 Subscriber::Fastport {

@@ -254,13 +254,14 @@ impl Link {
                 filter,
                 durable,
                 presence,
-                history: _,
+                history,
             } => Command::Subscribe {
                 conn,
                 request_id,
                 filter,
                 durable,
                 presence,
+                history,
             },
             Request::Unsubscribe { request_id, filter } => Command::Unsubscribe {
                 conn,

@@ -132,6 +132,9 @@ pub struct SubscribeOptions {
     pub durable: bool,
     /// Also receive presence changes of the filter.
     pub presence: bool,
+    /// First replay up to this many retained messages (the session's `historySize`
+    /// bounds it).
+    pub history: u32,
 }
 
 /// The broker accepted a publish.

@@ -860,7 +860,7 @@ fn subscribe_frame(
         request_id,
         topic: filter.to_string(),
         durable: options.durable,
-        history: 0,
+        history: options.history,
         presence: options.presence,
     }))
 }

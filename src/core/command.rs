@@ -80,6 +80,8 @@ pub enum Command {
         filter: TopicFilter,
         durable: bool,
         presence: bool,
+        /// Replay up to this many retained messages first (see `historySize`).
+        history: u32,
     },
     Unsubscribe {
         conn: ConnId,

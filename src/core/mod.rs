@@ -43,7 +43,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 
-use crate::proto::{PresenceEvent, PubAckStatus};
+use crate::proto::{PayloadFormat, PresenceEvent, PubAckStatus};
 
 pub use command::{
     BacklogRequest, Command, Event, FileOffer, Hello, Message, Output, Publish, Restore,
@@ -245,7 +245,11 @@ impl Core {
                 filter,
                 durable,
                 presence,
-            } => self.subscribe(conn, request_id, filter, SubOpts { durable, presence }),
+                history,
+            } => {
+                let opts = SubOpts { durable, presence };
+                self.subscribe(now, conn, request_id, filter, opts, history)
+            }
             Command::Unsubscribe {
                 conn,
                 request_id,
@@ -345,7 +349,15 @@ impl Core {
         }
     }
 
-    fn subscribe(&mut self, conn: ConnId, request_id: u64, filter: TopicFilter, opts: SubOpts) {
+    fn subscribe(
+        &mut self,
+        now: Millis,
+        conn: ConnId,
+        request_id: u64,
+        filter: TopicFilter,
+        opts: SubOpts,
+        history: u32,
+    ) {
         let Some(c) = self.conns.get(&conn) else {
             return self.refuse(conn, request_id, Reject::NotAuthenticated);
         };
@@ -400,6 +412,31 @@ impl Core {
                 &client_id,
                 PresenceEvent::Joined,
             );
+        }
+
+        // Retained messages first, in accept order, then live traffic.
+        let limit = history.min(session.settings.history_size) as usize;
+        if limit > 0 {
+            let retained = session.retained(&filter, limit, now);
+            if let Some(sub) = session.subscribers.get_mut(&client_id) {
+                let mut ctx = Ctx {
+                    settings: &session.settings,
+                    limits: &self.config.limits,
+                    fx: &mut self.fx,
+                };
+                for message in retained {
+                    if sub.legacy_only && message.format != PayloadFormat::LegacyJson {
+                        continue;
+                    }
+                    let copy = delivery::Copy {
+                        message,
+                        durable: false,
+                        persisted: false,
+                        attempts: 0,
+                    };
+                    sub.offer(copy, now, &mut ctx);
+                }
+            }
         }
 
         let name = session.settings.name.clone();

@@ -51,6 +51,7 @@ impl Core {
             id,
             expires_at: session.replay.expiry_of(p.timestamp_ms),
         });
+        session.retain(&message);
 
         // One copy per subscriber, however many of its filters match; durable if any
         // matching subscription is.

@@ -1,12 +1,14 @@
 //! Sessions (tenants): their settings and the isolated state each one owns.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::command::Message;
 use super::delivery::Subscriber;
 use super::replay::ReplayGuard;
-use super::topic::{TopicFilter, TopicTree};
+use super::topic::{TopicFilter, TopicName, TopicTree};
 use super::types::{ClientId, ConnId, SessionName};
 
 /// Defaults of the seeds' `createSession`.
@@ -20,6 +22,8 @@ pub const RETRY_INTERVAL_RANGE: std::ops::RangeInclusive<u64> = 100..=86_400_000
 pub const MAX_RETRIES_LIMIT: u32 = 10_000;
 pub const MESSAGE_EXPIRY_RANGE: std::ops::RangeInclusive<u64> = 1_000..=30 * 86_400_000;
 pub const MAX_HISTORY_SIZE: u32 = 1_000;
+/// Topics with retained messages per session; past this, new topics retain nothing.
+pub const MAX_HISTORY_TOPICS: usize = 10_000;
 
 /// A session's settings: what `createSession` sets and `Welcome` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +84,8 @@ pub struct Session {
     pub presence: BTreeMap<TopicFilter, Vec<ClientId>>,
     /// The X25519 key directory.
     pub keys: BTreeMap<ClientId, Bytes>,
+    /// The last `history_size` messages of each topic (in memory only).
+    pub history: HashMap<TopicName, VecDeque<Arc<Message>>>,
 }
 
 impl Session {
@@ -92,6 +98,39 @@ impl Session {
             replay,
             presence: BTreeMap::new(),
             keys: BTreeMap::new(),
+            history: HashMap::new(),
         }
+    }
+
+    /// Keeps `message` as the newest retained message of its topic.
+    pub fn retain(&mut self, message: &Arc<Message>) {
+        let size = self.settings.history_size as usize;
+        if size == 0 {
+            return;
+        }
+        if !self.history.contains_key(&message.topic) && self.history.len() >= MAX_HISTORY_TOPICS {
+            return;
+        }
+        let kept = self.history.entry(message.topic.clone()).or_default();
+        kept.push_back(message.clone());
+        while kept.len() > size {
+            kept.pop_front();
+        }
+    }
+
+    /// Up to `limit` retained messages matching `filter`, unexpired at `now`, oldest
+    /// first (the newest `limit` of them).
+    pub fn retained(&self, filter: &TopicFilter, limit: usize, now: u64) -> Vec<Arc<Message>> {
+        let mut found: Vec<Arc<Message>> = self
+            .history
+            .iter()
+            .filter(|(topic, _)| filter.matches(topic))
+            .flat_map(|(_, kept)| kept.iter())
+            .filter(|m| m.expires_at > now)
+            .cloned()
+            .collect();
+        found.sort_unstable_by_key(|m| m.seq);
+        let skip = found.len().saturating_sub(limit);
+        found.split_off(skip)
     }
 }

@@ -152,6 +152,7 @@ impl Pair {
             filter: filter(f),
             durable,
             presence: false,
+            history: 0,
         });
         let events = self.take(conn);
         assert!(
@@ -677,6 +678,7 @@ fn presence_is_announced_to_watchers_only() {
         filter: filter("room"),
         durable: false,
         presence: true,
+        history: 0,
     });
     p.take(watcher);
     let other = p.connect(&s, "other");
@@ -706,6 +708,7 @@ fn frames_before_hello_are_refused() {
         filter: filter("t"),
         durable: false,
         presence: false,
+        history: 0,
     });
     assert_eq!(p.error(stranger), Reject::NotAuthenticated);
 }
@@ -783,4 +786,75 @@ fn files_go_to_online_subscribers_once_and_legacy_only_to_legacy() {
             .open_file(p.now, ConnId(999), &offer(4, PayloadFormat::NativeV1)),
         Err(Reject::NotAuthenticated)
     );
+}
+
+#[test]
+fn subscribe_with_history_replays_retained_messages_first() {
+    let mut p = Pair::new();
+    let mut s = settings("s");
+    s.history_size = 3;
+    let publisher = p.connect(&s, "pub");
+    for (topic, body) in [
+        ("a/1", b"one"),
+        ("a/2", b"two"),
+        ("a/1", b"thr"),
+        ("b/1", b"xxx"),
+        ("a/1", b"fou"),
+        ("a/1", b"fiv"),
+    ] {
+        p.publish(publisher, topic, body);
+    }
+    let subscribe = |p: &mut Pair, conn, f: &str, history| {
+        p.cmd(Command::Subscribe {
+            conn,
+            request_id: 1,
+            filter: filter(f),
+            durable: false,
+            presence: false,
+            history,
+        });
+    };
+    // Exact topic: the last 3 of a/1 (its history size), oldest first.
+    let one = p.connect(&s, "one");
+    subscribe(&mut p, one, "a/1", 10);
+    assert_eq!(
+        payloads(&p.delivers(one)),
+        vec![b"thr".to_vec(), b"fou".to_vec(), b"fiv".to_vec()]
+    );
+    // Wildcard: the newest 2 across matching topics.
+    let two = p.connect(&s, "two");
+    subscribe(&mut p, two, "a/+", 2);
+    assert_eq!(
+        payloads(&p.delivers(two)),
+        vec![b"fou".to_vec(), b"fiv".to_vec()]
+    );
+    // Then live traffic follows.
+    p.publish(publisher, "a/2", b"new");
+    assert_eq!(payloads(&p.delivers(two)), vec![b"new".to_vec()]);
+    // No history asked, none given; expired messages are not replayed.
+    let three = p.connect(&s, "three");
+    subscribe(&mut p, three, "a/#", 0);
+    assert!(p.delivers(three).is_empty());
+    p.advance(s.message_expiry_ms + 1);
+    let four = p.connect(&s, "four");
+    subscribe(&mut p, four, "a/#", 10);
+    assert!(p.delivers(four).is_empty());
+}
+
+#[test]
+fn sessions_without_history_retain_nothing() {
+    let mut p = Pair::new();
+    let s = settings("s"); // history_size 0
+    let publisher = p.connect(&s, "pub");
+    p.publish(publisher, "t", b"m");
+    let sub = p.connect(&s, "sub");
+    p.cmd(Command::Subscribe {
+        conn: sub,
+        request_id: 1,
+        filter: filter("t"),
+        durable: false,
+        presence: false,
+        history: 100,
+    });
+    assert!(p.delivers(sub).is_empty());
 }
