@@ -119,6 +119,12 @@ pub struct ServeArgs {
     /// The window of --create-session-limit, in seconds.
     #[arg(long, value_name = "SECS")]
     pub create_session_window: Option<u64>,
+
+    /// Worker threads of the async runtime [default: one per CPU core]. The router is
+    /// one task either way; fewer threads mean fewer cross-thread wake-ups per message,
+    /// which on a small machine shared with other work can be faster.
+    #[arg(long, env = "FASTPORT_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 /// The same settings, read from `fastport.toml`.

@@ -205,9 +205,21 @@ fn init_logging(default: &str) {
         .init();
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let cli = Cli::parse();
+    let threads = match &cli.command {
+        None => cli.serve.threads,
+        Some(Command::Serve(args)) => args.threads,
+        Some(_) => None,
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads.filter(|n| *n > 0) {
+        runtime.worker_threads(n);
+    }
+    runtime.enable_all().build()?.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         None => serve(cli.serve).await,
         Some(Command::Serve(args)) => serve(args).await,
