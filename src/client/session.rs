@@ -28,6 +28,8 @@ const SEEN_CAPACITY: usize = 100_000;
 /// Deliveries held while no local subscription wants them yet (a durable backlog
 /// arrives right after connecting, before the application subscribes again).
 const ORPHAN_CAPACITY: usize = 10_000;
+/// Requests and frames handled per write at most.
+const BURST: usize = 64;
 /// Time the broker has to answer `Hello`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -278,6 +280,31 @@ impl State {
                         }
                     }
                 },
+            }
+            // Take what is already waiting before writing, so a burst of publishes and
+            // acks leaves in one write instead of one each.
+            for _ in 0..BURST {
+                let mut idle = true;
+                match requests.try_recv() {
+                    Ok(Request::Close) => {
+                        let _ = live.writer.flush().await;
+                        return Outcome::Closed;
+                    }
+                    Ok(request) => {
+                        self.on_request(request, Some(&mut live.writer));
+                        idle = false;
+                    }
+                    Err(_) => {}
+                }
+                if let Ok(frame) = live.frames.try_recv() {
+                    if let Err(fatal) = self.on_frame(frame, &mut live.writer).await {
+                        return Outcome::Fatal(fatal);
+                    }
+                    idle = false;
+                }
+                if idle {
+                    break;
+                }
             }
             for id in std::mem::take(&mut self.ack_later) {
                 live.writer.push(&frame(client_frame::Kind::Ack(proto::Ack {
