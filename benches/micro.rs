@@ -213,45 +213,67 @@ fn store_benches(c: &mut Criterion) {
     let session = SessionName::parse("bench").expect("valid");
     let client = ClientId::parse("sub").expect("valid");
     let mut seq = 0u64;
-    let mut group = c.benchmark_group("store");
-    group.throughput(Throughput::Elements(256));
-    group.sample_size(20);
-    group.bench_function("sqlite commit 256 durable messages", |b| {
-        b.iter_batched(
-            || {
-                let mut ops = Vec::with_capacity(768);
-                for _ in 0..256 {
-                    seq += 1;
-                    let id = MessageId((seq as u128).to_be_bytes());
-                    ops.push(StoreOp::PutReplayId {
-                        session: session.clone(),
-                        id,
-                        expires_at: T0,
-                    });
-                    ops.push(StoreOp::PutMessage(Arc::new(Message {
-                        session: session.clone(),
-                        id,
-                        seq,
-                        topic: TopicName::parse("t").expect("valid"),
-                        payload: Bytes::from(vec![0u8; 128]),
-                        timestamp_ms: T0,
-                        format: PayloadFormat::NativeV1,
-                        accepted_at: T0,
-                        expires_at: T0,
-                    })));
-                    ops.push(StoreOp::PutCopy {
+    // 256 durable messages: replay id, body and copy each; with `acked`, also the
+    // acknowledgements of the previous commit's 256 copies (a subscriber keeping up).
+    let mut batch = |acked: bool| {
+        let mut ops = Vec::with_capacity(1024);
+        if acked {
+            ops.extend(
+                (seq.saturating_sub(255)..=seq)
+                    .filter(|&s| s > 0)
+                    .map(|seq| StoreOp::DeleteCopy {
                         session: session.clone(),
                         client_id: client.clone(),
                         seq,
-                        ephemeral: false,
-                    });
-                }
-                StoreBatch { id: seq, ops }
-            },
-            |batch| runtime.block_on(store.commit(&[batch])).expect("commit"),
-            BatchSize::SmallInput,
-        )
-    });
+                    }),
+            );
+        }
+        for _ in 0..256 {
+            seq += 1;
+            let id = MessageId((seq as u128).to_be_bytes());
+            ops.push(StoreOp::PutReplayId {
+                session: session.clone(),
+                id,
+                expires_at: T0,
+            });
+            ops.push(StoreOp::PutMessage(Arc::new(Message {
+                session: session.clone(),
+                id,
+                seq,
+                topic: TopicName::parse("t").expect("valid"),
+                payload: Bytes::from(vec![0u8; 128]),
+                timestamp_ms: T0,
+                format: PayloadFormat::NativeV1,
+                accepted_at: T0,
+                expires_at: T0,
+            })));
+            ops.push(StoreOp::PutCopy {
+                session: session.clone(),
+                client_id: client.clone(),
+                seq,
+                ephemeral: false,
+            });
+        }
+        StoreBatch { id: seq, ops }
+    };
+    let mut group = c.benchmark_group("store");
+    group.throughput(Throughput::Elements(256));
+    group.sample_size(20);
+    for (name, acked) in [
+        (
+            "sqlite commit 256 durable messages, acked a commit later",
+            true,
+        ),
+        ("sqlite commit 256 durable messages, never acked", false),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || batch(acked),
+                |batch| runtime.block_on(store.commit(&[batch])).expect("commit"),
+                BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
 }
 

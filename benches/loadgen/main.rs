@@ -47,6 +47,10 @@ struct Args {
     /// Only systems whose name contains this (`=NAME` for exactly NAME).
     #[arg(long)]
     systems: Option<String>,
+    /// One more flag for the fastPort broker, e.g. `--broker-arg=--threads=1`
+    /// (repeatable): to measure a setting against the default in the same way.
+    #[arg(long = "broker-arg", allow_hyphen_values = true)]
+    broker_args: Vec<String>,
     /// cargo bench passes this; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -198,7 +202,7 @@ async fn run_one(workload: &str, system: &System, env: &Env, quick: bool) -> Res
             let mut system = system.clone();
             let _fresh: Box<dyn std::any::Any> = match &system.kind {
                 Kind::Fastport { .. } | Kind::FastportLegacy => {
-                    let fp = procs::Fastport::start(&[])?;
+                    let fp = procs::Fastport::start(&env.broker_args)?;
                     fp.create_session(&env.session, serde_json::json!({}))
                         .await?;
                     env.fastport_quic = format!("quic://{}", fp.quic);
@@ -342,7 +346,7 @@ async fn main() -> Result<()> {
     if !procs::port_open(4222) {
         bail!("NATS is not running on 127.0.0.1:4222 (start it with JetStream: -js)");
     }
-    let fastport = procs::Fastport::start(&[]).context("starting fastPort")?;
+    let fastport = procs::Fastport::start(&args.broker_args).context("starting fastPort")?;
     fastport
         .create_session("bench", serde_json::json!({}))
         .await?;
@@ -425,6 +429,7 @@ async fn main() -> Result<()> {
         session: "bench".into(),
         key: SessionKey::generate(),
         nats_url: "nats://127.0.0.1:4222".into(),
+        broker_args: args.broker_args.clone(),
         run: 0,
     };
 

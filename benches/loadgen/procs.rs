@@ -86,7 +86,7 @@ pub struct Fastport {
 }
 
 impl Fastport {
-    pub fn start(extra: &[&str]) -> Result<Fastport> {
+    pub fn start(extra: &[String]) -> Result<Fastport> {
         let dir = tempfile::tempdir()?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_fastport"))
             .args(["serve", "--http", "127.0.0.1:0", "--quic", "127.0.0.1:0"])

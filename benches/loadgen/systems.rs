@@ -62,6 +62,8 @@ pub struct Env {
     pub session: String,
     pub key: SessionKey,
     pub nats_url: String,
+    /// Extra flags for every fastPort broker the generator starts.
+    pub broker_args: Vec<String>,
     /// Makes client ids unique across runs.
     pub run: u64,
 }

@@ -5,6 +5,7 @@
 //! and the driver runs them here, in order, and reports back. Every implementation
 //! passes the same suite (`tests.rs`): memory, SQLite, and later Postgres.
 
+pub mod journal;
 pub mod memory;
 pub mod plan;
 pub mod sqlite;

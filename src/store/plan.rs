@@ -1,68 +1,70 @@
-//! Turns the ops of the batches committed together into a few large statements.
+//! Nets out copy ops before they are written, and plans a commit into a few steps.
 //!
-//! SQL stores pay per statement, not per row, so a group commit is planned first: ops
-//! of one kind are gathered into one multi-row step, and a copy that was inserted and
-//! acknowledged within the same commit is never written at all (nor its message body,
-//! if no other copy needs it). Order is kept where it matters: ops that change a whole
-//! client or subscription (`DeleteClient`, subscriptions, `DeleteEphemeral`) are
-//! barriers, and within the stretch between two barriers inserts come before updates,
-//! which come before deletes — the order the core emits them for any one copy.
+//! SQL stores pay per row and per statement, and most copies are acknowledged soon
+//! after they are queued. So copy ops are first gathered into a [`Net`]: a copy queued
+//! and acknowledged within it is never written at all (nor its message body, if no
+//! other copy needs it), attempts are folded into the insert, and what is left becomes
+//! a few multi-row statements. A `Net` is built per commit (the barrier path) and,
+//! incrementally, over every commit since the journal's last fold (`journal.rs`).
+//!
+//! Ops that change a whole client or subscription (`DeleteClient`, subscriptions,
+//! `DeleteEphemeral`) are barriers: they are not netted, and copy ops on either side of
+//! one land in separate nets, applied in order.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use crate::core::{ClientId, Message, MessageId, Millis, SessionName, StoreOp};
 
 /// A copy's key.
-pub type CopyKey<'a> = (&'a SessionName, &'a ClientId, u64);
+pub type CopyKey = (SessionName, ClientId, u64);
 
-/// One step of a planned commit.
-#[derive(Debug)]
-pub enum Step<'a> {
-    ReplayIds(Vec<(&'a SessionName, &'a MessageId, Millis)>),
-    Messages(Vec<&'a Arc<Message>>),
-    /// (key, ephemeral)
-    Copies(Vec<(CopyKey<'a>, bool)>),
-    /// (key, attempts)
-    Attempts(Vec<(CopyKey<'a>, u32)>),
-    DeleteCopies(Vec<CopyKey<'a>>),
-    /// Message bodies to delete if no copy references them any more.
-    DropOrphans(Vec<u64>),
-    /// An op applied on its own, in place.
-    Single(&'a StoreOp),
+/// A copy queued within a [`Net`] and not acknowledged in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewCopy {
+    pub ephemeral: bool,
+    pub attempts: u32,
 }
 
-#[derive(Default)]
-struct Segment<'a> {
-    replay: Vec<(&'a SessionName, &'a MessageId, Millis)>,
-    messages: Vec<&'a Arc<Message>>,
-    copies: Vec<Option<(CopyKey<'a>, bool)>>,
-    copy_index: HashMap<CopyKey<'a>, usize>,
-    /// Copies inserted and deleted within this segment.
-    cancelled: HashSet<CopyKey<'a>>,
-    attempts: Vec<(CopyKey<'a>, u32)>,
-    deletes: Vec<CopyKey<'a>>,
-    orphans: Vec<u64>,
+/// The net effect of a run of copy ops.
+#[derive(Debug, Default)]
+pub struct Net {
+    /// Bodies of messages whose copies were queued here, with how many of those copies
+    /// are still queued (bodies of acknowledged copies are dropped with the last one).
+    bodies: HashMap<u64, (Arc<Message>, usize)>,
+    /// Copies queued here and still queued.
+    copies: HashMap<CopyKey, NewCopy>,
+    /// New attempt counts of copies queued before this net.
+    attempts: HashMap<CopyKey, u32>,
+    /// Copies queued before this net and acknowledged (or dropped) in it.
+    deletes: Vec<CopyKey>,
 }
 
-impl<'a> Segment<'a> {
-    fn add(&mut self, op: &'a StoreOp) {
+impl Net {
+    /// Adds one copy op. Returns `false`, leaving the net unchanged, for ops that are
+    /// not copy ops (replay ids and barriers).
+    pub fn apply(&mut self, op: &StoreOp) -> bool {
         match op {
-            StoreOp::PutReplayId {
-                session,
-                id,
-                expires_at,
-            } => self.replay.push((session, id, *expires_at)),
-            StoreOp::PutMessage(m) => self.messages.push(m),
+            StoreOp::PutMessage(m) => {
+                self.bodies.entry(m.seq).or_insert_with(|| (m.clone(), 0));
+            }
             StoreOp::PutCopy {
                 session,
                 client_id,
                 seq,
                 ephemeral,
             } => {
-                let key = (session, client_id, *seq);
-                self.copy_index.insert(key, self.copies.len());
-                self.copies.push(Some((key, *ephemeral)));
+                let key = (session.clone(), client_id.clone(), *seq);
+                let copy = NewCopy {
+                    ephemeral: *ephemeral,
+                    attempts: 0,
+                };
+                if self.copies.insert(key, copy).is_none()
+                    && let Some((_, refs)) = self.bodies.get_mut(seq)
+                {
+                    *refs += 1;
+                }
             }
             StoreOp::SetAttempts {
                 session,
@@ -70,9 +72,12 @@ impl<'a> Segment<'a> {
                 seq,
                 attempts,
             } => {
-                let key = (session, client_id, *seq);
-                if !self.cancelled.contains(&key) {
-                    self.attempts.push((key, *attempts));
+                let key = (session.clone(), client_id.clone(), *seq);
+                match self.copies.get_mut(&key) {
+                    Some(copy) => copy.attempts = *attempts,
+                    None => {
+                        self.attempts.insert(key, *attempts);
+                    }
                 }
             }
             StoreOp::DeleteCopy {
@@ -80,79 +85,108 @@ impl<'a> Segment<'a> {
                 client_id,
                 seq,
             } => {
-                let key = (session, client_id, *seq);
-                match self.copy_index.remove(&key) {
-                    // Inserted in this very commit: neither write happens.
-                    Some(i) => {
-                        self.copies[i] = None;
-                        self.cancelled.insert(key);
+                let key = (session.clone(), client_id.clone(), *seq);
+                if self.copies.remove(&key).is_some() {
+                    // Queued and acknowledged here: neither write happens.
+                    if let Entry::Occupied(mut body) = self.bodies.entry(*seq) {
+                        body.get_mut().1 -= 1;
+                        if body.get().1 == 0 {
+                            body.remove();
+                        }
                     }
-                    None => {
-                        self.deletes.push(key);
-                        self.orphans.push(*seq);
-                    }
+                } else {
+                    self.attempts.remove(&key);
+                    self.deletes.push(key);
                 }
             }
-            StoreOp::PutSubscription { .. }
+            StoreOp::PutReplayId { .. }
+            | StoreOp::PutSubscription { .. }
             | StoreOp::DeleteSubscription { .. }
             | StoreOp::DeleteClient { .. }
-            | StoreOp::DeleteEphemeral { .. } => {
-                debug_assert!(false, "barriers are not added to a segment");
-            }
+            | StoreOp::DeleteEphemeral { .. } => return false,
         }
+        true
     }
 
-    fn finish(self, steps: &mut Vec<Step<'a>>) {
-        let copies: Vec<(CopyKey<'a>, bool)> = self.copies.into_iter().flatten().collect();
-        // A body is written only if a copy written in this commit needs it; otherwise it
-        // is either already stored (an earlier commit wrote it) or needed by no one.
-        let needed: HashSet<u64> = copies.iter().map(|((_, _, seq), _)| *seq).collect();
-        let messages: Vec<&Arc<Message>> = self
-            .messages
-            .into_iter()
-            .filter(|m| needed.contains(&m.seq))
-            .collect();
-        let mut orphans = self.orphans;
-        orphans.sort_unstable();
-        orphans.dedup();
-        if !self.replay.is_empty() {
-            steps.push(Step::ReplayIds(self.replay));
-        }
-        if !messages.is_empty() {
-            steps.push(Step::Messages(messages));
-        }
-        if !copies.is_empty() {
-            steps.push(Step::Copies(copies));
-        }
-        if !self.attempts.is_empty() {
-            steps.push(Step::Attempts(self.attempts));
-        }
-        if !self.deletes.is_empty() {
-            steps.push(Step::DeleteCopies(self.deletes));
-        }
-        if !orphans.is_empty() {
-            steps.push(Step::DropOrphans(orphans));
-        }
+    /// Whether nothing is left to write.
+    pub fn is_empty(&self) -> bool {
+        self.copies.is_empty() && self.attempts.is_empty() && self.deletes.is_empty()
+    }
+
+    /// Message bodies to insert: those a queued copy of this net needs. (A body whose
+    /// copies were all acknowledged is not needed; one queued before is stored already.)
+    pub fn messages(&self) -> impl Iterator<Item = &Arc<Message>> {
+        self.bodies
+            .values()
+            .filter(|(_, refs)| *refs > 0)
+            .map(|(m, _)| m)
+    }
+
+    /// Copies to insert.
+    pub fn copies(&self) -> impl Iterator<Item = (&CopyKey, &NewCopy)> {
+        self.copies.iter()
+    }
+
+    /// Attempt counts to update on copies stored before.
+    pub fn attempts(&self) -> impl Iterator<Item = (&CopyKey, u32)> {
+        self.attempts.iter().map(|(k, a)| (k, *a))
+    }
+
+    /// Copies stored before, to delete.
+    pub fn deletes(&self) -> &[CopyKey] {
+        &self.deletes
+    }
+
+    /// Message bodies that may be orphaned by [`Net::deletes`], sorted, each once.
+    pub fn orphans(&self) -> Vec<u64> {
+        let mut seqs: Vec<u64> = self.deletes.iter().map(|(_, _, seq)| *seq).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        seqs
     }
 }
 
-/// Plans the ops of one commit (all its batches, in order).
+/// One step of a planned commit.
+#[derive(Debug)]
+pub enum Step<'a> {
+    ReplayIds(Vec<(&'a SessionName, &'a MessageId, Millis)>),
+    /// The net effect of the copy ops between two barriers.
+    Copies(Net),
+    /// A barrier, applied on its own, in place.
+    Single(&'a StoreOp),
+}
+
+/// Plans the ops of one commit (all its batches, in order): replay ids first (they
+/// depend on nothing), then copy ops netted between barriers, and the barriers.
 pub fn plan<'a>(ops: impl IntoIterator<Item = &'a StoreOp>) -> Vec<Step<'a>> {
+    let mut replay = Vec::new();
     let mut steps = Vec::new();
-    let mut segment = Segment::default();
+    let mut net = Net::default();
     for op in ops {
+        if net.apply(op) {
+            continue;
+        }
         match op {
-            StoreOp::PutSubscription { .. }
-            | StoreOp::DeleteSubscription { .. }
-            | StoreOp::DeleteClient { .. }
-            | StoreOp::DeleteEphemeral { .. } => {
-                std::mem::take(&mut segment).finish(&mut steps);
+            StoreOp::PutReplayId {
+                session,
+                id,
+                expires_at,
+            } => replay.push((session, id, *expires_at)),
+            _ => {
+                let done = std::mem::take(&mut net);
+                if !done.is_empty() {
+                    steps.push(Step::Copies(done));
+                }
                 steps.push(Step::Single(op));
             }
-            _ => segment.add(op),
         }
     }
-    segment.finish(&mut steps);
+    if !net.is_empty() {
+        steps.push(Step::Copies(net));
+    }
+    if !replay.is_empty() {
+        steps.insert(0, Step::ReplayIds(replay));
+    }
     steps
 }
 
@@ -198,53 +232,29 @@ mod tests {
             seq,
         }
     }
-
-    #[test]
-    fn same_kind_ops_are_grouped_in_phase_order() {
-        let ops = vec![
-            StoreOp::PutReplayId {
-                session: s(),
-                id: MessageId([1; 16]),
-                expires_at: 9,
-            },
-            StoreOp::PutMessage(msg(1)),
-            put(1, "a"),
-            del(0, "a"),
-            StoreOp::PutReplayId {
-                session: s(),
-                id: MessageId([2; 16]),
-                expires_at: 9,
-            },
-            StoreOp::PutMessage(msg(2)),
-            put(2, "a"),
-        ];
-        let steps = plan(&ops);
-        let kinds: Vec<&str> = steps
-            .iter()
-            .map(|st| match st {
-                Step::ReplayIds(v) if v.len() == 2 => "replay×2",
-                Step::Messages(v) if v.len() == 2 => "messages×2",
-                Step::Copies(v) if v.len() == 2 => "copies×2",
-                Step::DeleteCopies(v) if v.len() == 1 => "delete×1",
-                Step::DropOrphans(v) if v == &vec![0] => "orphans[0]",
-                _ => "unexpected",
-            })
-            .collect();
-        assert_eq!(
-            kinds,
-            [
-                "replay×2",
-                "messages×2",
-                "copies×2",
-                "delete×1",
-                "orphans[0]"
-            ]
-        );
+    fn attempts(seq: u64, client: &str, attempts: u32) -> StoreOp {
+        StoreOp::SetAttempts {
+            session: s(),
+            client_id: c(client),
+            seq,
+            attempts,
+        }
+    }
+    fn net_of(ops: &[StoreOp]) -> Net {
+        let mut net = Net::default();
+        for op in ops {
+            assert!(net.apply(op), "{op:?} is a copy op");
+        }
+        net
+    }
+    fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+        v.sort();
+        v
     }
 
     #[test]
-    fn a_copy_acked_within_the_commit_is_never_written() {
-        let ops = vec![
+    fn a_copy_acked_within_the_net_is_never_written() {
+        let net = net_of(&[
             StoreOp::PutMessage(msg(1)),
             put(1, "a"),
             put(1, "b"),
@@ -252,49 +262,86 @@ mod tests {
             put(2, "a"),
             del(1, "a"),
             del(2, "a"),
-            StoreOp::SetAttempts {
-                session: s(),
-                client_id: c("a"),
-                seq: 2,
-                attempts: 3,
-            },
-        ];
-        let steps = plan(&ops);
+            attempts(2, "a", 3),
+        ]);
         // Message 1 is still needed by b; message 2 by no one.
-        assert!(matches!(&steps[0], Step::Messages(m) if m.len() == 1 && m[0].seq == 1));
-        assert!(matches!(&steps[1], Step::Copies(v) if v.len() == 1 && v[0].0.1.as_str() == "b"));
-        assert_eq!(steps.len(), 2, "no deletes, orphans or attempts: {steps:?}");
+        let bodies: Vec<u64> = net.messages().map(|m| m.seq).collect();
+        assert_eq!(bodies, [1]);
+        let copies: Vec<(&str, u64)> = net.copies().map(|(k, _)| (k.1.as_str(), k.2)).collect();
+        assert_eq!(copies, [("b", 1)]);
+        // The late SetAttempts of an acknowledged copy is an update of a stored copy
+        // (the core never sends one; if it did, it would touch no row).
+        assert!(net.deletes().is_empty());
+        assert!(net.orphans().is_empty());
     }
 
     #[test]
-    fn barriers_keep_their_place() {
+    fn attempts_fold_into_the_insert_and_deletes_cancel_updates() {
+        let net = net_of(&[
+            StoreOp::PutMessage(msg(1)),
+            put(1, "a"),
+            attempts(1, "a", 2),
+            attempts(7, "a", 4),
+            attempts(8, "a", 5),
+            del(8, "a"),
+            del(9, "b"),
+        ]);
+        let copies: Vec<NewCopy> = net.copies().map(|(_, c)| *c).collect();
+        assert_eq!(
+            copies,
+            [NewCopy {
+                ephemeral: false,
+                attempts: 2
+            }]
+        );
+        let updates: Vec<(u64, u32)> = net.attempts().map(|(k, a)| (k.2, a)).collect();
+        assert_eq!(updates, [(7, 4)]);
+        let deletes: Vec<u64> = net.deletes().iter().map(|k| k.2).collect();
+        assert_eq!(sorted(deletes), [8, 9]);
+        assert_eq!(net.orphans(), [8, 9]);
+    }
+
+    #[test]
+    fn replay_ids_come_first_and_barriers_keep_their_place() {
         let ops = vec![
+            StoreOp::PutMessage(msg(1)),
             put(1, "a"),
             StoreOp::DeleteClient {
                 session: s(),
                 client_id: c("a"),
+            },
+            StoreOp::PutReplayId {
+                session: s(),
+                id: MessageId([2; 16]),
+                expires_at: 9,
             },
             StoreOp::PutSubscription {
                 session: s(),
                 client_id: c("a"),
                 filter: TopicFilter::parse("t").expect("valid"),
             },
+            StoreOp::PutMessage(msg(2)),
             put(2, "a"),
             del(1, "a"),
         ];
         let steps = plan(&ops);
-        assert!(matches!(steps[0], Step::Copies(_)));
+        assert!(matches!(&steps[0], Step::ReplayIds(v) if v.len() == 1));
+        assert!(matches!(&steps[1], Step::Copies(n) if n.copies().count() == 1));
         assert!(matches!(
-            steps[1],
+            steps[2],
             Step::Single(StoreOp::DeleteClient { .. })
         ));
         assert!(matches!(
-            steps[2],
+            steps[3],
             Step::Single(StoreOp::PutSubscription { .. })
         ));
-        assert!(matches!(&steps[3], Step::Copies(v) if v.len() == 1));
-        // Copy 1 was inserted before the barrier, so its delete is a real delete.
-        assert!(matches!(&steps[4], Step::DeleteCopies(v) if v.len() == 1));
-        assert!(matches!(&steps[5], Step::DropOrphans(v) if v == &vec![1]));
+        // Copy 1 was queued before the barrier, so its delete is a real delete.
+        let Step::Copies(last) = &steps[4] else {
+            panic!("copies after the barriers: {steps:?}");
+        };
+        assert_eq!(last.copies().count(), 1);
+        assert_eq!(last.deletes().len(), 1);
+        assert_eq!(last.orphans(), [1]);
+        assert_eq!(steps.len(), 5);
     }
 }

@@ -1,6 +1,10 @@
 //! The embedded default store: one SQLite file in WAL mode with `synchronous=NORMAL`,
 //! so a committed batch survives the broker being killed (not the machine losing
 //! power: the same class as JetStream's default), and commits cost no fsync each.
+//!
+//! A group commit is one `INSERT` of a journal row (see [`super::journal`]); the
+//! copies it carries reach the `messages` and `copies` tables at the next fold, and
+//! only if they are still queued then. Everything that reads those tables folds first.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -22,7 +26,8 @@ use crate::core::{
 };
 use crate::proto::PayloadFormat;
 
-use super::plan::{Step, plan};
+use super::journal::{self, Entry, Journal};
+use super::plan::{Net, Step, plan};
 use super::{BacklogPage, PushToken, SessionRecord, Store, StoreError};
 
 static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
@@ -31,10 +36,18 @@ static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 /// variables).
 const ROWS_PER_STATEMENT: usize = 300;
 
+/// How often the WAL is checkpointed into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+
 /// A SQLite-backed [`Store`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Ops committed to the journal and not yet folded. The driver's store worker is
+    /// the only caller of the methods that take it, one call at a time, so the lock is
+    /// never contended; it is held across the statements so that a fold and a commit
+    /// can never interleave.
+    journal: tokio::sync::Mutex<Journal>,
 }
 
 impl SqliteStore {
@@ -54,8 +67,14 @@ impl SqliteStore {
             // Keep the working set (recent messages, copies, indexes) in memory: 64 MiB
             // of page cache and memory-mapped reads instead of a read() per page.
             .pragma("cache_size", "-65536")
-            .pragma("mmap_size", "268435456");
-        Self::connect(options).await
+            .pragma("mmap_size", "268435456")
+            // Commits never copy the WAL back into the file themselves: that costs an
+            // fsync or two, and it would stall whichever commit crossed the threshold.
+            // `checkpoints` does it on a connection of its own.
+            .pragma("wal_autocheckpoint", "0");
+        let store = Self::connect(options).await?;
+        tokio::spawn(checkpoints(store.pool.clone()));
+        Ok(store)
     }
 
     /// An in-memory SQLite database (one connection), for tests.
@@ -65,99 +84,106 @@ impl SqliteStore {
             .max_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Self::start(pool).await
     }
 
     async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // A ping per acquire would be one more round trip to SQLite's thread per
+            // statement; a broken file shows up as a failed statement anyway.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Self::start(pool).await
     }
 
+    /// Brings the schema up to date and folds what a predecessor left in the journal
+    /// (it stopped, or was killed, between two folds).
+    async fn start(pool: SqlitePool) -> Result<Self, StoreError> {
+        MIGRATOR.run(&pool).await?;
+        let mut journal = Journal::default();
+        let rows = sqlx::query("SELECT id, expires_at, replay, ops FROM journal ORDER BY id")
+            .fetch_all(&pool)
+            .await?;
+        for row in rows {
+            let ops = match row.try_get::<Option<Vec<u8>>, _>("ops")? {
+                Some(bytes) => journal::decode_ops(&bytes)?,
+                None => Vec::new(),
+            };
+            let replay: Option<Vec<u8>> = row.try_get("replay")?;
+            let expires_at = row.try_get::<i64, _>("expires_at")? as Millis;
+            let replay = replay.as_deref().map(|r| (r, expires_at));
+            journal.record(row.try_get("id")?, &ops, 0, replay);
+        }
+        let store = Self {
+            pool,
+            journal: tokio::sync::Mutex::new(Journal::default()),
+        };
+        store.fold(&mut journal).await?;
+        Ok(store)
+    }
+
+    /// Appends a commit's journal row, in one statement. Returns the row's id and the
+    /// size of its ops.
+    async fn append(&self, entry: &Entry<'_>) -> Result<(i64, usize), sqlx::Error> {
+        let (replay, expires_at) = match &entry.replay {
+            Some((bytes, expires_at)) => (Some(&bytes[..]), *expires_at),
+            None => (None, 0),
+        };
+        let ops = (!entry.ops.is_empty()).then(|| journal::encode_ops(entry.ops.iter().copied()));
+        let ops_len = ops.as_ref().map_or(0, Vec::len);
+        let done = sqlx::query("INSERT INTO journal (expires_at, replay, ops) VALUES (?, ?, ?)")
+            .bind(expires_at as i64)
+            .bind(replay)
+            .bind(ops)
+            .execute(&self.pool)
+            .await?;
+        Ok((done.last_insert_rowid(), ops_len))
+    }
+
+    /// Writes what the journal adds up to into the tables, and deletes its rows, in
+    /// `tx`.
+    async fn fold_into(
+        tx: &mut Transaction<'_, Sqlite>,
+        journal: &Journal,
+    ) -> Result<(), sqlx::Error> {
+        let Some(last) = journal.last_row() else {
+            return Ok(());
+        };
+        Self::write_copies(tx, journal.net()).await?;
+        if let Some((entries, expires_at)) = journal.replay() {
+            sqlx::query("INSERT INTO replay_log (expires_at, entries) VALUES (?, ?)")
+                .bind(expires_at as i64)
+                .bind(entries)
+                .execute(&mut **tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM journal WHERE id <= ?")
+            .bind(last)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Folds the journal into the tables, in one transaction.
+    async fn fold(&self, journal: &mut Journal) -> Result<(), StoreError> {
+        if journal.last_row().is_none() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        Self::fold_into(&mut tx, journal).await?;
+        tx.commit().await?;
+        journal.folded();
+        Ok(())
+    }
+
+    /// Applies a barrier op (see [`plan`]).
     async fn apply(tx: &mut Transaction<'_, Sqlite>, op: &StoreOp) -> Result<(), sqlx::Error> {
         match op {
-            StoreOp::PutMessage(m) => {
-                sqlx::query(
-                    "INSERT OR IGNORE INTO messages (seq, session, message_id, topic, payload, \
-                     timestamp_ms, format, accepted_at, expires_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(m.seq as i64)
-                .bind(m.session.as_str())
-                .bind(&m.id.as_bytes()[..])
-                .bind(m.topic.as_str())
-                .bind(&m.payload[..])
-                .bind(m.timestamp_ms as i64)
-                .bind(m.format as i32)
-                .bind(m.accepted_at as i64)
-                .bind(m.expires_at as i64)
-                .execute(&mut **tx)
-                .await?;
-            }
-            StoreOp::PutReplayId {
-                session,
-                id,
-                expires_at,
-            } => {
-                let (entries, expires_at) = pack_replay_ids(&[(session, id, *expires_at)]);
-                sqlx::query("INSERT INTO replay_log (expires_at, entries) VALUES (?, ?)")
-                    .bind(expires_at as i64)
-                    .bind(entries)
-                    .execute(&mut **tx)
-                    .await?;
-            }
-            StoreOp::PutCopy {
-                session,
-                client_id,
-                seq,
-                ephemeral,
-            } => {
-                sqlx::query(
-                    "INSERT OR IGNORE INTO copies (session, client_id, seq, attempts, ephemeral) \
-                     VALUES (?, ?, ?, 0, ?)",
-                )
-                .bind(session.as_str())
-                .bind(client_id.as_str())
-                .bind(*seq as i64)
-                .bind(*ephemeral)
-                .execute(&mut **tx)
-                .await?;
-            }
-            StoreOp::DeleteCopy {
-                session,
-                client_id,
-                seq,
-            } => {
-                sqlx::query("DELETE FROM copies WHERE session = ? AND client_id = ? AND seq = ?")
-                    .bind(session.as_str())
-                    .bind(client_id.as_str())
-                    .bind(*seq as i64)
-                    .execute(&mut **tx)
-                    .await?;
-                Self::drop_if_orphan(tx, *seq).await?;
-            }
-            StoreOp::SetAttempts {
-                session,
-                client_id,
-                seq,
-                attempts,
-            } => {
-                sqlx::query(
-                    "UPDATE copies SET attempts = ? WHERE session = ? AND client_id = ? AND seq = ?",
-                )
-                .bind(*attempts as i64)
-                .bind(session.as_str())
-                .bind(client_id.as_str())
-                .bind(*seq as i64)
-                .execute(&mut **tx)
-                .await?;
-            }
             StoreOp::PutSubscription {
                 session,
                 client_id,
@@ -197,96 +223,100 @@ impl SqliteStore {
             StoreOp::DeleteEphemeral { session, client_id } => {
                 Self::drop_copies(tx, session, client_id, true).await?;
             }
+            // plan() puts these in ReplayIds and Copies steps.
+            StoreOp::PutMessage(_)
+            | StoreOp::PutReplayId { .. }
+            | StoreOp::PutCopy { .. }
+            | StoreOp::SetAttempts { .. }
+            | StoreOp::DeleteCopy { .. } => {}
         }
         Ok(())
     }
 
-    /// Runs one planned step as few multi-row statements as SQLite's variable limit
-    /// allows.
+    /// Runs one planned step.
     async fn run(tx: &mut Transaction<'_, Sqlite>, step: Step<'_>) -> Result<(), sqlx::Error> {
         match step {
-            Step::Single(op) => Self::apply(tx, op).await?,
+            Step::Single(op) => Self::apply(tx, op).await,
+            Step::Copies(net) => Self::write_copies(tx, &net).await,
             Step::ReplayIds(rows) => {
-                let (entries, expires_at) = pack_replay_ids(&rows);
+                let (entries, expires_at) = journal::pack_replay_ids(&rows);
                 sqlx::query("INSERT INTO replay_log (expires_at, entries) VALUES (?, ?)")
                     .bind(expires_at as i64)
                     .bind(entries)
                     .execute(&mut **tx)
                     .await?;
+                Ok(())
             }
-            Step::Messages(rows) => {
-                for chunk in statement_chunks(&rows, ROWS_PER_STATEMENT / 3) {
-                    let mut q = QueryBuilder::<Sqlite>::new(
-                        "INSERT OR IGNORE INTO messages (seq, session, message_id, topic, payload, \
-                         timestamp_ms, format, accepted_at, expires_at) ",
-                    );
-                    q.push_values(chunk, |mut b, m| {
-                        b.push_bind(m.seq as i64)
-                            .push_bind(m.session.as_str())
-                            .push_bind(&m.id.as_bytes()[..])
-                            .push_bind(m.topic.as_str())
-                            .push_bind(&m.payload[..])
-                            .push_bind(m.timestamp_ms as i64)
-                            .push_bind(m.format as i32)
-                            .push_bind(m.accepted_at as i64)
-                            .push_bind(m.expires_at as i64);
-                    });
-                    q.build().execute(&mut **tx).await?;
-                }
+        }
+    }
+
+    /// Writes the net effect of copy ops, as few multi-row statements as SQLite's
+    /// variable limit allows.
+    async fn write_copies(tx: &mut Transaction<'_, Sqlite>, net: &Net) -> Result<(), sqlx::Error> {
+        let messages: Vec<&Arc<Message>> = net.messages().collect();
+        for chunk in statement_chunks(&messages, ROWS_PER_STATEMENT / 3) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT OR IGNORE INTO messages (seq, session, message_id, topic, payload, \
+                 timestamp_ms, format, accepted_at, expires_at) ",
+            );
+            q.push_values(chunk, |mut b, m| {
+                b.push_bind(m.seq as i64)
+                    .push_bind(m.session.as_str())
+                    .push_bind(&m.id.as_bytes()[..])
+                    .push_bind(m.topic.as_str())
+                    .push_bind(&m.payload[..])
+                    .push_bind(m.timestamp_ms as i64)
+                    .push_bind(m.format as i32)
+                    .push_bind(m.accepted_at as i64)
+                    .push_bind(m.expires_at as i64);
+            });
+            q.build().execute(&mut **tx).await?;
+        }
+        let copies: Vec<_> = net.copies().collect();
+        for chunk in statement_chunks(&copies, ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT OR IGNORE INTO copies (session, client_id, seq, attempts, ephemeral) ",
+            );
+            q.push_values(chunk, |mut b, ((session, client_id, seq), copy)| {
+                b.push_bind(session.as_str())
+                    .push_bind(client_id.as_str())
+                    .push_bind(*seq as i64)
+                    .push_bind(copy.attempts as i64)
+                    .push_bind(copy.ephemeral);
+            });
+            q.build().execute(&mut **tx).await?;
+        }
+        for ((session, client_id, seq), attempts) in net.attempts() {
+            sqlx::query(
+                "UPDATE copies SET attempts = ? WHERE session = ? AND client_id = ? AND seq = ?",
+            )
+            .bind(attempts as i64)
+            .bind(session.as_str())
+            .bind(client_id.as_str())
+            .bind(*seq as i64)
+            .execute(&mut **tx)
+            .await?;
+        }
+        for chunk in statement_chunks(net.deletes(), ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "DELETE FROM copies WHERE (session, client_id, seq) IN (",
+            );
+            q.push_values(chunk, |mut b, (session, client_id, seq)| {
+                b.push_bind(session.as_str())
+                    .push_bind(client_id.as_str())
+                    .push_bind(*seq as i64);
+            });
+            q.push(")");
+            q.build().execute(&mut **tx).await?;
+        }
+        for chunk in statement_chunks(&net.orphans(), ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM messages WHERE seq IN (");
+            let mut list = q.separated(", ");
+            for seq in chunk {
+                list.push_bind(*seq as i64);
             }
-            Step::Copies(rows) => {
-                for chunk in statement_chunks(&rows, ROWS_PER_STATEMENT) {
-                    let mut q = QueryBuilder::<Sqlite>::new(
-                        "INSERT OR IGNORE INTO copies (session, client_id, seq, attempts, ephemeral) ",
-                    );
-                    q.push_values(chunk, |mut b, ((session, client_id, seq), ephemeral)| {
-                        b.push_bind(session.as_str())
-                            .push_bind(client_id.as_str())
-                            .push_bind(*seq as i64)
-                            .push_bind(0i64)
-                            .push_bind(*ephemeral);
-                    });
-                    q.build().execute(&mut **tx).await?;
-                }
-            }
-            Step::Attempts(rows) => {
-                for ((session, client_id, seq), attempts) in rows {
-                    sqlx::query(
-                        "UPDATE copies SET attempts = ? WHERE session = ? AND client_id = ? AND seq = ?",
-                    )
-                    .bind(attempts as i64)
-                    .bind(session.as_str())
-                    .bind(client_id.as_str())
-                    .bind(seq as i64)
-                    .execute(&mut **tx)
-                    .await?;
-                }
-            }
-            Step::DeleteCopies(keys) => {
-                for chunk in statement_chunks(&keys, ROWS_PER_STATEMENT) {
-                    let mut q = QueryBuilder::<Sqlite>::new(
-                        "DELETE FROM copies WHERE (session, client_id, seq) IN (",
-                    );
-                    q.push_values(chunk, |mut b, (session, client_id, seq)| {
-                        b.push_bind(session.as_str())
-                            .push_bind(client_id.as_str())
-                            .push_bind(*seq as i64);
-                    });
-                    q.push(")");
-                    q.build().execute(&mut **tx).await?;
-                }
-            }
-            Step::DropOrphans(seqs) => {
-                for chunk in statement_chunks(&seqs, ROWS_PER_STATEMENT) {
-                    let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM messages WHERE seq IN (");
-                    let mut list = q.separated(", ");
-                    for seq in chunk {
-                        list.push_bind(*seq as i64);
-                    }
-                    q.push(") AND NOT EXISTS (SELECT 1 FROM copies c WHERE c.seq = messages.seq)");
-                    q.build().execute(&mut **tx).await?;
-                }
-            }
+            q.push(") AND NOT EXISTS (SELECT 1 FROM copies c WHERE c.seq = messages.seq)");
+            q.build().execute(&mut **tx).await?;
         }
         Ok(())
     }
@@ -325,6 +355,29 @@ impl SqliteStore {
     }
 }
 
+/// Copies the WAL back into the database file every [`CHECKPOINT_INTERVAL`], beside
+/// the commits rather than inside one (a passive checkpoint waits for no reader or
+/// writer), until the store closes.
+async fn checkpoints(pool: SqlitePool) {
+    let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            break;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            if pool.is_closed() {
+                break;
+            }
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+}
+
 /// Splits rows into chunks whose sizes come from a small fixed set (`max`, 64, 16, 4,
 /// 1), so the multi-row statements built from them have few distinct texts and stay
 /// in the prepared-statement cache instead of being parsed again each commit.
@@ -342,48 +395,6 @@ fn statement_chunks<T>(rows: &[T], max: usize) -> impl Iterator<Item = &[T]> {
         rest = tail;
         Some(chunk)
     })
-}
-
-/// Packs replay ids into one `replay_log` row: the entries and their latest expiry.
-fn pack_replay_ids(rows: &[(&SessionName, &MessageId, Millis)]) -> (Vec<u8>, Millis) {
-    let mut out = Vec::with_capacity(rows.len() * 40);
-    let mut latest = 0;
-    for (session, id, expires_at) in rows {
-        let name = session.as_str().as_bytes();
-        // Session names are at most 128 bytes, so the length fits a u16.
-        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        out.extend_from_slice(name);
-        out.extend_from_slice(id.as_bytes());
-        out.extend_from_slice(&expires_at.to_be_bytes());
-        latest = latest.max(*expires_at);
-    }
-    (out, latest)
-}
-
-/// Reads the entries of a `replay_log` row, keeping those still protected at `now`.
-fn unpack_replay_ids(
-    mut bytes: &[u8],
-    now: Millis,
-    out: &mut Vec<(SessionName, MessageId, Millis)>,
-) -> Result<(), StoreError> {
-    let truncated = || StoreError::Corrupt("truncated replay log entry".into());
-    while !bytes.is_empty() {
-        let (len, rest) = bytes.split_first_chunk::<2>().ok_or_else(truncated)?;
-        let len = u16::from_be_bytes(*len) as usize;
-        if rest.len() < len + 24 {
-            return Err(truncated());
-        }
-        let name = std::str::from_utf8(&rest[..len]).map_err(corrupt)?;
-        let id = MessageId::from_slice(&rest[len..len + 16]).map_err(corrupt)?;
-        let mut exp = [0u8; 8];
-        exp.copy_from_slice(&rest[len + 16..len + 24]);
-        let expires_at = u64::from_be_bytes(exp);
-        if expires_at > now {
-            out.push((SessionName::parse(name).map_err(corrupt)?, id, expires_at));
-        }
-        bytes = &rest[len + 24..];
-    }
-    Ok(())
 }
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -482,7 +493,7 @@ impl Store for SqliteStore {
     }
 
     async fn restore(&self, now: Millis) -> Result<Restore, StoreError> {
-        self.purge(now).await?;
+        self.purge(now).await?; // folds the journal first
         let mut tx = self.pool.begin().await?;
         let seqs: Vec<i64> = sqlx::query_scalar("DELETE FROM copies WHERE ephemeral RETURNING seq")
             .fetch_all(&mut *tx)
@@ -520,7 +531,7 @@ impl Store for SqliteStore {
                 .fetch_all(&self.pool)
                 .await?;
         for entries in logs {
-            unpack_replay_ids(&entries, now, &mut replay_ids)?;
+            journal::unpack_replay_ids(&entries, now, &mut replay_ids)?;
         }
         let max_seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM messages")
             .fetch_one(&self.pool)
@@ -534,11 +545,33 @@ impl Store for SqliteStore {
     }
 
     async fn commit(&self, batches: &[StoreBatch]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for step in plan(batches.iter().flat_map(|b| &b.ops)) {
-            Self::run(&mut tx, step).await?;
+        let ops = || batches.iter().flat_map(|b| &b.ops);
+        let mut journal = self.journal.lock().await;
+        let Some(entry) = Entry::of(ops()) else {
+            // Subscription and client changes are rare: they go to the tables at
+            // once, after everything journalled before them.
+            let mut tx = self.pool.begin().await?;
+            Self::fold_into(&mut tx, &journal).await?;
+            for step in plan(ops()) {
+                Self::run(&mut tx, step).await?;
+            }
+            tx.commit().await?;
+            journal.folded();
+            return Ok(());
+        };
+        if entry.is_empty() {
+            return Ok(());
         }
-        tx.commit().await?;
+        let (row, ops_len) = self.append(&entry).await?;
+        let replay = entry.replay.as_ref().map(|(r, at)| (&r[..], *at));
+        journal.record(row, entry.ops.iter().copied(), ops_len, replay);
+        if journal.wants_fold()
+            && let Err(e) = self.fold(&mut journal).await
+        {
+            // The commit itself is durable; the ops stay journalled and the next
+            // fold tries again.
+            tracing::warn!(error = %e, "folding the journal failed");
+        }
         Ok(())
     }
 
@@ -547,6 +580,7 @@ impl Store for SqliteStore {
         request: &BacklogRequest,
         now: Millis,
     ) -> Result<BacklogPage, StoreError> {
+        self.fold(&mut *self.journal.lock().await).await?;
         let limit = request.limit.max(1);
         let rows = sqlx::query(
             "SELECT m.seq, m.message_id, m.topic, m.payload, m.timestamp_ms, m.format, \
@@ -572,6 +606,7 @@ impl Store for SqliteStore {
     }
 
     async fn purge(&self, now: Millis) -> Result<u64, StoreError> {
+        self.fold(&mut *self.journal.lock().await).await?;
         let now = now as i64;
         let mut tx = self.pool.begin().await?;
         let mut gone = 0;
@@ -618,6 +653,10 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        // A clean stop leaves nothing for the next start to fold.
+        if let Err(e) = self.fold(&mut *self.journal.lock().await).await {
+            tracing::warn!(error = %e, "folding the journal at shutdown failed");
+        }
         self.pool.close().await;
     }
 }

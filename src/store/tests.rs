@@ -268,3 +268,56 @@ async fn sqlite_store_on_disk_survives_reopen() {
     assert_eq!(seqs(&store, "dave", 0, 10).await, (vec![30], true));
     assert_eq!(store.count_sessions().await.expect("count"), 1);
 }
+
+#[tokio::test]
+async fn sqlite_journal_survives_a_crash_between_folds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fastport.db");
+    {
+        let store = SqliteStore::open(&path).await.expect("open");
+        let mut ops = put(1, "erin", false);
+        ops.extend(put(2, "erin", false));
+        ops.extend(put(3, "erin", false));
+        ops.push(StoreOp::PutReplayId {
+            session: session(),
+            id: MessageId([7; 16]),
+            expires_at: NOW + 30_000,
+        });
+        store
+            .commit(&[StoreBatch { id: 1, ops }])
+            .await
+            .expect("commit");
+        let acked = StoreOp::DeleteCopy {
+            session: session(),
+            client_id: client("erin"),
+            seq: 2,
+        };
+        let attempts = StoreOp::SetAttempts {
+            session: session(),
+            client_id: client("erin"),
+            seq: 3,
+            attempts: 2,
+        };
+        store
+            .commit(&[StoreBatch {
+                id: 2,
+                ops: vec![acked, attempts],
+            }])
+            .await
+            .expect("commit");
+        // No close(): the ops are only in journal rows, as after a kill -9.
+        std::mem::forget(store);
+    }
+    let store = SqliteStore::open(&path).await.expect("reopen");
+    let (rows, _) = store
+        .backlog(&request("erin", 0, 10), NOW)
+        .await
+        .expect("backlog");
+    let got: Vec<(u64, u32)> = rows.iter().map(|r| (r.message.seq, r.attempts)).collect();
+    assert_eq!(got, vec![(1, 0), (3, 2)]);
+    let restore = store.restore(NOW).await.expect("restore");
+    assert_eq!(
+        restore.replay_ids,
+        vec![(session(), MessageId([7; 16]), NOW + 30_000)]
+    );
+}
