@@ -18,7 +18,8 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, Transaction};
 
 use crate::core::{
     BacklogRequest, ClientId, Message, MessageId, Millis, Restore, SessionName, SessionSettings,
@@ -42,12 +43,21 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// A SQLite-backed [`Store`].
 #[derive(Debug)]
 pub struct SqliteStore {
+    /// For reads from the HTTP API and authentication.
     pool: SqlitePool,
-    /// Ops committed to the journal and not yet folded. The driver's store worker is
-    /// the only caller of the methods that take it, one call at a time, so the lock is
-    /// never contended; it is held across the statements so that a fold and a commit
-    /// can never interleave.
-    journal: tokio::sync::Mutex<Journal>,
+    /// For everything the driver's store worker asks: commits, backlogs, purges. The
+    /// worker makes one call at a time, so the lock is never contended; it is held
+    /// across the statements so that a fold and a commit never interleave.
+    writer: tokio::sync::Mutex<Writer>,
+}
+
+/// One connection for all writes, so its page cache stays warm (SQLite empties a
+/// connection's cache whenever another connection has written), and the journal rows
+/// it has appended since the last fold.
+#[derive(Debug)]
+struct Writer {
+    conn: PoolConnection<Sqlite>,
+    journal: Journal,
 }
 
 impl SqliteStore {
@@ -77,11 +87,12 @@ impl SqliteStore {
         Ok(store)
     }
 
-    /// An in-memory SQLite database (one connection), for tests.
+    /// An in-memory SQLite database, for tests. (sqlx shares one in-memory database
+    /// between the pool's connections: one writes, the other reads.)
     pub async fn open_in_memory() -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str("sqlite::memory:")?;
         let pool = SqlitePoolOptions::new()
-            .max_connections(1)
+            .max_connections(2)
             .idle_timeout(None)
             .max_lifetime(None)
             .test_before_acquire(false)
@@ -105,9 +116,12 @@ impl SqliteStore {
     /// (it stopped, or was killed, between two folds).
     async fn start(pool: SqlitePool) -> Result<Self, StoreError> {
         MIGRATOR.run(&pool).await?;
-        let mut journal = Journal::default();
+        let mut writer = Writer {
+            conn: pool.acquire().await?,
+            journal: Journal::default(),
+        };
         let rows = sqlx::query("SELECT id, expires_at, replay, ops FROM journal ORDER BY id")
-            .fetch_all(&pool)
+            .fetch_all(&mut *writer.conn)
             .await?;
         for row in rows {
             let ops = match row.try_get::<Option<Vec<u8>>, _>("ops")? {
@@ -117,68 +131,13 @@ impl SqliteStore {
             let replay: Option<Vec<u8>> = row.try_get("replay")?;
             let expires_at = row.try_get::<i64, _>("expires_at")? as Millis;
             let replay = replay.as_deref().map(|r| (r, expires_at));
-            journal.record(row.try_get("id")?, &ops, 0, replay);
+            writer.journal.record(row.try_get("id")?, &ops, 0, replay);
         }
-        let store = Self {
+        writer.fold().await?;
+        Ok(Self {
             pool,
-            journal: tokio::sync::Mutex::new(Journal::default()),
-        };
-        store.fold(&mut journal).await?;
-        Ok(store)
-    }
-
-    /// Appends a commit's journal row, in one statement. Returns the row's id and the
-    /// size of its ops.
-    async fn append(&self, entry: &Entry<'_>) -> Result<(i64, usize), sqlx::Error> {
-        let (replay, expires_at) = match &entry.replay {
-            Some((bytes, expires_at)) => (Some(&bytes[..]), *expires_at),
-            None => (None, 0),
-        };
-        let ops = (!entry.ops.is_empty()).then(|| journal::encode_ops(entry.ops.iter().copied()));
-        let ops_len = ops.as_ref().map_or(0, Vec::len);
-        let done = sqlx::query("INSERT INTO journal (expires_at, replay, ops) VALUES (?, ?, ?)")
-            .bind(expires_at as i64)
-            .bind(replay)
-            .bind(ops)
-            .execute(&self.pool)
-            .await?;
-        Ok((done.last_insert_rowid(), ops_len))
-    }
-
-    /// Writes what the journal adds up to into the tables, and deletes its rows, in
-    /// `tx`.
-    async fn fold_into(
-        tx: &mut Transaction<'_, Sqlite>,
-        journal: &Journal,
-    ) -> Result<(), sqlx::Error> {
-        let Some(last) = journal.last_row() else {
-            return Ok(());
-        };
-        Self::write_copies(tx, journal.net()).await?;
-        if let Some((entries, expires_at)) = journal.replay() {
-            sqlx::query("INSERT INTO replay_log (expires_at, entries) VALUES (?, ?)")
-                .bind(expires_at as i64)
-                .bind(entries)
-                .execute(&mut **tx)
-                .await?;
-        }
-        sqlx::query("DELETE FROM journal WHERE id <= ?")
-            .bind(last)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-
-    /// Folds the journal into the tables, in one transaction.
-    async fn fold(&self, journal: &mut Journal) -> Result<(), StoreError> {
-        if journal.last_row().is_none() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        Self::fold_into(&mut tx, journal).await?;
-        tx.commit().await?;
-        journal.folded();
-        Ok(())
+            writer: tokio::sync::Mutex::new(writer),
+        })
     }
 
     /// Applies a barrier op (see [`plan`]).
@@ -355,6 +314,85 @@ impl SqliteStore {
     }
 }
 
+impl Writer {
+    /// Appends a commit's journal row, in one statement, and records it.
+    async fn append(&mut self, entry: &Entry<'_>) -> Result<(), sqlx::Error> {
+        let (replay, expires_at) = match &entry.replay {
+            Some((bytes, expires_at)) => (Some(&bytes[..]), *expires_at),
+            None => (None, 0),
+        };
+        let ops = (!entry.ops.is_empty()).then(|| journal::encode_ops(entry.ops.iter().copied()));
+        let ops_len = ops.as_ref().map_or(0, Vec::len);
+        let done = sqlx::query("INSERT INTO journal (expires_at, replay, ops) VALUES (?, ?, ?)")
+            .bind(expires_at as i64)
+            .bind(replay)
+            .bind(ops)
+            .execute(&mut *self.conn)
+            .await?;
+        let replay = entry.replay.as_ref().map(|(r, at)| (&r[..], *at));
+        self.journal.record(
+            done.last_insert_rowid(),
+            entry.ops.iter().copied(),
+            ops_len,
+            replay,
+        );
+        Ok(())
+    }
+
+    /// Folds the journal into the tables, in one transaction.
+    async fn fold(&mut self) -> Result<(), StoreError> {
+        if self.journal.last_row().is_none() {
+            return Ok(());
+        }
+        let mut tx = self.conn.begin().await?;
+        fold_into(&mut tx, &self.journal).await?;
+        tx.commit().await?;
+        self.journal.folded();
+        Ok(())
+    }
+
+    /// Folds, then deletes expired messages, copies and replay ids.
+    async fn purge(&mut self, now: Millis) -> Result<u64, StoreError> {
+        self.fold().await?;
+        let now = now as i64;
+        let mut tx = self.conn.begin().await?;
+        let mut gone = 0;
+        for sql in [
+            "DELETE FROM copies WHERE seq IN (SELECT seq FROM messages WHERE expires_at <= ?1)",
+            "DELETE FROM messages WHERE expires_at <= ?1",
+            "DELETE FROM replay_log WHERE expires_at <= ?1",
+        ] {
+            gone += sqlx::query(sql)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(gone)
+    }
+}
+
+/// Writes what the journal adds up to into the tables, and deletes its rows, in `tx`.
+async fn fold_into(tx: &mut Transaction<'_, Sqlite>, journal: &Journal) -> Result<(), sqlx::Error> {
+    let Some(last) = journal.last_row() else {
+        return Ok(());
+    };
+    SqliteStore::write_copies(tx, journal.net()).await?;
+    if let Some((entries, expires_at)) = journal.replay() {
+        sqlx::query("INSERT INTO replay_log (expires_at, entries) VALUES (?, ?)")
+            .bind(expires_at as i64)
+            .bind(entries)
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query("DELETE FROM journal WHERE id <= ?")
+        .bind(last)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Copies the WAL back into the database file every [`CHECKPOINT_INTERVAL`], beside
 /// the commits rather than inside one (a passive checkpoint waits for no reader or
 /// writer), until the store closes.
@@ -493,15 +531,19 @@ impl Store for SqliteStore {
     }
 
     async fn restore(&self, now: Millis) -> Result<Restore, StoreError> {
-        self.purge(now).await?; // folds the journal first
-        let mut tx = self.pool.begin().await?;
-        let seqs: Vec<i64> = sqlx::query_scalar("DELETE FROM copies WHERE ephemeral RETURNING seq")
-            .fetch_all(&mut *tx)
-            .await?;
-        for seq in seqs {
-            Self::drop_if_orphan(&mut tx, seq as u64).await?;
+        {
+            let mut writer = self.writer.lock().await;
+            writer.purge(now).await?;
+            let mut tx = writer.conn.begin().await?;
+            let seqs: Vec<i64> =
+                sqlx::query_scalar("DELETE FROM copies WHERE ephemeral RETURNING seq")
+                    .fetch_all(&mut *tx)
+                    .await?;
+            for seq in seqs {
+                Self::drop_if_orphan(&mut tx, seq as u64).await?;
+            }
+            tx.commit().await?;
         }
-        tx.commit().await?;
 
         let sessions = self
             .sessions()
@@ -546,27 +588,26 @@ impl Store for SqliteStore {
 
     async fn commit(&self, batches: &[StoreBatch]) -> Result<(), StoreError> {
         let ops = || batches.iter().flat_map(|b| &b.ops);
-        let mut journal = self.journal.lock().await;
+        let mut writer = self.writer.lock().await;
+        let writer = &mut *writer;
         let Some(entry) = Entry::of(ops()) else {
             // Subscription and client changes are rare: they go to the tables at
             // once, after everything journalled before them.
-            let mut tx = self.pool.begin().await?;
-            Self::fold_into(&mut tx, &journal).await?;
+            let mut tx = writer.conn.begin().await?;
+            fold_into(&mut tx, &writer.journal).await?;
             for step in plan(ops()) {
                 Self::run(&mut tx, step).await?;
             }
             tx.commit().await?;
-            journal.folded();
+            writer.journal.folded();
             return Ok(());
         };
         if entry.is_empty() {
             return Ok(());
         }
-        let (row, ops_len) = self.append(&entry).await?;
-        let replay = entry.replay.as_ref().map(|(r, at)| (&r[..], *at));
-        journal.record(row, entry.ops.iter().copied(), ops_len, replay);
-        if journal.wants_fold()
-            && let Err(e) = self.fold(&mut journal).await
+        writer.append(&entry).await?;
+        if writer.journal.wants_fold()
+            && let Err(e) = writer.fold().await
         {
             // The commit itself is durable; the ops stay journalled and the next
             // fold tries again.
@@ -580,7 +621,8 @@ impl Store for SqliteStore {
         request: &BacklogRequest,
         now: Millis,
     ) -> Result<BacklogPage, StoreError> {
-        self.fold(&mut *self.journal.lock().await).await?;
+        let mut writer = self.writer.lock().await;
+        writer.fold().await?;
         let limit = request.limit.max(1);
         let rows = sqlx::query(
             "SELECT m.seq, m.message_id, m.topic, m.payload, m.timestamp_ms, m.format, \
@@ -594,7 +636,7 @@ impl Store for SqliteStore {
         .bind(request.after_seq as i64)
         .bind(now as i64)
         .bind(limit as i64 + 1)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *writer.conn)
         .await?;
         let exhausted = rows.len() <= limit;
         let page = rows
@@ -606,23 +648,7 @@ impl Store for SqliteStore {
     }
 
     async fn purge(&self, now: Millis) -> Result<u64, StoreError> {
-        self.fold(&mut *self.journal.lock().await).await?;
-        let now = now as i64;
-        let mut tx = self.pool.begin().await?;
-        let mut gone = 0;
-        for sql in [
-            "DELETE FROM copies WHERE seq IN (SELECT seq FROM messages WHERE expires_at <= ?1)",
-            "DELETE FROM messages WHERE expires_at <= ?1",
-            "DELETE FROM replay_log WHERE expires_at <= ?1",
-        ] {
-            gone += sqlx::query(sql)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        tx.commit().await?;
-        Ok(gone)
+        self.writer.lock().await.purge(now).await
     }
 
     async fn put_push_token(&self, token: &PushToken) -> Result<(), StoreError> {
@@ -654,9 +680,11 @@ impl Store for SqliteStore {
 
     async fn close(&self) {
         // A clean stop leaves nothing for the next start to fold.
-        if let Err(e) = self.fold(&mut *self.journal.lock().await).await {
+        let mut writer = self.writer.lock().await;
+        if let Err(e) = writer.fold().await {
             tracing::warn!(error = %e, "folding the journal at shutdown failed");
         }
+        drop(writer);
         self.pool.close().await;
     }
 }
