@@ -11,8 +11,8 @@
 //! `DeleteEphemeral`) are barriers: they are not netted, and copy ops on either side of
 //! one land in separate nets, applied in order.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::core::{ClientId, Message, MessageId, Millis, SessionName, StoreOp};
@@ -33,12 +33,13 @@ pub struct Net {
     /// Bodies of messages whose copies were queued here, with how many of those copies
     /// are still queued (bodies of acknowledged copies are dropped with the last one).
     bodies: HashMap<u64, (Arc<Message>, usize)>,
-    /// Copies queued here and still queued.
-    copies: HashMap<CopyKey, NewCopy>,
+    /// Copies queued here and still queued, ordered so that one subscriber's are
+    /// a range (see [`Net::queued_for`]).
+    copies: BTreeMap<CopyKey, NewCopy>,
     /// New attempt counts of copies queued before this net.
     attempts: HashMap<CopyKey, u32>,
     /// Copies queued before this net and acknowledged (or dropped) in it.
-    deletes: Vec<CopyKey>,
+    deletes: BTreeSet<CopyKey>,
 }
 
 impl Net {
@@ -96,7 +97,7 @@ impl Net {
                     }
                 } else {
                     self.attempts.remove(&key);
-                    self.deletes.push(key);
+                    self.deletes.insert(key);
                 }
             }
             StoreOp::PutReplayId { .. }
@@ -133,8 +134,8 @@ impl Net {
     }
 
     /// Copies stored before, to delete.
-    pub fn deletes(&self) -> &[CopyKey] {
-        &self.deletes
+    pub fn deletes(&self) -> impl ExactSizeIterator<Item = &CopyKey> {
+        self.deletes.iter()
     }
 
     /// Message bodies that may be orphaned by [`Net::deletes`], sorted, each once.
@@ -143,6 +144,42 @@ impl Net {
         seqs.sort_unstable();
         seqs.dedup();
         seqs
+    }
+
+    /// One subscriber's copies queued in this net with `seq > after_seq`, in seq
+    /// order, each with its message body if this net has it.
+    pub fn queued_for<'a>(
+        &'a self,
+        session: &SessionName,
+        client_id: &ClientId,
+        after_seq: u64,
+    ) -> impl Iterator<Item = (u64, &'a NewCopy, Option<&'a Arc<Message>>)> + 'a {
+        let from = (
+            session.clone(),
+            client_id.clone(),
+            after_seq.saturating_add(1),
+        );
+        let to = (session.clone(), client_id.clone(), u64::MAX);
+        self.copies
+            .range(from..=to)
+            .map(|((_, _, seq), copy)| (*seq, copy, self.bodies.get(seq).map(|(m, _)| m)))
+    }
+
+    /// How many of one subscriber's stored copies this net deletes.
+    pub fn deletes_for(&self, session: &SessionName, client_id: &ClientId) -> usize {
+        let from = (session.clone(), client_id.clone(), 0);
+        let to = (session.clone(), client_id.clone(), u64::MAX);
+        self.deletes.range(from..=to).count()
+    }
+
+    /// Whether this net deletes a stored copy.
+    pub fn deletes_copy(&self, key: &CopyKey) -> bool {
+        self.deletes.contains(key)
+    }
+
+    /// The attempt count this net sets on a stored copy, if it does.
+    pub fn attempts_of(&self, key: &CopyKey) -> Option<u32> {
+        self.attempts.get(key).copied()
     }
 }
 
@@ -271,7 +308,7 @@ mod tests {
         assert_eq!(copies, [("b", 1)]);
         // The late SetAttempts of an acknowledged copy is an update of a stored copy
         // (the core never sends one; if it did, it would touch no row).
-        assert!(net.deletes().is_empty());
+        assert_eq!(net.deletes().len(), 0);
         assert!(net.orphans().is_empty());
     }
 
@@ -296,7 +333,7 @@ mod tests {
         );
         let updates: Vec<(u64, u32)> = net.attempts().map(|(k, a)| (k.2, a)).collect();
         assert_eq!(updates, [(7, 4)]);
-        let deletes: Vec<u64> = net.deletes().iter().map(|k| k.2).collect();
+        let deletes: Vec<u64> = net.deletes().map(|k| k.2).collect();
         assert_eq!(sorted(deletes), [8, 9]);
         assert_eq!(net.orphans(), [8, 9]);
     }

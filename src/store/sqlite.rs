@@ -14,11 +14,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::SqliteConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::pool::PoolConnection;
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, Transaction};
 
 use crate::core::{
@@ -28,7 +29,7 @@ use crate::core::{
 use crate::proto::PayloadFormat;
 
 use super::journal::{self, Entry, Journal};
-use super::plan::{Net, Step, plan};
+use super::plan::{CopyKey, Net, Step, plan};
 use super::{BacklogPage, PushToken, SessionRecord, Store, StoreError};
 
 static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
@@ -256,7 +257,8 @@ impl SqliteStore {
             .execute(&mut **tx)
             .await?;
         }
-        for chunk in statement_chunks(net.deletes(), ROWS_PER_STATEMENT) {
+        let deletes: Vec<&CopyKey> = net.deletes().collect();
+        for chunk in statement_chunks(&deletes, ROWS_PER_STATEMENT) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "DELETE FROM copies WHERE (session, client_id, seq) IN (",
             );
@@ -371,6 +373,56 @@ impl Writer {
         tx.commit().await?;
         Ok(gone)
     }
+}
+
+/// A subscriber's copies in the tables after `request.after_seq`, unexpired, in seq
+/// order, at most `limit`; and whether that was all of them. With `net`, copies it
+/// deletes are skipped and the attempts it sets are applied.
+async fn backlog_rows(
+    conn: &mut SqliteConnection,
+    request: &BacklogRequest,
+    now: Millis,
+    limit: usize,
+    net: Option<&Net>,
+) -> Result<BacklogPage, StoreError> {
+    let (session, client_id) = (&request.session, &request.client_id);
+    // Enough rows that `limit` remain after the net's deletes, and one more to tell
+    // whether there are more.
+    let fetch = limit + 1 + net.map_or(0, |n| n.deletes_for(session, client_id));
+    let rows = sqlx::query(
+        "SELECT m.seq, m.message_id, m.topic, m.payload, m.timestamp_ms, m.format, \
+                m.accepted_at, m.expires_at, c.attempts, c.ephemeral \
+         FROM copies c JOIN messages m ON m.seq = c.seq \
+         WHERE c.session = ? AND c.client_id = ? AND c.seq > ? AND m.expires_at > ? \
+         ORDER BY c.seq LIMIT ?",
+    )
+    .bind(session.as_str())
+    .bind(client_id.as_str())
+    .bind(request.after_seq as i64)
+    .bind(now as i64)
+    .bind(fetch as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    let exhausted = rows.len() < fetch;
+    let mut page = Vec::with_capacity(rows.len().min(limit + 1));
+    for row in &rows {
+        let mut copy = copy_from_row(session, row)?;
+        if let Some(net) = net {
+            let key = (session.clone(), client_id.clone(), copy.message.seq);
+            if net.deletes_copy(&key) {
+                continue;
+            }
+            if let Some(attempts) = net.attempts_of(&key) {
+                copy.attempts = attempts;
+            }
+        }
+        page.push(copy);
+    }
+    if page.len() > limit {
+        page.truncate(limit);
+        return Ok((page, false));
+    }
+    Ok((page, exhausted))
 }
 
 /// Writes what the journal adds up to into the tables, and deletes its rows, in `tx`.
@@ -622,28 +674,42 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<BacklogPage, StoreError> {
         let mut writer = self.writer.lock().await;
-        writer.fold().await?;
+        let writer = &mut *writer;
+        let (session, client_id) = (&request.session, &request.client_id);
         let limit = request.limit.max(1);
-        let rows = sqlx::query(
-            "SELECT m.seq, m.message_id, m.topic, m.payload, m.timestamp_ms, m.format, \
-                    m.accepted_at, m.expires_at, c.attempts, c.ephemeral \
-             FROM copies c JOIN messages m ON m.seq = c.seq \
-             WHERE c.session = ? AND c.client_id = ? AND c.seq > ? AND m.expires_at > ? \
-             ORDER BY c.seq LIMIT ?",
-        )
-        .bind(request.session.as_str())
-        .bind(request.client_id.as_str())
-        .bind(request.after_seq as i64)
-        .bind(now as i64)
-        .bind(limit as i64 + 1)
-        .fetch_all(&mut *writer.conn)
-        .await?;
-        let exhausted = rows.len() <= limit;
-        let page = rows
-            .iter()
-            .take(limit)
-            .map(|row| copy_from_row(&request.session, row))
-            .collect::<Result<Vec<_>, _>>()?;
+
+        // The page merges the tables, as the journal leaves them, with the copies
+        // queued in the journal since: a subscriber reading back what it spilled a
+        // moment ago costs no fold and no row.
+        let net = writer.journal.net();
+        let mut page: Vec<StoredCopy> = Vec::new();
+        let mut complete = true;
+        for (_, copy, body) in net.queued_for(session, client_id, request.after_seq) {
+            match body {
+                Some(message) if message.expires_at <= now => {}
+                Some(message) => page.push(StoredCopy {
+                    message: message.clone(),
+                    attempts: copy.attempts,
+                    ephemeral: copy.ephemeral,
+                }),
+                // A body stored before its copy was queued (rare): the tables have
+                // both once folded.
+                None => complete = false,
+            }
+        }
+        if !complete {
+            writer.fold().await?;
+            return backlog_rows(&mut writer.conn, request, now, limit, None).await;
+        }
+        let (rows, exhausted) =
+            backlog_rows(&mut writer.conn, request, now, limit, Some(net)).await?;
+        page.extend(rows);
+        page.sort_by_key(|c| c.message.seq);
+        page.dedup_by_key(|c| c.message.seq);
+        if page.len() > limit {
+            page.truncate(limit);
+            return Ok((page, false));
+        }
         Ok((page, exhausted))
     }
 

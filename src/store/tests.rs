@@ -238,14 +238,73 @@ async fn suite(store: &dyn Store) {
     store.ping().await.expect("ping");
 }
 
+/// Backlog pages are right whatever was written when: copies already in the tables,
+/// and copies, acks and attempts committed since (the SQLite store's journal).
+async fn backlog_across_commits(store: &dyn Store) {
+    let mut ops = Vec::new();
+    for seq in 101..=103 {
+        ops.extend(put(seq, "frank", false));
+    }
+    store
+        .commit(&[StoreBatch { id: 1, ops }])
+        .await
+        .expect("commit");
+    store.purge(NOW).await.expect("purge"); // the SQLite store folds here
+    let mut ops = vec![
+        StoreOp::DeleteCopy {
+            session: session(),
+            client_id: client("frank"),
+            seq: 102,
+        },
+        StoreOp::SetAttempts {
+            session: session(),
+            client_id: client("frank"),
+            seq: 103,
+            attempts: 5,
+        },
+    ];
+    ops.extend(put(104, "frank", true));
+    ops.extend(put(105, "frank", false));
+    ops.extend(put(106, "grace", false));
+    store
+        .commit(&[StoreBatch { id: 2, ops }])
+        .await
+        .expect("commit");
+    let page = |after, limit| async move {
+        let (rows, exhausted) = store
+            .backlog(&request("frank", after, limit), NOW)
+            .await
+            .expect("backlog");
+        let rows: Vec<(u64, u32, bool)> = rows
+            .iter()
+            .map(|r| (r.message.seq, r.attempts, r.ephemeral))
+            .collect();
+        (rows, exhausted)
+    };
+    assert_eq!(
+        page(0, 2).await,
+        (vec![(101, 0, false), (103, 5, false)], false)
+    );
+    assert_eq!(
+        page(103, 2).await,
+        (vec![(104, 0, true), (105, 0, false)], true)
+    );
+    assert_eq!(page(0, 4).await.0.len(), 4);
+    assert!(page(0, 4).await.1, "four copies in all");
+    assert_eq!(page(105, 4).await, (vec![], true));
+    assert_eq!(seqs(store, "grace", 0, 10).await, (vec![106], true));
+}
+
 #[tokio::test]
 async fn memory_store() {
     suite(&MemoryStore::default()).await;
+    backlog_across_commits(&MemoryStore::default()).await;
 }
 
 #[tokio::test]
 async fn sqlite_store_in_memory() {
     suite(&SqliteStore::open_in_memory().await.expect("open")).await;
+    backlog_across_commits(&SqliteStore::open_in_memory().await.expect("open")).await;
 }
 
 #[tokio::test]
