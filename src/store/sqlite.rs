@@ -14,7 +14,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::migrate::Migrator;
-use sqlx::pool::PoolConnection;
 use sqlx::sqlite::SqliteConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -57,7 +56,7 @@ pub struct SqliteStore {
 /// it has appended since the last fold.
 #[derive(Debug)]
 struct Writer {
-    conn: PoolConnection<Sqlite>,
+    conn: SqliteConnection,
     journal: Journal,
 }
 
@@ -118,11 +117,12 @@ impl SqliteStore {
     async fn start(pool: SqlitePool) -> Result<Self, StoreError> {
         MIGRATOR.run(&pool).await?;
         let mut writer = Writer {
-            conn: pool.acquire().await?,
+            // Detached: the writer outlives no pool, and dropping it needs no runtime.
+            conn: pool.acquire().await?.detach(),
             journal: Journal::default(),
         };
         let rows = sqlx::query("SELECT id, expires_at, replay, ops FROM journal ORDER BY id")
-            .fetch_all(&mut *writer.conn)
+            .fetch_all(&mut writer.conn)
             .await?;
         for row in rows {
             let ops = match row.try_get::<Option<Vec<u8>>, _>("ops")? {
@@ -329,7 +329,7 @@ impl Writer {
             .bind(expires_at as i64)
             .bind(replay)
             .bind(ops)
-            .execute(&mut *self.conn)
+            .execute(&mut self.conn)
             .await?;
         let replay = entry.replay.as_ref().map(|(r, at)| (&r[..], *at));
         self.journal.record(
