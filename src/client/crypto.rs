@@ -49,9 +49,9 @@
 
 use std::fmt;
 
-use aes::Aes256;
 use aes::cipher::block_padding::Pkcs7;
-use aes::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit};
+use aes::cipher::{BlockDecryptMut, BlockEncryptMut, InnerIvInit, KeyInit};
+use aes::{Aes256Dec, Aes256Enc};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hkdf::Hkdf;
@@ -61,8 +61,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 type HmacSha256 = Hmac<Sha256>;
-type Aes256CbcEnc = cbc::Encryptor<Aes256>;
-type Aes256CbcDec = cbc::Decryptor<Aes256>;
+type Aes256CbcEnc = cbc::Encryptor<Aes256Enc>;
+type Aes256CbcDec = cbc::Decryptor<Aes256Dec>;
 
 /// Version byte that starts every `NATIVE_V1` payload.
 pub const NATIVE_V1_VERSION: u8 = 0x01;
@@ -210,7 +210,53 @@ pub struct MessageContext<'a> {
 pub struct SealingKeys {
     enc: [u8; KEY_LEN],
     mac: [u8; KEY_LEN],
-    raw: [u8; KEY_LEN],
+    /// AES key schedules of `enc` and of the raw session key (legacy), and the
+    /// HMAC state after absorbing `mac`: computed once here rather than for every
+    /// message (for a 128-byte payload they cost about as much as the payload).
+    native: AesKey,
+    legacy: AesKey,
+    hmac: HmacSha256,
+}
+
+/// One AES-256 key, expanded for both directions.
+#[derive(Clone)]
+struct AesKey {
+    enc: Aes256Enc,
+    dec: Aes256Dec,
+}
+
+impl AesKey {
+    fn new(key: &[u8; KEY_LEN]) -> Self {
+        Self {
+            enc: Aes256Enc::new(key.into()),
+            dec: Aes256Dec::new(key.into()),
+        }
+    }
+
+    /// Appends the AES-256-CBC-PKCS#7 encryption of `plaintext` to `out`.
+    fn encrypt_into(&self, iv: &[u8; IV_LEN], plaintext: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        out.resize(start + padded_len(plaintext.len()), 0);
+        let len = Aes256CbcEnc::inner_iv_init(self.enc.clone(), iv.into())
+            .encrypt_padded_b2b_mut::<Pkcs7>(plaintext, &mut out[start..])
+            // Only fails if the buffer is too small; `padded_len` is always enough.
+            .expect("output buffer fits the padded plaintext")
+            .len();
+        out.truncate(start + len);
+    }
+
+    /// Decrypts and unpads; `iv` must be 16 bytes and `ciphertext` a non-empty
+    /// multiple of 16 (checked by the callers).
+    fn decrypt(&self, iv: &[u8], ciphertext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let iv: &[u8; IV_LEN] = iv.try_into().map_err(|_| CryptoError::Truncated)?;
+        let mut buf = ciphertext.to_vec();
+        let len = Aes256CbcDec::inner_iv_init(self.dec.clone(), iv.into())
+            .decrypt_padded_mut::<Pkcs7>(&mut buf)
+            .map_err(|_| CryptoError::BadPadding)?
+            .len();
+        buf.truncate(len);
+        Ok(buf)
+    }
 }
 
 impl fmt::Debug for SealingKeys {
@@ -235,7 +281,10 @@ impl SealingKeys {
         Self {
             enc,
             mac,
-            raw: key.0,
+            native: AesKey::new(&enc),
+            legacy: AesKey::new(&key.0),
+            // HMAC accepts keys of any length, so this cannot fail.
+            hmac: <HmacSha256 as Mac>::new_from_slice(&mac).expect("HMAC accepts any key length"),
         }
     }
 
@@ -430,7 +479,7 @@ impl SealingKeys {
     pub fn seal_legacy_chunk_with_iv(&self, plaintext: &[u8], iv: [u8; IV_LEN]) -> Vec<u8> {
         let mut out = Vec::with_capacity(IV_LEN + padded_len(plaintext.len()));
         out.extend_from_slice(&iv);
-        out.extend_from_slice(&cbc_encrypt(&self.raw, &iv, plaintext));
+        self.legacy.encrypt_into(&iv, plaintext, &mut out);
         out
     }
 
@@ -445,7 +494,7 @@ impl SealingKeys {
         if ciphertext.len() % BLOCK_LEN != 0 {
             return Err(CryptoError::BadLength);
         }
-        cbc_decrypt(&self.raw, iv, ciphertext)
+        self.legacy.decrypt(iv, ciphertext)
     }
 
     // ----- internals ---------------------------------------------------------
@@ -458,16 +507,14 @@ impl SealingKeys {
         plaintext: &[u8],
         iv: [u8; IV_LEN],
     ) -> Result<Vec<u8>, CryptoError> {
-        let ciphertext = cbc_encrypt(&self.enc, &iv, plaintext);
-        let tag = self
-            .envelope_hmac(domain, ctx, index, &iv, &ciphertext)?
-            .finalize()
-            .into_bytes();
-
-        let mut payload = Vec::with_capacity(1 + IV_LEN + ciphertext.len() + TAG_LEN);
+        let mut payload = Vec::with_capacity(1 + IV_LEN + padded_len(plaintext.len()) + TAG_LEN);
         payload.push(NATIVE_V1_VERSION);
         payload.extend_from_slice(&iv);
-        payload.extend_from_slice(&ciphertext);
+        self.native.encrypt_into(&iv, plaintext, &mut payload);
+        let tag = self
+            .envelope_hmac(domain, ctx, index, &iv, &payload[1 + IV_LEN..])?
+            .finalize()
+            .into_bytes();
         payload.extend_from_slice(&tag);
         Ok(payload)
     }
@@ -497,7 +544,7 @@ impl SealingKeys {
             .verify_slice(tag)
             .map_err(|_| CryptoError::BadMac)?;
 
-        cbc_decrypt(&self.enc, iv, ciphertext)
+        self.native.decrypt(iv, ciphertext)
     }
 
     /// HMAC state over the envelope MAC input, ready to finalize or verify.
@@ -543,8 +590,7 @@ impl SealingKeys {
     }
 
     fn hmac(&self) -> HmacSha256 {
-        // HMAC accepts keys of any length, so this cannot fail.
-        <HmacSha256 as Mac>::new_from_slice(&self.mac).expect("HMAC accepts any key length")
+        self.hmac.clone()
     }
 }
 
@@ -562,34 +608,6 @@ fn random_iv() -> [u8; IV_LEN] {
 /// Length of the PKCS#7-padded ciphertext of `len` plaintext bytes.
 fn padded_len(len: usize) -> usize {
     (len / BLOCK_LEN + 1) * BLOCK_LEN
-}
-
-/// AES-256-CBC with PKCS#7 padding.
-///
-/// Uses the buffer-based `cipher` API rather than the `*_vec_mut` helpers,
-/// which need the `alloc` feature of `cbc`/`cipher`.
-fn cbc_encrypt(key: &[u8; KEY_LEN], iv: &[u8; IV_LEN], plaintext: &[u8]) -> Vec<u8> {
-    let mut out = vec![0u8; padded_len(plaintext.len())];
-    let len = Aes256CbcEnc::new(key.into(), iv.into())
-        .encrypt_padded_b2b_mut::<Pkcs7>(plaintext, &mut out)
-        // Only fails if `out` is too small; `padded_len` is always enough.
-        .expect("output buffer fits the padded plaintext")
-        .len();
-    out.truncate(len);
-    out
-}
-
-/// Decrypts and unpads; `iv` must be 16 bytes and `ciphertext` a non-empty
-/// multiple of 16 (checked by the callers).
-fn cbc_decrypt(key: &[u8; KEY_LEN], iv: &[u8], ciphertext: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    let iv: &[u8; IV_LEN] = iv.try_into().map_err(|_| CryptoError::Truncated)?;
-    let mut buf = ciphertext.to_vec();
-    let len = Aes256CbcDec::new(key.into(), iv.into())
-        .decrypt_padded_mut::<Pkcs7>(&mut buf)
-        .map_err(|_| CryptoError::BadPadding)?
-        .len();
-    buf.truncate(len);
-    Ok(buf)
 }
 
 #[cfg(test)]
@@ -819,7 +837,7 @@ mod tests {
         let k = keys();
         let iv = [3u8; 16];
         let mut ciphertext = [0u8; 16];
-        Aes256CbcEnc::new((&k.enc).into(), (&iv).into())
+        Aes256CbcEnc::inner_iv_init(Aes256Enc::new((&k.enc).into()), (&iv).into())
             .encrypt_padded_mut::<aes::cipher::block_padding::NoPadding>(&mut ciphertext, 16)
             .unwrap();
         let tag = k
@@ -973,7 +991,9 @@ mod tests {
         let sealed = BASE64.decode(value["data"].as_str().unwrap()).unwrap();
         assert_eq!(&sealed[..16], &[1; 16]);
         assert_eq!(
-            cbc_decrypt(&[7u8; 32], &sealed[..16], &sealed[16..]).unwrap(),
+            AesKey::new(&[7u8; 32])
+                .decrypt(&sealed[..16], &sealed[16..])
+                .unwrap(),
             b"hi"
         );
     }
