@@ -11,7 +11,6 @@
 //! driver keeps handling commands meanwhile, so the next batch fills while the last one
 //! is being written.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,8 +22,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::carrier::files::FilePort;
 use crate::carrier::{ConnTx, Outbound};
 use crate::core::{
-    BacklogRequest, Command, ConnId, Core, CoreConfig, FileOffer, Hello, Millis, Output, Reject,
-    SessionSettings, Stats, StoreBatch, StoredCopy,
+    BacklogRequest, Command, ConnId, Core, CoreConfig, FastMap, FileOffer, Hello, Millis, Output,
+    Reject, SessionSettings, Stats, StoreBatch, StoredCopy,
 };
 use crate::store::{Store, StoreError};
 
@@ -187,7 +186,7 @@ pub async fn start(
     let driver = Driver {
         core,
         inbox: inbox_rx,
-        conns: HashMap::new(),
+        conns: FastMap::default(),
         jobs: jobs_tx,
         done: done_rx,
         overflowed: Vec::new(),
@@ -204,7 +203,7 @@ pub async fn start(
 struct Driver {
     core: Core,
     inbox: mpsc::Receiver<Inbound>,
-    conns: HashMap<ConnId, ConnTx>,
+    conns: FastMap<ConnId, ConnTx>,
     jobs: mpsc::Sender<StoreJob>,
     done: mpsc::UnboundedReceiver<StoreDone>,
     /// Connections whose outbound queue was full during the last flush.

@@ -7,7 +7,7 @@
 //! subscriber reads them back in pages, in accept order, as its window drains. A slow
 //! consumer therefore costs store space, not RAM, and nothing is dropped.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use crate::proto::PresenceEvent;
@@ -15,7 +15,7 @@ use crate::proto::PresenceEvent;
 use super::command::{BacklogRequest, Event, Message, Output, StoreOp, StoredCopy};
 use super::session::{SessionSettings, SubOpts};
 use super::topic::{TopicFilter, TopicName};
-use super::types::{ClientId, ConnId, MessageId, Millis};
+use super::types::{ClientId, ConnId, FastMap, MessageId, Millis};
 use super::{Effects, Limits};
 
 /// One subscriber's copy of a message.
@@ -57,7 +57,7 @@ pub struct Subscriber {
     pub conn: Option<ConnId>,
     pub legacy_only: bool,
     pub filters: BTreeMap<TopicFilter, SubOpts>,
-    inflight: HashMap<MessageId, InFlight>,
+    inflight: FastMap<MessageId, InFlight>,
     /// (deadline, id) in send order, so deadlines are ascending; stale entries are
     /// skipped when they come up.
     retries: VecDeque<(Millis, MessageId)>,
@@ -83,7 +83,7 @@ impl Subscriber {
             conn: None,
             legacy_only: false,
             filters: BTreeMap::new(),
-            inflight: HashMap::new(),
+            inflight: FastMap::default(),
             retries: VecDeque::new(),
             queue: VecDeque::new(),
             backlog: Backlog::default(),

@@ -39,7 +39,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
@@ -57,7 +57,7 @@ pub use session::{
     RETRY_INTERVAL_RANGE, SessionSettings, SubOpts,
 };
 pub use topic::{MAX_TOPIC_LEN, TopicFilter, TopicName, TopicTree};
-pub use types::{ClientId, ConnId, MessageId, Millis, NameError, SessionName};
+pub use types::{ClientId, ConnId, FastMap, FastSet, MessageId, Millis, NameError, SessionName};
 
 use delivery::{Ctx, Subscriber};
 use session::Session;
@@ -160,8 +160,8 @@ struct ConnState {
 #[derive(Debug)]
 pub struct Core {
     config: CoreConfig,
-    sessions: HashMap<SessionName, Session>,
-    conns: HashMap<ConnId, ConnState>,
+    sessions: FastMap<SessionName, Session>,
+    conns: FastMap<ConnId, ConnState>,
     fx: Effects,
     /// Id of the batch being filled.
     batch_id: u64,
@@ -174,8 +174,8 @@ impl Core {
     pub fn new(config: CoreConfig) -> Self {
         Self {
             config,
-            sessions: HashMap::new(),
-            conns: HashMap::new(),
+            sessions: FastMap::default(),
+            conns: FastMap::default(),
             fx: Effects::default(),
             batch_id: 1,
             waiters: VecDeque::new(),

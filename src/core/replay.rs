@@ -8,17 +8,17 @@
 //! Ids are bucketed by the second their protection ends, so pruning is a walk over the
 //! oldest buckets only (the same idea as quinn's rotating `TokenLog`, made exact).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use super::error::Reject;
-use super::types::{MessageId, Millis};
+use super::types::{FastSet, MessageId, Millis};
 
 /// The replay guard of one session.
 #[derive(Debug)]
 pub struct ReplayGuard {
     window_ms: u64,
     capacity: usize,
-    seen: HashSet<MessageId>,
+    seen: FastSet<MessageId>,
     /// Second at which the ids expire (rounded up) → those ids.
     buckets: BTreeMap<u64, Vec<MessageId>>,
 }
@@ -28,7 +28,7 @@ impl ReplayGuard {
         Self {
             window_ms,
             capacity,
-            seen: HashSet::new(),
+            seen: FastSet::default(),
             buckets: BTreeMap::new(),
         }
     }
@@ -65,15 +65,19 @@ impl ReplayGuard {
             });
         }
         self.prune(now);
-        if self.seen.contains(&id) {
-            return Err(Reject::Replayed);
-        }
-        if self.seen.len() >= self.capacity {
+        if self.seen.len() >= self.capacity && !self.seen.contains(&id) {
             return Err(Reject::RateLimited(
                 "replay window is full for this session; slow down",
             ));
         }
-        self.remember(id, self.expiry_of(timestamp_ms));
+        // One probe: the insert is the check.
+        if !self.seen.insert(id) {
+            return Err(Reject::Replayed);
+        }
+        self.buckets
+            .entry(self.expiry_of(timestamp_ms).div_ceil(1000))
+            .or_default()
+            .push(id);
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! Sessions (tenants): their settings and the isolated state each one owns.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -9,7 +9,7 @@ use super::command::Message;
 use super::delivery::Subscriber;
 use super::replay::ReplayGuard;
 use super::topic::{TopicFilter, TopicName, TopicTree};
-use super::types::{ClientId, ConnId, SessionName};
+use super::types::{ClientId, ConnId, FastMap, SessionName};
 
 /// Defaults of the seeds' `createSession`.
 pub const DEFAULT_RETRY_INTERVAL_MS: u64 = 5_000;
@@ -76,16 +76,16 @@ pub struct Session {
     pub settings: SessionSettings,
     /// filter → (client, durable). One entry per (filter, client).
     pub tree: TopicTree<(ClientId, bool)>,
-    pub subscribers: HashMap<ClientId, Subscriber>,
+    pub subscribers: FastMap<ClientId, Subscriber>,
     /// Who is connected, by client id (a second connection takes over).
-    pub clients: HashMap<ClientId, ConnId>,
+    pub clients: FastMap<ClientId, ConnId>,
     pub replay: ReplayGuard,
     /// Filters that somebody watches for presence → who watches.
     pub presence: BTreeMap<TopicFilter, Vec<ClientId>>,
     /// The X25519 key directory.
     pub keys: BTreeMap<ClientId, Bytes>,
     /// The last `history_size` messages of each topic (in memory only).
-    pub history: HashMap<TopicName, VecDeque<Arc<Message>>>,
+    pub history: FastMap<TopicName, VecDeque<Arc<Message>>>,
 }
 
 impl Session {
@@ -93,12 +93,12 @@ impl Session {
         Self {
             settings,
             tree: TopicTree::default(),
-            subscribers: HashMap::new(),
-            clients: HashMap::new(),
+            subscribers: FastMap::default(),
+            clients: FastMap::default(),
             replay,
             presence: BTreeMap::new(),
             keys: BTreeMap::new(),
-            history: HashMap::new(),
+            history: FastMap::default(),
         }
     }
 

@@ -3,11 +3,10 @@
 //! Each session owns its own [`TopicTree`], so tenant isolation is structural: a filter
 //! in one session is never even looked at for another session's topic.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use super::types::NameError;
+use super::types::{FastMap, NameError};
 
 /// Longest topic name or filter, in bytes. The end-to-end MAC encodes the topic's length
 /// as a u16, and no real topic comes close to this.
@@ -132,7 +131,7 @@ pub struct TopicTree<V> {
 
 #[derive(Debug)]
 struct Node<V> {
-    literal: HashMap<Box<str>, Node<V>>,
+    literal: FastMap<Box<str>, Node<V>>,
     single: Option<Box<Node<V>>>,
     /// Values of filters ending in `#` at this level.
     multi: Vec<V>,
@@ -143,7 +142,7 @@ struct Node<V> {
 impl<V> Default for Node<V> {
     fn default() -> Self {
         Self {
-            literal: HashMap::new(),
+            literal: FastMap::default(),
             single: None,
             multi: Vec::new(),
             exact: Vec::new(),
