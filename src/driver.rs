@@ -365,7 +365,7 @@ impl Driver {
     fn route(&mut self, output: Output) {
         let (conn, item, close) = match output {
             Output::Send { conn, event } => (conn, Outbound::Event(event), false),
-            Output::Close { conn, reject } => (conn, Outbound::Close(reject), true),
+            Output::Close { conn, reject } => (conn, Outbound::Close(Box::new(reject)), true),
         };
         let Some(tx) = self.conns.get(&conn) else {
             return;

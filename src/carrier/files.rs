@@ -113,14 +113,22 @@ pub enum FileItem {
     /// The last item of a file; `written` fires once it is on the receiver's wire.
     End {
         file_id: MessageId,
-        sha256: Bytes,
-        mac: Bytes,
+        trailer: Arc<FileTrailer>,
         written: oneshot::Sender<()>,
     },
     /// The sender went away (or the receiver was dropped): discard the file.
     Abort {
         file_id: MessageId,
     },
+}
+
+/// The end of a file: its plaintext hash and MAC, opaque to the broker. (Shared, and
+/// behind a pointer: every connection's file port allocates a block of items up front,
+/// so the items stay small.)
+#[derive(Debug)]
+pub struct FileTrailer {
+    pub sha256: Bytes,
+    pub mac: Bytes,
 }
 
 /// A connection's file port.
@@ -201,12 +209,12 @@ impl Upload {
         self.done = true;
         let file_id = self.meta.file_id;
         let mut pending = Vec::new();
+        let trailer = Arc::new(FileTrailer { sha256, mac });
         for port in std::mem::take(&mut self.receivers) {
             let (written, wait) = oneshot::channel();
             let end = FileItem::End {
                 file_id,
-                sha256: sha256.clone(),
-                mac: mac.clone(),
+                trailer: trailer.clone(),
                 written,
             };
             if let Ok(Ok(())) = tokio::time::timeout(RECEIVER_STALL, port.send(end)).await {
@@ -264,14 +272,11 @@ pub fn server_frame(item: &FileItem) -> ServerFrame {
             payload: payload.clone(),
         }),
         FileItem::End {
-            file_id,
-            sha256,
-            mac,
-            ..
+            file_id, trailer, ..
         } => server_frame::Kind::FileEnd(proto::FileEnd {
             file_id: id(file_id),
-            sha256: sha256.clone(),
-            mac: mac.clone(),
+            sha256: trailer.sha256.clone(),
+            mac: trailer.mac.clone(),
         }),
         FileItem::Abort { file_id } => server_frame::Kind::Error(proto::Error {
             code: proto::ErrorCode::Internal as i32,

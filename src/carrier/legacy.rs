@@ -430,9 +430,9 @@ fn error_frame(reject: &Reject, message_id: Option<&MessageId>) -> Value {
 impl Encoder for LegacyEncoder {
     fn encode(&mut self, item: &Outbound) -> Vec<Message> {
         let frame = match item {
-            Outbound::Event(Event::Welcome { settings, .. }) => {
+            Outbound::Event(Event::Welcome(welcome)) => {
                 self.welcomed = true;
-                json!({"type": "init_response", "success": true, "sessionName": settings.name.as_str()})
+                json!({"type": "init_response", "success": true, "sessionName": welcome.settings.name.as_str()})
             }
             Outbound::Event(Event::Deliver { message, .. }) => {
                 // Only LEGACY_JSON reaches legacy connections; its payload is the
@@ -452,10 +452,11 @@ impl Encoder for LegacyEncoder {
                 "messageId": uuid_text(message_id),
                 "status": status.as_str_name(),
             }),
-            Outbound::Event(Event::Error { reject, .. })
+            Outbound::Event(Event::Error(e))
                 if !self.welcomed
-                    && !matches!(reject, Reject::NotAuthenticated | Reject::InvalidFrame(_)) =>
+                    && !matches!(e.reject, Reject::NotAuthenticated | Reject::InvalidFrame(_)) =>
             {
+                let reject = &e.reject;
                 // A refused init: the seed's answer, then the connection closes.
                 let frame =
                     json!({"type": "init_response", "success": false, "error": reject.to_string()});
@@ -464,9 +465,7 @@ impl Encoder for LegacyEncoder {
                     websocket::close_message(websocket::close::POLICY, &reject.to_string()),
                 ];
             }
-            Outbound::Event(Event::Error {
-                reject, message_id, ..
-            }) => error_frame(reject, message_id.as_ref()),
+            Outbound::Event(Event::Error(e)) => error_frame(&e.reject, e.message_id.as_ref()),
             Outbound::Close(reject) => error_frame(reject, None),
             Outbound::PushTokenRegistered(_) => {
                 json!({"type": "register_fcm_token_response", "success": true})
@@ -478,7 +477,7 @@ impl Encoder for LegacyEncoder {
             Outbound::Event(
                 Event::Subscribed { .. }
                 | Event::Unsubscribed { .. }
-                | Event::Presence { .. }
+                | Event::Presence(_)
                 | Event::Keys { .. },
             )
             | Outbound::Pong(_) => return Vec::new(),
@@ -513,11 +512,11 @@ impl Encoder for LegacyEncoder {
                 return vec![Message::Binary(frame.into())];
             }
             FileItem::End {
-                file_id, sha256, ..
+                file_id, trailer, ..
             } => json!({
                 "type": "end_file",
                 "fileId": uuid_text(file_id),
-                "hash": hex::encode(sha256),
+                "hash": hex::encode(&trailer.sha256),
                 "topic": self.file_topics.remove(file_id),
             }),
             FileItem::Abort { file_id } => {
@@ -638,11 +637,11 @@ mod tests {
     #[test]
     fn refused_init_gets_init_response_false() {
         let mut e = LegacyEncoder::default();
-        let out = e.encode(&Outbound::Event(Event::Error {
-            reject: Reject::BadCredentials,
-            request_id: 0,
-            message_id: None,
-        }));
+        let out = e.encode(&Outbound::Event(Event::error(
+            Reject::BadCredentials,
+            0,
+            None,
+        )));
         let Message::Text(t) = &out[0] else {
             panic!("text")
         };

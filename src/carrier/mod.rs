@@ -39,20 +39,14 @@ pub enum Outbound {
     /// A file upload multiplexed on this connection (WebSocket) reached every receiver.
     FileAccepted(crate::core::MessageId),
     /// Send the refusal, then close the connection.
-    Close(Reject),
+    Close(Box<Reject>),
 }
 
 impl Outbound {
     /// Whether this item answers a `Publish` (and so frees a publish slot).
     pub fn answers_publish(&self) -> bool {
-        matches!(
-            self,
-            Outbound::Event(Event::PubAck { .. })
-                | Outbound::Event(Event::Error {
-                    message_id: Some(_),
-                    ..
-                })
-        )
+        matches!(self, Outbound::Event(Event::PubAck { .. }))
+            || matches!(self, Outbound::Event(Event::Error(e)) if e.message_id.is_some())
     }
 }
 
@@ -200,11 +194,11 @@ impl Link {
             };
             slot.forget();
         }
-        self.out(Outbound::Event(Event::Error {
-            reject: refused.reject,
-            request_id: refused.request_id,
-            message_id: refused.message_id,
-        }))
+        self.out(Outbound::Event(Event::error(
+            refused.reject,
+            refused.request_id,
+            refused.message_id,
+        )))
         .await;
     }
 
@@ -215,7 +209,7 @@ impl Link {
 
     /// Sends `reject` and closes the connection (broken framing, Hello timeout).
     pub async fn fail(&self, reject: Reject) {
-        self.out(Outbound::Close(reject)).await;
+        self.out(Outbound::Close(Box::new(reject))).await;
     }
 
     /// Handles one request. Errs only when the broker is shutting down.

@@ -23,20 +23,15 @@ fn error_frame(reject: &Reject, request_id: u64, message_id: Option<&[u8; 16]>) 
 pub fn server_frame(out: &Outbound) -> ServerFrame {
     let kind = match out {
         Outbound::Event(event) => match event {
-            Event::Welcome {
-                connection_id,
-                settings,
-                replay_window_ms,
-                server_time_ms,
-            } => Kind::Welcome(proto::Welcome {
+            Event::Welcome(w) => Kind::Welcome(proto::Welcome {
                 server_version: SERVER_VERSION.to_owned(),
-                connection_id: Bytes::copy_from_slice(connection_id),
-                retry_interval_ms: settings.retry_interval_ms,
-                max_retries: settings.max_retries,
-                message_expiry_ms: settings.message_expiry_ms,
-                max_payload_bytes: settings.max_payload_bytes,
-                replay_window_ms: *replay_window_ms,
-                server_time_ms: *server_time_ms,
+                connection_id: Bytes::copy_from_slice(&w.connection_id),
+                retry_interval_ms: w.settings.retry_interval_ms,
+                max_retries: w.settings.max_retries,
+                message_expiry_ms: w.settings.message_expiry_ms,
+                max_payload_bytes: w.settings.max_payload_bytes,
+                replay_window_ms: w.replay_window_ms,
+                server_time_ms: w.server_time_ms,
             }),
             Event::Deliver { message, attempt } => Kind::Deliver(proto::Deliver {
                 message_id: Bytes::copy_from_slice(message.id.as_bytes()),
@@ -56,14 +51,10 @@ pub fn server_frame(out: &Outbound) -> ServerFrame {
             Event::Unsubscribed { request_id } => Kind::Unsubscribed(proto::Unsubscribed {
                 request_id: *request_id,
             }),
-            Event::Presence {
-                filter,
-                client_id,
-                event,
-            } => Kind::Presence(proto::Presence {
-                topic: filter.as_str().to_owned(),
-                client_id: client_id.as_str().to_owned(),
-                event: *event as i32,
+            Event::Presence(p) => Kind::Presence(proto::Presence {
+                topic: p.filter.as_str().to_owned(),
+                client_id: p.client_id.as_str().to_owned(),
+                event: p.event as i32,
             }),
             Event::Keys { request_id, keys } => Kind::Keys(proto::Keys {
                 request_id: *request_id,
@@ -75,14 +66,10 @@ pub fn server_frame(out: &Outbound) -> ServerFrame {
                     })
                     .collect(),
             }),
-            Event::Error {
-                reject,
-                request_id,
-                message_id,
-            } => error_frame(
-                reject,
-                *request_id,
-                message_id.as_ref().map(|m| m.as_bytes()),
+            Event::Error(e) => error_frame(
+                &e.reject,
+                e.request_id,
+                e.message_id.as_ref().map(|m| m.as_bytes()),
             ),
         },
         Outbound::Pong(nonce) => Kind::Pong(proto::Pong { nonce: *nonce }),

@@ -33,6 +33,9 @@ pub const ALPN_H3: &[u8] = b"h3";
 /// Idle timeout of QUIC connections (the SDK sends keep-alives well inside it).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// File uploads one connection may have open at once.
+pub const MAX_UPLOADS: u32 = 7;
+
 /// Writes are coalesced up to this many bytes per stream write.
 const WRITE_COALESCE: usize = 64 * 1024;
 
@@ -82,7 +85,10 @@ pub fn endpoint(
         .max_idle_timeout(Some(
             IDLE_TIMEOUT.try_into().map_err(std::io::Error::other)?,
         ))
-        .max_concurrent_bidi_streams(VarInt::from_u32(64))
+        // The control stream and up to MAX_UPLOADS file uploads at a time (a client
+        // with more waits for one to finish). quinn keeps state for each allowed
+        // stream from the start, so this is memory on every idle connection.
+        .max_concurrent_bidi_streams(VarInt::from_u32(1 + MAX_UPLOADS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         // No unreliable datagrams in the protocol: no buffer for them.
         .datagram_receive_buffer_size(None);
@@ -271,7 +277,7 @@ async fn pump(
                 publish_slots.add_permits(1);
             }
             if let Outbound::Close(reject) = &item {
-                closing = Some(reject.clone());
+                closing = Some(Reject::clone(reject));
             }
             framing::encode_frame(&native::server_frame(&item), &mut buf);
             if closing.is_some() || buf.len() >= WRITE_COALESCE {
@@ -347,11 +353,7 @@ async fn reply(send: &mut SendStream, kind: server_frame::Kind) {
 }
 
 async fn refuse_upload(send: &mut SendStream, reject: Reject, file_id: Option<MessageId>) {
-    let item = Outbound::Event(Event::Error {
-        reject,
-        request_id: 0,
-        message_id: file_id,
-    });
+    let item = Outbound::Event(Event::error(reject, 0, file_id));
     if let Some(kind) = native::server_frame(&item).kind {
         reply(send, kind).await;
     }

@@ -101,7 +101,7 @@ pub async fn write_loop<E: Encoder>(
                     publish_slots.add_permits(1);
                 }
                 let closing = match &item {
-                    Outbound::Close(reject) => Some(reject.clone()),
+                    Outbound::Close(reject) => Some(Reject::clone(reject)),
                     _ => None,
                 };
                 let mut closed = false;

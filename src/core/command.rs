@@ -114,14 +114,13 @@ pub enum Command {
 }
 
 /// Something to send to one connection. Carriers encode it in their wire format.
+///
+/// Every connection's outbound queue holds these by value, and a queue allocates room
+/// for a block of them up front, so the rare large variants are boxed: that keeps an
+/// idle connection small.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Welcome {
-        connection_id: [u8; 16],
-        settings: SessionSettings,
-        replay_window_ms: u64,
-        server_time_ms: Millis,
-    },
+    Welcome(Box<Welcome>),
     Deliver {
         message: Arc<Message>,
         attempt: u32,
@@ -136,20 +135,49 @@ pub enum Event {
     Unsubscribed {
         request_id: u64,
     },
-    Presence {
-        filter: TopicFilter,
-        client_id: ClientId,
-        event: PresenceEvent,
-    },
+    Presence(Box<Presence>),
     Keys {
         request_id: u64,
         keys: Vec<(ClientId, Bytes)>,
     },
-    Error {
-        reject: Reject,
-        request_id: u64,
-        message_id: Option<MessageId>,
-    },
+    Error(Box<ErrorEvent>),
+}
+
+impl Event {
+    /// A refusal; `message_id` is set when it answers a `Publish`.
+    pub fn error(reject: Reject, request_id: u64, message_id: Option<MessageId>) -> Self {
+        Event::Error(Box::new(ErrorEvent {
+            reject,
+            request_id,
+            message_id,
+        }))
+    }
+}
+
+/// The session's terms, first thing on a new connection.
+#[derive(Debug, Clone)]
+pub struct Welcome {
+    pub connection_id: [u8; 16],
+    pub settings: SessionSettings,
+    pub replay_window_ms: u64,
+    pub server_time_ms: Millis,
+}
+
+/// A client joined or left a topic that a `presence` subscription watches.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    pub filter: TopicFilter,
+    pub client_id: ClientId,
+    pub event: PresenceEvent,
+}
+
+/// A refusal sent to a client.
+#[derive(Debug, Clone)]
+pub struct ErrorEvent {
+    pub reject: Reject,
+    pub request_id: u64,
+    /// Set when it answers a `Publish`.
+    pub message_id: Option<MessageId>,
 }
 
 /// What the core asks of the connections.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::proto::PresenceEvent;
 
-use super::command::{BacklogRequest, Event, Message, Output, StoreOp, StoredCopy};
+use super::command::{BacklogRequest, Event, Message, Output, Presence, StoreOp, StoredCopy};
 use super::session::{SessionSettings, SubOpts};
 use super::topic::{TopicFilter, TopicName};
 use super::types::{ClientId, ConnId, FastMap, MessageId, Millis};
@@ -371,11 +371,11 @@ impl Subscriber {
         if let Some(conn) = self.conn {
             fx.outputs.push_back(Output::Send {
                 conn,
-                event: Event::Presence {
+                event: Event::Presence(Box::new(Presence {
                     filter: filter.clone(),
                     client_id: who.clone(),
                     event,
-                },
+                })),
             });
         }
     }

@@ -46,8 +46,8 @@ use bytes::Bytes;
 use crate::proto::{PayloadFormat, PresenceEvent, PubAckStatus};
 
 pub use command::{
-    BacklogRequest, Command, Event, FileOffer, Hello, Message, Output, Publish, Restore,
-    StoreBatch, StoreOp, StoredCopy,
+    BacklogRequest, Command, ErrorEvent, Event, FileOffer, Hello, Message, Output, Presence,
+    Publish, Restore, StoreBatch, StoreOp, StoredCopy, Welcome,
 };
 pub use error::Reject;
 pub use replay::ReplayGuard;
@@ -321,12 +321,12 @@ impl Core {
         session.clients.insert(h.client_id.clone(), h.conn);
         self.fx.send(
             h.conn,
-            Event::Welcome {
+            Event::Welcome(Box::new(Welcome {
                 connection_id: h.connection_id,
                 settings: session.settings.clone(),
                 replay_window_ms: self.config.replay_window_ms,
                 server_time_ms: now,
-            },
+            })),
         );
         // Durable subscriptions resume without a new Subscribe; the backlog starts.
         if let Some(sub) = session.subscribers.get_mut(&h.client_id) {
@@ -678,25 +678,12 @@ impl Core {
     }
 
     fn refuse(&mut self, conn: ConnId, request_id: u64, reject: Reject) {
-        self.fx.send(
-            conn,
-            Event::Error {
-                reject,
-                request_id,
-                message_id: None,
-            },
-        );
+        self.fx.send(conn, Event::error(reject, request_id, None));
     }
 
     fn refuse_publish(&mut self, conn: ConnId, message_id: MessageId, reject: Reject) {
-        self.fx.send(
-            conn,
-            Event::Error {
-                reject,
-                request_id: 0,
-                message_id: Some(message_id),
-            },
-        );
+        self.fx
+            .send(conn, Event::error(reject, 0, Some(message_id)));
     }
 
     /// Processes every retry deadline that has passed.

@@ -223,7 +223,7 @@ impl Pair {
     fn error(&mut self, conn: ConnId) -> Reject {
         let events = self.take(conn);
         match events.as_slice() {
-            [Event::Error { reject, .. }] => reject.clone(),
+            [Event::Error(e)] => e.reject.clone(),
             other => panic!("expected one Error, got {other:?}"),
         }
     }
@@ -686,15 +686,12 @@ fn presence_is_announced_to_watchers_only() {
     let joined = p.take(watcher);
     assert!(matches!(
         joined.as_slice(),
-        [Event::Presence { event: PresenceEvent::Joined, client_id, .. }] if client_id.as_str() == "other"
+        [Event::Presence(p)] if p.event == PresenceEvent::Joined && p.client_id.as_str() == "other"
     ));
     p.cmd(Command::Disconnected { conn: other });
     assert!(matches!(
         p.take(watcher).as_slice(),
-        [Event::Presence {
-            event: PresenceEvent::Left,
-            ..
-        }]
+        [Event::Presence(p)] if p.event == PresenceEvent::Left
     ));
 }
 
