@@ -296,7 +296,7 @@ impl State {
                     }
                     Err(_) => {}
                 }
-                if let Ok(frame) = live.frames.try_recv() {
+                if let Some(frame) = live.frames.try_recv() {
                     if let Err(fatal) = self.on_frame(frame, &mut live.writer).await {
                         return Outcome::Fatal(fatal);
                     }

@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use prost::Message as _;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -354,11 +353,10 @@ impl ControlWriter {
     }
 }
 
-/// A control channel: write frames with `writer`, read them from `frames` (which
-/// closes when the channel ends).
+/// A control channel: write frames with `writer`, read them from `frames`.
 pub struct Control {
     pub writer: ControlWriter,
-    pub frames: mpsc::Receiver<ServerFrame>,
+    pub frames: ControlReader,
 }
 
 impl Control {
@@ -368,78 +366,105 @@ impl Control {
             .open_bi()
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let (tx, frames) = mpsc::channel(1024);
-        tokio::spawn(read_quic(recv, tx));
         Ok(Control {
             writer: ControlWriter::Quic {
                 conn,
                 send,
                 buf: BytesMut::new(),
             },
-            frames,
+            frames: ControlReader::Quic {
+                recv,
+                decoder: FrameDecoder::new(MAX_FRAME),
+            },
         })
     }
 
     fn over_websocket(ws: Ws) -> Control {
         let (sink, stream) = ws.split();
-        let (tx, frames) = mpsc::channel(1024);
-        tokio::spawn(read_websocket(stream, tx));
         Control {
             writer: ControlWriter::WebSocket {
                 sink,
                 queued: Vec::new(),
             },
-            frames,
+            frames: ControlReader::WebSocket(stream),
         }
     }
 }
 
-async fn read_quic(mut recv: RecvStream, tx: mpsc::Sender<ServerFrame>) {
-    let mut decoder = FrameDecoder::new(MAX_FRAME);
-    loop {
-        loop {
-            match decoder.next_frame() {
-                Ok(Some(bytes)) => match framing::decode::<ServerFrame>(bytes) {
-                    Ok(frame) => {
-                        if tx.send(frame).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "undecodable frame from the broker");
-                        return;
-                    }
-                },
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "broken framing from the broker");
-                    return;
+/// The read half of a control channel. The session task reads it itself, with no
+/// task in between: a frame costs no extra hand-over between tasks on its way in.
+pub enum ControlReader {
+    Quic {
+        recv: RecvStream,
+        /// Bytes read but not yet decoded: they survive a cancelled [`recv`].
+        ///
+        /// [`recv`]: ControlReader::recv
+        decoder: FrameDecoder,
+    },
+    WebSocket(SplitStream<Ws>),
+}
+
+impl ControlReader {
+    /// The next frame; `None` once the channel has ended or broken. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<ServerFrame> {
+        match self {
+            ControlReader::Quic { recv, decoder } => loop {
+                if let Some(frame) = Self::buffered(decoder)? {
+                    return Some(frame);
                 }
+                // Cancel-safe (quinn's documentation): nothing is lost if this is
+                // dropped before it completes.
+                match recv.read_chunk(64 * 1024, true).await {
+                    Ok(Some(chunk)) => decoder.extend(&chunk.bytes),
+                    Ok(None) | Err(_) => return None,
+                }
+            },
+            ControlReader::WebSocket(stream) => loop {
+                let message = stream.next().await?.ok()?;
+                if let Some(frame) = Self::websocket_frame(message)? {
+                    return Some(frame);
+                }
+            },
+        }
+    }
+
+    /// A frame that has already arrived, if any, without waiting.
+    pub fn try_recv(&mut self) -> Option<ServerFrame> {
+        self.recv().now_or_never().flatten()
+    }
+
+    /// The next frame already in `decoder`: `Some(None)` if it needs more bytes, `None`
+    /// if the broker's framing is broken.
+    fn buffered(decoder: &mut FrameDecoder) -> Option<Option<ServerFrame>> {
+        match decoder.next_frame() {
+            Ok(Some(bytes)) => match framing::decode::<ServerFrame>(bytes) {
+                Ok(frame) => Some(Some(frame)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "undecodable frame from the broker");
+                    None
+                }
+            },
+            Ok(None) => Some(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "broken framing from the broker");
+                None
             }
         }
-        match recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(chunk)) => decoder.extend(&chunk.bytes),
-            Ok(None) | Err(_) => return,
-        }
     }
-}
 
-async fn read_websocket(mut stream: SplitStream<Ws>, tx: mpsc::Sender<ServerFrame>) {
-    while let Some(Ok(message)) = stream.next().await {
+    /// The frame in a WebSocket message: `Some(None)` for messages that carry none,
+    /// `None` when the channel is closing or broken.
+    fn websocket_frame(message: WsMessage) -> Option<Option<ServerFrame>> {
         let bytes = match message {
             WsMessage::Binary(bytes) => bytes,
-            WsMessage::Close(_) => return,
-            _ => continue,
+            WsMessage::Close(_) => return None,
+            _ => return Some(None),
         };
         match ServerFrame::decode(bytes) {
-            Ok(frame) => {
-                if tx.send(frame).await.is_err() {
-                    return;
-                }
-            }
+            Ok(frame) => Some(Some(frame)),
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable frame from the broker");
-                return;
+                None
             }
         }
     }
