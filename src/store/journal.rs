@@ -452,7 +452,7 @@ mod tests {
         let copies: Vec<(u64, u32)> = journal
             .net()
             .copies()
-            .map(|(k, c)| (k.2, c.attempts))
+            .map(|(_, seq, c)| (seq, c.attempts))
             .collect();
         assert_eq!(copies, [(1, 4)], "row 2's attempts update row 1's copy");
         assert!(!journal.wants_fold());

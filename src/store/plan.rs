@@ -12,13 +12,13 @@
 //! one land in separate nets, applied in order.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::core::{ClientId, Message, MessageId, Millis, SessionName, StoreOp};
+use crate::core::{ClientId, FastMap, Message, MessageId, Millis, SessionName, StoreOp};
 
-/// A copy's key.
-pub type CopyKey = (SessionName, ClientId, u64);
+/// A subscriber: its session and client id.
+pub type SubKey = (SessionName, ClientId);
 
 /// A copy queued within a [`Net`] and not acknowledged in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,18 +28,54 @@ pub struct NewCopy {
 }
 
 /// The net effect of a run of copy ops.
+///
+/// Grouped by subscriber (one hash of the two names per op, then integer keys), and
+/// in seq order within one, so a subscriber's copies are a range.
 #[derive(Debug, Default)]
 pub struct Net {
     /// Bodies of messages whose copies were queued here, with how many of those copies
     /// are still queued (bodies of acknowledged copies are dropped with the last one).
-    bodies: HashMap<u64, (Arc<Message>, usize)>,
-    /// Copies queued here and still queued, ordered so that one subscriber's are
-    /// a range (see [`Net::queued_for`]).
-    copies: BTreeMap<CopyKey, NewCopy>,
+    bodies: FastMap<u64, (Arc<Message>, usize)>,
+    subscribers: FastMap<SubKey, SubscriberNet>,
+}
+
+/// One subscriber's part of a [`Net`], by message seq.
+#[derive(Debug, Default)]
+pub struct SubscriberNet {
+    /// Copies queued here and still queued.
+    copies: BTreeMap<u64, NewCopy>,
     /// New attempt counts of copies queued before this net.
-    attempts: HashMap<CopyKey, u32>,
+    attempts: BTreeMap<u64, u32>,
     /// Copies queued before this net and acknowledged (or dropped) in it.
-    deletes: BTreeSet<CopyKey>,
+    deletes: BTreeSet<u64>,
+}
+
+impl SubscriberNet {
+    fn is_empty(&self) -> bool {
+        self.copies.is_empty() && self.attempts.is_empty() && self.deletes.is_empty()
+    }
+
+    /// Copies queued in this net with `seq > after_seq`, in seq order.
+    pub fn queued_after(&self, after_seq: u64) -> impl Iterator<Item = (u64, &NewCopy)> {
+        self.copies
+            .range(after_seq.saturating_add(1)..)
+            .map(|(seq, copy)| (*seq, copy))
+    }
+
+    /// How many stored copies this net deletes.
+    pub fn deletes(&self) -> usize {
+        self.deletes.len()
+    }
+
+    /// Whether this net deletes the stored copy of message `seq`.
+    pub fn deletes_copy(&self, seq: u64) -> bool {
+        self.deletes.contains(&seq)
+    }
+
+    /// The attempt count this net sets on the stored copy of message `seq`, if any.
+    pub fn attempts_of(&self, seq: u64) -> Option<u32> {
+        self.attempts.get(&seq).copied()
+    }
 }
 
 impl Net {
@@ -56,12 +92,12 @@ impl Net {
                 seq,
                 ephemeral,
             } => {
-                let key = (session.clone(), client_id.clone(), *seq);
                 let copy = NewCopy {
                     ephemeral: *ephemeral,
                     attempts: 0,
                 };
-                if self.copies.insert(key, copy).is_none()
+                let sub = self.subscriber_mut(session, client_id);
+                if sub.copies.insert(*seq, copy).is_none()
                     && let Some((_, refs)) = self.bodies.get_mut(seq)
                 {
                     *refs += 1;
@@ -73,11 +109,11 @@ impl Net {
                 seq,
                 attempts,
             } => {
-                let key = (session.clone(), client_id.clone(), *seq);
-                match self.copies.get_mut(&key) {
+                let sub = self.subscriber_mut(session, client_id);
+                match sub.copies.get_mut(seq) {
                     Some(copy) => copy.attempts = *attempts,
                     None => {
-                        self.attempts.insert(key, *attempts);
+                        sub.attempts.insert(*seq, *attempts);
                     }
                 }
             }
@@ -86,8 +122,8 @@ impl Net {
                 client_id,
                 seq,
             } => {
-                let key = (session.clone(), client_id.clone(), *seq);
-                if self.copies.remove(&key).is_some() {
+                let sub = self.subscriber_mut(session, client_id);
+                if sub.copies.remove(seq).is_some() {
                     // Queued and acknowledged here: neither write happens.
                     if let Entry::Occupied(mut body) = self.bodies.entry(*seq) {
                         body.get_mut().1 -= 1;
@@ -96,8 +132,8 @@ impl Net {
                         }
                     }
                 } else {
-                    self.attempts.remove(&key);
-                    self.deletes.insert(key);
+                    sub.attempts.remove(seq);
+                    sub.deletes.insert(*seq);
                 }
             }
             StoreOp::PutReplayId { .. }
@@ -109,9 +145,33 @@ impl Net {
         true
     }
 
+    fn subscriber_mut(
+        &mut self,
+        session: &SessionName,
+        client_id: &ClientId,
+    ) -> &mut SubscriberNet {
+        self.subscribers
+            .entry((session.clone(), client_id.clone()))
+            .or_default()
+    }
+
     /// Whether nothing is left to write.
     pub fn is_empty(&self) -> bool {
-        self.copies.is_empty() && self.attempts.is_empty() && self.deletes.is_empty()
+        self.subscribers.values().all(SubscriberNet::is_empty)
+    }
+
+    /// One subscriber's part, if this net has any.
+    pub fn subscriber(
+        &self,
+        session: &SessionName,
+        client_id: &ClientId,
+    ) -> Option<&SubscriberNet> {
+        self.subscribers.get(&(session.clone(), client_id.clone()))
+    }
+
+    /// The body of message `seq`, if a copy queued in this net needs it.
+    pub fn body(&self, seq: u64) -> Option<&Arc<Message>> {
+        self.bodies.get(&seq).map(|(m, _)| m)
     }
 
     /// Message bodies to insert: those a queued copy of this net needs. (A body whose
@@ -124,62 +184,32 @@ impl Net {
     }
 
     /// Copies to insert.
-    pub fn copies(&self) -> impl Iterator<Item = (&CopyKey, &NewCopy)> {
-        self.copies.iter()
+    pub fn copies(&self) -> impl Iterator<Item = (&SubKey, u64, &NewCopy)> {
+        self.subscribers
+            .iter()
+            .flat_map(|(k, s)| s.copies.iter().map(move |(seq, c)| (k, *seq, c)))
     }
 
     /// Attempt counts to update on copies stored before.
-    pub fn attempts(&self) -> impl Iterator<Item = (&CopyKey, u32)> {
-        self.attempts.iter().map(|(k, a)| (k, *a))
+    pub fn attempts(&self) -> impl Iterator<Item = (&SubKey, u64, u32)> {
+        self.subscribers
+            .iter()
+            .flat_map(|(k, s)| s.attempts.iter().map(move |(seq, a)| (k, *seq, *a)))
     }
 
     /// Copies stored before, to delete.
-    pub fn deletes(&self) -> impl ExactSizeIterator<Item = &CopyKey> {
-        self.deletes.iter()
+    pub fn deletes(&self) -> impl Iterator<Item = (&SubKey, u64)> {
+        self.subscribers
+            .iter()
+            .flat_map(|(k, s)| s.deletes.iter().map(move |seq| (k, *seq)))
     }
 
     /// Message bodies that may be orphaned by [`Net::deletes`], sorted, each once.
     pub fn orphans(&self) -> Vec<u64> {
-        let mut seqs: Vec<u64> = self.deletes.iter().map(|(_, _, seq)| *seq).collect();
+        let mut seqs: Vec<u64> = self.deletes().map(|(_, seq)| seq).collect();
         seqs.sort_unstable();
         seqs.dedup();
         seqs
-    }
-
-    /// One subscriber's copies queued in this net with `seq > after_seq`, in seq
-    /// order, each with its message body if this net has it.
-    pub fn queued_for<'a>(
-        &'a self,
-        session: &SessionName,
-        client_id: &ClientId,
-        after_seq: u64,
-    ) -> impl Iterator<Item = (u64, &'a NewCopy, Option<&'a Arc<Message>>)> + 'a {
-        let from = (
-            session.clone(),
-            client_id.clone(),
-            after_seq.saturating_add(1),
-        );
-        let to = (session.clone(), client_id.clone(), u64::MAX);
-        self.copies
-            .range(from..=to)
-            .map(|((_, _, seq), copy)| (*seq, copy, self.bodies.get(seq).map(|(m, _)| m)))
-    }
-
-    /// How many of one subscriber's stored copies this net deletes.
-    pub fn deletes_for(&self, session: &SessionName, client_id: &ClientId) -> usize {
-        let from = (session.clone(), client_id.clone(), 0);
-        let to = (session.clone(), client_id.clone(), u64::MAX);
-        self.deletes.range(from..=to).count()
-    }
-
-    /// Whether this net deletes a stored copy.
-    pub fn deletes_copy(&self, key: &CopyKey) -> bool {
-        self.deletes.contains(key)
-    }
-
-    /// The attempt count this net sets on a stored copy, if it does.
-    pub fn attempts_of(&self, key: &CopyKey) -> Option<u32> {
-        self.attempts.get(key).copied()
     }
 }
 
@@ -304,11 +334,14 @@ mod tests {
         // Message 1 is still needed by b; message 2 by no one.
         let bodies: Vec<u64> = net.messages().map(|m| m.seq).collect();
         assert_eq!(bodies, [1]);
-        let copies: Vec<(&str, u64)> = net.copies().map(|(k, _)| (k.1.as_str(), k.2)).collect();
+        let copies: Vec<(&str, u64)> = net
+            .copies()
+            .map(|(k, seq, _)| (k.1.as_str(), seq))
+            .collect();
         assert_eq!(copies, [("b", 1)]);
         // The late SetAttempts of an acknowledged copy is an update of a stored copy
         // (the core never sends one; if it did, it would touch no row).
-        assert_eq!(net.deletes().len(), 0);
+        assert_eq!(net.deletes().count(), 0);
         assert!(net.orphans().is_empty());
     }
 
@@ -323,7 +356,7 @@ mod tests {
             del(8, "a"),
             del(9, "b"),
         ]);
-        let copies: Vec<NewCopy> = net.copies().map(|(_, c)| *c).collect();
+        let copies: Vec<NewCopy> = net.copies().map(|(_, _, c)| *c).collect();
         assert_eq!(
             copies,
             [NewCopy {
@@ -331,9 +364,9 @@ mod tests {
                 attempts: 2
             }]
         );
-        let updates: Vec<(u64, u32)> = net.attempts().map(|(k, a)| (k.2, a)).collect();
+        let updates: Vec<(u64, u32)> = net.attempts().map(|(_, seq, a)| (seq, a)).collect();
         assert_eq!(updates, [(7, 4)]);
-        let deletes: Vec<u64> = net.deletes().map(|k| k.2).collect();
+        let deletes: Vec<u64> = net.deletes().map(|(_, seq)| seq).collect();
         assert_eq!(sorted(deletes), [8, 9]);
         assert_eq!(net.orphans(), [8, 9]);
     }
@@ -377,7 +410,7 @@ mod tests {
             panic!("copies after the barriers: {steps:?}");
         };
         assert_eq!(last.copies().count(), 1);
-        assert_eq!(last.deletes().len(), 1);
+        assert_eq!(last.deletes().count(), 1);
         assert_eq!(last.orphans(), [1]);
         assert_eq!(steps.len(), 5);
     }

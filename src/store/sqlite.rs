@@ -28,7 +28,7 @@ use crate::core::{
 use crate::proto::PayloadFormat;
 
 use super::journal::{self, Entry, Journal};
-use super::plan::{CopyKey, Net, Step, plan};
+use super::plan::{Net, Step, SubscriberNet, plan};
 use super::{BacklogPage, PushToken, SessionRecord, Store, StoreError};
 
 static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
@@ -237,7 +237,7 @@ impl SqliteStore {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "INSERT OR IGNORE INTO copies (session, client_id, seq, attempts, ephemeral) ",
             );
-            q.push_values(chunk, |mut b, ((session, client_id, seq), copy)| {
+            q.push_values(chunk, |mut b, ((session, client_id), seq, copy)| {
                 b.push_bind(session.as_str())
                     .push_bind(client_id.as_str())
                     .push_bind(*seq as i64)
@@ -246,23 +246,23 @@ impl SqliteStore {
             });
             q.build().execute(&mut **tx).await?;
         }
-        for ((session, client_id, seq), attempts) in net.attempts() {
+        for ((session, client_id), seq, attempts) in net.attempts() {
             sqlx::query(
                 "UPDATE copies SET attempts = ? WHERE session = ? AND client_id = ? AND seq = ?",
             )
             .bind(attempts as i64)
             .bind(session.as_str())
             .bind(client_id.as_str())
-            .bind(*seq as i64)
+            .bind(seq as i64)
             .execute(&mut **tx)
             .await?;
         }
-        let deletes: Vec<&CopyKey> = net.deletes().collect();
+        let deletes: Vec<_> = net.deletes().collect();
         for chunk in statement_chunks(&deletes, ROWS_PER_STATEMENT) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "DELETE FROM copies WHERE (session, client_id, seq) IN (",
             );
-            q.push_values(chunk, |mut b, (session, client_id, seq)| {
+            q.push_values(chunk, |mut b, ((session, client_id), seq)| {
                 b.push_bind(session.as_str())
                     .push_bind(client_id.as_str())
                     .push_bind(*seq as i64);
@@ -383,12 +383,12 @@ async fn backlog_rows(
     request: &BacklogRequest,
     now: Millis,
     limit: usize,
-    net: Option<&Net>,
+    net: Option<&SubscriberNet>,
 ) -> Result<BacklogPage, StoreError> {
     let (session, client_id) = (&request.session, &request.client_id);
     // Enough rows that `limit` remain after the net's deletes, and one more to tell
     // whether there are more.
-    let fetch = limit + 1 + net.map_or(0, |n| n.deletes_for(session, client_id));
+    let fetch = limit + 1 + net.map_or(0, SubscriberNet::deletes);
     let rows = sqlx::query(
         "SELECT m.seq, m.message_id, m.topic, m.payload, m.timestamp_ms, m.format, \
                 m.accepted_at, m.expires_at, c.attempts, c.ephemeral \
@@ -408,11 +408,11 @@ async fn backlog_rows(
     for row in &rows {
         let mut copy = copy_from_row(session, row)?;
         if let Some(net) = net {
-            let key = (session.clone(), client_id.clone(), copy.message.seq);
-            if net.deletes_copy(&key) {
+            let seq = copy.message.seq;
+            if net.deletes_copy(seq) {
                 continue;
             }
-            if let Some(attempts) = net.attempts_of(&key) {
+            if let Some(attempts) = net.attempts_of(seq) {
                 copy.attempts = attempts;
             }
         }
@@ -682,10 +682,14 @@ impl Store for SqliteStore {
         // queued in the journal since: a subscriber reading back what it spilled a
         // moment ago costs no fold and no row.
         let net = writer.journal.net();
+        let sub = net.subscriber(session, client_id);
         let mut page: Vec<StoredCopy> = Vec::new();
         let mut complete = true;
-        for (_, copy, body) in net.queued_for(session, client_id, request.after_seq) {
-            match body {
+        for (seq, copy) in sub
+            .into_iter()
+            .flat_map(|s| s.queued_after(request.after_seq))
+        {
+            match net.body(seq) {
                 Some(message) if message.expires_at <= now => {}
                 Some(message) => page.push(StoredCopy {
                     message: message.clone(),
@@ -701,8 +705,7 @@ impl Store for SqliteStore {
             writer.fold().await?;
             return backlog_rows(&mut writer.conn, request, now, limit, None).await;
         }
-        let (rows, exhausted) =
-            backlog_rows(&mut writer.conn, request, now, limit, Some(net)).await?;
+        let (rows, exhausted) = backlog_rows(&mut writer.conn, request, now, limit, sub).await?;
         page.extend(rows);
         page.sort_by_key(|c| c.message.seq);
         page.dedup_by_key(|c| c.message.seq);
