@@ -29,6 +29,11 @@ use serde::Serialize;
 use systems::{Env, Kind, System};
 use workloads::Sample;
 
+/// The generator allocates per message for every system it drives (payloads, frames,
+/// channels); a fast allocator keeps its own share of the two cores small.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(about = "fastPort vs Mosquitto vs NATS, same workloads, same machine")]
 struct Args {

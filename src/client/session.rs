@@ -3,14 +3,14 @@
 //! (re-sent, re-sealed if they grew stale), and the ids already handed to the
 //! application (so redeliveries are acknowledged, not repeated).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::core::{ClientId, SessionName, TopicFilter, TopicName};
+use crate::core::{ClientId, FastMap, FastSet, SessionName, TopicFilter, TopicName};
 use crate::proto::{
     self, ClientFrame, ErrorCode, PayloadFormat, ServerFrame, client_frame, server_frame,
 };
@@ -86,9 +86,9 @@ struct State {
     unsubscribing: HashMap<u64, oneshot::Sender<Result<(), ClientError>>>,
     /// Filters to unsubscribe from once connected again.
     unsubscribe_later: Vec<TopicFilter>,
-    publishes: HashMap<[u8; 16], PendingPublish>,
+    publishes: FastMap<[u8; 16], PendingPublish>,
     publish_order: VecDeque<[u8; 16]>,
-    seen: HashSet<[u8; 16]>,
+    seen: FastSet<[u8; 16]>,
     seen_order: VecDeque<[u8; 16]>,
     orphans: VecDeque<Message>,
     /// Acks for orphans handed over since the last write.
@@ -125,9 +125,9 @@ pub(super) async fn start(
         subscribing: HashMap::new(),
         unsubscribing: HashMap::new(),
         unsubscribe_later: Vec::new(),
-        publishes: HashMap::new(),
+        publishes: FastMap::default(),
         publish_order: VecDeque::new(),
-        seen: HashSet::new(),
+        seen: FastSet::default(),
         seen_order: VecDeque::new(),
         orphans: VecDeque::new(),
         ack_later: Vec::new(),
@@ -788,39 +788,63 @@ impl State {
             format,
             attempt: d.attempt,
         };
-        if self.hand_over(&message).await {
-            self.remember(id);
-            writer.push(&ack);
-        } else if self.orphans.len() < ORPHAN_CAPACITY {
+        match self.hand_over(message).await {
+            Ok(()) => {
+                self.remember(id);
+                writer.push(&ack);
+            }
             // Not acknowledged yet: held until a subscription wants it.
-            self.orphans.push_back(message);
+            Err(message) if self.orphans.len() < ORPHAN_CAPACITY => {
+                self.orphans.push_back(message);
+            }
+            Err(_) => {}
         }
     }
 
-    /// Gives a message to every local subscription that matches; false if none does.
-    async fn hand_over(&mut self, message: &Message) -> bool {
-        let Ok(topic) = TopicName::parse(&message.topic) else {
-            return false;
-        };
-        let targets: Vec<u64> = self
+    /// Gives a message to every local subscription that matches (the last one gets the
+    /// message itself, the others a copy). Gives it back if none takes it.
+    async fn hand_over(&mut self, message: Message) -> Result<(), Message> {
+        let mut left = self
             .subs
-            .iter()
-            .filter(|(_, s)| s.filter.matches(&topic))
-            .map(|(id, _)| *id)
-            .collect();
+            .values()
+            .filter(|s| s.filter.matches_str(&message.topic))
+            .count();
+        if left == 0 {
+            return Err(message);
+        }
+        let mut message = Some(message);
         let mut delivered = false;
-        for id in targets {
-            let Some(sub) = self.subs.get(&id) else {
+        let mut gone = Vec::new();
+        for (id, sub) in &self.subs {
+            let Some(m) = message.as_ref() else { break };
+            if !sub.filter.matches_str(&m.topic) {
                 continue;
-            };
-            if sub.sink.send(message.clone()).await.is_ok() {
-                delivered = true;
+            }
+            left -= 1;
+            let copy = if left > 0 {
+                m.clone()
             } else {
-                // The application dropped the Subscription; stop delivering to it.
-                self.subs.remove(&id);
+                match message.take() {
+                    Some(m) => m,
+                    None => break,
+                }
+            };
+            match sub.sink.send(copy).await {
+                Ok(()) => delivered = true,
+                Err(mpsc::error::SendError(back)) => {
+                    // The application dropped the Subscription; stop delivering to it.
+                    gone.push(*id);
+                    message = message.or(Some(back));
+                }
             }
         }
-        delivered
+        for id in gone {
+            self.subs.remove(&id);
+        }
+        match message {
+            Some(message) if !delivered => Err(message),
+            _ => Ok(()),
+        }
     }
 
     /// Replays held deliveries into subscriptions that now want them.
@@ -830,12 +854,11 @@ impl State {
         }
         let orphans = std::mem::take(&mut self.orphans);
         for message in orphans {
-            let Ok(topic) = TopicName::parse(&message.topic) else {
-                continue;
-            };
             let mut taken = false;
             for sub in self.subs.values() {
-                if sub.filter.matches(&topic) && sub.sink.try_send(message.clone()).is_ok() {
+                if sub.filter.matches_str(&message.topic)
+                    && sub.sink.try_send(message.clone()).is_ok()
+                {
                     taken = true;
                 }
             }

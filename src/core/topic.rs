@@ -84,8 +84,14 @@ impl TopicFilter {
     /// Whether `topic` matches this filter. Topics whose first level starts with `$`
     /// are reserved and only matched by filters that name that level literally.
     pub fn matches(&self, topic: &TopicName) -> bool {
+        self.matches_str(&topic.0)
+    }
+
+    /// [`TopicFilter::matches`] for a topic that was validated elsewhere (the SDK matches
+    /// the topics of deliveries the broker already checked, without re-parsing them).
+    pub fn matches_str(&self, topic: &str) -> bool {
         let mut f = self.0.split('/');
-        let mut t = topic.0.split('/');
+        let mut t = topic.split('/');
         let mut first = true;
         loop {
             match (f.next(), t.next()) {
