@@ -120,9 +120,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS")]
     pub create_session_window: Option<u64>,
 
-    /// Worker threads of the async runtime [default: one per CPU core]. The router is
-    /// one task either way; fewer threads mean fewer cross-thread wake-ups per message,
-    /// which on a small machine shared with other work can be faster.
+    /// Worker threads of the async runtime [default: one per CPU core but one, at least
+    /// one]. The router is one task either way, and SQLite writes on a thread of its
+    /// own; fewer workers mean fewer cross-thread wake-ups per message (on 2 cores, one
+    /// worker cut the p99.9 latency at 10,000 msg/s from ~3 ms to ~1 ms).
     #[arg(long, env = "FASTPORT_THREADS", value_name = "N")]
     pub threads: Option<usize>,
 }

@@ -213,10 +213,15 @@ fn main() -> Result<()> {
         Some(_) => None,
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads.filter(|n| *n > 0) {
-        runtime.worker_threads(n);
-    }
+    runtime.worker_threads(threads.filter(|n| *n > 0).unwrap_or_else(default_workers));
     runtime.enable_all().build()?.block_on(run(cli))
+}
+
+/// One async worker per core but one: the store's writer thread, the kernel's network
+/// work and the router's own task keep the last core busy, and every extra worker adds
+/// cross-thread wake-ups to each message's path.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
 async fn run(cli: Cli) -> Result<()> {
