@@ -203,35 +203,7 @@ async fn run_one(workload: &str, system: &System, env: &Env, quick: bool) -> Res
             // allocators keep freed memory, which earlier workloads would lend to
             // these connections. So each run gets a fresh broker process.
             let count = n(1_000, 10_000) as usize;
-            let mut env = env.clone();
-            let mut system = system.clone();
-            let _fresh: Box<dyn std::any::Any> = match &system.kind {
-                Kind::Fastport { .. } | Kind::FastportLegacy => {
-                    let fp = procs::Fastport::start(&env.broker_args)?;
-                    fp.create_session(&env.session, serde_json::json!({}))
-                        .await?;
-                    env.fastport_quic = format!("quic://{}", fp.quic);
-                    env.fastport_http = fp.http.to_string();
-                    env.fastport_ca = fp.ca.clone();
-                    system.pid = Some(fp.process.pid());
-                    Box::new(fp)
-                }
-                Kind::Mosquitto { qos1, .. } => {
-                    let (proc_, port) = procs::start_tuned_mosquitto()?;
-                    system.kind = Kind::Mosquitto { port, qos1: *qos1 };
-                    system.pid = Some(proc_.pid());
-                    Box::new(proc_)
-                }
-                Kind::Relay => bail!("the relay only runs the file workload"),
-                Kind::NatsCore | Kind::NatsJetStream => {
-                    let (proc_, port) = procs::start_nats()?;
-                    env.nats_url = format!("nats://127.0.0.1:{port}");
-                    system.kind = Kind::NatsCore;
-                    system.pid = Some(proc_.pid());
-                    Box::new(proc_)
-                }
-            };
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (system, env, _fresh) = fresh_broker(system, env).await?;
             workloads::idle_connections(&system, &env, count).await
         }
         "w7" => {
@@ -239,11 +211,49 @@ async fn run_one(workload: &str, system: &System, env: &Env, quick: bool) -> Res
             if system.kind == Kind::Relay {
                 workloads::file_relay(size).await
             } else {
-                workloads::file_fanout(system, env, size).await
+                // The broker's peak memory is a figure here: a fresh process, like the
+                // relay's, not one that kept what earlier workloads allocated.
+                let (system, env, _fresh) = fresh_broker(system, env).await?;
+                workloads::file_fanout(&system, &env, size).await
             }
         }
         other => bail!("unknown workload {other}"),
     }
+}
+
+/// A broker process of its own for one run of `system`, and the system and
+/// environment pointing at it; the process ends when the box is dropped.
+async fn fresh_broker(system: &System, env: &Env) -> Result<(System, Env, Box<dyn std::any::Any>)> {
+    let mut env = env.clone();
+    let mut system = system.clone();
+    let fresh: Box<dyn std::any::Any> = match &system.kind {
+        Kind::Fastport { .. } | Kind::FastportLegacy => {
+            let fp = procs::Fastport::start(&env.broker_args)?;
+            fp.create_session(&env.session, serde_json::json!({}))
+                .await?;
+            env.fastport_quic = format!("quic://{}", fp.quic);
+            env.fastport_http = fp.http.to_string();
+            env.fastport_ca = fp.ca.clone();
+            system.pid = Some(fp.process.pid());
+            Box::new(fp)
+        }
+        Kind::Mosquitto { qos1, .. } => {
+            let (proc_, port) = procs::start_tuned_mosquitto()?;
+            system.kind = Kind::Mosquitto { port, qos1: *qos1 };
+            system.pid = Some(proc_.pid());
+            Box::new(proc_)
+        }
+        Kind::Relay => bail!("the relay starts its own process"),
+        Kind::NatsCore | Kind::NatsJetStream => {
+            let (proc_, port) = procs::start_nats()?;
+            env.nats_url = format!("nats://127.0.0.1:{port}");
+            system.kind = Kind::NatsCore;
+            system.pid = Some(proc_.pid());
+            Box::new(proc_)
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok((system, env, fresh))
 }
 
 fn median(values: &mut [f64]) -> f64 {

@@ -5,10 +5,11 @@
 //! copy row to insert and the same two to delete, and a commit took several statements.
 //! Instead, a commit appends **one** `journal` row, in one statement: the commit's
 //! replay ids (packed, kept until their window ends) and its copy ops (encoded here).
-//! The store keeps those ops in memory (a [`Journal`]) and from time to time *folds*
-//! them into the `messages` and `copies` tables in one transaction; [`super::plan`]
-//! cancels every copy acknowledged in between, so only the copies still queued at a
-//! fold are ever written as rows.
+//! The store keeps the net effect of those ops in memory (a [`Journal`]) and from time
+//! to time *folds* it into the `messages` and `copies` tables in one transaction,
+//! moving the replay ids to the replay log and deleting the rows; every copy
+//! acknowledged in between cancels out ([`super::plan::Net`]), so only the copies
+//! still queued at a fold are ever written as rows.
 //!
 //! Reads (backlogs, restore, purge) fold first, so they never look at the journal.
 //! After a crash, restore decodes the rows not yet folded ([`decode_ops`]) and folds
@@ -24,10 +25,12 @@ use crate::proto::PayloadFormat;
 use super::StoreError;
 use super::plan::Net;
 
-/// Bytes of ops journalled before a fold is due. A fold writes only the copies still
-/// queued, so the larger this is, the fewer short-lived copies ever become rows; it
-/// bounds the rows a restart has to replay and the journal's share of the file.
-pub const FOLD_BYTES: usize = 8 << 20;
+/// Bytes journalled (ops and replay ids) before a fold is due. A fold writes only the
+/// copies still queued, so the larger this is, the fewer short-lived copies ever
+/// become rows; it bounds the rows a restart has to replay and the journal's share of
+/// the file. (Memory holds only the net effect: copies not yet acknowledged, which
+/// the core holds anyway.)
+pub const FOLD_BYTES: usize = 64 << 20;
 
 /// Format version of an encoded ops blob.
 const VERSION: u8 = 1;
@@ -42,33 +45,24 @@ const TAG_DELETE_COPY: u8 = 4;
 pub struct Journal {
     /// The net effect of their copy ops.
     net: Net,
-    /// Their replay ids, packed, and the latest expiry among them.
-    replay: Vec<u8>,
-    replay_expires_at: Millis,
-    /// Bytes of ops journalled.
+    /// Bytes journalled: encoded ops and packed replay ids.
     bytes: usize,
     /// The last row recorded.
     last_row: Option<i64>,
 }
 
 impl Journal {
-    /// Journal row `row` was committed with these copy ops, `ops_len` bytes encoded,
-    /// and these packed replay ids.
+    /// Journal row `row`, of `bytes` bytes, was committed with these copy ops.
     pub fn record<'a>(
         &mut self,
         row: i64,
         ops: impl IntoIterator<Item = &'a StoreOp>,
-        ops_len: usize,
-        replay: Option<(&[u8], Millis)>,
+        bytes: usize,
     ) {
         for op in ops {
             self.net.apply(op);
         }
-        if let Some((packed, expires_at)) = replay {
-            self.replay.extend_from_slice(packed);
-            self.replay_expires_at = self.replay_expires_at.max(expires_at);
-        }
-        self.bytes += ops_len;
+        self.bytes += bytes;
         self.last_row = Some(row);
     }
 
@@ -80,11 +74,6 @@ impl Journal {
     /// What a fold writes to the copy tables.
     pub fn net(&self) -> &Net {
         &self.net
-    }
-
-    /// The replay ids a fold moves to the replay log, and their latest expiry.
-    pub fn replay(&self) -> Option<(&[u8], Millis)> {
-        (!self.replay.is_empty()).then_some((&self.replay[..], self.replay_expires_at))
     }
 
     /// The last row a fold covers, if any.
@@ -443,12 +432,11 @@ mod tests {
     #[test]
     fn the_journal_nets_rows_and_asks_to_fold_when_full() {
         let mut journal = Journal::default();
-        assert!(journal.last_row().is_none() && journal.replay().is_none());
+        assert!(journal.last_row().is_none());
         let first = copy_ops(1);
-        journal.record(1, &first[..2], 100, Some((&[1, 2], 30)));
-        journal.record(2, &first[2..], 100, Some((&[3], 20)));
+        journal.record(1, &first[..2], 100);
+        journal.record(2, &first[2..], 100);
         assert_eq!(journal.last_row(), Some(2));
-        assert_eq!(journal.replay(), Some((&[1u8, 2, 3][..], 30)));
         let copies: Vec<(u64, u32)> = journal
             .net()
             .copies()
@@ -456,7 +444,7 @@ mod tests {
             .collect();
         assert_eq!(copies, [(1, 4)], "row 2's attempts update row 1's copy");
         assert!(!journal.wants_fold());
-        journal.record(3, &[], FOLD_BYTES, None);
+        journal.record(3, &[], FOLD_BYTES);
         assert!(journal.wants_fold());
         journal.folded();
         assert!(journal.net().is_empty() && journal.last_row().is_none());

@@ -4,7 +4,8 @@
 //!
 //! A group commit is one `INSERT` of a journal row (see [`super::journal`]); the
 //! copies it carries reach the `messages` and `copies` tables at the next fold, and
-//! only if they are still queued then. Everything that reads those tables folds first.
+//! only if they are still queued then. Backlog reads merge the tables with the
+//! journal; restore and purge fold first.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -14,10 +15,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::SqliteConnection;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, Transaction};
 
@@ -121,7 +121,7 @@ impl SqliteStore {
             conn: pool.acquire().await?.detach(),
             journal: Journal::default(),
         };
-        let rows = sqlx::query("SELECT id, expires_at, replay, ops FROM journal ORDER BY id")
+        let rows = sqlx::query("SELECT id, ops FROM journal ORDER BY id")
             .fetch_all(&mut writer.conn)
             .await?;
         for row in rows {
@@ -129,10 +129,7 @@ impl SqliteStore {
                 Some(bytes) => journal::decode_ops(&bytes)?,
                 None => Vec::new(),
             };
-            let replay: Option<Vec<u8>> = row.try_get("replay")?;
-            let expires_at = row.try_get::<i64, _>("expires_at")? as Millis;
-            let replay = replay.as_deref().map(|r| (r, expires_at));
-            writer.journal.record(row.try_get("id")?, &ops, 0, replay);
+            writer.journal.record(row.try_get("id")?, &ops, 0);
         }
         writer.fold().await?;
         Ok(Self {
@@ -324,20 +321,15 @@ impl Writer {
             None => (None, 0),
         };
         let ops = (!entry.ops.is_empty()).then(|| journal::encode_ops(entry.ops.iter().copied()));
-        let ops_len = ops.as_ref().map_or(0, Vec::len);
+        let bytes = ops.as_ref().map_or(0, Vec::len) + replay.map_or(0, <[u8]>::len);
         let done = sqlx::query("INSERT INTO journal (expires_at, replay, ops) VALUES (?, ?, ?)")
             .bind(expires_at as i64)
             .bind(replay)
             .bind(ops)
             .execute(&mut self.conn)
             .await?;
-        let replay = entry.replay.as_ref().map(|(r, at)| (&r[..], *at));
-        self.journal.record(
-            done.last_insert_rowid(),
-            entry.ops.iter().copied(),
-            ops_len,
-            replay,
-        );
+        self.journal
+            .record(done.last_insert_rowid(), entry.ops.iter().copied(), bytes);
         Ok(())
     }
 
@@ -431,13 +423,14 @@ async fn fold_into(tx: &mut Transaction<'_, Sqlite>, journal: &Journal) -> Resul
         return Ok(());
     };
     SqliteStore::write_copies(tx, journal.net()).await?;
-    if let Some((entries, expires_at)) = journal.replay() {
-        sqlx::query("INSERT INTO replay_log (expires_at, entries) VALUES (?, ?)")
-            .bind(expires_at as i64)
-            .bind(entries)
-            .execute(&mut **tx)
-            .await?;
-    }
+    // The replay ids move within SQLite; they never come back through the broker.
+    sqlx::query(
+        "INSERT INTO replay_log (expires_at, entries) \
+         SELECT expires_at, replay FROM journal WHERE id <= ? AND replay IS NOT NULL",
+    )
+    .bind(last)
+    .execute(&mut **tx)
+    .await?;
     sqlx::query("DELETE FROM journal WHERE id <= ?")
         .bind(last)
         .execute(&mut **tx)
