@@ -91,7 +91,8 @@ pub fn endpoint(
         .max_concurrent_bidi_streams(VarInt::from_u32(1 + MAX_UPLOADS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         // No unreliable datagrams in the protocol: no buffer for them.
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(None)
+        .ack_frequency_config(Some(ack_frequency()));
     config.transport_config(Arc::new(transport));
     // Connection ids are validated with a key derived from the same persistent secret,
     // so the restarted broker recognises its predecessor's ids and resets them instead
@@ -112,6 +113,18 @@ pub fn endpoint(
         Arc::new(quinn::TokioRuntime),
     )
 }
+
+/// What the broker asks its clients' QUIC stacks (the ACK frequency extension): an
+/// ACK for every few packets rather than every other one. Deliveries stream from the
+/// broker, and each ACK costs a datagram, a system call and a wake-up at each end.
+pub fn ack_frequency() -> quinn::AckFrequencyConfig {
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(VarInt::from_u32(ACK_EVERY - 1));
+    ack
+}
+
+/// Ack-eliciting packets per ACK asked of the peer (see [`ack_frequency`]).
+const ACK_EVERY: u32 = 8;
 
 /// Accepts connections until the endpoint is closed.
 pub async fn serve(endpoint: Endpoint, ctx: Arc<LinkContext>) {

@@ -171,6 +171,8 @@ impl Dialer {
         let mut quic = quinn::ClientConfig::new(Arc::new(tls));
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(KEEP_ALIVE));
+        // The same request the broker makes of us: publishes stream to it.
+        transport.ack_frequency_config(Some(crate::carrier::quic::ack_frequency()));
         if let Ok(idle) = Duration::from_secs(30).try_into() {
             transport.max_idle_timeout(Some(idle));
         }
