@@ -1,8 +1,10 @@
 //! The ceiling for a file fan-out: a bare quinn relay that reads the sender's stream
 //! and writes every chunk to two receiver streams, with no broker logic at all. It
 //! runs as a separate process (this binary with `--relay-server`), and its clients do
-//! the same end-to-end work as fastPort's SDK: the sender seals each 64 KiB chunk as
-//! `NATIVE_V1`, the receivers open and check every chunk.
+//! the same end-to-end work as fastPort's SDK, so that the comparison isolates the
+//! broker: the sender seals each 64 KiB chunk as `NATIVE_V1` and hashes the whole file
+//! (SHA-256, sent after the last chunk as fastPort's `FileEnd` carries it), the
+//! receivers open and check every chunk and check the file's hash.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,10 +17,13 @@ use fastport::client::SessionKey;
 use fastport::client::crypto::{MessageContext, SealingKeys};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 const ALPN: &[u8] = b"relay";
 const CHUNK: usize = 64 * 1024;
+/// Length prefix of the trailer frame that carries the file's SHA-256.
+const TRAILER: u32 = u32::MAX;
 
 /// A self-signed certificate for "localhost", written as DER files.
 pub fn make_cert(dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
@@ -114,9 +119,24 @@ pub async fn transfer(port: u16, cert: &Path, size: u64) -> Result<f64> {
             let mut received = 0u64;
             let mut buf = bytes::BytesMut::new();
             let mut index = 0u32;
+            let mut hasher = Sha256::new();
+            let mut checked = false;
             loop {
                 while buf.len() >= 4 {
-                    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                    if len == TRAILER {
+                        if buf.len() < 4 + 32 {
+                            break;
+                        }
+                        let expected = buf.split_to(4 + 32).split_off(4);
+                        let actual = std::mem::take(&mut hasher).finalize();
+                        if expected[..] != actual[..] {
+                            return Err(anyhow!("the file's SHA-256 does not match"));
+                        }
+                        checked = true;
+                        continue;
+                    }
+                    let len = len as usize;
                     if buf.len() < 4 + len {
                         break;
                     }
@@ -130,12 +150,14 @@ pub async fn transfer(port: u16, cert: &Path, size: u64) -> Result<f64> {
                     let plain = keys
                         .open_chunk(&context, index, &sealed)
                         .map_err(|e| anyhow!("{e}"))?;
+                    hasher.update(&plain);
                     received += plain.len() as u64;
                     index += 1;
                 }
                 match recv.read_chunk(CHUNK * 2, true).await? {
                     Some(chunk) => buf.extend_from_slice(&chunk.bytes),
-                    None => return anyhow::Ok(received),
+                    None if checked => return anyhow::Ok(received),
+                    None => return Err(anyhow!("the stream ended without the file's hash")),
                 }
             }
         }));
@@ -146,6 +168,7 @@ pub async fn transfer(port: u16, cert: &Path, size: u64) -> Result<f64> {
     let plain = vec![7u8; CHUNK];
     let mut sent = 0u64;
     let mut index = 0u32;
+    let mut hasher = Sha256::new();
     while sent < size {
         let n = (size - sent).min(CHUNK as u64) as usize;
         let context = MessageContext {
@@ -154,6 +177,7 @@ pub async fn transfer(port: u16, cert: &Path, size: u64) -> Result<f64> {
             id: &id,
             timestamp_ms: ts,
         };
+        hasher.update(&plain[..n]);
         let sealed = keys
             .seal_chunk(&context, index, &plain[..n])
             .map_err(|e| anyhow!("{e}"))?;
@@ -164,6 +188,9 @@ pub async fn transfer(port: u16, cert: &Path, size: u64) -> Result<f64> {
         sent += n as u64;
         index += 1;
     }
+    let mut trailer = TRAILER.to_be_bytes().to_vec();
+    trailer.extend_from_slice(&hasher.finalize());
+    send.write_chunk(Bytes::from(trailer)).await?;
     send.finish()?;
     for reader in readers {
         let got = reader.await??;
