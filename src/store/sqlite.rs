@@ -37,8 +37,10 @@ static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 /// variables).
 const ROWS_PER_STATEMENT: usize = 300;
 
-/// How often the WAL is checkpointed into the database file.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the WAL is checkpointed into the database file. Each checkpoint syncs
+/// the file; every 100 ms that cost W1 durable about 15% of its throughput on two
+/// cores, and the WAL stays small either way (what a second of commits writes).
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A SQLite-backed [`Store`].
 #[derive(Debug)]
