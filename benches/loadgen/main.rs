@@ -5,12 +5,14 @@
 //! ```text
 //! cargo bench --bench loadgen -- [--quick] [--runs N] [--json PATH]
 //!                                [--workloads w1,w2,...] [--systems SUBSTRING]
+//!                                [--broker-arg=--flag=value ...]
 //! ```
 //!
 //! It starts fastPort from the release binary and a tuned Mosquitto itself; the
 //! machine's Mosquitto (127.0.0.1:1883) and NATS with JetStream (127.0.0.1:4222) must
-//! be running. Every figure is the median of `--runs` runs with its min–max; ratios
-//! are computed within the same invocation, so they hold on a noisy machine where the
+//! be running. Every figure is the median of `--runs` runs with its min–max; the runs
+//! of a workload go round by round (each system once per round), and ratios are
+//! computed within the same invocation, so they hold on a noisy machine where the
 //! absolute numbers do not.
 
 mod procs;
@@ -463,18 +465,24 @@ async fn main() -> Result<()> {
         if !args.workloads.iter().any(|x| x == w.id) {
             continue;
         }
-        for name in &w.systems {
-            let wanted = |f: &str| match f.strip_prefix('=') {
-                Some(exact) => *name == exact,
+        let wanted = |name: &str| match args.systems.as_deref() {
+            None => true,
+            Some(f) => match f.strip_prefix('=') {
+                Some(exact) => name == exact,
                 None => name.contains(f),
-            };
-            if args.systems.as_deref().is_some_and(|f| !wanted(f)) {
-                continue;
-            }
-            let Some(system) = all.iter().find(|s| s.name == *name) else {
-                continue;
-            };
-            for run in 0..args.runs {
+            },
+        };
+        let systems: Vec<&System> = w
+            .systems
+            .iter()
+            .filter(|name| wanted(name))
+            .filter_map(|name| all.iter().find(|s| s.name == *name))
+            .collect();
+        // Round by round, every system once per round: the VM's speed drifts over
+        // minutes, and interleaving makes the drift hit every system alike.
+        for run in 0..args.runs {
+            for system in &systems {
+                let name = &system.name;
                 env.run += 1;
                 eprint!("{} {} run {}/{} … ", w.id, name, run + 1, args.runs);
                 match run_one(w.id, system, &env, args.quick).await {
