@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo bench --bench loadgen -- [--quick] [--runs N] [--json PATH]
-//!                                [--workloads w1,w2,...] [--systems SUBSTRING]
+//!                                [--workloads w1,w2,...] [--systems SUBSTRING,...]
 //!                                [--broker-arg=--flag=value ...]
 //! ```
 //!
@@ -51,9 +51,9 @@ struct Args {
     /// Workloads to run (w1..w7).
     #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w6,w5,w7")]
     workloads: Vec<String>,
-    /// Only systems whose name contains this (`=NAME` for exactly NAME).
-    #[arg(long)]
-    systems: Option<String>,
+    /// Only systems whose name contains one of these (`=NAME` for exactly NAME).
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
     /// One more flag for the fastPort broker, e.g. `--broker-arg=--threads=1`
     /// (repeatable): to measure a setting against the default in the same way.
     #[arg(long = "broker-arg", allow_hyphen_values = true)]
@@ -465,12 +465,12 @@ async fn main() -> Result<()> {
         if !args.workloads.iter().any(|x| x == w.id) {
             continue;
         }
-        let wanted = |name: &str| match args.systems.as_deref() {
-            None => true,
-            Some(f) => match f.strip_prefix('=') {
-                Some(exact) => name == exact,
-                None => name.contains(f),
-            },
+        let wanted = |name: &str| {
+            args.systems.is_empty()
+                || args.systems.iter().any(|f| match f.strip_prefix('=') {
+                    Some(exact) => name == exact,
+                    None => name.contains(f.as_str()),
+                })
         };
         let systems: Vec<&System> = w
             .systems
