@@ -36,7 +36,7 @@ fn check_common(s: &str, what: &'static str) -> Result<(), NameError> {
     if let Some(ch) = s.chars().find(|c| c.is_control()) {
         return Err(NameError::BadChar { what, ch });
     }
-    if s.split('/').count() > MAX_TOPIC_LEVELS {
+    if s.bytes().filter(|&b| b == b'/').count() >= MAX_TOPIC_LEVELS {
         return Err(NameError::TooLong {
             what: "topic levels",
             max: MAX_TOPIC_LEVELS,
@@ -90,6 +90,10 @@ impl TopicFilter {
     /// [`TopicFilter::matches`] for a topic that was validated elsewhere (the SDK matches
     /// the topics of deliveries the broker already checked, without re-parsing them).
     pub fn matches_str(&self, topic: &str) -> bool {
+        // Most filters name their topic exactly.
+        if *self.0 == *topic {
+            return true;
+        }
         let mut f = self.0.split('/');
         let mut t = topic.split('/');
         let mut first = true;
