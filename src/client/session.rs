@@ -872,6 +872,13 @@ impl State {
     }
 
     fn remember(&mut self, id: [u8; 16]) {
+        if self.seen.capacity() == 0 {
+            // Sized once, at the first delivery (a client that only publishes never
+            // pays): growing by doubling would rehash up to 100k ids in one call,
+            // stalling deliveries for a millisecond or more, several times over.
+            self.seen.reserve(SEEN_CAPACITY + 1);
+            self.seen_order.reserve_exact(SEEN_CAPACITY + 1);
+        }
         if self.seen.insert(id) {
             self.seen_order.push_back(id);
             if self.seen_order.len() > SEEN_CAPACITY
