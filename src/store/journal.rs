@@ -1,19 +1,19 @@
-//! The journal: how a group commit reaches an SQL store as a single row.
+//! The journal: how a group commit reaches an SQL store as a single write.
 //!
 //! Most queued copies live for a millisecond: the subscriber acknowledges a copy almost
 //! as soon as it is delivered. Written as rows, each such copy cost a message row and a
 //! copy row to insert and the same two to delete, and a commit took several statements.
-//! Instead, a commit appends **one** `journal` row, in one statement: the commit's
-//! replay ids (packed, kept until their window ends) and its copy ops (encoded here).
-//! The store keeps the net effect of those ops in memory (a [`Journal`]) and from time
-//! to time *folds* it into the `messages` and `copies` tables in one transaction,
-//! moving the replay ids to the replay log and deleting the rows; every copy
-//! acknowledged in between cancels out ([`super::plan::Net`]), so only the copies
+//! Instead, a commit appends **one** record to the op log ([`super::oplog`]): the
+//! commit's replay ids (packed, kept until their window ends) and its copy ops (encoded
+//! here). The store keeps the net effect of those ops in memory (a [`Journal`]) and
+//! from time to time *folds* it into the `messages` and `copies` tables in one
+//! transaction, with the replay ids into the replay log, and empties the op log; every
+//! copy acknowledged in between cancels out ([`super::plan::Net`]), so only the copies
 //! still queued at a fold are ever written as rows.
 //!
-//! Reads (backlogs, restore, purge) fold first, so they never look at the journal.
-//! After a crash, restore decodes the rows not yet folded ([`decode_ops`]) and folds
-//! them: a committed op is never lost, the journal row is as durable as the rows were.
+//! Reads (restore, purge) fold first; backlog pages merge the tables with the net.
+//! After a crash, the next open decodes the records not yet folded ([`decode_ops`]) and
+//! folds them: a committed op is never lost.
 
 use std::sync::Arc;
 
@@ -27,9 +27,9 @@ use super::plan::Net;
 
 /// Bytes journalled (ops and replay ids) before a fold is due. A fold writes only the
 /// copies still queued, so the larger this is, the fewer short-lived copies ever
-/// become rows; it bounds the rows a restart has to replay and the journal's share of
-/// the file. (Memory holds only the net effect: copies not yet acknowledged, which
-/// the core holds anyway.)
+/// become rows; it bounds the records a restart has to replay and the op log's size.
+/// (Memory holds the net effect, copies not yet acknowledged, which the core holds
+/// anyway, and the packed replay ids: at most this many bytes.)
 pub const FOLD_BYTES: usize = 64 << 20;
 
 /// Format version of an encoded ops blob.
@@ -40,30 +40,34 @@ const TAG_PUT_COPY: u8 = 2;
 const TAG_SET_ATTEMPTS: u8 = 3;
 const TAG_DELETE_COPY: u8 = 4;
 
-/// What the journal rows since the last fold add up to.
+/// What the records since the last fold add up to.
 #[derive(Debug, Default)]
 pub struct Journal {
     /// The net effect of their copy ops.
     net: Net,
+    /// Their packed replay ids, each with the latest expiry among them.
+    replay: Vec<(Vec<u8>, Millis)>,
     /// Bytes journalled: encoded ops and packed replay ids.
     bytes: usize,
-    /// The last row recorded.
-    last_row: Option<i64>,
+    /// The last record's sequence number.
+    last_seq: Option<u64>,
 }
 
 impl Journal {
-    /// Journal row `row`, of `bytes` bytes, was committed with these copy ops.
+    /// Record `seq`, of `bytes` bytes, was committed with these copy ops and replay ids.
     pub fn record<'a>(
         &mut self,
-        row: i64,
+        seq: u64,
         ops: impl IntoIterator<Item = &'a StoreOp>,
+        replay: Option<(Vec<u8>, Millis)>,
         bytes: usize,
     ) {
         for op in ops {
             self.net.apply(op);
         }
+        self.replay.extend(replay);
         self.bytes += bytes;
-        self.last_row = Some(row);
+        self.last_seq = Some(seq);
     }
 
     /// Whether enough is journalled that the next commit should fold.
@@ -76,9 +80,14 @@ impl Journal {
         &self.net
     }
 
-    /// The last row a fold covers, if any.
-    pub fn last_row(&self) -> Option<i64> {
-        self.last_row
+    /// What a fold writes to the replay log: packed ids and their latest expiry.
+    pub fn replay(&self) -> &[(Vec<u8>, Millis)] {
+        &self.replay
+    }
+
+    /// The last record a fold covers, if any.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
     }
 
     /// A fold committed everything recorded.
@@ -87,7 +96,7 @@ impl Journal {
     }
 }
 
-/// What one commit puts in its journal row.
+/// What one commit puts in its op-log record.
 #[derive(Debug, Default)]
 pub struct Entry<'a> {
     /// Packed replay ids and the latest expiry among them.
@@ -130,9 +139,17 @@ impl<'a> Entry<'a> {
     }
 }
 
-/// Encodes copy ops (as [`Entry::ops`] holds them) for a journal row.
+/// Encodes copy ops (as [`Entry::ops`] holds them) for an op-log record.
+#[cfg(test)]
 pub fn encode_ops<'a>(ops: impl ExactSizeIterator<Item = &'a StoreOp>) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + ops.len() * 64);
+    encode_ops_into(&mut out, ops);
+    out
+}
+
+/// Appends the encoding of copy ops (as [`Entry::ops`] holds them) to `out`.
+pub fn encode_ops_into<'a>(out: &mut Vec<u8>, ops: impl ExactSizeIterator<Item = &'a StoreOp>) {
+    out.reserve(1 + ops.len() * 64);
     out.put_u8(VERSION);
     for op in ops {
         match op {
@@ -140,8 +157,8 @@ pub fn encode_ops<'a>(ops: impl ExactSizeIterator<Item = &'a StoreOp>) -> Vec<u8
                 out.put_u8(TAG_PUT_MESSAGE);
                 out.put_u64(m.seq);
                 out.put_slice(m.id.as_bytes());
-                put_str(&mut out, m.session.as_str());
-                put_str(&mut out, m.topic.as_str());
+                put_str(out, m.session.as_str());
+                put_str(out, m.topic.as_str());
                 out.put_u64(m.timestamp_ms);
                 out.put_i32(m.format as i32);
                 out.put_u64(m.accepted_at);
@@ -155,7 +172,7 @@ pub fn encode_ops<'a>(ops: impl ExactSizeIterator<Item = &'a StoreOp>) -> Vec<u8
                 seq,
                 ephemeral,
             } => {
-                put_key(&mut out, TAG_PUT_COPY, session, client_id, *seq);
+                put_key(out, TAG_PUT_COPY, session, client_id, *seq);
                 out.put_u8(u8::from(*ephemeral));
             }
             StoreOp::SetAttempts {
@@ -164,14 +181,14 @@ pub fn encode_ops<'a>(ops: impl ExactSizeIterator<Item = &'a StoreOp>) -> Vec<u8
                 seq,
                 attempts,
             } => {
-                put_key(&mut out, TAG_SET_ATTEMPTS, session, client_id, *seq);
+                put_key(out, TAG_SET_ATTEMPTS, session, client_id, *seq);
                 out.put_u32(*attempts);
             }
             StoreOp::DeleteCopy {
                 session,
                 client_id,
                 seq,
-            } => put_key(&mut out, TAG_DELETE_COPY, session, client_id, *seq),
+            } => put_key(out, TAG_DELETE_COPY, session, client_id, *seq),
             // Entry::of never yields these.
             StoreOp::PutReplayId { .. }
             | StoreOp::PutSubscription { .. }
@@ -182,7 +199,6 @@ pub fn encode_ops<'a>(ops: impl ExactSizeIterator<Item = &'a StoreOp>) -> Vec<u8
             }
         }
     }
-    out
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -198,7 +214,7 @@ fn put_key(out: &mut Vec<u8>, tag: u8, session: &SessionName, client_id: &Client
     out.put_u64(seq);
 }
 
-/// Decodes a journal row's ops.
+/// Decodes a record's ops.
 pub fn decode_ops(bytes: &[u8]) -> Result<Vec<StoreOp>, StoreError> {
     let mut r = Reader(bytes);
     let version = r.u8()?;
@@ -262,13 +278,13 @@ pub fn decode_ops(bytes: &[u8]) -> Result<Vec<StoreOp>, StoreError> {
     Ok(ops)
 }
 
-/// Bounds-checked reads: a corrupt row is an error, never a panic.
+/// Bounds-checked reads: a corrupt record is an error, never a panic.
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
         if self.0.len() < n {
-            return Err(corrupt("truncated journal row"));
+            return Err(corrupt("truncated journal record"));
         }
         let (head, tail) = self.0.split_at(n);
         self.0 = tail;
@@ -292,7 +308,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Packs replay ids for a journal row: the entries and their latest expiry.
+/// Packs replay ids for a record: the entries and their latest expiry.
 pub fn pack_replay_ids(rows: &[(&SessionName, &MessageId, Millis)]) -> (Vec<u8>, Millis) {
     let mut out = Vec::with_capacity(rows.len() * 40);
     let mut latest = 0;
@@ -386,7 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_rows_are_errors_not_panics() {
+    fn corrupt_records_are_errors_not_panics() {
         let bytes = encode_ops(copy_ops(1).iter());
         // Cut anywhere but right after the version byte (an empty list) or between two
         // ops, it is an error.
@@ -430,23 +446,29 @@ mod tests {
     }
 
     #[test]
-    fn the_journal_nets_rows_and_asks_to_fold_when_full() {
+    fn the_journal_nets_records_and_asks_to_fold_when_full() {
         let mut journal = Journal::default();
-        assert!(journal.last_row().is_none());
+        assert!(journal.last_seq().is_none());
         let first = copy_ops(1);
-        journal.record(1, &first[..2], 100);
-        journal.record(2, &first[2..], 100);
-        assert_eq!(journal.last_row(), Some(2));
+        journal.record(1, &first[..2], Some((vec![1], 10)), 100);
+        journal.record(2, &first[2..], None, 100);
+        assert_eq!(journal.last_seq(), Some(2));
+        assert_eq!(journal.replay(), [(vec![1], 10)]);
         let copies: Vec<(u64, u32)> = journal
             .net()
             .copies()
             .map(|(_, seq, c)| (seq, c.attempts))
             .collect();
-        assert_eq!(copies, [(1, 4)], "row 2's attempts update row 1's copy");
+        assert_eq!(
+            copies,
+            [(1, 4)],
+            "record 2's attempts update record 1's copy"
+        );
         assert!(!journal.wants_fold());
-        journal.record(3, &[], FOLD_BYTES);
+        journal.record(3, &[], None, FOLD_BYTES);
         assert!(journal.wants_fold());
         journal.folded();
-        assert!(journal.net().is_empty() && journal.last_row().is_none());
+        assert!(journal.net().is_empty() && journal.last_seq().is_none());
+        assert!(journal.replay().is_empty());
     }
 }

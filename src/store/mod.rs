@@ -7,6 +7,7 @@
 
 pub mod journal;
 pub mod memory;
+pub mod oplog;
 pub mod plan;
 pub mod sqlite;
 
@@ -37,6 +38,9 @@ pub enum StoreError {
     /// A row holds something this version cannot read.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// The op log (beside the SQLite file) could not be read or written.
+    #[error("op log: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// A session as stored: its settings and its password's argon2id hash (PHC string).

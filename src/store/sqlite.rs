@@ -2,12 +2,12 @@
 //! so a committed batch survives the broker being killed (not the machine losing
 //! power: the same class as JetStream's default), and commits cost no fsync each.
 //!
-//! A group commit is one `INSERT` of a journal row (see [`super::journal`]); the
-//! copies it carries reach the `messages` and `copies` tables at the next fold, and
-//! only if they are still queued then. Backlog reads merge the tables with the
-//! journal; restore and purge fold first.
+//! A group commit is one record appended to the op log, a file beside the database
+//! ([`super::oplog`], [`super::journal`]); the copies it carries reach the `messages`
+//! and `copies` tables at the next fold, and only if they are still queued then.
+//! Backlog reads merge the tables with the journal; restore and purge fold first.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,7 @@ use crate::core::{
 use crate::proto::PayloadFormat;
 
 use super::journal::{self, Entry, Journal};
+use super::oplog::{OpLog, Record};
 use super::plan::{Net, Step, SubscriberNet, plan};
 use super::{BacklogPage, PushToken, SessionRecord, Store, StoreError};
 
@@ -54,12 +55,18 @@ pub struct SqliteStore {
 }
 
 /// One connection for all writes, so its page cache stays warm (SQLite empties a
-/// connection's cache whenever another connection has written), and the journal rows
-/// it has appended since the last fold.
+/// connection's cache whenever another connection has written), the op log, and what
+/// its records since the last fold add up to.
 #[derive(Debug)]
 struct Writer {
     conn: SqliteConnection,
+    oplog: OpLog,
     journal: Journal,
+    /// Sequence number of the next op-log record.
+    next_seq: u64,
+    /// Rows are left in the `journal` table by a version that journalled there; the
+    /// next fold deletes them.
+    legacy_rows: bool,
 }
 
 impl SqliteStore {
@@ -84,7 +91,8 @@ impl SqliteStore {
             // fsync or two, and it would stall whichever commit crossed the threshold.
             // `checkpoints` does it on a connection of its own.
             .pragma("wal_autocheckpoint", "0");
-        let store = Self::connect(options).await?;
+        let oplog = OpLog::open(&oplog_path(path))?;
+        let store = Self::connect(options, oplog).await?;
         tokio::spawn(checkpoints(store.pool.clone()));
         Ok(store)
     }
@@ -100,10 +108,13 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        Self::start(pool).await
+        Self::start(pool, (OpLog::detached(), Vec::new())).await
     }
 
-    async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+    async fn connect(
+        options: SqliteConnectOptions,
+        oplog: (OpLog, Vec<Record>),
+    ) -> Result<Self, StoreError> {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             // A ping per acquire would be one more round trip to SQLite's thread per
@@ -111,28 +122,63 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        Self::start(pool).await
+        Self::start(pool, oplog).await
     }
 
-    /// Brings the schema up to date and folds what a predecessor left in the journal
+    /// Brings the schema up to date and folds what a predecessor left in the op log
     /// (it stopped, or was killed, between two folds).
-    async fn start(pool: SqlitePool) -> Result<Self, StoreError> {
+    async fn start(
+        pool: SqlitePool,
+        (oplog, records): (OpLog, Vec<Record>),
+    ) -> Result<Self, StoreError> {
         MIGRATOR.run(&pool).await?;
-        let mut writer = Writer {
-            // Detached: the writer outlives no pool, and dropping it needs no runtime.
-            conn: pool.acquire().await?.detach(),
-            journal: Journal::default(),
-        };
-        let rows = sqlx::query("SELECT id, ops FROM journal ORDER BY id")
-            .fetch_all(&mut writer.conn)
+        // Detached: the writer outlives no pool, and dropping it needs no runtime.
+        let mut conn = pool.acquire().await?.detach();
+        let folded_through: i64 =
+            sqlx::query_scalar("SELECT folded_through FROM oplog_state WHERE id = 1")
+                .fetch_one(&mut conn)
+                .await?;
+        let folded_through = folded_through as u64;
+        let mut journal = Journal::default();
+        // Rows of the journal table, from before the op log: older than any record.
+        let rows = sqlx::query("SELECT expires_at, replay, ops FROM journal ORDER BY id")
+            .fetch_all(&mut conn)
             .await?;
+        let legacy_rows = !rows.is_empty();
         for row in rows {
             let ops = match row.try_get::<Option<Vec<u8>>, _>("ops")? {
                 Some(bytes) => journal::decode_ops(&bytes)?,
                 None => Vec::new(),
             };
-            writer.journal.record(row.try_get("id")?, &ops, 0);
+            let replay = row.try_get::<Option<Vec<u8>>, _>("replay")?.map(|ids| {
+                (
+                    ids,
+                    row.try_get::<i64, _>("expires_at").unwrap_or(0) as Millis,
+                )
+            });
+            journal.record(folded_through, &ops, replay, 0);
         }
+        let mut next_seq = folded_through + 1;
+        // Records up to `folded_through` were folded by a fold whose truncation of the
+        // file did not happen (a crash in between): applying them again could bring
+        // back copies acknowledged since.
+        for record in records.into_iter().filter(|r| r.seq > folded_through) {
+            let ops = if record.ops.is_empty() {
+                Vec::new()
+            } else {
+                journal::decode_ops(&record.ops)?
+            };
+            let replay = (!record.replay.is_empty()).then_some((record.replay, record.expires_at));
+            journal.record(record.seq, &ops, replay, 0);
+            next_seq = next_seq.max(record.seq + 1);
+        }
+        let mut writer = Writer {
+            conn,
+            oplog,
+            journal,
+            next_seq,
+            legacy_rows,
+        };
         writer.fold().await?;
         Ok(Self {
             pool,
@@ -193,7 +239,7 @@ impl SqliteStore {
     }
 
     /// Runs one planned step.
-    async fn run(tx: &mut Transaction<'_, Sqlite>, step: Step<'_>) -> Result<(), sqlx::Error> {
+    async fn run_step(tx: &mut Transaction<'_, Sqlite>, step: Step<'_>) -> Result<(), sqlx::Error> {
         match step {
             Step::Single(op) => Self::apply(tx, op).await,
             Step::Copies(net) => Self::write_copies(tx, &net).await,
@@ -316,35 +362,71 @@ impl SqliteStore {
 }
 
 impl Writer {
-    /// Appends a commit's journal row, in one statement, and records it.
-    async fn append(&mut self, entry: &Entry<'_>) -> Result<(), sqlx::Error> {
+    /// Appends a commit's record to the op log, in one write, and records it.
+    async fn append(&mut self, entry: Entry<'_>) -> Result<(), StoreError> {
         let (replay, expires_at) = match &entry.replay {
-            Some((bytes, expires_at)) => (Some(&bytes[..]), *expires_at),
-            None => (None, 0),
+            Some((bytes, expires_at)) => (&bytes[..], *expires_at),
+            None => (&[][..], 0),
         };
-        let ops = (!entry.ops.is_empty()).then(|| journal::encode_ops(entry.ops.iter().copied()));
-        let bytes = ops.as_ref().map_or(0, Vec::len) + replay.map_or(0, <[u8]>::len);
-        let done = sqlx::query("INSERT INTO journal (expires_at, replay, ops) VALUES (?, ?, ?)")
-            .bind(expires_at as i64)
-            .bind(replay)
-            .bind(ops)
-            .execute(&mut self.conn)
-            .await?;
+        let seq = self.next_seq;
+        let record = Record::encode_with(seq, expires_at, replay, |out| {
+            if !entry.ops.is_empty() {
+                journal::encode_ops_into(out, entry.ops.iter().copied());
+            }
+        });
+        let bytes = record.len();
+        self.oplog.append(record).await?;
+        self.next_seq += 1;
         self.journal
-            .record(done.last_insert_rowid(), entry.ops.iter().copied(), bytes);
+            .record(seq, entry.ops.iter().copied(), entry.replay, bytes);
         Ok(())
     }
 
-    /// Folds the journal into the tables, in one transaction.
+    /// Folds the journal into the tables, in one transaction, then empties the op log.
     async fn fold(&mut self) -> Result<(), StoreError> {
-        if self.journal.last_row().is_none() {
+        self.fold_with(Vec::new()).await
+    }
+
+    /// Folds the journal into the tables and runs `steps` (barrier ops, after it), in
+    /// one transaction, then empties the op log.
+    async fn fold_with(&mut self, steps: Vec<Step<'_>>) -> Result<(), StoreError> {
+        let pending = self.journal.last_seq().is_some() || self.legacy_rows;
+        if !pending && steps.is_empty() {
             return Ok(());
         }
-        let mut tx = self.conn.begin().await?;
-        fold_into(&mut tx, &self.journal).await?;
-        tx.commit().await?;
+        let Writer {
+            conn,
+            journal,
+            legacy_rows,
+            ..
+        } = self;
+        // The op log is emptied once this commits, so the commit must survive a power
+        // loss too: SQLite syncs the WAL at commit only with `synchronous=FULL`.
+        if pending {
+            sqlx::query("PRAGMA synchronous = FULL")
+                .execute(&mut *conn)
+                .await?;
+        }
+        let folded = async {
+            let mut tx = conn.begin().await?;
+            fold_into(&mut tx, journal, *legacy_rows).await?;
+            for step in steps {
+                SqliteStore::run_step(&mut tx, step).await?;
+            }
+            tx.commit().await
+        }
+        .await;
+        if pending {
+            sqlx::query("PRAGMA synchronous = NORMAL")
+                .execute(&mut *conn)
+                .await?;
+        }
+        folded?;
         self.journal.folded();
-        Ok(())
+        self.legacy_rows = false;
+        // Should this fail, the records stay in the file; the next open skips them, as
+        // `oplog_state` says they are folded.
+        self.oplog.clear().await
     }
 
     /// Folds, then deletes expired messages, copies and replay ids.
@@ -419,25 +501,41 @@ async fn backlog_rows(
     Ok((page, exhausted))
 }
 
-/// Writes what the journal adds up to into the tables, and deletes its rows, in `tx`.
-async fn fold_into(tx: &mut Transaction<'_, Sqlite>, journal: &Journal) -> Result<(), sqlx::Error> {
-    let Some(last) = journal.last_row() else {
+/// Writes what the journal adds up to into the tables, and the last record it covers
+/// into `oplog_state`, in `tx`.
+async fn fold_into(
+    tx: &mut Transaction<'_, Sqlite>,
+    journal: &Journal,
+    legacy_rows: bool,
+) -> Result<(), sqlx::Error> {
+    let Some(last) = journal.last_seq() else {
         return Ok(());
     };
     SqliteStore::write_copies(tx, journal.net()).await?;
-    // The replay ids move within SQLite; they never come back through the broker.
-    sqlx::query(
-        "INSERT INTO replay_log (expires_at, entries) \
-         SELECT expires_at, replay FROM journal WHERE id <= ? AND replay IS NOT NULL",
-    )
-    .bind(last)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query("DELETE FROM journal WHERE id <= ?")
-        .bind(last)
+    for chunk in statement_chunks(journal.replay(), ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO replay_log (expires_at, entries) ");
+        q.push_values(chunk, |mut b, (entries, expires_at)| {
+            b.push_bind(*expires_at as i64).push_bind(&entries[..]);
+        });
+        q.build().execute(&mut **tx).await?;
+    }
+    sqlx::query("UPDATE oplog_state SET folded_through = ? WHERE id = 1")
+        .bind(last as i64)
         .execute(&mut **tx)
         .await?;
+    if legacy_rows {
+        sqlx::query("DELETE FROM journal")
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok(())
+}
+
+/// Where the op log of the database at `path` lives: beside it, `<file>.oplog`.
+fn oplog_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".oplog");
+    PathBuf::from(name)
 }
 
 /// Copies the WAL back into the database file every [`CHECKPOINT_INTERVAL`], beside
@@ -640,19 +738,12 @@ impl Store for SqliteStore {
         let Some(entry) = Entry::of(ops()) else {
             // Subscription and client changes are rare: they go to the tables at
             // once, after everything journalled before them.
-            let mut tx = writer.conn.begin().await?;
-            fold_into(&mut tx, &writer.journal).await?;
-            for step in plan(ops()) {
-                Self::run(&mut tx, step).await?;
-            }
-            tx.commit().await?;
-            writer.journal.folded();
-            return Ok(());
+            return writer.fold_with(plan(ops())).await;
         };
         if entry.is_empty() {
             return Ok(());
         }
-        writer.append(&entry).await?;
+        writer.append(entry).await?;
         if writer.journal.wants_fold()
             && let Err(e) = writer.fold().await
         {

@@ -329,7 +329,7 @@ async fn sqlite_store_on_disk_survives_reopen() {
 }
 
 #[tokio::test]
-async fn sqlite_journal_survives_a_crash_between_folds() {
+async fn sqlite_op_log_survives_a_crash_between_folds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("fastport.db");
     {
@@ -364,8 +364,8 @@ async fn sqlite_journal_survives_a_crash_between_folds() {
             }])
             .await
             .expect("commit");
-        // No close(): the ops are only in journal rows, as after a kill -9.
-        std::mem::forget(store);
+        // No close(): the ops are only in the op log, as after a kill -9.
+        drop(store);
     }
     let store = SqliteStore::open(&path).await.expect("reopen");
     let (rows, _) = store
@@ -379,4 +379,101 @@ async fn sqlite_journal_survives_a_crash_between_folds() {
         restore.replay_ids,
         vec![(session(), MessageId([7; 16]), NOW + 30_000)]
     );
+}
+
+/// A crash after a fold committed but before it emptied the op log leaves records the
+/// database already holds: the next open must not apply them again.
+#[tokio::test]
+async fn sqlite_records_folded_before_a_crash_are_not_applied_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fastport.db");
+    let oplog = dir.path().join("fastport.db.oplog");
+    let stale = {
+        let store = SqliteStore::open(&path).await.expect("open");
+        store
+            .commit(&[StoreBatch {
+                id: 1,
+                ops: put(1, "fay", false),
+            }])
+            .await
+            .expect("commit");
+        let stale = std::fs::read(&oplog).expect("read op log");
+        // Fold (purge folds first): the copy becomes a row.
+        store.purge(NOW).await.expect("purge");
+        let acked = StoreOp::DeleteCopy {
+            session: session(),
+            client_id: client("fay"),
+            seq: 1,
+        };
+        store
+            .commit(&[StoreBatch {
+                id: 2,
+                ops: vec![acked],
+            }])
+            .await
+            .expect("commit");
+        store.purge(NOW).await.expect("purge");
+        drop(store);
+        stale
+    };
+    // The file as if neither fold had got to truncate it.
+    std::fs::write(&oplog, stale).expect("write op log");
+    let store = SqliteStore::open(&path).await.expect("reopen");
+    assert_eq!(
+        seqs(&store, "fay", 0, 10).await,
+        (vec![], true),
+        "an acknowledged copy came back"
+    );
+    // And the sequence goes on past what was folded: a new record is applied.
+    store
+        .commit(&[StoreBatch {
+            id: 3,
+            ops: put(2, "fay", false),
+        }])
+        .await
+        .expect("commit");
+    drop(store);
+    let store = SqliteStore::open(&path).await.expect("reopen");
+    assert_eq!(seqs(&store, "fay", 0, 10).await, (vec![2], true));
+}
+
+/// Rows a version before the op log left in the `journal` table are folded at the
+/// next open, and deleted.
+#[tokio::test]
+async fn sqlite_rows_of_the_old_journal_table_are_folded_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fastport.db");
+    SqliteStore::open(&path).await.expect("open").close().await;
+    {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("connect");
+        let ops = put(5, "gus", false);
+        let (replay, expires_at) =
+            super::journal::pack_replay_ids(&[(&session(), &MessageId([9; 16]), NOW + 30_000)]);
+        sqlx::query("INSERT INTO journal (expires_at, replay, ops) VALUES (?, ?, ?)")
+            .bind(expires_at as i64)
+            .bind(replay)
+            .bind(super::journal::encode_ops(ops.iter()))
+            .execute(&pool)
+            .await
+            .expect("insert");
+        pool.close().await;
+    }
+    let store = SqliteStore::open(&path).await.expect("reopen");
+    assert_eq!(seqs(&store, "gus", 0, 10).await, (vec![5], true));
+    let restore = store.restore(NOW).await.expect("restore");
+    assert_eq!(
+        restore.replay_ids,
+        vec![(session(), MessageId([9; 16]), NOW + 30_000)]
+    );
+    store.close().await;
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM journal")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(left, 0);
 }

@@ -236,12 +236,15 @@ impl Drop for Broker {
     }
 }
 
-/// Bytes of a file and its WAL, for "is this in the database" checks.
+/// Bytes of the database file, its WAL and its op log, for "is this on disk" checks.
 pub fn db_bytes(path: &Path) -> Vec<u8> {
     let mut bytes = std::fs::read(path).unwrap_or_default();
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    bytes.extend(std::fs::read(PathBuf::from(wal)).unwrap_or_default());
+    // The WAL, and the op log (commits not yet folded into the tables).
+    for suffix in ["-wal", ".oplog"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        bytes.extend(std::fs::read(PathBuf::from(file)).unwrap_or_default());
+    }
     bytes
 }
 
