@@ -542,4 +542,20 @@ impl Publisher {
         }
         Ok(())
     }
+
+    /// Closes the connection, so that the next workload does not share the machine
+    /// with its teardown (a fastPort client dropped without it leaves the broker to
+    /// notice on its own).
+    pub async fn close(self) {
+        match self {
+            Publisher::Fastport { client, .. } => client.close().await,
+            Publisher::Mqtt { client, .. } => {
+                let _ = client.disconnect().await;
+            }
+            Publisher::Legacy { mut sink, .. } => {
+                let _ = futures::SinkExt::close(&mut sink).await;
+            }
+            Publisher::Nats(_) | Publisher::JetStream { .. } => {}
+        }
+    }
 }

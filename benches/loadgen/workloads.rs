@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 
 use crate::procs;
-use crate::systems::{Env, System};
+use crate::systems::{Env, Publisher, System};
 
 /// One measurement of one system.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -172,7 +172,7 @@ pub async fn throughput(
             .insert("broker peak RSS MiB".into(), peak as f64 / (1 << 20) as f64);
     }
     meter.finish(&mut sample);
-    drop(keep);
+    futures::future::join_all(keep.into_iter().map(Publisher::close)).await;
     Ok(sample)
 }
 
@@ -222,6 +222,7 @@ pub async fn latency(
     }
     publisher.drain().await?;
     let mut latencies = receiver.await?;
+    publisher.close().await;
     let elapsed = start.elapsed().as_secs_f64();
     latencies.sort_unstable();
     let pct = |p: f64| -> f64 {
