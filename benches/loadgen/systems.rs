@@ -107,11 +107,26 @@ pub enum Subscriber {
         sub: Subscription,
         _client: Client,
     },
-    Channel(mpsc::Receiver<Bytes>),
+    /// Messages a reader task forwards; the task ends with the subscriber.
+    Channel {
+        rx: mpsc::Receiver<Bytes>,
+        _reader: Reader,
+    },
     Nats {
         sub: async_nats::Subscriber,
         _client: async_nats::Client,
     },
+}
+
+/// A subscriber's reader task, aborted when the subscriber goes: left running, the
+/// readers of finished workloads (each with its connection) would keep answering their
+/// broker's keep-alives in the background of every later one.
+pub struct Reader(tokio::task::JoinHandle<()>);
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Subscriber {
@@ -127,7 +142,7 @@ impl Subscriber {
     pub async fn next(&mut self) -> Option<Bytes> {
         match self {
             Subscriber::Fastport { sub, .. } => sub.next().await.map(|m| m.payload),
-            Subscriber::Channel(rx) => rx.recv().await,
+            Subscriber::Channel { rx, .. } => rx.recv().await,
             Subscriber::Nats { sub, .. } => sub.next().await.map(|m| m.payload),
         }
     }
@@ -294,7 +309,7 @@ impl System {
                 ))
                 .await?;
                 let (tx, rx) = mpsc::channel(4096);
-                tokio::spawn(async move {
+                let reader = tokio::spawn(async move {
                     while let Some(Ok(message)) = ws.next().await {
                         let WsMessage::Text(t) = message else {
                             continue;
@@ -311,13 +326,19 @@ impl System {
                         }
                     }
                 });
-                Subscriber::Channel(rx)
+                Subscriber::Channel {
+                    rx,
+                    _reader: Reader(reader),
+                }
             }
             Kind::Mosquitto { port, qos1 } => {
                 let (client, mut events) = mqtt(*port, format!("sub-{}-{id}", env.run)).await?;
                 let (tx, rx) = mpsc::channel(4096);
                 let (ready, subscribed) = oneshot::channel();
-                tokio::spawn(async move {
+                // The event loop needs a live client; the task holds one.
+                let keep = client.clone();
+                let reader = tokio::spawn(async move {
+                    let _client = keep;
                     let mut ready = Some(ready);
                     loop {
                         match events.poll().await {
@@ -345,9 +366,10 @@ impl System {
                 tokio::time::timeout(Duration::from_secs(5), subscribed)
                     .await
                     .context("MQTT subscribe")??;
-                // The client must outlive the event loop task.
-                std::mem::forget(client);
-                Subscriber::Channel(rx)
+                Subscriber::Channel {
+                    rx,
+                    _reader: Reader(reader),
+                }
             }
             Kind::Relay => return Err(anyhow!("the relay only runs the file workload")),
             Kind::NatsCore => {
@@ -375,7 +397,7 @@ impl System {
                     .await?;
                 let mut messages = consumer.messages().await?;
                 let (tx, rx) = mpsc::channel(4096);
-                tokio::spawn(async move {
+                let reader = tokio::spawn(async move {
                     while let Some(Ok(message)) = messages.next().await {
                         let _ = message.ack().await;
                         if tx.send(message.payload.clone()).await.is_err() {
@@ -383,7 +405,10 @@ impl System {
                         }
                     }
                 });
-                Subscriber::Channel(rx)
+                Subscriber::Channel {
+                    rx,
+                    _reader: Reader(reader),
+                }
             }
         })
     }
