@@ -15,6 +15,7 @@
 //! computed within the same invocation, so they hold on a noisy machine where the
 //! absolute numbers do not.
 
+mod floor;
 mod procs;
 mod relay;
 mod systems;
@@ -68,6 +69,9 @@ struct Args {
     relay_cert: Option<std::path::PathBuf>,
     #[arg(long, hide = true)]
     relay_key: Option<std::path::PathBuf>,
+    /// Internal: run as the bare UDP relay of the latency workload on this port.
+    #[arg(long, hide = true)]
+    udp_relay_server: Option<u16>,
 }
 
 /// One workload's definition.
@@ -101,6 +105,7 @@ const MQ0T: &str = "Mosquitto QoS0 tuned";
 const NATS: &str = "NATS core";
 const JS: &str = "NATS JetStream";
 const RELAY: &str = "bare quinn relay";
+const FLOOR: &str = "bare UDP relay (floor)";
 
 fn plan(quick: bool) -> Vec<Workload> {
     let n = |q: u64, f: u64| if quick { q } else { f };
@@ -147,8 +152,13 @@ fn plan(quick: bool) -> Vec<Workload> {
             ),
             unit: "p99 µs",
             higher_is_better: false,
-            systems: vec![FP_QUIC, FP_DURABLE, MQ1, MQ1T, JS, NATS, MQ0T],
-            ratios: vec![(FP_QUIC, MQ1), (FP_QUIC, MQ1T), (FP_DURABLE, JS)],
+            systems: vec![FP_QUIC, FP_DURABLE, MQ1, MQ1T, JS, NATS, MQ0T, FLOOR],
+            ratios: vec![
+                (FP_QUIC, MQ1),
+                (FP_QUIC, MQ1T),
+                (FP_DURABLE, JS),
+                (FP_QUIC, FLOOR),
+            ],
         },
         Workload {
             id: "w6",
@@ -245,7 +255,7 @@ async fn fresh_broker(system: &System, env: &Env) -> Result<(System, Env, Box<dy
             system.pid = Some(proc_.pid());
             Box::new(proc_)
         }
-        Kind::Relay => bail!("the relay starts its own process"),
+        Kind::Relay | Kind::UdpRelay { .. } => bail!("the relays are not brokers"),
         Kind::NatsCore | Kind::NatsJetStream => {
             let (proc_, port) = procs::start_nats()?;
             env.nats_url = format!("nats://127.0.0.1:{port}");
@@ -352,6 +362,9 @@ fn print_table(w: &Workload, results: &BTreeMap<String, Vec<Sample>>) -> BTreeMa
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(port) = args.udp_relay_server {
+        return floor::serve_udp_relay(port);
+    }
     if let (Some(port), Some(cert), Some(key)) =
         (args.relay_server, &args.relay_cert, &args.relay_key)
     {
@@ -371,6 +384,7 @@ async fn main() -> Result<()> {
     let mosquitto_pid = procs::pid_of("mosquitto", Some("/run/mosquitto/mosquitto.pid"));
     let nats_pid = procs::pid_of("nats-server", None);
     let fp_pid = Some(fastport.process.pid());
+    let (udp_relay, udp_relay_port) = procs::start_udp_relay()?;
 
     let system = |name: &str, kind: Kind, pid| System {
         name: name.to_owned(),
@@ -438,6 +452,13 @@ async fn main() -> Result<()> {
         system(NATS, Kind::NatsCore, nats_pid),
         system(JS, Kind::NatsJetStream, nats_pid),
         system(RELAY, Kind::Relay, None),
+        system(
+            FLOOR,
+            Kind::UdpRelay {
+                port: udp_relay_port,
+            },
+            Some(udp_relay.pid()),
+        ),
     ];
     let mut env = Env {
         fastport_quic: format!("quic://{}", fastport.quic),
@@ -514,6 +535,7 @@ async fn main() -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
         eprintln!("raw figures written to {}", path.display());
     }
+    drop(udp_relay);
     drop(tuned);
     drop(fastport);
     Ok(())

@@ -193,6 +193,28 @@ pub fn start_nats() -> Result<(Spawned, u16)> {
     Ok((Spawned { child, _dir: dir }, port))
 }
 
+/// The bare UDP relay of the latency workload: this binary as a child process.
+pub fn start_udp_relay() -> Result<(Spawned, u16)> {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--udp-relay-server", &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the UDP relay")?;
+    let stdout = child.stdout.take().context("relay stdout")?;
+    let ready = BufReader::new(stdout).lines().next();
+    let spawned = Spawned {
+        child,
+        _dir: tempfile::tempdir()?,
+    };
+    match ready {
+        Some(Ok(line)) if line == "ready" => Ok((spawned, port)),
+        _ => bail!("the UDP relay did not start"),
+    }
+}
+
 fn mosquitto_binary() -> PathBuf {
     for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
         if Path::new(p).exists() {

@@ -42,6 +42,10 @@ pub enum Kind {
     NatsJetStream,
     /// The bare quinn relay of the file workload.
     Relay,
+    /// The bare UDP relay of the latency workload, on this port (see `floor`).
+    UdpRelay {
+        port: u16,
+    },
 }
 
 /// A system under test, as a row of the report.
@@ -91,6 +95,7 @@ pub enum Publisher {
         notify: Arc<Notify>,
     },
     Nats(async_nats::Client),
+    Udp(tokio::net::UdpSocket),
     JetStream {
         js: async_nats::jetstream::Context,
         inflight: FuturesUnordered<Pending>,
@@ -121,7 +126,7 @@ pub enum Subscriber {
 /// A subscriber's reader task, aborted when the subscriber goes: left running, the
 /// readers of finished workloads (each with its connection) would keep answering their
 /// broker's keep-alives in the background of every later one.
-pub struct Reader(tokio::task::JoinHandle<()>);
+pub struct Reader(pub tokio::task::JoinHandle<()>);
 
 impl Drop for Reader {
     fn drop(&mut self) {
@@ -173,7 +178,13 @@ async fn mqtt(port: u16, id: String) -> Result<(AsyncClient, rumqttc::EventLoop)
         .set_inflight(WINDOW as u16)
         .set_max_packet_size(4 << 20, 4 << 20)
         .set_clean_session(true);
-    Ok(AsyncClient::new(options, 4096))
+    let (client, mut events) = AsyncClient::new(options, 4096);
+    // Nagle off on the client's socket too, as NATS's client and QUIC have it: the
+    // "default" and "tuned" rows differ in Mosquitto's own config only.
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    events.set_network_options(network);
+    Ok((client, events))
 }
 
 async fn legacy_socket(env: &Env) -> Result<WsStream> {
@@ -278,6 +289,7 @@ impl System {
             }
             Kind::NatsCore => Publisher::Nats(async_nats::connect(&env.nats_url).await?),
             Kind::Relay => return Err(anyhow!("the relay only runs the file workload")),
+            Kind::UdpRelay { port } => Publisher::Udp(crate::floor::udp_publisher(*port).await?),
             Kind::NatsJetStream => Publisher::JetStream {
                 js: async_nats::jetstream::new(async_nats::connect(&env.nats_url).await?),
                 inflight: FuturesUnordered::new(),
@@ -372,6 +384,7 @@ impl System {
                 }
             }
             Kind::Relay => return Err(anyhow!("the relay only runs the file workload")),
+            Kind::UdpRelay { port } => crate::floor::udp_subscriber(*port).await?,
             Kind::NatsCore => {
                 let client = async_nats::connect(&env.nats_url).await?;
                 let sub = client.subscribe(nats_subject(topic)).await?;
@@ -516,6 +529,9 @@ impl Publisher {
                 *sent += 1;
             }
             Publisher::Nats(client) => client.publish(nats_subject(topic), payload).await?,
+            Publisher::Udp(socket) => {
+                socket.send(&payload).await?;
+            }
             Publisher::JetStream { js, inflight } => {
                 while inflight.len() >= WINDOW {
                     inflight.next().await.transpose()?;
@@ -564,6 +580,7 @@ impl Publisher {
                 }
             }
             Publisher::Nats(client) => client.flush().await?,
+            Publisher::Udp(_) => {}
         }
         Ok(())
     }
@@ -580,7 +597,7 @@ impl Publisher {
             Publisher::Legacy { mut sink, .. } => {
                 let _ = futures::SinkExt::close(&mut sink).await;
             }
-            Publisher::Nats(_) | Publisher::JetStream { .. } => {}
+            Publisher::Nats(_) | Publisher::Udp(_) | Publisher::JetStream { .. } => {}
         }
     }
 }

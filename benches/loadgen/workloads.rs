@@ -208,6 +208,7 @@ pub async fn latency(
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let meter = Meter::start(system);
+    let probe = crate::floor::StallProbe::start();
     let start = Instant::now();
     let per_tick = (rate / 1000).max(1);
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -222,6 +223,7 @@ pub async fn latency(
     }
     publisher.drain().await?;
     let mut latencies = receiver.await?;
+    let stalls = probe.finish();
     publisher.close().await;
     let elapsed = start.elapsed().as_secs_f64();
     latencies.sort_unstable();
@@ -241,6 +243,7 @@ pub async fn latency(
     sample.extra.insert("p50 µs".into(), pct(0.50));
     sample.extra.insert("p99 µs".into(), pct(0.99));
     sample.extra.insert("p99.9 µs".into(), pct(0.999));
+    sample.extra.insert("host stalls".into(), f64::from(stalls));
     meter.finish(&mut sample);
     Ok(sample)
 }
