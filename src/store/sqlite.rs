@@ -38,9 +38,10 @@ static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 /// variables).
 const ROWS_PER_STATEMENT: usize = 300;
 
-/// How often the WAL is checkpointed into the database file. Each checkpoint syncs
-/// the file; every 100 ms that cost W1 durable about 15% of its throughput on two
-/// cores, and the WAL stays small either way (what a second of commits writes).
+/// How often the WAL is checkpointed into the database file. Group commits go to the
+/// op log, so the WAL only carries folds, purges and barrier commits (sessions, keys,
+/// subscriptions) and most checkpoints find nothing to copy; a second keeps the WAL
+/// to what one fold wrote, and the sync of the file off the fold itself.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A SQLite-backed [`Store`].
