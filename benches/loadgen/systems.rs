@@ -586,8 +586,7 @@ impl Publisher {
     }
 
     /// Closes the connection, so that the next workload does not share the machine
-    /// with its teardown (a fastPort client dropped without it leaves the broker to
-    /// notice on its own).
+    /// with its teardown.
     pub async fn close(self) {
         match self {
             Publisher::Fastport { client, .. } => client.close().await,
