@@ -215,30 +215,14 @@ pub async fn latency(
     let mut publisher = system.publisher(env, 0).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let per_tick = (rate / 1000).max(1);
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let warm_up = rate;
-    let mut seq = 0u64;
-    while seq < warm_up {
-        tick.tick().await;
-        for _ in 0..per_tick.min(warm_up - seq) {
-            publisher.send(topic, payload(WARM_UP, seq, size)).await?;
-            seq += 1;
-        }
-    }
+    let mut pace = Pace::new(rate);
+    pace.send(&mut publisher, topic, WARM_UP, rate, size)
+        .await?;
 
     let meter = Meter::start(system);
     let probe = crate::floor::StallProbe::start();
     let start = Instant::now();
-    let mut seq = 0u64;
-    while seq < total {
-        tick.tick().await;
-        for _ in 0..per_tick.min(total - seq) {
-            publisher.send(topic, payload(0, seq, size)).await?;
-            seq += 1;
-        }
-    }
+    pace.send(&mut publisher, topic, 0, total, size).await?;
     publisher.drain().await?;
     let mut latencies = receiver.await?;
     let stalls = probe.finish();
@@ -264,6 +248,44 @@ pub async fn latency(
     sample.extra.insert("host stalls".into(), f64::from(stalls));
     meter.finish(&mut sample);
     Ok(sample)
+}
+
+/// A steady rate in bursts of `rate / 1000` messages every millisecond; a late tick
+/// sends its burst at once rather than skipping it.
+struct Pace {
+    tick: tokio::time::Interval,
+    per_tick: u64,
+}
+
+impl Pace {
+    fn new(rate: u64) -> Pace {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        Pace {
+            tick,
+            per_tick: (rate / 1000).max(1),
+        }
+    }
+
+    /// Sends `count` messages as publisher `id` at the pace, continuing its ticks.
+    async fn send(
+        &mut self,
+        publisher: &mut Publisher,
+        topic: &str,
+        id: u32,
+        count: u64,
+        size: usize,
+    ) -> Result<()> {
+        let mut seq = 0u64;
+        while seq < count {
+            self.tick.tick().await;
+            for _ in 0..self.per_tick.min(count - seq) {
+                publisher.send(topic, payload(id, seq, size)).await?;
+                seq += 1;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Idle connections: opens `count` authenticated, subscribed connections and reads the
