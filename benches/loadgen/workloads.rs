@@ -195,22 +195,26 @@ pub async fn latency(
     let topic = "bench/lat";
     let total = rate * duration.as_millis() as u64 / 1000;
     let mut sub = system.subscriber(env, 0, topic).await?;
+    let burst = Pace::burst(rate);
     let receiver = tokio::spawn(async move {
         let mut latencies = Vec::with_capacity(total as usize);
+        let mut shape = BurstShape::default();
         while (latencies.len() as u64) < total {
             match tokio::time::timeout(Duration::from_secs(3), sub.next()).await {
                 Ok(Some(p)) => {
-                    if let Some((publisher, _, sent)) = parse(&p)
+                    if let Some((publisher, seq, sent)) = parse(&p)
                         && publisher != WARM_UP
                     {
-                        latencies.push(now_ns().saturating_sub(sent));
+                        let latency = now_ns().saturating_sub(sent);
+                        latencies.push(latency);
+                        shape.record(seq % burst, burst, latency);
                     }
                 }
                 _ => break,
             }
         }
         sub.close().await;
-        latencies
+        (latencies, shape)
     });
     let mut publisher = system.publisher(env, 0).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -224,7 +228,7 @@ pub async fn latency(
     let start = Instant::now();
     pace.send(&mut publisher, topic, 0, total, size).await?;
     publisher.drain().await?;
-    let mut latencies = receiver.await?;
+    let (mut latencies, mut shape) = receiver.await?;
     let stalls = probe.finish();
     publisher.close().await;
     let elapsed = start.elapsed().as_secs_f64();
@@ -246,8 +250,42 @@ pub async fn latency(
     sample.extra.insert("p99 µs".into(), pct(0.99));
     sample.extra.insert("p99.9 µs".into(), pct(0.999));
     sample.extra.insert("host stalls".into(), f64::from(stalls));
+    sample
+        .extra
+        .insert("p50 first of burst µs".into(), median_us(&mut shape.first));
+    sample
+        .extra
+        .insert("p50 last of burst µs".into(), median_us(&mut shape.last));
     meter.finish(&mut sample);
     Ok(sample)
+}
+
+/// Latencies of the first and the last message of each burst the publisher sends. A
+/// broker that handles a burst as one batch delivers its first message as late as its
+/// last; one that pipelines delivers the first sooner.
+#[derive(Default)]
+struct BurstShape {
+    first: Vec<u64>,
+    last: Vec<u64>,
+}
+
+impl BurstShape {
+    fn record(&mut self, position: u64, burst: u64, latency: u64) {
+        if position == 0 {
+            self.first.push(latency);
+        }
+        if position + 1 == burst {
+            self.last.push(latency);
+        }
+    }
+}
+
+fn median_us(ns: &mut [u64]) -> f64 {
+    if ns.is_empty() {
+        return f64::NAN;
+    }
+    ns.sort_unstable();
+    ns[ns.len() / 2] as f64 / 1000.0
 }
 
 /// A steady rate in bursts of `rate / 1000` messages every millisecond; a late tick
@@ -263,8 +301,13 @@ impl Pace {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         Pace {
             tick,
-            per_tick: (rate / 1000).max(1),
+            per_tick: Pace::burst(rate),
         }
+    }
+
+    /// Messages sent on each tick.
+    fn burst(rate: u64) -> u64 {
+        (rate / 1000).max(1)
     }
 
     /// Sends `count` messages as publisher `id` at the pace, continuing its ticks.
