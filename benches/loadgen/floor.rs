@@ -112,9 +112,10 @@ impl StallProbe {
         StallProbe { stop, thread }
     }
 
-    /// Stops the probe: the wake-ups that came more than [`STALL`] late.
-    pub fn finish(self) -> u32 {
+    /// Stops the probe: the wake-ups that came more than [`STALL`] late, or `None` if
+    /// the probe's thread died (a count of 0 would claim a quiet machine).
+    pub fn finish(self) -> Option<u32> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or(0)
+        self.thread.join().ok()
     }
 }

@@ -249,7 +249,9 @@ pub async fn latency(
     sample.extra.insert("p50 µs".into(), pct(0.50));
     sample.extra.insert("p99 µs".into(), pct(0.99));
     sample.extra.insert("p99.9 µs".into(), pct(0.999));
-    sample.extra.insert("host stalls".into(), f64::from(stalls));
+    sample
+        .extra
+        .insert("host stalls".into(), stalls.map_or(f64::NAN, f64::from));
     sample
         .extra
         .insert("p50 first of burst µs".into(), median_us(&mut shape.first));
