@@ -130,7 +130,7 @@ impl Server {
             })
         } else {
             tokio::spawn(async move {
-                if let Err(e) = http::serve(tcp, state, shutdown).await {
+                if let Err(e) = http::serve(http::PlainListener(tcp), state, shutdown).await {
                     tracing::error!(error = %e, "HTTP server failed");
                 }
             })

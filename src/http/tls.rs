@@ -26,9 +26,34 @@ impl Connected<IncomingStream<'_, TcpListener>> for Peer {
     }
 }
 
+impl Connected<IncomingStream<'_, PlainListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, PlainListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
 impl Connected<IncomingStream<'_, TlsListener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
         Peer(*stream.remote_addr())
+    }
+}
+
+/// Plain HTTP and WS: axum's TCP listener (which backs off on accept errors), with
+/// Nagle's algorithm turned off on every connection.
+pub struct PlainListener(pub TcpListener);
+
+impl Listener for PlainListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (mut tcp, peer) = Listener::accept(&mut self.0).await;
+        super::no_delay(&mut tcp);
+        (tcp, peer)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
     }
 }
 
@@ -45,7 +70,7 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                let (stream, peer) = match tcp.accept().await {
+                let (mut stream, peer) = match tcp.accept().await {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of file descriptors and the like: back off, keep going.
@@ -57,6 +82,7 @@ impl TlsListener {
                 if tx.is_closed() {
                     return;
                 }
+                super::no_delay(&mut stream);
                 let (acceptor, ready) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -87,5 +113,22 @@ impl Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn plain_connections_have_nagle_off() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = tcp.local_addr().expect("address");
+        let mut listener = PlainListener(tcp);
+        let client = TcpStream::connect(addr);
+        let ((accepted, peer), client) = tokio::join!(listener.accept(), client);
+        let client = client.expect("connect");
+        assert_eq!(peer, client.local_addr().expect("client address"));
+        assert!(accepted.nodelay().expect("TCP_NODELAY"));
     }
 }
