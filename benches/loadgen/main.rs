@@ -130,7 +130,9 @@ fn plan(quick: bool) -> Vec<Workload> {
             title: format!("1 → 16, 128 B, {} messages", n(5_000, 20_000)),
             unit: "deliveries/s",
             higher_is_better: true,
-            systems: vec![FP_QUIC, FP_DURABLE, JS, MQ1, MQ1T, NATS, MQ0T],
+            systems: vec![
+                FP_QUIC, FP_DURABLE, FP_WS, FP_LEGACY, JS, MQ1, MQ1T, NATS, MQ0T,
+            ],
             ratios: vec![(FP_QUIC, MQ1), (FP_QUIC, MQ1T), (FP_DURABLE, JS)],
         },
         Workload {
@@ -141,7 +143,7 @@ fn plan(quick: bool) -> Vec<Workload> {
             ),
             unit: "msgs/s",
             higher_is_better: true,
-            systems: vec![FP_QUIC, MQ1, MQ1T, NATS, MQ0T],
+            systems: vec![FP_QUIC, FP_WS, FP_LEGACY, MQ1, MQ1T, NATS, MQ0T],
             ratios: vec![(FP_QUIC, MQ1), (FP_QUIC, MQ1T)],
         },
         Workload {
@@ -152,7 +154,9 @@ fn plan(quick: bool) -> Vec<Workload> {
             ),
             unit: "p99 µs",
             higher_is_better: false,
-            systems: vec![FP_QUIC, FP_DURABLE, MQ1, MQ1T, JS, NATS, MQ0T, FLOOR],
+            systems: vec![
+                FP_QUIC, FP_DURABLE, FP_WS, FP_LEGACY, MQ1, MQ1T, JS, NATS, MQ0T, FLOOR,
+            ],
             ratios: vec![
                 (FP_QUIC, MQ1),
                 (FP_QUIC, MQ1T),

@@ -188,8 +188,13 @@ async fn mqtt(port: u16, id: String) -> Result<(AsyncClient, rumqttc::EventLoop)
 }
 
 async fn legacy_socket(env: &Env) -> Result<WsStream> {
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://{}/", env.fastport_http)).await?;
+    // Nagle off, as in every other client here (see BENCHMARKS.md).
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
+        format!("ws://{}/", env.fastport_http),
+        None,
+        true,
+    )
+    .await?;
     let init = serde_json::json!({"type": "init", "sessionName": env.session, "password": "bench-password"});
     ws.send(WsMessage::text(init.to_string())).await?;
     loop {
