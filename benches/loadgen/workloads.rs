@@ -233,13 +233,7 @@ pub async fn latency(
     publisher.close().await;
     let elapsed = start.elapsed().as_secs_f64();
     latencies.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[i] as f64 / 1000.0
-    };
+    let pct = |p: f64| percentile_us(&latencies, p);
     let mut sample = Sample {
         value: pct(0.99),
         lost: total.saturating_sub(latencies.len() as u64),
@@ -282,12 +276,18 @@ impl BurstShape {
     }
 }
 
-fn median_us(ns: &mut [u64]) -> f64 {
-    if ns.is_empty() {
+/// The `p` percentile of sorted latencies in nanoseconds, in microseconds.
+fn percentile_us(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
         return f64::NAN;
     }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64 / 1000.0
+}
+
+fn median_us(ns: &mut [u64]) -> f64 {
     ns.sort_unstable();
-    ns[ns.len() / 2] as f64 / 1000.0
+    percentile_us(ns, 0.5)
 }
 
 /// A steady rate in bursts of `rate / 1000` messages every millisecond; a late tick

@@ -2,6 +2,7 @@
 //! certificate hash for browsers, and the WebSocket upgrades (`/` and `/ws` for the
 //! legacy JSON bridge, `/v1/ws` for protobuf frames).
 
+mod listener;
 mod sessions;
 mod tls;
 
@@ -24,8 +25,9 @@ use crate::driver::DriverHandle;
 use crate::store::Store;
 use crate::tls::Certs;
 
+pub use listener::{Peer, PlainListener};
 pub use sessions::CreateSessionLimit;
-pub use tls::{Peer, PlainListener, TlsListener};
+pub use tls::TlsListener;
 
 /// What the HTTP handlers share.
 pub struct HttpState {
@@ -69,17 +71,6 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/api/createSession", post(sessions::create_session))
         .fallback(not_found)
         .with_state(state)
-}
-
-/// Turns Nagle's algorithm off on an accepted connection. A broker writes small frames
-/// as they come (deliveries, acks, pongs); with Nagle on, the kernel holds each one
-/// back while the one before is unacknowledged, and a peer that delays its ACKs turns
-/// that into tens of milliseconds. (Mosquitto's packaged config leaves it on; a
-/// load-generator client that did added ~1.3 ms to every legacy message's p50.)
-pub fn no_delay(tcp: &mut tokio::net::TcpStream) {
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!(error = %e, "could not set TCP_NODELAY");
-    }
 }
 
 /// Serves `router` on `listener` (plain TCP, or [`TlsListener`]) until `shutdown`

@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::Listener;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -15,47 +14,6 @@ use tokio_rustls::server::TlsStream;
 
 /// Time a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The peer's address, whichever listener accepted it.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl Connected<IncomingStream<'_, PlainListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, PlainListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-/// Plain HTTP and WS: axum's TCP listener (which backs off on accept errors), with
-/// Nagle's algorithm turned off on every connection.
-pub struct PlainListener(pub TcpListener);
-
-impl Listener for PlainListener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (mut tcp, peer) = Listener::accept(&mut self.0).await;
-        super::no_delay(&mut tcp);
-        (tcp, peer)
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.0.local_addr()
-    }
-}
 
 /// Accepts TCP connections and hands out those whose TLS handshake succeeded.
 pub struct TlsListener {
@@ -82,7 +40,7 @@ impl TlsListener {
                 if tx.is_closed() {
                     return;
                 }
-                super::no_delay(&mut stream);
+                super::listener::no_delay(&mut stream);
                 let (acceptor, ready) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -113,22 +71,5 @@ impl Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn plain_connections_have_nagle_off() {
-        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = tcp.local_addr().expect("address");
-        let mut listener = PlainListener(tcp);
-        let client = TcpStream::connect(addr);
-        let ((accepted, peer), client) = tokio::join!(listener.accept(), client);
-        let client = client.expect("connect");
-        assert_eq!(peer, client.local_addr().expect("client address"));
-        assert!(accepted.nodelay().expect("TCP_NODELAY"));
     }
 }
