@@ -39,6 +39,12 @@ pub const MAX_UPLOADS: u32 = 7;
 /// Writes are coalesced up to this many bytes per stream write.
 const WRITE_COALESCE: usize = 64 * 1024;
 
+/// Kernel buffer asked for each direction of the broker's UDP socket. Every client
+/// shares the one socket, so a burst from many publishers at once lands in its receive
+/// queue together; at Linux's default (208 KiB) the queue overflows, datagrams are
+/// dropped, and each connection stalls until QUIC's loss detection resends them.
+pub const UDP_BUFFER: usize = 4 << 20;
+
 /// QUIC application close codes: 0 for a normal close, otherwise the `ErrorCode`.
 const CLOSE_NORMAL: u32 = 0;
 
@@ -78,6 +84,19 @@ pub fn endpoint(
     tls: rustls::ServerConfig,
     reset_key: &[u8; 64],
 ) -> std::io::Result<Endpoint> {
+    let (recv, send) = deepen_buffers(&socket, UDP_BUFFER);
+    if recv < UDP_BUFFER / 2 || send < UDP_BUFFER / 2 {
+        // What drops datagrams when many clients burst at once.
+        tracing::warn!(
+            asked = UDP_BUFFER,
+            recv,
+            send,
+            "the kernel capped the QUIC socket's buffers; raise net.core.rmem_max and \
+             net.core.wmem_max to at least {UDP_BUFFER} so bursts are not dropped and resent"
+        );
+    } else {
+        tracing::debug!(recv, send, "QUIC socket buffers");
+    }
     let crypto = QuicServerConfig::try_from(tls).map_err(std::io::Error::other)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -111,6 +130,21 @@ pub fn endpoint(
         Some(config),
         socket,
         Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// Asks for `bytes` of kernel buffer in each direction of `socket`, and returns what
+/// was granted (receive, send). The kernel caps the request at `net.core.rmem_max` /
+/// `wmem_max`. Never fatal: the socket works with any buffer, only less smoothly.
+pub fn deepen_buffers(socket: &UdpSocket, bytes: usize) -> (usize, usize) {
+    let socket = socket2::SockRef::from(socket);
+    let _ = socket.set_recv_buffer_size(bytes);
+    let _ = socket.set_send_buffer_size(bytes);
+    // Linux reports back twice what it granted (the other half is its bookkeeping).
+    let granted = |got: std::io::Result<usize>| got.map(|b| b / 2).unwrap_or(0);
+    (
+        granted(socket.recv_buffer_size()),
+        granted(socket.send_buffer_size()),
     )
 }
 
@@ -466,6 +500,33 @@ async fn write_files(conn: Connection, mut port: mpsc::Receiver<FileItem>) {
                     let _ = stream.reset(VarInt::from_u32(Reject::Internal("").code() as u32));
                 }
             }
+        }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    fn sysctl(name: &str) -> Option<usize> {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    #[test]
+    fn buffers_are_set_and_reported_as_granted() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Below every default, so the kernel grants it exactly: proves the request is
+        // made and the report is not Linux's doubled figure.
+        assert_eq!(deepen_buffers(&socket, 64 << 10), (64 << 10, 64 << 10));
+        // Up to the host's cap, the broker gets what it asks for.
+        if let (Some(rmem), Some(wmem)) = (sysctl("rmem_max"), sysctl("wmem_max")) {
+            let (recv, send) = deepen_buffers(&socket, UDP_BUFFER);
+            assert_eq!(recv, UDP_BUFFER.min(rmem));
+            assert_eq!(send, UDP_BUFFER.min(wmem));
         }
     }
 }

@@ -152,6 +152,22 @@ fn client_tls(ca: Option<&Path>, alpn: Option<&[u8]>) -> Result<rustls::ClientCo
     Ok(tls)
 }
 
+/// Kernel buffer asked for each direction of a client's UDP socket: room for a burst of
+/// deliveries while the application is busy, instead of drops that QUIC must resend.
+const CLIENT_UDP_BUFFER: usize = 2 << 20;
+
+/// A client endpoint on a socket of its own with [`CLIENT_UDP_BUFFER`].
+fn client_endpoint(bind: SocketAddr) -> std::io::Result<Endpoint> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    crate::carrier::quic::deepen_buffers(&socket, CLIENT_UDP_BUFFER);
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
 /// Opens control channels to the broker, again and again (reconnects reuse it).
 pub struct Dialer {
     url: BrokerUrl,
@@ -239,7 +255,7 @@ impl Dialer {
                         ([0u16; 8], 0).into()
                     };
                     let endpoint =
-                        Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
+                        client_endpoint(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
                     *slot = Some(endpoint.clone());
                     endpoint
                 }
