@@ -162,11 +162,7 @@ impl SqliteStore {
         // file did not happen (a crash in between): applying them again could bring
         // back copies acknowledged since.
         for record in records.into_iter().filter(|r| r.seq > folded_through) {
-            let ops = if record.ops.is_empty() {
-                Vec::new()
-            } else {
-                journal::decode_ops(&record.ops)?
-            };
+            let ops = journal::decode_ops(&record.ops)?;
             let replay = (!record.replay.is_empty()).then_some((record.replay, record.expires_at));
             journal.record(record.seq, &ops, replay, 0);
             next_seq = next_seq.max(record.seq + 1);
