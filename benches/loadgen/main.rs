@@ -356,11 +356,54 @@ fn print_table(w: &Workload, results: &BTreeMap<String, Vec<Sample>>) -> BTreeMa
         };
         for (fp, peer) in &w.ratios {
             if let (Some(a), Some(b)) = (medians.get(*fp), medians.get(*peer)) {
-                println!("- {fp} / {peer} = **{:.2}×** ({better} is better)", a / b);
+                let rounds = results
+                    .get(*fp)
+                    .zip(results.get(*peer))
+                    .and_then(|(a, b)| per_round(a, b, w.higher_is_better))
+                    .unwrap_or_default();
+                println!(
+                    "- {fp} / {peer} = **{:.2}×** ({better} is better{rounds})",
+                    a / b
+                );
             }
         }
     }
     medians
+}
+
+/// The spread of the ratio round by round, and in how many rounds fastPort won: the
+/// two systems of a round ran minutes apart at most, so each round's ratio holds on
+/// a machine whose speed drifts. `None` with fewer than two rounds both completed.
+fn per_round(fastport: &[Sample], peer: &[Sample], higher_is_better: bool) -> Option<String> {
+    let ratios: Vec<f64> = fastport
+        .iter()
+        .filter_map(|a| {
+            let b = peer.iter().find(|b| b.round == a.round)?;
+            Some(a.value / b.value)
+        })
+        .collect();
+    if ratios.len() < 2 {
+        return None;
+    }
+    let (lo, hi) = ratios
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+            (lo.min(*r), hi.max(*r))
+        });
+    let won = ratios
+        .iter()
+        .filter(|r| {
+            if higher_is_better {
+                **r > 1.0
+            } else {
+                **r < 1.0
+            }
+        })
+        .count();
+    Some(format!(
+        "; per round {lo:.2}–{hi:.2}×, fastPort ahead in {won} of {}",
+        ratios.len()
+    ))
 }
 
 #[tokio::main]
@@ -511,7 +554,8 @@ async fn main() -> Result<()> {
                 env.run += 1;
                 eprint!("{} {} run {}/{} … ", w.id, name, run + 1, args.runs);
                 match run_one(w.id, system, &env, args.quick).await {
-                    Ok(sample) => {
+                    Ok(mut sample) => {
+                        sample.round = run + 1;
                         eprintln!("{} {} (lost {})", fmt(sample.value), w.unit, sample.lost);
                         results
                             .entry(w.id.to_owned())

@@ -25,6 +25,8 @@ pub struct Sample {
     pub loadgen_cpu_s: f64,
     /// Secondary figures (percentiles, memory).
     pub extra: BTreeMap<String, f64>,
+    /// The round it ran in, from 1: each round runs every system once.
+    pub round: usize,
 }
 
 fn epoch() -> Instant {
