@@ -63,7 +63,7 @@ pub struct Server {
 impl Server {
     /// Binds the listeners, opens the store and starts serving.
     pub async fn start(config: ServerConfig) -> Result<Self, StartError> {
-        let udp = std::net::UdpSocket::bind(config.quic).map_err(|source| StartError::Bind {
+        let udp = quic::bind(config.quic).map_err(|source| StartError::Bind {
             what: "QUIC (UDP)",
             addr: config.quic,
             source,

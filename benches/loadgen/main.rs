@@ -379,7 +379,8 @@ fn per_round(fastport: &[Sample], peer: &[Sample], higher_is_better: bool) -> Op
         .iter()
         .filter_map(|a| {
             let b = peer.iter().find(|b| b.round == a.round)?;
-            Some(a.value / b.value)
+            // A peer run that delivered nothing has no ratio, only a failure to report.
+            (b.value > 0.0).then(|| a.value / b.value)
         })
         .collect();
     if ratios.len() < 2 {

@@ -6,7 +6,7 @@
 //! without the core knowing.
 
 use std::collections::HashMap;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -43,7 +43,7 @@ const WRITE_COALESCE: usize = 64 * 1024;
 /// shares the one socket, so a burst from many publishers at once lands in its receive
 /// queue together; at Linux's default (208 KiB) the queue overflows, datagrams are
 /// dropped, and each connection stalls until QUIC's loss detection resends them.
-pub const UDP_BUFFER: usize = 4 << 20;
+const UDP_BUFFER: usize = 4 << 20;
 
 /// QUIC application close codes: 0 for a normal close, otherwise the `ErrorCode`.
 const CLOSE_NORMAL: u32 = 0;
@@ -78,25 +78,34 @@ pub fn load_reset_key(path: &Path) -> std::io::Result<[u8; 64]> {
     Ok(key)
 }
 
-/// Builds the endpoint on an already bound UDP socket.
+/// Binds the broker's UDP socket, with [`UDP_BUFFER`] asked for each direction; warns
+/// when the host grants less, since that is what drops datagrams under load.
+pub fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let (socket, buffers) = crate::udp::bind(addr, UDP_BUFFER)?;
+    if buffers.short_of(UDP_BUFFER) {
+        tracing::warn!(
+            asked = UDP_BUFFER,
+            recv = buffers.recv,
+            send = buffers.send,
+            "the kernel capped the QUIC socket's buffers; raise net.core.rmem_max and \
+             net.core.wmem_max to at least {UDP_BUFFER} so bursts are not dropped and resent"
+        );
+    } else {
+        tracing::debug!(
+            recv = buffers.recv,
+            send = buffers.send,
+            "QUIC socket buffers"
+        );
+    }
+    Ok(socket)
+}
+
+/// Builds the endpoint on a UDP socket from [`bind`].
 pub fn endpoint(
     socket: UdpSocket,
     tls: rustls::ServerConfig,
     reset_key: &[u8; 64],
 ) -> std::io::Result<Endpoint> {
-    let (recv, send) = deepen_buffers(&socket, UDP_BUFFER);
-    if recv < UDP_BUFFER / 2 || send < UDP_BUFFER / 2 {
-        // What drops datagrams when many clients burst at once.
-        tracing::warn!(
-            asked = UDP_BUFFER,
-            recv,
-            send,
-            "the kernel capped the QUIC socket's buffers; raise net.core.rmem_max and \
-             net.core.wmem_max to at least {UDP_BUFFER} so bursts are not dropped and resent"
-        );
-    } else {
-        tracing::debug!(recv, send, "QUIC socket buffers");
-    }
     let crypto = QuicServerConfig::try_from(tls).map_err(std::io::Error::other)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -130,21 +139,6 @@ pub fn endpoint(
         Some(config),
         socket,
         Arc::new(quinn::TokioRuntime),
-    )
-}
-
-/// Asks for `bytes` of kernel buffer in each direction of `socket`, and returns what
-/// was granted (receive, send). The kernel caps the request at `net.core.rmem_max` /
-/// `wmem_max`. Never fatal: the socket works with any buffer, only less smoothly.
-pub fn deepen_buffers(socket: &UdpSocket, bytes: usize) -> (usize, usize) {
-    let socket = socket2::SockRef::from(socket);
-    let _ = socket.set_recv_buffer_size(bytes);
-    let _ = socket.set_send_buffer_size(bytes);
-    // Linux reports back twice what it granted (the other half is its bookkeeping).
-    let granted = |got: std::io::Result<usize>| got.map(|b| b / 2).unwrap_or(0);
-    (
-        granted(socket.recv_buffer_size()),
-        granted(socket.send_buffer_size()),
     )
 }
 
@@ -500,33 +494,6 @@ async fn write_files(conn: Connection, mut port: mpsc::Receiver<FileItem>) {
                     let _ = stream.reset(VarInt::from_u32(Reject::Internal("").code() as u32));
                 }
             }
-        }
-    }
-}
-
-#[cfg(all(test, target_os = "linux"))]
-mod tests {
-    use super::*;
-
-    fn sysctl(name: &str) -> Option<usize> {
-        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
-    #[test]
-    fn buffers_are_set_and_reported_as_granted() {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        // Below every default, so the kernel grants it exactly: proves the request is
-        // made and the report is not Linux's doubled figure.
-        assert_eq!(deepen_buffers(&socket, 64 << 10), (64 << 10, 64 << 10));
-        // Up to the host's cap, the broker gets what it asks for.
-        if let (Some(rmem), Some(wmem)) = (sysctl("rmem_max"), sysctl("wmem_max")) {
-            let (recv, send) = deepen_buffers(&socket, UDP_BUFFER);
-            assert_eq!(recv, UDP_BUFFER.min(rmem));
-            assert_eq!(send, UDP_BUFFER.min(wmem));
         }
     }
 }

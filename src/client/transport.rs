@@ -158,8 +158,13 @@ const CLIENT_UDP_BUFFER: usize = 2 << 20;
 
 /// A client endpoint on a socket of its own with [`CLIENT_UDP_BUFFER`].
 fn client_endpoint(bind: SocketAddr) -> std::io::Result<Endpoint> {
-    let socket = std::net::UdpSocket::bind(bind)?;
-    crate::carrier::quic::deepen_buffers(&socket, CLIENT_UDP_BUFFER);
+    let (socket, buffers) = crate::udp::bind(bind, CLIENT_UDP_BUFFER)?;
+    // Not a warning: on a stock host the cap is below the ask, and the SDK still works.
+    tracing::debug!(
+        recv = buffers.recv,
+        send = buffers.send,
+        "QUIC client socket buffers"
+    );
     Endpoint::new(
         quinn::EndpointConfig::default(),
         None,
