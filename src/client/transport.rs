@@ -192,6 +192,9 @@ impl Dialer {
         let mut quic = quinn::ClientConfig::new(Arc::new(tls));
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(KEEP_ALIVE));
+        // Deliveries of large messages stream in on the control stream: the same
+        // window the broker gives, for the same reason.
+        transport.stream_receive_window(crate::carrier::quic::STREAM_WINDOW.into());
         // The same request the broker makes of us: publishes stream to it.
         transport.ack_frequency_config(Some(crate::carrier::quic::ack_frequency()));
         if let Ok(idle) = Duration::from_secs(30).try_into() {
