@@ -101,17 +101,26 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_large_request_is_capped_at_the_hosts_maximum() {
-        let max = |name: &str| -> usize {
-            let path = format!("/proc/sys/net/core/{name}");
-            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            text.trim().parse().unwrap()
+        // Some containers hide these files; then only the bounds can be checked.
+        let max = |name: &str| -> Option<usize> {
+            let text = std::fs::read_to_string(format!("/proc/sys/net/core/{name}")).ok()?;
+            text.trim().parse().ok()
         };
         let asked = 64 << 20;
         let (_socket, buffers) = bind(([127, 0, 0, 1], 0).into(), asked).unwrap();
-        assert_eq!(buffers.recv, asked.min(max("rmem_max")));
-        assert_eq!(buffers.send, asked.min(max("wmem_max")));
-        let capped = max("rmem_max").min(max("wmem_max")) < asked;
-        assert_eq!(buffers.short_of(asked), capped);
+        for (granted, cap) in [
+            (buffers.recv, max("rmem_max")),
+            (buffers.send, max("wmem_max")),
+        ] {
+            match cap {
+                Some(cap) => assert_eq!(granted, asked.min(cap)),
+                None => assert!(granted > 0 && granted <= asked, "granted {granted}"),
+            }
+        }
+        assert_eq!(
+            buffers.short_of(asked),
+            buffers.recv.min(buffers.send) < asked
+        );
     }
 
     #[test]
