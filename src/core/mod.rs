@@ -168,6 +168,9 @@ pub struct Core {
     /// Answers waiting for the batch they depend on, in batch order.
     waiters: VecDeque<(u64, Waiter)>,
     next_seq: u64,
+    /// The subscribers a publish matched, kept between publishes so that routing one
+    /// allocates no list (see `router.rs`).
+    matched: Vec<(ClientId, bool)>,
 }
 
 impl Core {
@@ -180,6 +183,7 @@ impl Core {
             batch_id: 1,
             waiters: VecDeque::new(),
             next_seq: 1,
+            matched: Vec::new(),
         }
     }
 

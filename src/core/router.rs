@@ -8,7 +8,7 @@ use crate::proto::{PayloadFormat, PubAckStatus};
 use super::command::{Message, Publish, StoreOp};
 use super::delivery::{Copy, Ctx};
 use super::error::Reject;
-use super::types::{ClientId, ConnId, Millis};
+use super::types::{ConnId, Millis};
 use super::{Core, Waiter};
 
 impl Core {
@@ -55,7 +55,7 @@ impl Core {
 
         // One copy per subscriber, however many of its filters match; durable if any
         // matching subscription is.
-        let mut matched: Vec<(ClientId, bool)> = Vec::new();
+        let mut matched = std::mem::take(&mut self.matched);
         session
             .tree
             .for_each_match(&message.topic, |(client, durable)| {
@@ -76,7 +76,7 @@ impl Core {
             fx: &mut self.fx,
         };
         let (mut copies, mut durable_copies) = (0usize, 0usize);
-        for (client, durable) in matched {
+        for (client, durable) in matched.drain(..) {
             let Some(sub) = session.subscribers.get_mut(&client) else {
                 continue;
             };
@@ -104,6 +104,7 @@ impl Core {
             };
             sub.offer(copy, now, &mut ctx);
         }
+        self.matched = matched;
 
         let status = match (copies, durable_copies) {
             (0, _) => PubAckStatus::NoSubscribers,
