@@ -290,3 +290,67 @@ async fn late_subscribers_get_the_retained_history_first() {
         &b"live"[..]
     );
 }
+
+/// Clones of one client share its connection and seal on their own tasks: publishes
+/// from many tasks at once all arrive intact, and a bad topic is refused to its caller
+/// without reaching the broker or upsetting the others.
+#[tokio::test]
+async fn clones_of_one_client_publish_from_many_tasks_at_once() {
+    let broker = Broker::start();
+    broker
+        .create_session("busy", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let reader = broker.client("busy", "secret-pass", &key).await;
+    let mut sub = reader.subscribe("work/#").await.expect("subscribe");
+    let client = broker.client("busy", "secret-pass", &key).await;
+
+    const TASKS: usize = 8;
+    const EACH: usize = 50;
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                // Large enough that sealing takes a while, so the tasks overlap.
+                let payload = vec![(t * EACH + i) as u8; 16 * 1024 + i];
+                client
+                    .publish(&format!("work/{t}"), payload)
+                    .await
+                    .expect("publish");
+            }
+        }));
+    }
+    let refused = client.publish("work/+/wildcard", b"no".to_vec()).await;
+    assert!(
+        matches!(refused, Err(ClientError::Invalid(_))),
+        "a wildcard topic is refused to its caller: {refused:?}"
+    );
+    for task in tasks {
+        task.await.expect("publisher task");
+    }
+
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..TASKS * EACH {
+        let m = within("delivery", sub.next()).await.expect("a message");
+        let t: usize = m.topic["work/".len()..].parse().expect("topic work/N");
+        let i = m.payload.len() - 16 * 1024;
+        assert!(
+            t < TASKS && i < EACH,
+            "unexpected {} ({} B)",
+            m.topic,
+            m.payload.len()
+        );
+        assert!(
+            m.payload.iter().all(|b| *b == (t * EACH + i) as u8),
+            "payload {t}/{i} arrived intact"
+        );
+        assert!(seen.insert((t, i)), "{t}/{i} delivered once");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.next())
+            .await
+            .is_err(),
+        "nothing more arrives"
+    );
+}

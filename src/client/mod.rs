@@ -27,6 +27,7 @@ pub mod transport;
 
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -245,9 +246,7 @@ pub enum ClientError {
 
 enum Request {
     Publish {
-        topic: String,
-        payload: Bytes,
-        format: PayloadFormat,
+        sealed: session::SealedPublish,
         reply: oneshot::Sender<Result<PubAck, ClientError>>,
     },
     Subscribe {
@@ -287,6 +286,8 @@ enum Request {
 pub struct Client {
     requests: mpsc::Sender<Request>,
     info: watch::Receiver<SessionInfo>,
+    /// Publishes are sealed on the caller's task, not on the session task.
+    sealer: Arc<session::Sealer>,
 }
 
 impl Client {
@@ -294,8 +295,12 @@ impl Client {
     /// broker refuses the credentials; later disconnections are repaired in the
     /// background (when `reconnect` is on).
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let (requests, info) = session::start(config).await?;
-        Ok(Client { requests, info })
+        let (requests, info, sealer) = session::start(config).await?;
+        Ok(Client {
+            requests,
+            info,
+            sealer,
+        })
     }
 
     async fn call<T>(
@@ -312,6 +317,10 @@ impl Client {
 
     /// Publishes `payload` to `topic`, sealed as `NATIVE_V1`; resolves with the broker's
     /// `PubAck`. Survives reconnects: an unanswered publish is re-sent.
+    ///
+    /// The payload is sealed on the calling task, so tasks publishing through clones
+    /// of one client seal in parallel. A topic that is not a valid topic name (empty,
+    /// or with a wildcard) is refused here with [`ClientError::Invalid`].
     pub async fn publish(
         &self,
         topic: &str,
@@ -324,19 +333,17 @@ impl Client {
     /// Sends a publish (sealed as `NATIVE_V1`) without waiting for its `PubAck`: the
     /// returned [`PendingPubAck`] resolves when it arrives. One task can keep many
     /// publishes in flight this way; this call waits only while the client's queue is
-    /// full.
+    /// full. Sealing and topic checks are as for [`publish`](Client::publish).
     pub async fn publish_pipelined(
         &self,
         topic: &str,
         payload: impl Into<Bytes>,
     ) -> Result<PendingPubAck, ClientError> {
+        let sealed = self
+            .sealer
+            .publish(topic, payload.into(), PayloadFormat::NativeV1)?;
         let (reply, answer) = oneshot::channel();
-        let request = Request::Publish {
-            topic: topic.to_owned(),
-            payload: payload.into(),
-            format: PayloadFormat::NativeV1,
-            reply,
-        };
+        let request = Request::Publish { sealed, reply };
         self.requests
             .send(request)
             .await
@@ -361,14 +368,8 @@ impl Client {
         payload: impl Into<Bytes>,
         format: PayloadFormat,
     ) -> Result<PubAck, ClientError> {
-        let (topic, payload) = (topic.to_owned(), payload.into());
-        self.call(|reply| Request::Publish {
-            topic,
-            payload,
-            format,
-            reply,
-        })
-        .await
+        let sealed = self.sealer.publish(topic, payload.into(), format)?;
+        self.call(|reply| Request::Publish { sealed, reply }).await
     }
 
     /// Subscribes to a filter (`+` one level, `#` the rest) for as long as the client

@@ -4,6 +4,8 @@
 //! application (so redeliveries are acknowledged, not repeated).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -42,12 +44,83 @@ fn local_now() -> u64 {
 /// The live connection is a control channel (QUIC or WebSocket).
 type Live = Control;
 
-struct PendingPublish {
+/// What sealing and opening a message takes: the session's name, its keys and the
+/// broker's clock. The session task and every [`Client`](super::Client) handle share
+/// it, so a publish is sealed by the task that makes it: publishers seal in parallel,
+/// and sealing a large payload does not hold up the session task's other traffic.
+pub(super) struct Sealer {
+    session: SessionName,
+    keys: SealingKeys,
+    /// The broker's clock minus ours, in milliseconds, from the last `Welcome`.
+    clock_offset_ms: AtomicI64,
+}
+
+impl Sealer {
+    fn server_now(&self) -> u64 {
+        (local_now() as i64 + self.clock_offset_ms.load(Ordering::Relaxed)).max(0) as u64
+    }
+
+    /// A new publish: checked, given a fresh id, stamped with the broker's time, sealed.
+    pub(super) fn publish(
+        &self,
+        topic: &str,
+        plaintext: Bytes,
+        format: PayloadFormat,
+    ) -> Result<SealedPublish, ClientError> {
+        TopicName::parse(topic)?;
+        let id: [u8; 16] = rand::random();
+        let timestamp_ms = self.server_now();
+        let payload = self.seal(topic, &id, timestamp_ms, &plaintext, format)?;
+        Ok(SealedPublish {
+            id,
+            topic: topic.to_owned(),
+            plaintext,
+            format,
+            timestamp_ms,
+            payload,
+        })
+    }
+
+    fn seal(
+        &self,
+        topic: &str,
+        id: &[u8; 16],
+        timestamp_ms: u64,
+        plaintext: &[u8],
+        format: PayloadFormat,
+    ) -> Result<Bytes, ClientError> {
+        match format {
+            PayloadFormat::LegacyJson => {
+                let text = std::str::from_utf8(plaintext)
+                    .map_err(|_| ClientError::Crypto(super::crypto::CryptoError::NotUtf8))?;
+                Ok(Bytes::from(self.keys.seal_legacy(text)))
+            }
+            _ => {
+                let ctx = MessageContext {
+                    session: self.session.as_str(),
+                    topic,
+                    id,
+                    timestamp_ms,
+                };
+                Ok(Bytes::from(self.keys.seal_message(&ctx, plaintext)?))
+            }
+        }
+    }
+}
+
+/// A publish sealed by its caller, on its way to the session task.
+pub(super) struct SealedPublish {
+    id: [u8; 16],
     topic: String,
+    /// Kept to seal it again should it grow stale before the broker has it.
     plaintext: Bytes,
     format: PayloadFormat,
     timestamp_ms: u64,
     payload: Bytes,
+}
+
+struct PendingPublish {
+    sealed: SealedPublish,
     reply: oneshot::Sender<Result<PubAck, ClientError>>,
     /// Sent again after a reconnect, so `REPLAYED` means it was accepted before.
     resent: bool,
@@ -73,10 +146,8 @@ type SubscribeReply = Option<oneshot::Sender<Result<u64, ClientError>>>;
 
 struct State {
     config: ClientConfig,
-    session: SessionName,
-    keys: SealingKeys,
+    sealer: Arc<Sealer>,
     info: watch::Sender<SessionInfo>,
-    clock_offset_ms: i64,
     next_request_id: u64,
     next_sub_id: u64,
     subs: HashMap<u64, LocalSub>,
@@ -104,9 +175,15 @@ struct State {
     requests: mpsc::WeakSender<Request>,
 }
 
-pub(super) async fn start(
-    config: ClientConfig,
-) -> Result<(mpsc::Sender<Request>, watch::Receiver<SessionInfo>), ClientError> {
+/// What [`start`] hands the [`Client`](super::Client): its request queue, the
+/// session's details and the sealer.
+pub(super) type Started = (
+    mpsc::Sender<Request>,
+    watch::Receiver<SessionInfo>,
+    Arc<Sealer>,
+);
+
+pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> {
     let url = BrokerUrl::parse(&config.url)?;
     let session = SessionName::parse(&config.session)?;
     if let Some(id) = &config.client_id {
@@ -114,11 +191,14 @@ pub(super) async fn start(
     }
     let mut dialer = Dialer::new(url, config.ca.as_deref(), config.websocket_fallback)?;
     let (info, info_rx) = watch::channel(SessionInfo::default());
-    let mut state = State {
+    let sealer = Arc::new(Sealer {
         keys: SealingKeys::derive(&config.key),
         session,
+        clock_offset_ms: AtomicI64::new(0),
+    });
+    let mut state = State {
+        sealer: sealer.clone(),
         info,
-        clock_offset_ms: 0,
         next_request_id: 1,
         next_sub_id: 1,
         subs: HashMap::new(),
@@ -142,7 +222,7 @@ pub(super) async fn start(
     let clean = state.config.clean;
     let live = state.connect(&mut dialer, clean).await?;
     tokio::spawn(state.run(dialer, live, rx));
-    Ok((tx, info_rx))
+    Ok((tx, info_rx, sealer))
 }
 
 fn frame(kind: client_frame::Kind) -> ClientFrame {
@@ -157,10 +237,6 @@ fn refused(e: &proto::Error) -> ClientError {
 }
 
 impl State {
-    fn server_now(&self) -> u64 {
-        (local_now() as i64 + self.clock_offset_ms).max(0) as u64
-    }
-
     /// Dials, says `Hello` and waits for `Welcome`.
     async fn connect(&mut self, dialer: &mut Dialer, clean: bool) -> Result<Live, ClientError> {
         let Control {
@@ -170,7 +246,7 @@ impl State {
         writer
             .send(&frame(client_frame::Kind::Hello(proto::Hello {
                 protocol_version: crate::carrier::PROTOCOL_VERSION,
-                session: self.session.to_string(),
+                session: self.sealer.session.to_string(),
                 password: self.config.password.clone(),
                 client_id: self.config.client_id.clone().unwrap_or_default(),
                 clean,
@@ -184,7 +260,8 @@ impl State {
             })?;
         match first.kind {
             Some(server_frame::Kind::Welcome(w)) => {
-                self.clock_offset_ms = w.server_time_ms as i64 - local_now() as i64;
+                let offset = w.server_time_ms as i64 - local_now() as i64;
+                self.sealer.clock_offset_ms.store(offset, Ordering::Relaxed);
                 self.info.send_modify(|info| {
                     info.server_version = w.server_version;
                     info.retry_interval_ms = w.retry_interval_ms;
@@ -340,21 +417,21 @@ impl State {
                 .push(&subscribe_frame(request_id, &filter, options));
         }
         let window = self.info.borrow().replay_window_ms;
-        let now = self.server_now();
+        let now = self.sealer.server_now();
         let order: Vec<[u8; 16]> = self.publish_order.iter().copied().collect();
         for id in order {
             let Some(p) = self.publishes.get(&id) else {
                 continue;
             };
+            let p = &p.sealed;
             let stale = now.saturating_sub(p.timestamp_ms) > window / 2;
-            let (topic, plaintext, format) = (p.topic.clone(), p.plaintext.clone(), p.format);
             if stale {
                 // Re-stamped and re-sealed under the same id (design §4).
-                match self.seal(&topic, &id, now, &plaintext, format) {
+                match self.sealer.seal(&p.topic, &id, now, &p.plaintext, p.format) {
                     Ok(payload) => {
                         if let Some(p) = self.publishes.get_mut(&id) {
-                            p.payload = payload;
-                            p.timestamp_ms = now;
+                            p.sealed.payload = payload;
+                            p.sealed.timestamp_ms = now;
                         }
                     }
                     Err(e) => {
@@ -367,7 +444,7 @@ impl State {
             }
             if let Some(p) = self.publishes.get_mut(&id) {
                 p.resent = true;
-                live.writer.push(&publish_frame(&id, p));
+                live.writer.push(&publish_frame(&p.sealed));
             }
         }
         live.writer.flush().await
@@ -375,8 +452,8 @@ impl State {
 
     fn opener(&self) -> Opener {
         Opener {
-            session: self.session.clone(),
-            keys: self.keys.clone(),
+            session: self.sealer.session.clone(),
+            keys: self.sealer.keys.clone(),
             subs: self.file_subs.clone(),
             requests: self.requests.clone(),
         }
@@ -392,65 +469,18 @@ impl State {
         self.next_request_id
     }
 
-    fn seal(
-        &self,
-        topic: &str,
-        id: &[u8; 16],
-        timestamp_ms: u64,
-        plaintext: &[u8],
-        format: PayloadFormat,
-    ) -> Result<Bytes, ClientError> {
-        match format {
-            PayloadFormat::LegacyJson => {
-                let text = std::str::from_utf8(plaintext)
-                    .map_err(|_| ClientError::Crypto(super::crypto::CryptoError::NotUtf8))?;
-                Ok(Bytes::from(self.keys.seal_legacy(text)))
-            }
-            _ => {
-                let ctx = MessageContext {
-                    session: self.session.as_str(),
-                    topic,
-                    id,
-                    timestamp_ms,
-                };
-                Ok(Bytes::from(self.keys.seal_message(&ctx, plaintext)?))
-            }
-        }
-    }
-
     /// Handles an application request; frames go to `writer` when connected.
     fn on_request(&mut self, request: Request, writer: Option<&mut ControlWriter>) {
         match request {
-            Request::Publish {
-                topic,
-                payload,
-                format,
-                reply,
-            } => {
-                if let Err(e) = TopicName::parse(&topic) {
-                    let _ = reply.send(Err(e.into()));
-                    return;
-                }
-                let id: [u8; 16] = rand::random();
-                let timestamp_ms = self.server_now();
-                let sealed = match self.seal(&topic, &id, timestamp_ms, &payload, format) {
-                    Ok(sealed) => sealed,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return;
-                    }
-                };
+            Request::Publish { sealed, reply } => {
+                let id = sealed.id;
                 let pending = PendingPublish {
-                    topic,
-                    plaintext: payload,
-                    format,
-                    timestamp_ms,
-                    payload: sealed,
+                    sealed,
                     reply,
                     resent: false,
                 };
                 if let Some(w) = writer {
-                    w.push(&publish_frame(&id, &pending));
+                    w.push(&publish_frame(&pending.sealed));
                 }
                 self.publishes.insert(id, pending);
                 self.publish_order.push_back(id);
@@ -558,9 +588,9 @@ impl State {
             Request::BeginFile { reply } => {
                 let start = |sink| FileStart {
                     sink,
-                    session: self.session.clone(),
-                    keys: self.keys.clone(),
-                    timestamp_ms: self.server_now(),
+                    session: self.sealer.session.clone(),
+                    keys: self.sealer.keys.clone(),
+                    timestamp_ms: self.sealer.server_now(),
                 };
                 match writer.as_deref().map(ControlWriter::quic_connection) {
                     None => {
@@ -758,15 +788,18 @@ impl State {
         }
         let format = PayloadFormat::try_from(d.format).unwrap_or_default();
         let opened = match format {
-            PayloadFormat::LegacyJson => self.keys.open_legacy(&d.payload).map(Bytes::from),
+            PayloadFormat::LegacyJson => self.sealer.keys.open_legacy(&d.payload).map(Bytes::from),
             _ => {
                 let ctx = MessageContext {
-                    session: self.session.as_str(),
+                    session: self.sealer.session.as_str(),
                     topic: &d.topic,
                     id: &id,
                     timestamp_ms: d.timestamp_ms,
                 };
-                self.keys.open_message(&ctx, &d.payload).map(Bytes::from)
+                self.sealer
+                    .keys
+                    .open_message(&ctx, &d.payload)
+                    .map(Bytes::from)
             }
         };
         let payload = match opened {
@@ -922,9 +955,9 @@ fn subscribe_frame(
     }))
 }
 
-fn publish_frame(id: &[u8; 16], p: &PendingPublish) -> ClientFrame {
+fn publish_frame(p: &SealedPublish) -> ClientFrame {
     frame(client_frame::Kind::Publish(proto::Publish {
-        message_id: Bytes::copy_from_slice(id),
+        message_id: Bytes::copy_from_slice(&p.id),
         topic: p.topic.clone(),
         payload: p.payload.clone(),
         timestamp_ms: p.timestamp_ms,
