@@ -31,4 +31,15 @@ mod udp;
 #[allow(clippy::all, missing_docs)]
 pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/fastport.v1.rs"));
+
+    /// Field numbers (from `fastport.proto`) of the frames whose payload is written
+    /// as a chunk of its own (`carrier::framing::WriteQueue::push_split`).
+    pub mod field {
+        /// `ClientFrame.publish`.
+        pub const CLIENT_PUBLISH: u32 = 4;
+        /// `ServerFrame.deliver`.
+        pub const SERVER_DELIVER: u32 = 2;
+        /// `Publish.payload` and `Deliver.payload`.
+        pub const PAYLOAD: u32 = 3;
+    }
 }

@@ -99,6 +99,85 @@ pub fn encode_frame<M: Message>(message: &M, out: &mut BytesMut) {
     let _ = message.encode_length_delimited(out);
 }
 
+/// Payloads at least this long are written after their frame's head as chunks of their
+/// own, not copied into the write buffer (see [`WriteQueue::push_split`]).
+pub const SPLIT_PAYLOAD: usize = 16 * 1024;
+
+/// Frames queued for one stream write. Small frames are encoded into one buffer; a large
+/// payload stays the `Bytes` it already is (shared with the stored message and every
+/// other subscriber's queue) and goes out as a chunk of its own after its frame's head.
+#[derive(Debug, Default)]
+pub struct WriteQueue {
+    buf: BytesMut,
+    chunks: Vec<Bytes>,
+    /// Bytes in `chunks`.
+    chunked: usize,
+}
+
+impl WriteQueue {
+    /// Queues a frame, encoded into the buffer.
+    pub fn push<M: Message>(&mut self, frame: &M) {
+        encode_frame(frame, &mut self.buf);
+    }
+
+    /// Queues the frame whose oneof field `field` holds `hollow` with its bytes field
+    /// `payload_field` set to `payload`. `hollow` must leave that field empty: it is
+    /// written last, after the other fields (protobuf takes fields in any order), so
+    /// that the payload follows the head on the wire without being copied.
+    pub fn push_split<M: Message>(
+        &mut self,
+        field: u32,
+        hollow: &M,
+        payload_field: u32,
+        payload: Bytes,
+    ) {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+        let n = payload.len();
+        let inner =
+            hollow.encoded_len() + key_len(payload_field) + encoded_len_varint(n as u64) + n;
+        let frame = key_len(field) + encoded_len_varint(inner as u64) + inner;
+        let buf = &mut self.buf;
+        buf.reserve(encoded_len_varint(frame as u64) + frame - n);
+        encode_varint(frame as u64, buf);
+        encode_key(field, WireType::LengthDelimited, buf);
+        encode_varint(inner as u64, buf);
+        hollow.encode_raw(buf);
+        encode_key(payload_field, WireType::LengthDelimited, buf);
+        encode_varint(n as u64, buf);
+        let head = buf.split().freeze();
+        self.chunked += head.len() + n;
+        self.chunks.push(head);
+        self.chunks.push(payload);
+    }
+
+    /// Bytes queued.
+    pub fn len(&self) -> usize {
+        self.buf.len() + self.chunked
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Everything queued, in order, as the chunks of one write. Call
+    /// [`clear`](WriteQueue::clear) once they are written.
+    pub fn chunks(&mut self) -> &mut [Bytes] {
+        if !self.buf.is_empty() {
+            let rest = self.buf.split().freeze();
+            self.chunked += rest.len();
+            self.chunks.push(rest);
+        }
+        &mut self.chunks
+    }
+
+    /// Empties the queue, keeping its buffers' capacity for the next frames.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.chunks.clear();
+        self.chunked = 0;
+    }
+}
+
 /// Decodes one frame's bytes as a message of type `M`.
 pub fn decode<M: Message + Default>(bytes: Bytes) -> Result<M, FrameError> {
     Ok(M::decode(bytes)?)
@@ -188,6 +267,89 @@ mod tests {
         }
         assert_eq!(d.next_frame(), Ok(None));
         assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn split_frames_decode_as_the_whole_frame() {
+        use crate::proto::field;
+        let deliver = |payload: Bytes| Deliver {
+            message_id: vec![3; 16].into(),
+            topic: "a/b".into(),
+            payload,
+            timestamp_ms: 1_700_000_000_000,
+            format: PayloadFormat::NativeV1 as i32,
+            attempt: 3,
+        };
+        let ping = ServerFrame {
+            kind: Some(server_frame::Kind::Pong(crate::proto::Pong { nonce: 9 })),
+        };
+        let mut q = WriteQueue::default();
+        q.push(&ping);
+        // A large payload, an empty one, and one whose length needs a 3-byte varint.
+        let payloads: Vec<Bytes> = [70_000usize, 0, 20_000]
+            .iter()
+            .map(|n| (0..*n).map(|i| i as u8).collect::<Vec<u8>>().into())
+            .collect();
+        for p in &payloads {
+            q.push_split(
+                field::SERVER_DELIVER,
+                &deliver(Bytes::new()),
+                field::PAYLOAD,
+                p.clone(),
+            );
+        }
+        q.push(&ping);
+        let chunks = q.chunks().to_vec();
+        assert_eq!(q.len(), chunks.iter().map(Bytes::len).sum::<usize>());
+        q.clear();
+        assert!(q.is_empty() && q.chunks().is_empty());
+        assert!(
+            chunks.iter().any(|c| c.as_ptr() == payloads[0].as_ptr()),
+            "the payload is written from its own bytes, not a copy"
+        );
+
+        let mut d = FrameDecoder::new(1 << 20);
+        for c in &chunks {
+            d.extend(c);
+        }
+        let mut next = || -> ServerFrame {
+            decode(d.next_frame().expect("ok").expect("complete")).expect("decodes")
+        };
+        assert_eq!(next(), ping);
+        for p in &payloads {
+            let want = ServerFrame {
+                kind: Some(server_frame::Kind::Deliver(deliver(p.clone()))),
+            };
+            assert_eq!(next(), want);
+        }
+        assert_eq!(next(), ping);
+        assert_eq!(d.buffered(), 0);
+
+        let publish = |payload: Bytes| Publish {
+            message_id: vec![1; 16].into(),
+            topic: "a/b".into(),
+            payload,
+            timestamp_ms: 5,
+            format: PayloadFormat::LegacyJson as i32,
+        };
+        let payload = Bytes::from(vec![7u8; SPLIT_PAYLOAD]);
+        q.push_split(
+            field::CLIENT_PUBLISH,
+            &publish(Bytes::new()),
+            field::PAYLOAD,
+            payload.clone(),
+        );
+        for c in q.chunks() {
+            d.extend(c);
+        }
+        let back: ClientFrame =
+            decode(d.next_frame().expect("ok").expect("complete")).expect("decodes");
+        assert_eq!(
+            back,
+            ClientFrame {
+                kind: Some(client_frame::Kind::Publish(publish(payload)))
+            }
+        );
     }
 
     #[test]

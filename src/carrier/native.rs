@@ -2,10 +2,11 @@
 
 use bytes::Bytes;
 
-use crate::core::{Event, Reject};
-use crate::proto::{self, ServerFrame, server_frame::Kind};
+use crate::core::{Event, Message, Reject};
+use crate::proto::{self, ServerFrame, field, server_frame::Kind};
 
 use super::Outbound;
+use super::framing::{SPLIT_PAYLOAD, WriteQueue};
 
 /// The broker's version, reported in `Welcome`.
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -17,6 +18,35 @@ fn error_frame(reject: &Reject, request_id: u64, message_id: Option<&[u8; 16]>) 
         request_id,
         message_id: message_id.map_or_else(Bytes::new, |id| Bytes::copy_from_slice(id)),
     })
+}
+
+fn deliver(message: &Message, attempt: u32, payload: Bytes) -> proto::Deliver {
+    proto::Deliver {
+        message_id: Bytes::copy_from_slice(message.id.as_bytes()),
+        topic: message.topic.as_str().to_owned(),
+        payload,
+        timestamp_ms: message.timestamp_ms,
+        format: message.format as i32,
+        attempt,
+    }
+}
+
+/// Queues the native frame for one outbound item for a stream write. A large
+/// `Deliver`'s payload is not copied: its bytes follow the frame's head on the wire.
+pub fn queue_server_frame(out: &Outbound, queue: &mut WriteQueue) {
+    match out {
+        Outbound::Event(Event::Deliver { message, attempt })
+            if message.payload.len() >= SPLIT_PAYLOAD =>
+        {
+            queue.push_split(
+                field::SERVER_DELIVER,
+                &deliver(message, *attempt, Bytes::new()),
+                field::PAYLOAD,
+                message.payload.clone(),
+            );
+        }
+        _ => queue.push(&server_frame(out)),
+    }
 }
 
 /// The native frame for one outbound item.
@@ -33,14 +63,9 @@ pub fn server_frame(out: &Outbound) -> ServerFrame {
                 replay_window_ms: w.replay_window_ms,
                 server_time_ms: w.server_time_ms,
             }),
-            Event::Deliver { message, attempt } => Kind::Deliver(proto::Deliver {
-                message_id: Bytes::copy_from_slice(message.id.as_bytes()),
-                topic: message.topic.as_str().to_owned(),
-                payload: message.payload.clone(),
-                timestamp_ms: message.timestamp_ms,
-                format: message.format as i32,
-                attempt: *attempt,
-            }),
+            Event::Deliver { message, attempt } => {
+                Kind::Deliver(deliver(message, *attempt, message.payload.clone()))
+            }
             Event::PubAck { message_id, status } => Kind::PubAck(proto::PubAck {
                 message_id: Bytes::copy_from_slice(message_id.as_bytes()),
                 status: *status as i32,

@@ -11,7 +11,6 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -22,7 +21,7 @@ use crate::driver::DriverHandle;
 use crate::proto::{self, ClientFrame, ServerFrame, client_frame, server_frame};
 
 use super::files::{self, FILE_PORT_CAPACITY, FileItem, FileMeta, Upload};
-use super::framing::{self, FrameDecoder};
+use super::framing::{self, FrameDecoder, WriteQueue};
 use super::{Link, LinkContext, Outbound, Request, native};
 
 /// ALPN of the native protocol.
@@ -321,7 +320,7 @@ async fn pump(
     publish_slots: &Semaphore,
 ) -> Option<Reject> {
     // Grows to what a burst needs; an idle connection holds no write buffer.
-    let mut buf = BytesMut::new();
+    let mut queue = WriteQueue::default();
     while let Some(first) = rx.recv().await {
         let mut closing = None;
         let mut next = Some(first);
@@ -332,15 +331,16 @@ async fn pump(
             if let Outbound::Close(reject) = &item {
                 closing = Some(Reject::clone(reject));
             }
-            framing::encode_frame(&native::server_frame(&item), &mut buf);
-            if closing.is_some() || buf.len() >= WRITE_COALESCE {
+            native::queue_server_frame(&item, &mut queue);
+            if closing.is_some() || queue.len() >= WRITE_COALESCE {
                 break;
             }
             next = rx.try_recv().ok();
         }
-        if send.write_chunk(buf.split().freeze()).await.is_err() {
+        if send.write_all_chunks(queue.chunks()).await.is_err() {
             return None;
         }
+        queue.clear();
         if closing.is_some() {
             return closing;
         }

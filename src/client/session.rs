@@ -444,7 +444,7 @@ impl State {
             }
             if let Some(p) = self.publishes.get_mut(&id) {
                 p.resent = true;
-                live.writer.push(&publish_frame(&p.sealed));
+                live.writer.push_publish(publish_frame(&p.sealed));
             }
         }
         live.writer.flush().await
@@ -480,7 +480,7 @@ impl State {
                     resent: false,
                 };
                 if let Some(w) = writer {
-                    w.push(&publish_frame(&pending.sealed));
+                    w.push_publish(publish_frame(&pending.sealed));
                 }
                 self.publishes.insert(id, pending);
                 self.publish_order.push_back(id);
@@ -955,12 +955,12 @@ fn subscribe_frame(
     }))
 }
 
-fn publish_frame(p: &SealedPublish) -> ClientFrame {
-    frame(client_frame::Kind::Publish(proto::Publish {
+fn publish_frame(p: &SealedPublish) -> proto::Publish {
+    proto::Publish {
         message_id: Bytes::copy_from_slice(&p.id),
         topic: p.topic.clone(),
         payload: p.payload.clone(),
         timestamp_ms: p.timestamp_ms,
         format: p.format as i32,
-    }))
+    }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{FutureExt, SinkExt, StreamExt};
 use prost::Message as _;
@@ -19,8 +19,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-use crate::carrier::framing::{self, FrameDecoder};
-use crate::proto::{ClientFrame, ServerFrame};
+use crate::carrier::framing::{self, FrameDecoder, SPLIT_PAYLOAD, WriteQueue};
+use crate::proto::{self, ClientFrame, ServerFrame, client_frame, field};
 
 use super::ClientError;
 
@@ -309,7 +309,7 @@ pub enum ControlWriter {
     Quic {
         conn: Connection,
         send: SendStream,
-        buf: BytesMut,
+        queue: WriteQueue,
     },
     WebSocket {
         sink: SplitSink<Ws, WsMessage>,
@@ -321,10 +321,24 @@ impl ControlWriter {
     /// Queues a frame; nothing is sent until [`ControlWriter::flush`].
     pub fn push(&mut self, frame: &ClientFrame) {
         match self {
-            ControlWriter::Quic { buf, .. } => framing::encode_frame(frame, buf),
+            ControlWriter::Quic { queue, .. } => queue.push(frame),
             ControlWriter::WebSocket { queued, .. } => {
                 queued.push(Bytes::from(frame.encode_to_vec()))
             }
+        }
+    }
+
+    /// Queues a `Publish`. Over QUIC a large payload is written from its own bytes
+    /// after the frame's head, not copied into the write buffer.
+    pub fn push_publish(&mut self, mut publish: proto::Publish) {
+        match self {
+            ControlWriter::Quic { queue, .. } if publish.payload.len() >= SPLIT_PAYLOAD => {
+                let payload = std::mem::take(&mut publish.payload);
+                queue.push_split(field::CLIENT_PUBLISH, &publish, field::PAYLOAD, payload);
+            }
+            _ => self.push(&ClientFrame {
+                kind: Some(client_frame::Kind::Publish(publish)),
+            }),
         }
     }
 
@@ -332,11 +346,12 @@ impl ControlWriter {
     pub async fn flush(&mut self) -> Result<(), ClientError> {
         let broken = |e: &dyn std::fmt::Display| ClientError::Connect(e.to_string());
         match self {
-            ControlWriter::Quic { send, buf, .. } => {
-                if !buf.is_empty() {
-                    send.write_chunk(buf.split().freeze())
+            ControlWriter::Quic { send, queue, .. } => {
+                if !queue.is_empty() {
+                    send.write_all_chunks(queue.chunks())
                         .await
                         .map_err(|e| broken(&e))?;
+                    queue.clear();
                 }
             }
             ControlWriter::WebSocket { sink, queued } => {
@@ -396,7 +411,7 @@ impl Control {
             writer: ControlWriter::Quic {
                 conn,
                 send,
-                buf: BytesMut::new(),
+                queue: WriteQueue::default(),
             },
             frames: ControlReader::Quic {
                 recv,
