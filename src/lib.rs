@@ -33,7 +33,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/fastport.v1.rs"));
 
     /// Field numbers (from `fastport.proto`) of the frames whose payload is written
-    /// as a chunk of its own (`carrier::framing::WriteQueue::push_split`).
+    /// as a chunk of its own (`carrier::framing::WriteQueue::push_with_payload`).
     pub mod field {
         /// `ClientFrame.publish`.
         pub const CLIENT_PUBLISH: u32 = 4;

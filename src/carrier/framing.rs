@@ -100,8 +100,8 @@ pub fn encode_frame<M: Message>(message: &M, out: &mut BytesMut) {
 }
 
 /// Payloads at least this long are written after their frame's head as chunks of their
-/// own, not copied into the write buffer (see [`WriteQueue::push_split`]).
-pub const SPLIT_PAYLOAD: usize = 16 * 1024;
+/// own, not copied into the write buffer (see [`WriteQueue::push_with_payload`]).
+const SPLIT_PAYLOAD: usize = 16 * 1024;
 
 /// Frames queued for one stream write. Small frames are encoded into one buffer; a large
 /// payload stays the `Bytes` it already is (shared with the stored message and every
@@ -122,9 +122,10 @@ impl WriteQueue {
 
     /// Queues the frame whose oneof field `field` holds `hollow` with its bytes field
     /// `payload_field` set to `payload`. `hollow` must leave that field empty: it is
-    /// written last, after the other fields (protobuf takes fields in any order), so
-    /// that the payload follows the head on the wire without being copied.
-    pub fn push_split<M: Message>(
+    /// written last, after the other fields (protobuf takes fields in any order). A
+    /// payload of 16 KiB or more then follows the head as a chunk of its own, not
+    /// copied; a smaller one is copied into the buffer like any frame.
+    pub fn push_with_payload<M: Message>(
         &mut self,
         field: u32,
         hollow: &M,
@@ -137,13 +138,19 @@ impl WriteQueue {
             hollow.encoded_len() + key_len(payload_field) + encoded_len_varint(n as u64) + n;
         let frame = key_len(field) + encoded_len_varint(inner as u64) + inner;
         let buf = &mut self.buf;
-        buf.reserve(encoded_len_varint(frame as u64) + frame - n);
+        let split = n >= SPLIT_PAYLOAD;
+        let copied = if split { 0 } else { n };
+        buf.reserve(encoded_len_varint(frame as u64) + frame - n + copied);
         encode_varint(frame as u64, buf);
         encode_key(field, WireType::LengthDelimited, buf);
         encode_varint(inner as u64, buf);
         hollow.encode_raw(buf);
         encode_key(payload_field, WireType::LengthDelimited, buf);
         encode_varint(n as u64, buf);
+        if !split {
+            buf.extend_from_slice(&payload);
+            return;
+        }
         let head = buf.split().freeze();
         self.chunked += head.len() + n;
         self.chunks.push(head);
@@ -285,13 +292,14 @@ mod tests {
         };
         let mut q = WriteQueue::default();
         q.push(&ping);
-        // A large payload, an empty one, and one whose length needs a 3-byte varint.
-        let payloads: Vec<Bytes> = [70_000usize, 0, 20_000]
+        // A large payload, an empty one, a small one (copied), and one whose length
+        // needs a 3-byte varint.
+        let payloads: Vec<Bytes> = [70_000usize, 0, 100, 20_000]
             .iter()
             .map(|n| (0..*n).map(|i| i as u8).collect::<Vec<u8>>().into())
             .collect();
         for p in &payloads {
-            q.push_split(
+            q.push_with_payload(
                 field::SERVER_DELIVER,
                 &deliver(Bytes::new()),
                 field::PAYLOAD,
@@ -333,7 +341,7 @@ mod tests {
             format: PayloadFormat::LegacyJson as i32,
         };
         let payload = Bytes::from(vec![7u8; SPLIT_PAYLOAD]);
-        q.push_split(
+        q.push_with_payload(
             field::CLIENT_PUBLISH,
             &publish(Bytes::new()),
             field::PAYLOAD,

@@ -6,7 +6,7 @@ use crate::core::{Event, Message, Reject};
 use crate::proto::{self, ServerFrame, field, server_frame::Kind};
 
 use super::Outbound;
-use super::framing::{SPLIT_PAYLOAD, WriteQueue};
+use super::framing::WriteQueue;
 
 /// The broker's version, reported in `Welcome`.
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -35,10 +35,8 @@ fn deliver(message: &Message, attempt: u32, payload: Bytes) -> proto::Deliver {
 /// `Deliver`'s payload is not copied: its bytes follow the frame's head on the wire.
 pub fn queue_server_frame(out: &Outbound, queue: &mut WriteQueue) {
     match out {
-        Outbound::Event(Event::Deliver { message, attempt })
-            if message.payload.len() >= SPLIT_PAYLOAD =>
-        {
-            queue.push_split(
+        Outbound::Event(Event::Deliver { message, attempt }) => {
+            queue.push_with_payload(
                 field::SERVER_DELIVER,
                 &deliver(message, *attempt, Bytes::new()),
                 field::PAYLOAD,

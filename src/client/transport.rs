@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-use crate::carrier::framing::{self, FrameDecoder, SPLIT_PAYLOAD, WriteQueue};
+use crate::carrier::framing::{self, FrameDecoder, WriteQueue};
 use crate::proto::{self, ClientFrame, ServerFrame, client_frame, field};
 
 use super::ClientError;
@@ -332,11 +332,11 @@ impl ControlWriter {
     /// after the frame's head, not copied into the write buffer.
     pub fn push_publish(&mut self, mut publish: proto::Publish) {
         match self {
-            ControlWriter::Quic { queue, .. } if publish.payload.len() >= SPLIT_PAYLOAD => {
+            ControlWriter::Quic { queue, .. } => {
                 let payload = std::mem::take(&mut publish.payload);
-                queue.push_split(field::CLIENT_PUBLISH, &publish, field::PAYLOAD, payload);
+                queue.push_with_payload(field::CLIENT_PUBLISH, &publish, field::PAYLOAD, payload);
             }
-            _ => self.push(&ClientFrame {
+            ControlWriter::WebSocket { .. } => self.push(&ClientFrame {
                 kind: Some(client_frame::Kind::Publish(publish)),
             }),
         }
