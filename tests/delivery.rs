@@ -450,3 +450,57 @@ async fn a_subscriber_that_stops_reading_gets_everything_later_and_slows_no_one(
     }
     assert_eq!(firsts, N, "no message needed a retry");
 }
+
+/// The SDK holds acks for a moment to write several in one go; a lone delivery with
+/// nothing after it must still be acknowledged on its own, not only when the client
+/// next writes or closes. Killed without a chance to close, the subscriber's
+/// durable copy is gone after a restart only if its ack was written in time.
+#[tokio::test]
+async fn sdk_acknowledges_a_lone_delivery_without_further_traffic() {
+    let mut broker = Broker::start();
+    broker
+        .create_session("lone", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let config = broker
+        .client_config("lone", "secret-pass", &key)
+        .client_id("lone-reader");
+    let options = SubscribeOptions {
+        durable: true,
+        presence: false,
+        ..SubscribeOptions::default()
+    };
+    let reader = within("connect", Client::connect(config.clone()))
+        .await
+        .expect("connect");
+    let mut sub = reader
+        .subscribe_with("events", options)
+        .await
+        .expect("subscribe");
+    let publisher = broker.client("lone", "secret-pass", &key).await;
+    publisher
+        .publish("events", b"only one".to_vec())
+        .await
+        .expect("publish");
+    let got = within("the delivery", sub.next()).await.expect("message");
+    assert_eq!(&got.payload[..], b"only one");
+
+    // Far longer than the SDK holds an ack and the broker lingers before a commit.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.kill9();
+    drop((sub, reader, publisher));
+    broker.restart();
+
+    let reader = within("reconnect", Client::connect(config))
+        .await
+        .expect("connect");
+    let mut sub = reader
+        .subscribe_with("events", options)
+        .await
+        .expect("subscribe");
+    let again = tokio::time::timeout(Duration::from_millis(1_500), sub.next()).await;
+    assert!(
+        again.is_err(),
+        "delivered again after a restart: its ack was never written"
+    );
+}

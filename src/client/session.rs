@@ -32,6 +32,13 @@ const SEEN_CAPACITY: usize = 100_000;
 const ORPHAN_CAPACITY: usize = 10_000;
 /// Requests and frames handled per write at most.
 const BURST: usize = 64;
+/// How long acks may wait for company before they are written. A subscriber at a
+/// steady rate then acknowledges several bursts in one write, and the broker reads
+/// one datagram instead of one per burst. Far inside any retry interval.
+const ACK_DELAY: Duration = Duration::from_millis(2);
+/// Acks written at once however young they are, so that under load they keep pace
+/// with the broker's window of unacknowledged copies (512 by default).
+const ACK_BATCH: usize = 64;
 /// Time the broker has to answer `Hello`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -164,6 +171,9 @@ struct State {
     orphans: VecDeque<Message>,
     /// Acks for orphans handed over since the last write.
     ack_later: Vec<[u8; 16]>,
+    /// Acks queued in the writer and not yet written, and since when.
+    acks_held: usize,
+    acks_since: Option<Instant>,
     /// File subscriptions, shared with the tasks that receive files.
     file_subs: FileSubs,
     /// Multiplexed (WebSocket) uploads waiting for `FileAccepted`.
@@ -211,6 +221,8 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
         seen_order: VecDeque::new(),
         orphans: VecDeque::new(),
         ack_later: Vec::new(),
+        acks_held: 0,
+        acks_since: None,
         file_subs: FileSubs::default(),
         uploads: HashMap::new(),
         incoming: HashMap::new(),
@@ -340,14 +352,25 @@ impl State {
 
     /// Serves one live connection until it ends.
     async fn serve(&mut self, live: &mut Live, requests: &mut mpsc::Receiver<Request>) -> Outcome {
+        // Acks held for a connection that was lost went with it: the broker sends those
+        // messages again and they are acknowledged as duplicates.
+        self.acks_held = 0;
+        self.acks_since = None;
         loop {
+            // A request's frames are written at the end of this turn; acks alone may
+            // wait for later turns (see ACK_DELAY).
+            let mut urgent = false;
+            let ack_due = self.acks_since.map(|since| since + ACK_DELAY);
             tokio::select! {
                 request = requests.recv() => match request {
                     None | Some(Request::Close) => {
                         let _ = live.writer.flush().await;
                         return Outcome::Closed;
                     }
-                    Some(request) => self.on_request(request, Some(&mut live.writer)),
+                    Some(request) => {
+                        urgent = true;
+                        self.on_request(request, Some(&mut live.writer));
+                    }
                 },
                 frame = live.frames.recv() => match frame {
                     None => return Outcome::Lost,
@@ -357,6 +380,8 @@ impl State {
                         }
                     }
                 },
+                _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now)),
+                    if ack_due.is_some() => urgent = true,
             }
             // Take what is already waiting before writing, so a burst of publishes and
             // acks leaves in one write instead of one each.
@@ -368,6 +393,7 @@ impl State {
                         return Outcome::Closed;
                     }
                     Ok(request) => {
+                        urgent = true;
                         self.on_request(request, Some(&mut live.writer));
                         idle = false;
                     }
@@ -387,11 +413,28 @@ impl State {
                 live.writer.push(&frame(client_frame::Kind::Ack(proto::Ack {
                     message_id: Bytes::copy_from_slice(&id),
                 })));
+                self.held_ack();
             }
+            if !urgent && !self.acks_due() {
+                continue;
+            }
+            self.acks_held = 0;
+            self.acks_since = None;
             if live.writer.flush().await.is_err() {
                 return Outcome::Lost;
             }
         }
+    }
+
+    /// Counts an ack queued in the writer.
+    fn held_ack(&mut self) {
+        self.acks_held += 1;
+        self.acks_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Whether the acks held should be written now.
+    fn acks_due(&self) -> bool {
+        self.acks_held >= ACK_BATCH || self.acks_since.is_some_and(|t| t.elapsed() >= ACK_DELAY)
     }
 
     /// After a reconnect: subscriptions and unanswered publishes go out again.
@@ -784,6 +827,7 @@ impl State {
         }));
         if self.seen.contains(&id) {
             writer.push(&ack); // a redelivery of something already handed over
+            self.held_ack();
             return;
         }
         let format = PayloadFormat::try_from(d.format).unwrap_or_default();
@@ -810,6 +854,7 @@ impl State {
                 tracing::warn!(topic = %d.topic, error = %e, "dropping a message that failed verification");
                 self.remember(id);
                 writer.push(&ack);
+                self.held_ack();
                 return;
             }
         };
@@ -825,6 +870,7 @@ impl State {
             Ok(()) => {
                 self.remember(id);
                 writer.push(&ack);
+                self.held_ack();
             }
             // Not acknowledged yet: held until a subscription wants it.
             Err(message) if self.orphans.len() < ORPHAN_CAPACITY => {
