@@ -6,7 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Broker, Raw, error_code, now_ms, within};
-use fastport::client::{Client, PublishStatus, SessionKey, SubscribeOptions};
+use fastport::client::{
+    Client, ClientConfig, PublishStatus, SessionKey, SubscribeOptions, Subscription,
+};
 use fastport::proto::{self, ErrorCode, PayloadFormat, client_frame, server_frame};
 use serde_json::json;
 
@@ -42,6 +44,23 @@ async fn subscriber(broker: &Broker, session: &str, topic: &str) -> Raw {
         server_frame::Kind::Subscribed(_)
     ));
     raw
+}
+
+/// A client with `client_id` and its durable subscription to `events`.
+async fn durable_reader(config: &ClientConfig) -> (Client, Subscription) {
+    let reader = within("connect", Client::connect(config.clone()))
+        .await
+        .expect("connect");
+    let options = SubscribeOptions {
+        durable: true,
+        presence: false,
+        ..SubscribeOptions::default()
+    };
+    let sub = reader
+        .subscribe_with("events", options)
+        .await
+        .expect("subscribe");
+    (reader, sub)
 }
 
 /// Attempts seen on `raw` until `quiet` passes with nothing new.
@@ -202,18 +221,8 @@ async fn acknowledged_publishes_survive_kill_9() {
     let config = broker
         .client_config("crash", "secret-pass", &key)
         .client_id("survivor");
-    let options = SubscribeOptions {
-        durable: true,
-        presence: false,
-        ..SubscribeOptions::default()
-    };
-    let reader = within("connect", Client::connect(config.clone()))
-        .await
-        .expect("connect");
-    reader
-        .subscribe_with("events", options)
-        .await
-        .expect("subscribe");
+    let (reader, sub) = durable_reader(&config).await;
+    drop(sub);
     reader.close().await;
 
     // Publish a burst concurrently, keep every PubAck, and kill -9 right after.
@@ -234,13 +243,7 @@ async fn acknowledged_publishes_survive_kill_9() {
     drop(publisher);
     broker.restart();
 
-    let reader = within("reconnect", Client::connect(config))
-        .await
-        .expect("connect");
-    let mut sub = reader
-        .subscribe_with("events", options)
-        .await
-        .expect("subscribe");
+    let (_reader, mut sub) = durable_reader(&config).await;
     let mut got = Vec::new();
     while got.len() < acked.len() {
         let m = within("every acknowledged message", sub.next())
@@ -465,18 +468,7 @@ async fn sdk_acknowledges_a_lone_delivery_without_further_traffic() {
     let config = broker
         .client_config("lone", "secret-pass", &key)
         .client_id("lone-reader");
-    let options = SubscribeOptions {
-        durable: true,
-        presence: false,
-        ..SubscribeOptions::default()
-    };
-    let reader = within("connect", Client::connect(config.clone()))
-        .await
-        .expect("connect");
-    let mut sub = reader
-        .subscribe_with("events", options)
-        .await
-        .expect("subscribe");
+    let (reader, mut sub) = durable_reader(&config).await;
     let publisher = broker.client("lone", "secret-pass", &key).await;
     publisher
         .publish("events", b"only one".to_vec())
@@ -491,13 +483,7 @@ async fn sdk_acknowledges_a_lone_delivery_without_further_traffic() {
     drop((sub, reader, publisher));
     broker.restart();
 
-    let reader = within("reconnect", Client::connect(config))
-        .await
-        .expect("connect");
-    let mut sub = reader
-        .subscribe_with("events", options)
-        .await
-        .expect("subscribe");
+    let (_reader, mut sub) = durable_reader(&config).await;
     let again = tokio::time::timeout(Duration::from_millis(1_500), sub.next()).await;
     assert!(
         again.is_err(),

@@ -410,10 +410,7 @@ impl State {
                 }
             }
             for id in std::mem::take(&mut self.ack_later) {
-                live.writer.push(&frame(client_frame::Kind::Ack(proto::Ack {
-                    message_id: Bytes::copy_from_slice(&id),
-                })));
-                self.held_ack();
+                self.hold_ack(&mut live.writer, Bytes::copy_from_slice(&id));
             }
             if !urgent && !self.acks_due() {
                 continue;
@@ -426,8 +423,9 @@ impl State {
         }
     }
 
-    /// Counts an ack queued in the writer.
-    fn held_ack(&mut self) {
+    /// Queues an ack in the writer, to be written with the next write or when due.
+    fn hold_ack(&mut self, writer: &mut ControlWriter, message_id: Bytes) {
+        writer.push(&frame(client_frame::Kind::Ack(proto::Ack { message_id })));
         self.acks_held += 1;
         self.acks_since.get_or_insert_with(Instant::now);
     }
@@ -822,12 +820,9 @@ impl State {
             tracing::warn!("Deliver without a valid message_id");
             return;
         };
-        let ack = frame(client_frame::Kind::Ack(proto::Ack {
-            message_id: d.message_id.clone(),
-        }));
         if self.seen.contains(&id) {
-            writer.push(&ack); // a redelivery of something already handed over
-            self.held_ack();
+            // A redelivery of something already handed over.
+            self.hold_ack(writer, d.message_id);
             return;
         }
         let format = PayloadFormat::try_from(d.format).unwrap_or_default();
@@ -853,8 +848,7 @@ impl State {
                 // never handed over; acknowledged so it is not sent again.
                 tracing::warn!(topic = %d.topic, error = %e, "dropping a message that failed verification");
                 self.remember(id);
-                writer.push(&ack);
-                self.held_ack();
+                self.hold_ack(writer, d.message_id);
                 return;
             }
         };
@@ -869,8 +863,7 @@ impl State {
         match self.hand_over(message).await {
             Ok(()) => {
                 self.remember(id);
-                writer.push(&ack);
-                self.held_ack();
+                self.hold_ack(writer, d.message_id);
             }
             // Not acknowledged yet: held until a subscription wants it.
             Err(message) if self.orphans.len() < ORPHAN_CAPACITY => {
