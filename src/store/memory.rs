@@ -11,7 +11,7 @@ use crate::core::{
     StoreOp, StoredCopy, TopicFilter,
 };
 
-use super::{BacklogPage, PushToken, SessionRecord, Store, StoreError};
+use super::{BacklogPage, Purged, PushToken, SessionRecord, Store, StoreError};
 
 type ClientKey = (SessionName, ClientId);
 
@@ -308,8 +308,12 @@ impl Store for MemoryStore {
         Ok(self.state().backlog(request, now))
     }
 
-    async fn purge(&self, now: Millis) -> Result<u64, StoreError> {
-        Ok(self.state().purge(now))
+    async fn purge(&self, now: Millis, _limit: usize) -> Result<Purged, StoreError> {
+        // In memory a purge is one pass over the maps; steps would only repeat it.
+        Ok(Purged {
+            rows: self.state().purge(now),
+            more: false,
+        })
     }
 
     async fn put_push_token(&self, token: &PushToken) -> Result<(), StoreError> {

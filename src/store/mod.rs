@@ -44,6 +44,15 @@ pub enum StoreError {
 }
 
 /// A session as stored: its settings and its password's argon2id hash (PHC string).
+/// What one call of [`Store::purge`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Rows deleted.
+    pub rows: u64,
+    /// Expired rows are left that this call did not get to: call again.
+    pub more: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
     pub settings: SessionSettings,
@@ -107,8 +116,11 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<BacklogPage, StoreError>;
 
-    /// Deletes expired messages, copies and replay ids; returns how many rows went.
-    async fn purge(&self, now: Millis) -> Result<u64, StoreError>;
+    /// Deletes expired messages with their copies, and expired replay ids: up to
+    /// `limit` rows of each kind per call, so that a purge after a busy period can be
+    /// done in steps with commits in between. (A store for which a bound buys nothing,
+    /// the memory store, may delete everything at once.)
+    async fn purge(&self, now: Millis, limit: usize) -> Result<Purged, StoreError>;
 
     async fn put_push_token(&self, token: &PushToken) -> Result<(), StoreError>;
 

@@ -30,7 +30,7 @@ use crate::proto::PayloadFormat;
 use super::journal::{self, Entry, Journal};
 use super::oplog::{OpLog, Record};
 use super::plan::{Net, Step, SubscriberNet, plan};
-use super::{BacklogPage, PushToken, SessionRecord, Store, StoreError};
+use super::{BacklogPage, Purged, PushToken, SessionRecord, Store, StoreError};
 
 static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 
@@ -43,6 +43,9 @@ const ROWS_PER_STATEMENT: usize = 300;
 /// subscriptions) and most checkpoints find nothing to copy; a second keeps the WAL
 /// to what one fold wrote, and the sync of the file off the fold itself.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Rows of each kind per purge step at start-up, where no commit waits for it.
+const RESTORE_PURGE_STEP: usize = 100_000;
 
 /// A SQLite-backed [`Store`].
 #[derive(Debug)]
@@ -428,25 +431,46 @@ impl Writer {
         self.oplog.clear().await
     }
 
-    /// Folds, then deletes expired messages, copies and replay ids.
-    async fn purge(&mut self, now: Millis) -> Result<u64, StoreError> {
+    /// Folds, then deletes up to `limit` expired messages with their copies and up to
+    /// `limit` expired replay-log rows, in one transaction. Both are taken in index
+    /// order, (expires_at, rowid), so the copies' statement and the messages' pick the
+    /// same messages, and no step scans what an earlier one deleted.
+    async fn purge(&mut self, now: Millis, limit: usize) -> Result<Purged, StoreError> {
         self.fold().await?;
-        let now = now as i64;
+        let (now, limit) = (now as i64, limit as i64);
         let mut tx = self.conn.begin().await?;
-        let mut gone = 0;
-        for sql in [
-            "DELETE FROM copies WHERE seq IN (SELECT seq FROM messages WHERE expires_at <= ?1)",
-            "DELETE FROM messages WHERE expires_at <= ?1",
-            "DELETE FROM replay_log WHERE expires_at <= ?1",
-        ] {
-            gone += sqlx::query(sql)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
+        let run = |sql: &'static str| sqlx::query(sql).bind(now).bind(limit);
+        let copies = run("DELETE FROM copies WHERE seq IN (SELECT seq FROM messages \
+             WHERE expires_at <= ?1 ORDER BY expires_at, seq LIMIT ?2)")
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let messages = run(
+            "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages \
+             WHERE expires_at <= ?1 ORDER BY expires_at, seq LIMIT ?2)",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let replay = run(
+            "DELETE FROM replay_log WHERE id IN (SELECT id FROM replay_log \
+             WHERE expires_at <= ?1 ORDER BY expires_at, id LIMIT ?2)",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
-        Ok(gone)
+        let limit = limit as u64;
+        Ok(Purged {
+            rows: copies + messages + replay,
+            more: messages >= limit || replay >= limit,
+        })
+    }
+
+    /// Purges everything expired, step after step (at start-up, where nothing waits).
+    async fn purge_all(&mut self, now: Millis) -> Result<(), StoreError> {
+        while self.purge(now, RESTORE_PURGE_STEP).await?.more {}
+        Ok(())
     }
 }
 
@@ -677,7 +701,7 @@ impl Store for SqliteStore {
     async fn restore(&self, now: Millis) -> Result<Restore, StoreError> {
         {
             let mut writer = self.writer.lock().await;
-            writer.purge(now).await?;
+            writer.purge_all(now).await?;
             let mut tx = writer.conn.begin().await?;
             let seqs: Vec<i64> =
                 sqlx::query_scalar("DELETE FROM copies WHERE ephemeral RETURNING seq")
@@ -801,8 +825,8 @@ impl Store for SqliteStore {
         Ok((page, exhausted))
     }
 
-    async fn purge(&self, now: Millis) -> Result<u64, StoreError> {
-        self.writer.lock().await.purge(now).await
+    async fn purge(&self, now: Millis, limit: usize) -> Result<Purged, StoreError> {
+        self.writer.lock().await.purge(now, limit).await
     }
 
     async fn put_push_token(&self, token: &PushToken) -> Result<(), StoreError> {

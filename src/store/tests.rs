@@ -215,7 +215,7 @@ async fn suite(store: &dyn Store) {
         .await
         .expect("backlog");
     assert_eq!(rows.len(), 1, "seq 6 expires later, seq 20 already did");
-    assert!(store.purge(later).await.expect("purge") >= 2);
+    assert!(store.purge(later, 100).await.expect("purge").rows >= 2);
     assert!(
         store
             .restore(later)
@@ -249,7 +249,7 @@ async fn backlog_across_commits(store: &dyn Store) {
         .commit(&[StoreBatch { id: 1, ops }])
         .await
         .expect("commit");
-    store.purge(NOW).await.expect("purge"); // the SQLite store folds here
+    store.purge(NOW, 100).await.expect("purge"); // the SQLite store folds here
     let mut ops = vec![
         StoreOp::DeleteCopy {
             session: session(),
@@ -295,16 +295,101 @@ async fn backlog_across_commits(store: &dyn Store) {
     assert_eq!(seqs(store, "grace", 0, 10).await, (vec![106], true));
 }
 
+/// Expired messages, their copies and expired replay ids go, in steps of `limit` where
+/// the store takes steps (SQLite) and at once otherwise (memory); in the end exactly
+/// the expired ones are gone. Returns the number of steps.
+async fn purge_in_steps(store: &dyn Store) -> usize {
+    for seq in 201..=205 {
+        let mut ops = vec![StoreOp::PutMessage(message(seq, NOW + 10))];
+        for c in ["ivy", "jack"] {
+            ops.push(StoreOp::PutCopy {
+                session: session(),
+                client_id: client(c),
+                seq,
+                ephemeral: false,
+            });
+        }
+        ops.push(StoreOp::PutReplayId {
+            session: session(),
+            id: MessageId([seq as u8; 16]),
+            expires_at: NOW + 10,
+        });
+        store
+            .commit(&[StoreBatch { id: seq, ops }])
+            .await
+            .expect("commit");
+    }
+    let mut ops = put(210, "ivy", false);
+    ops.push(StoreOp::PutReplayId {
+        session: session(),
+        id: MessageId([210; 16]),
+        expires_at: NOW + 60_000,
+    });
+    store
+        .commit(&[StoreBatch { id: 210, ops }])
+        .await
+        .expect("commit");
+    let later = NOW + 20_000;
+    let mut steps = 0;
+    loop {
+        steps += 1;
+        assert!(steps <= 10, "a purge in steps must end");
+        if !store.purge(later, 2).await.expect("purge").more {
+            break;
+        }
+    }
+    // Read as of NOW, when 201..=205 had not expired: they are gone, not skipped.
+    assert_eq!(seqs(store, "ivy", 0, 10).await, (vec![210], true));
+    assert_eq!(seqs(store, "jack", 0, 10).await, (vec![], true));
+    assert_eq!(
+        store.restore(later).await.expect("restore").replay_ids,
+        vec![(session(), MessageId([210; 16]), NOW + 60_000)]
+    );
+    steps
+}
+
 #[tokio::test]
 async fn memory_store() {
     suite(&MemoryStore::default()).await;
     backlog_across_commits(&MemoryStore::default()).await;
+    assert_eq!(purge_in_steps(&MemoryStore::default()).await, 1);
 }
 
 #[tokio::test]
 async fn sqlite_store_in_memory() {
     suite(&SqliteStore::open_in_memory().await.expect("open")).await;
     backlog_across_commits(&SqliteStore::open_in_memory().await.expect("open")).await;
+    // Five expired messages and five expired replay-log rows, two of each per step.
+    let store = SqliteStore::open_in_memory().await.expect("open");
+    assert_eq!(purge_in_steps(&store).await, 3);
+}
+
+/// A purge in steps leaves no copy without its message, and no expired replay row.
+#[tokio::test]
+async fn sqlite_purge_in_steps_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fastport.db");
+    let store = SqliteStore::open(&path).await.expect("open");
+    purge_in_steps(&store).await;
+    store.close().await;
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect");
+    for (sql, expected) in [
+        ("SELECT count(*) FROM copies", 1),
+        (
+            "SELECT count(*) FROM copies WHERE seq NOT IN (SELECT seq FROM messages)",
+            0,
+        ),
+        ("SELECT count(*) FROM messages", 1),
+        ("SELECT count(*) FROM replay_log", 1),
+    ] {
+        let n: i64 = sqlx::query_scalar(sql)
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        assert_eq!(n, expected, "{sql}");
+    }
 }
 
 #[tokio::test]
@@ -399,7 +484,7 @@ async fn sqlite_records_folded_before_a_crash_are_not_applied_twice() {
             .expect("commit");
         let stale = std::fs::read(&oplog).expect("read op log");
         // Fold (purge folds first): the copy becomes a row.
-        store.purge(NOW).await.expect("purge");
+        store.purge(NOW, 100).await.expect("purge");
         let acked = StoreOp::DeleteCopy {
             session: session(),
             client_id: client("fay"),
@@ -412,7 +497,7 @@ async fn sqlite_records_folded_before_a_crash_are_not_applied_twice() {
             }])
             .await
             .expect("commit");
-        store.purge(NOW).await.expect("purge");
+        store.purge(NOW, 100).await.expect("purge");
         drop(store);
         stale
     };
