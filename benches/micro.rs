@@ -8,12 +8,14 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use fastport::carrier::framing::{self, FrameDecoder};
+use fastport::carrier::framing::{self, FrameDecoder, WriteQueue};
+use fastport::carrier::{Outbound, native};
 use fastport::client::SessionKey;
 use fastport::client::crypto::{MessageContext, SealingKeys};
 use fastport::core::{
-    ClientId, Command, ConnId, Core, CoreConfig, Hello, Message, MessageId, Publish, ReplayGuard,
-    SessionName, SessionSettings, StoreBatch, StoreOp, TopicFilter, TopicName, TopicTree,
+    ClientId, Command, ConnId, Core, CoreConfig, Event, Hello, Message, MessageId, Publish,
+    ReplayGuard, SessionName, SessionSettings, StoreBatch, StoreOp, TopicFilter, TopicName,
+    TopicTree,
 };
 use fastport::proto::{self, ClientFrame, PayloadFormat, ServerFrame, client_frame, server_frame};
 use fastport::store::Store;
@@ -43,6 +45,45 @@ fn framing_benches(c: &mut Criterion) {
             }
         })
     });
+    // What a connection's writer does with each delivery the core hands it.
+    let event = Outbound::Event(Event::Deliver {
+        message: Arc::new(Message {
+            session: SessionName::parse("bench").expect("valid"),
+            id: MessageId([7; 16]),
+            seq: 1,
+            topic: TopicName::parse("sensors/building-1/floor-2/temperature").expect("valid"),
+            payload: Bytes::from(vec![0u8; 128]),
+            timestamp_ms: T0,
+            format: PayloadFormat::NativeV1,
+            accepted_at: T0,
+            expires_at: T0 + 60_000,
+        }),
+        attempt: 1,
+    });
+    group.bench_function(
+        "Deliver 128 B from the core's event, via proto::Deliver",
+        |b| {
+            let mut out = BytesMut::with_capacity(1 << 16);
+            b.iter(|| {
+                framing::encode_frame(&native::server_frame(black_box(&event)), &mut out);
+                if out.len() > 60_000 {
+                    out.clear();
+                }
+            })
+        },
+    );
+    group.bench_function(
+        "Deliver 128 B from the core's event, as the writer does",
+        |b| {
+            let mut queue = WriteQueue::default();
+            b.iter(|| {
+                native::queue_server_frame(black_box(&event), &mut queue);
+                if queue.len() > 60_000 {
+                    queue.clear();
+                }
+            })
+        },
+    );
     let publish = ClientFrame {
         kind: Some(client_frame::Kind::Publish(proto::Publish {
             message_id: Bytes::from_static(&[9; 16]),

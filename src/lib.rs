@@ -39,6 +39,8 @@ pub mod proto {
         pub const CLIENT_PUBLISH: u32 = 4;
         /// `ServerFrame.deliver`.
         pub const SERVER_DELIVER: u32 = 2;
+        /// `ServerFrame.pub_ack`.
+        pub const SERVER_PUB_ACK: u32 = 3;
         /// `Publish.payload` and `Deliver.payload`.
         pub const PAYLOAD: u32 = 3;
     }

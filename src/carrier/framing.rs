@@ -103,6 +103,44 @@ pub fn encode_frame<M: Message>(message: &M, out: &mut BytesMut) {
 /// own, not copied into the write buffer (see [`WriteQueue::push_with_payload`]).
 const SPLIT_PAYLOAD: usize = 16 * 1024;
 
+/// What a frame's oneof field holds, as [`WriteQueue`] writes it: any prost message,
+/// or a head written straight from borrowed fields (see `carrier::native`), which
+/// must write what prost would write for the message it stands for.
+pub trait FrameHead {
+    fn encoded_len(&self) -> usize;
+    fn encode_raw(&self, buf: &mut BytesMut);
+}
+
+impl<M: Message> FrameHead for M {
+    fn encoded_len(&self) -> usize {
+        Message::encoded_len(self)
+    }
+
+    fn encode_raw(&self, buf: &mut BytesMut) {
+        Message::encode_raw(self, buf)
+    }
+}
+
+/// Length of a `bytes` or `string` field as prost writes it (nothing if empty).
+pub fn bytes_field_len(tag: u32, value: &[u8]) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    if value.is_empty() {
+        return 0;
+    }
+    key_len(tag) + encoded_len_varint(value.len() as u64) + value.len()
+}
+
+/// Writes a `bytes` or `string` field as prost does (nothing if empty).
+pub fn put_bytes_field(tag: u32, value: &[u8], buf: &mut BytesMut) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    if value.is_empty() {
+        return;
+    }
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(value.len() as u64, buf);
+    buf.extend_from_slice(value);
+}
+
 /// Frames queued for one stream write. Small frames are encoded into one buffer; a large
 /// payload stays the `Bytes` it already is (shared with the stored message and every
 /// other subscriber's queue) and goes out as a chunk of its own after its frame's head.
@@ -120,20 +158,37 @@ impl WriteQueue {
         encode_frame(frame, &mut self.buf);
     }
 
+    /// Queues the frame whose oneof field `field` holds `head`.
+    pub fn push_head(&mut self, field: u32, head: &impl FrameHead) {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+        let inner = head.encoded_len();
+        let frame = key_len(field) + encoded_len_varint(inner as u64) + inner;
+        let buf = &mut self.buf;
+        buf.reserve(encoded_len_varint(frame as u64) + frame);
+        encode_varint(frame as u64, buf);
+        encode_key(field, WireType::LengthDelimited, buf);
+        encode_varint(inner as u64, buf);
+        head.encode_raw(buf);
+    }
+
     /// Queues the frame whose oneof field `field` holds `hollow` with its bytes field
     /// `payload_field` set to `payload`. `hollow` must leave that field empty: it is
     /// written last, after the other fields (protobuf takes fields in any order). A
     /// payload of 16 KiB or more then follows the head as a chunk of its own, not
     /// copied; a smaller one is copied into the buffer like any frame.
-    pub fn push_with_payload<M: Message>(
+    pub fn push_with_payload(
         &mut self,
         field: u32,
-        hollow: &M,
+        hollow: &impl FrameHead,
         payload_field: u32,
         payload: Bytes,
     ) {
         use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
         let n = payload.len();
+        if n == 0 {
+            // As prost writes it: an empty field is left out.
+            return self.push_head(field, hollow);
+        }
         let inner =
             hollow.encoded_len() + key_len(payload_field) + encoded_len_varint(n as u64) + n;
         let frame = key_len(field) + encoded_len_varint(inner as u64) + inner;

@@ -1,12 +1,12 @@
 //! Core events → native `ServerFrame`s (shared by QUIC, WebTransport and `/v1/ws`).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::core::{Event, Message, Reject};
 use crate::proto::{self, ServerFrame, field, server_frame::Kind};
 
 use super::Outbound;
-use super::framing::WriteQueue;
+use super::framing::{FrameHead, WriteQueue, bytes_field_len, put_bytes_field};
 
 /// The broker's version, reported in `Welcome`.
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -31,19 +31,102 @@ fn deliver(message: &Message, attempt: u32, payload: Bytes) -> proto::Deliver {
     }
 }
 
-/// Queues the native frame for one outbound item for a stream write. A large
-/// `Deliver`'s payload is not copied: its bytes follow the frame's head on the wire.
+/// Queues the native frame for one outbound item for a stream write. `Deliver` and
+/// `PubAck`, one or more per message, are written from the core's event without an
+/// owned `proto` struct in between (see [`DeliverHead`]); a large `Deliver`'s payload
+/// is not copied either: its bytes follow the frame's head on the wire.
 pub fn queue_server_frame(out: &Outbound, queue: &mut WriteQueue) {
     match out {
         Outbound::Event(Event::Deliver { message, attempt }) => {
+            let head = DeliverHead {
+                message,
+                attempt: *attempt,
+            };
             queue.push_with_payload(
                 field::SERVER_DELIVER,
-                &deliver(message, *attempt, Bytes::new()),
+                &head,
                 field::PAYLOAD,
                 message.payload.clone(),
             );
         }
+        Outbound::Event(Event::PubAck { message_id, status }) => {
+            let head = PubAckHead {
+                message_id: message_id.as_bytes(),
+                status: *status as i32,
+            };
+            queue.push_head(field::SERVER_PUB_ACK, &head);
+        }
         _ => queue.push(&server_frame(out)),
+    }
+}
+
+/// A `Deliver` without its payload, its fields borrowed from the core's message. The
+/// owned `proto::Deliver` costs three allocations per delivery: the id's `Bytes`, the
+/// topic's `String`, and the copy prost makes of a `Bytes` field as it writes it. The
+/// bytes written are prost's (fields in tag order, defaults left out); a test holds
+/// them to it.
+struct DeliverHead<'a> {
+    message: &'a Message,
+    attempt: u32,
+}
+
+impl FrameHead for DeliverHead<'_> {
+    fn encoded_len(&self) -> usize {
+        use prost::encoding::{int32, uint32, uint64};
+        let m = self.message;
+        let format = m.format as i32;
+        let mut len =
+            bytes_field_len(1, m.id.as_bytes()) + bytes_field_len(2, m.topic.as_str().as_bytes());
+        if m.timestamp_ms != 0 {
+            len += uint64::encoded_len(4, &m.timestamp_ms);
+        }
+        if format != 0 {
+            len += int32::encoded_len(5, &format);
+        }
+        if self.attempt != 0 {
+            len += uint32::encoded_len(6, &self.attempt);
+        }
+        len
+    }
+
+    fn encode_raw(&self, buf: &mut BytesMut) {
+        use prost::encoding::{int32, uint32, uint64};
+        let m = self.message;
+        put_bytes_field(1, m.id.as_bytes(), buf);
+        put_bytes_field(2, m.topic.as_str().as_bytes(), buf);
+        if m.timestamp_ms != 0 {
+            uint64::encode(4, &m.timestamp_ms, buf);
+        }
+        let format = m.format as i32;
+        if format != 0 {
+            int32::encode(5, &format, buf);
+        }
+        if self.attempt != 0 {
+            uint32::encode(6, &self.attempt, buf);
+        }
+    }
+}
+
+/// A `PubAck`, borrowed like [`DeliverHead`].
+struct PubAckHead<'a> {
+    message_id: &'a [u8],
+    status: i32,
+}
+
+impl FrameHead for PubAckHead<'_> {
+    fn encoded_len(&self) -> usize {
+        let mut len = bytes_field_len(1, self.message_id);
+        if self.status != 0 {
+            len += prost::encoding::int32::encoded_len(2, &self.status);
+        }
+        len
+    }
+
+    fn encode_raw(&self, buf: &mut BytesMut) {
+        put_bytes_field(1, self.message_id, buf);
+        if self.status != 0 {
+            prost::encoding::int32::encode(2, &self.status, buf);
+        }
     }
 }
 
@@ -107,4 +190,85 @@ pub fn server_frame(out: &Outbound) -> ServerFrame {
         Outbound::Close(reject) => error_frame(reject, 0, None),
     };
     ServerFrame { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use prost::Message as _;
+
+    use crate::carrier::framing::encode_frame;
+    use crate::core::{MessageId, SessionName, TopicName};
+    use crate::proto::{PayloadFormat, PubAckStatus};
+
+    /// What `queue_server_frame` writes for `out`, and what prost writes for the
+    /// owned frame.
+    fn written(out: &Outbound) -> (Vec<u8>, Vec<u8>) {
+        let mut queue = WriteQueue::default();
+        queue_server_frame(out, &mut queue);
+        let ours = queue.chunks().iter().flat_map(|c| c.to_vec()).collect();
+        let mut prost = BytesMut::new();
+        encode_frame(&server_frame(out), &mut prost);
+        (ours, prost.to_vec())
+    }
+
+    /// Written from borrowed fields, a `Deliver` decodes to the frame prost would
+    /// have written, as long (its payload comes last rather than in tag order; see
+    /// `WriteQueue::push_with_payload`), and a `PubAck` is byte for byte prost's:
+    /// defaults left out, large varints, payloads copied or chunked.
+    #[test]
+    fn borrowed_heads_write_what_prost_writes() {
+        let cases = [
+            (0, PayloadFormat::Unspecified, 0, 0, "t"),
+            (1_700_000_000_000, PayloadFormat::NativeV1, 1, 128, "a/b/c"),
+            (
+                u64::MAX,
+                PayloadFormat::LegacyJson,
+                u32::MAX,
+                20 * 1024,
+                "long/topic/name",
+            ),
+        ];
+        for (timestamp_ms, format, attempt, size, topic) in cases {
+            let message = Message {
+                session: SessionName::parse("s").expect("valid"),
+                id: MessageId([0xA5; 16]),
+                seq: 7,
+                topic: TopicName::parse(topic).expect("valid"),
+                payload: Bytes::from(vec![3u8; size]),
+                timestamp_ms,
+                format,
+                accepted_at: 1,
+                expires_at: 2,
+            };
+            let out = Outbound::Event(Event::Deliver {
+                message: Arc::new(message),
+                attempt,
+            });
+            let (ours, prost) = written(&out);
+            assert_eq!(ours.len(), prost.len());
+            let decoded = ServerFrame::decode_length_delimited(&ours[..]).expect("decodes");
+            assert_eq!(
+                decoded,
+                server_frame(&out),
+                "Deliver {timestamp_ms} {format:?} {attempt} {size}"
+            );
+        }
+        for status in [
+            PubAckStatus::Unspecified,
+            PubAckStatus::Stored,
+            PubAckStatus::Accepted,
+            PubAckStatus::Delivered,
+            PubAckStatus::NoSubscribers,
+        ] {
+            let out = Outbound::Event(Event::PubAck {
+                message_id: MessageId([9; 16]),
+                status,
+            });
+            let (ours, prost) = written(&out);
+            assert_eq!(ours, prost, "PubAck {status:?}");
+        }
+    }
 }
