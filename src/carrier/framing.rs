@@ -181,7 +181,7 @@ impl WriteQueue {
         field: u32,
         hollow: &impl FrameHead,
         payload_field: u32,
-        payload: Bytes,
+        payload: &Bytes,
     ) {
         use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
         let n = payload.len();
@@ -203,13 +203,13 @@ impl WriteQueue {
         encode_key(payload_field, WireType::LengthDelimited, buf);
         encode_varint(n as u64, buf);
         if !split {
-            buf.extend_from_slice(&payload);
+            buf.extend_from_slice(payload);
             return;
         }
         let head = buf.split().freeze();
         self.chunked += head.len() + n;
         self.chunks.push(head);
-        self.chunks.push(payload);
+        self.chunks.push(payload.clone());
     }
 
     /// Bytes queued.
@@ -358,7 +358,7 @@ mod tests {
                 field::SERVER_DELIVER,
                 &deliver(Bytes::new()),
                 field::PAYLOAD,
-                p.clone(),
+                p,
             );
         }
         q.push(&ping);
@@ -400,7 +400,7 @@ mod tests {
             field::CLIENT_PUBLISH,
             &publish(Bytes::new()),
             field::PAYLOAD,
-            payload.clone(),
+            &payload,
         );
         for c in q.chunks() {
             d.extend(c);

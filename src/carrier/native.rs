@@ -46,7 +46,7 @@ pub fn queue_server_frame(out: &Outbound, queue: &mut WriteQueue) {
                 field::SERVER_DELIVER,
                 &head,
                 field::PAYLOAD,
-                message.payload.clone(),
+                &message.payload,
             );
         }
         Outbound::Event(Event::PubAck { message_id, status }) => {

@@ -19,7 +19,7 @@ use crate::proto::{
 
 use super::crypto::{MessageContext, SealingKeys};
 use super::files::{self, FilePart, FileStart, FileSubs, Opener};
-use super::transport::{BrokerUrl, Control, ControlWriter, Dialer};
+use super::transport::{BrokerUrl, Control, ControlWriter, Dialer, PublishFields};
 use super::{
     ClientConfig, ClientError, Message, PubAck, PublishStatus, Request, SessionInfo,
     SubscribeOptions,
@@ -485,7 +485,7 @@ impl State {
             }
             if let Some(p) = self.publishes.get_mut(&id) {
                 p.resent = true;
-                live.writer.push_publish(publish_frame(&p.sealed));
+                live.writer.push_publish(&publish_frame(&p.sealed));
             }
         }
         live.writer.flush().await
@@ -521,7 +521,7 @@ impl State {
                     resent: false,
                 };
                 if let Some(w) = writer {
-                    w.push_publish(publish_frame(&pending.sealed));
+                    w.push_publish(&publish_frame(&pending.sealed));
                 }
                 self.publishes.insert(id, pending);
                 self.publish_order.push_back(id);
@@ -994,12 +994,12 @@ fn subscribe_frame(
     }))
 }
 
-fn publish_frame(p: &SealedPublish) -> proto::Publish {
-    proto::Publish {
-        message_id: Bytes::copy_from_slice(&p.id),
-        topic: p.topic.clone(),
-        payload: p.payload.clone(),
+fn publish_frame(p: &SealedPublish) -> PublishFields<'_> {
+    PublishFields {
+        message_id: &p.id,
+        topic: &p.topic,
+        payload: &p.payload,
         timestamp_ms: p.timestamp_ms,
-        format: p.format as i32,
+        format: p.format,
     }
 }

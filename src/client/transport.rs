@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{FutureExt, SinkExt, StreamExt};
 use prost::Message as _;
@@ -19,8 +19,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-use crate::carrier::framing::{self, FrameDecoder, WriteQueue};
-use crate::proto::{self, ClientFrame, ServerFrame, client_frame, field};
+use crate::carrier::framing::{
+    self, FrameDecoder, FrameHead, WriteQueue, bytes_field_len, put_bytes_field,
+};
+use crate::proto::{self, ClientFrame, PayloadFormat, ServerFrame, client_frame, field};
 
 use super::ClientError;
 
@@ -309,6 +311,45 @@ impl Dialer {
     }
 }
 
+/// A `Publish`, its fields borrowed from the SDK's sealed message; written as prost
+/// writes a `proto::Publish` without its payload, which [`WriteQueue`] adds.
+pub struct PublishFields<'a> {
+    pub message_id: &'a [u8; 16],
+    pub topic: &'a str,
+    pub payload: &'a Bytes,
+    pub timestamp_ms: u64,
+    pub format: PayloadFormat,
+}
+
+impl FrameHead for PublishFields<'_> {
+    fn encoded_len(&self) -> usize {
+        use prost::encoding::{int32, uint64};
+        let format = self.format as i32;
+        let mut len =
+            bytes_field_len(1, self.message_id) + bytes_field_len(2, self.topic.as_bytes());
+        if self.timestamp_ms != 0 {
+            len += uint64::encoded_len(4, &self.timestamp_ms);
+        }
+        if format != 0 {
+            len += int32::encoded_len(5, &format);
+        }
+        len
+    }
+
+    fn encode_raw(&self, buf: &mut BytesMut) {
+        use prost::encoding::{int32, uint64};
+        put_bytes_field(1, self.message_id, buf);
+        put_bytes_field(2, self.topic.as_bytes(), buf);
+        if self.timestamp_ms != 0 {
+            uint64::encode(4, &self.timestamp_ms, buf);
+        }
+        let format = self.format as i32;
+        if format != 0 {
+            int32::encode(5, &format, buf);
+        }
+    }
+}
+
 /// The write half of a control channel.
 pub enum ControlWriter {
     Quic {
@@ -333,16 +374,26 @@ impl ControlWriter {
         }
     }
 
-    /// Queues a `Publish`. Over QUIC a large payload is written from its own bytes
-    /// after the frame's head, not copied into the write buffer.
-    pub fn push_publish(&mut self, mut publish: proto::Publish) {
+    /// Queues a `Publish`. Over QUIC it is written from `publish`'s borrowed fields
+    /// (no owned `proto::Publish`: its id, topic and payload would each be another
+    /// allocation per message), and a large payload from its own bytes after the
+    /// frame's head, not copied into the write buffer.
+    pub fn push_publish(&mut self, publish: &PublishFields<'_>) {
         match self {
-            ControlWriter::Quic { queue, .. } => {
-                let payload = std::mem::take(&mut publish.payload);
-                queue.push_with_payload(field::CLIENT_PUBLISH, &publish, field::PAYLOAD, payload);
-            }
+            ControlWriter::Quic { queue, .. } => queue.push_with_payload(
+                field::CLIENT_PUBLISH,
+                publish,
+                field::PAYLOAD,
+                publish.payload,
+            ),
             ControlWriter::WebSocket { .. } => self.push(&ClientFrame {
-                kind: Some(client_frame::Kind::Publish(publish)),
+                kind: Some(client_frame::Kind::Publish(proto::Publish {
+                    message_id: Bytes::copy_from_slice(publish.message_id),
+                    topic: publish.topic.to_owned(),
+                    payload: publish.payload.clone(),
+                    timestamp_ms: publish.timestamp_ms,
+                    format: publish.format as i32,
+                })),
             }),
         }
     }
@@ -519,6 +570,48 @@ impl ControlReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `Publish` written from borrowed fields decodes to the owned frame, for
+    /// payloads copied, chunked or empty and fields left at their defaults.
+    #[test]
+    fn a_publish_from_borrowed_fields_decodes_to_the_owned_frame() {
+        let cases = [
+            (0usize, 0u64, PayloadFormat::Unspecified),
+            (128, 1_700_000_000_000, PayloadFormat::NativeV1),
+            (20 * 1024, u64::MAX, PayloadFormat::LegacyJson),
+        ];
+        for (size, timestamp_ms, format) in cases {
+            let payload = Bytes::from(vec![5u8; size]);
+            let fields = PublishFields {
+                message_id: &[0x5A; 16],
+                topic: "a/b/c",
+                payload: &payload,
+                timestamp_ms,
+                format,
+            };
+            let mut queue = WriteQueue::default();
+            queue.push_with_payload(field::CLIENT_PUBLISH, &fields, field::PAYLOAD, &payload);
+            let mut decoder = FrameDecoder::new(1 << 20);
+            for chunk in queue.chunks() {
+                decoder.extend(chunk);
+            }
+            let bytes = decoder.next_frame().expect("ok").expect("complete");
+            let frame: ClientFrame = framing::decode(bytes).expect("decodes");
+            let owned = proto::Publish {
+                message_id: Bytes::from_static(&[0x5A; 16]),
+                topic: "a/b/c".into(),
+                payload: payload.clone(),
+                timestamp_ms,
+                format: format as i32,
+            };
+            assert_eq!(
+                frame.kind,
+                Some(client_frame::Kind::Publish(owned)),
+                "{size} {timestamp_ms} {format:?}"
+            );
+            assert_eq!(decoder.buffered(), 0);
+        }
+    }
 
     #[test]
     fn urls() {
