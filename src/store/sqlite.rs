@@ -439,26 +439,23 @@ impl Writer {
         self.fold().await?;
         let (now, limit) = (now as i64, limit as i64);
         let mut tx = self.conn.begin().await?;
-        let run = |sql: &'static str| sqlx::query(sql).bind(now).bind(limit);
-        let copies = run("DELETE FROM copies WHERE seq IN (SELECT seq FROM messages \
-             WHERE expires_at <= ?1 ORDER BY expires_at, seq LIMIT ?2)")
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let messages = run(
+        let mut deleted = [0u64; 3];
+        for (rows, sql) in deleted.iter_mut().zip([
+            "DELETE FROM copies WHERE seq IN (SELECT seq FROM messages \
+             WHERE expires_at <= ?1 ORDER BY expires_at, seq LIMIT ?2)",
             "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages \
              WHERE expires_at <= ?1 ORDER BY expires_at, seq LIMIT ?2)",
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let replay = run(
             "DELETE FROM replay_log WHERE id IN (SELECT id FROM replay_log \
              WHERE expires_at <= ?1 ORDER BY expires_at, id LIMIT ?2)",
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        ]) {
+            *rows = sqlx::query(sql)
+                .bind(now)
+                .bind(limit)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        let [copies, messages, replay] = deleted;
         tx.commit().await?;
         let limit = limit as u64;
         Ok(Purged {

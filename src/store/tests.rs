@@ -49,6 +49,22 @@ fn put(seq: u64, client_id: &str, ephemeral: bool) -> Vec<StoreOp> {
     ]
 }
 
+/// Remember id `[byte; 16]` of the test session until `expires_at`.
+fn replay_id(byte: u8, expires_at: u64) -> StoreOp {
+    StoreOp::PutReplayId {
+        session: session(),
+        id: MessageId([byte; 16]),
+        expires_at,
+    }
+}
+
+/// A second connection to the SQLite file at `path`, to look under the store.
+async fn raw_pool(path: &std::path::Path) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect")
+}
+
 fn request(client_id: &str, after_seq: u64, limit: usize) -> BacklogRequest {
     BacklogRequest {
         session: session(),
@@ -94,11 +110,7 @@ async fn suite(store: &dyn Store) {
         ops.extend(put(seq, "alice", false));
     }
     ops.extend(put(6, "bob", false));
-    ops.push(StoreOp::PutReplayId {
-        session: session(),
-        id: MessageId([9; 16]),
-        expires_at: NOW + 30_000,
-    });
+    ops.push(replay_id(9, NOW + 30_000));
     ops.push(StoreOp::PutSubscription {
         session: session(),
         client_id: client("alice"),
@@ -309,22 +321,14 @@ async fn purge_in_steps(store: &dyn Store) -> usize {
                 ephemeral: false,
             });
         }
-        ops.push(StoreOp::PutReplayId {
-            session: session(),
-            id: MessageId([seq as u8; 16]),
-            expires_at: NOW + 10,
-        });
+        ops.push(replay_id(seq as u8, NOW + 10));
         store
             .commit(&[StoreBatch { id: seq, ops }])
             .await
             .expect("commit");
     }
     let mut ops = put(210, "ivy", false);
-    ops.push(StoreOp::PutReplayId {
-        session: session(),
-        id: MessageId([210; 16]),
-        expires_at: NOW + 60_000,
-    });
+    ops.push(replay_id(210, NOW + 60_000));
     store
         .commit(&[StoreBatch { id: 210, ops }])
         .await
@@ -372,9 +376,7 @@ async fn sqlite_purge_in_steps_leaves_nothing_behind() {
     let store = SqliteStore::open(&path).await.expect("open");
     purge_in_steps(&store).await;
     store.close().await;
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .expect("connect");
+    let pool = raw_pool(&path).await;
     for (sql, expected) in [
         ("SELECT count(*) FROM copies", 1),
         (
@@ -422,11 +424,7 @@ async fn sqlite_op_log_survives_a_crash_between_folds() {
         let mut ops = put(1, "erin", false);
         ops.extend(put(2, "erin", false));
         ops.extend(put(3, "erin", false));
-        ops.push(StoreOp::PutReplayId {
-            session: session(),
-            id: MessageId([7; 16]),
-            expires_at: NOW + 30_000,
-        });
+        ops.push(replay_id(7, NOW + 30_000));
         store
             .commit(&[StoreBatch { id: 1, ops }])
             .await
@@ -530,9 +528,7 @@ async fn sqlite_rows_of_the_old_journal_table_are_folded_at_open() {
     let path = dir.path().join("fastport.db");
     SqliteStore::open(&path).await.expect("open").close().await;
     {
-        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-            .await
-            .expect("connect");
+        let pool = raw_pool(&path).await;
         let ops = put(5, "gus", false);
         let (replay, expires_at) =
             super::journal::pack_replay_ids(&[(&session(), &MessageId([9; 16]), NOW + 30_000)]);
@@ -553,9 +549,7 @@ async fn sqlite_rows_of_the_old_journal_table_are_folded_at_open() {
         vec![(session(), MessageId([9; 16]), NOW + 30_000)]
     );
     store.close().await;
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .expect("connect");
+    let pool = raw_pool(&path).await;
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM journal")
         .fetch_one(&pool)
         .await
