@@ -106,18 +106,23 @@ const SPLIT_PAYLOAD: usize = 16 * 1024;
 /// What a frame's oneof field holds, as [`WriteQueue`] writes it: any prost message,
 /// or a head written straight from borrowed fields (see `carrier::native`), which
 /// must write what prost would write for the message it stands for.
+///
+/// Its methods are named apart from prost's (`encoded_len`, `encode_raw`), so that the
+/// blanket impl leaves no call ambiguous where both traits are in scope.
 pub trait FrameHead {
-    fn encoded_len(&self) -> usize;
-    fn encode_raw(&self, buf: &mut BytesMut);
+    /// Bytes [`put_head`](FrameHead::put_head) writes.
+    fn head_len(&self) -> usize;
+    /// Writes the fields, without a length or key of their own.
+    fn put_head(&self, buf: &mut BytesMut);
 }
 
 impl<M: Message> FrameHead for M {
-    fn encoded_len(&self) -> usize {
-        Message::encoded_len(self)
+    fn head_len(&self) -> usize {
+        self.encoded_len()
     }
 
-    fn encode_raw(&self, buf: &mut BytesMut) {
-        Message::encode_raw(self, buf)
+    fn put_head(&self, buf: &mut BytesMut) {
+        self.encode_raw(buf)
     }
 }
 
@@ -160,15 +165,21 @@ impl WriteQueue {
 
     /// Queues the frame whose oneof field `field` holds `head`.
     pub fn push_head(&mut self, field: u32, head: &impl FrameHead) {
+        let inner = head.head_len();
+        self.put_frame_prefix(field, inner, inner);
+        head.put_head(&mut self.buf);
+    }
+
+    /// Writes a frame's length and the key and length of its oneof field `field`, whose
+    /// value is `inner` bytes long, and reserves room for `reserve` bytes after them.
+    fn put_frame_prefix(&mut self, field: u32, inner: usize, reserve: usize) {
         use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-        let inner = head.encoded_len();
         let frame = key_len(field) + encoded_len_varint(inner as u64) + inner;
         let buf = &mut self.buf;
-        buf.reserve(encoded_len_varint(frame as u64) + frame);
+        buf.reserve(encoded_len_varint(frame as u64) + (frame - inner) + reserve);
         encode_varint(frame as u64, buf);
         encode_key(field, WireType::LengthDelimited, buf);
         encode_varint(inner as u64, buf);
-        head.encode_raw(buf);
     }
 
     /// Queues the frame whose oneof field `field` holds `hollow` with its bytes field
@@ -189,17 +200,12 @@ impl WriteQueue {
             // As prost writes it: an empty field is left out.
             return self.push_head(field, hollow);
         }
-        let inner =
-            hollow.encoded_len() + key_len(payload_field) + encoded_len_varint(n as u64) + n;
-        let frame = key_len(field) + encoded_len_varint(inner as u64) + inner;
-        let buf = &mut self.buf;
+        let inner = hollow.head_len() + key_len(payload_field) + encoded_len_varint(n as u64) + n;
         let split = n >= SPLIT_PAYLOAD;
         let copied = if split { 0 } else { n };
-        buf.reserve(encoded_len_varint(frame as u64) + frame - n + copied);
-        encode_varint(frame as u64, buf);
-        encode_key(field, WireType::LengthDelimited, buf);
-        encode_varint(inner as u64, buf);
-        hollow.encode_raw(buf);
+        self.put_frame_prefix(field, inner, inner - n + copied);
+        let buf = &mut self.buf;
+        hollow.put_head(buf);
         encode_key(payload_field, WireType::LengthDelimited, buf);
         encode_varint(n as u64, buf);
         if !split {

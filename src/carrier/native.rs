@@ -71,7 +71,7 @@ struct DeliverHead<'a> {
 }
 
 impl FrameHead for DeliverHead<'_> {
-    fn encoded_len(&self) -> usize {
+    fn head_len(&self) -> usize {
         use prost::encoding::{int32, uint32, uint64};
         let m = self.message;
         let format = m.format as i32;
@@ -89,7 +89,7 @@ impl FrameHead for DeliverHead<'_> {
         len
     }
 
-    fn encode_raw(&self, buf: &mut BytesMut) {
+    fn put_head(&self, buf: &mut BytesMut) {
         use prost::encoding::{int32, uint32, uint64};
         let m = self.message;
         put_bytes_field(1, m.id.as_bytes(), buf);
@@ -114,7 +114,7 @@ struct PubAckHead<'a> {
 }
 
 impl FrameHead for PubAckHead<'_> {
-    fn encoded_len(&self) -> usize {
+    fn head_len(&self) -> usize {
         let mut len = bytes_field_len(1, self.message_id);
         if self.status != 0 {
             len += prost::encoding::int32::encoded_len(2, &self.status);
@@ -122,7 +122,7 @@ impl FrameHead for PubAckHead<'_> {
         len
     }
 
-    fn encode_raw(&self, buf: &mut BytesMut) {
+    fn put_head(&self, buf: &mut BytesMut) {
         put_bytes_field(1, self.message_id, buf);
         if self.status != 0 {
             prost::encoding::int32::encode(2, &self.status, buf);

@@ -322,7 +322,7 @@ pub struct PublishFields<'a> {
 }
 
 impl FrameHead for PublishFields<'_> {
-    fn encoded_len(&self) -> usize {
+    fn head_len(&self) -> usize {
         use prost::encoding::{int32, uint64};
         let format = self.format as i32;
         let mut len =
@@ -336,7 +336,7 @@ impl FrameHead for PublishFields<'_> {
         len
     }
 
-    fn encode_raw(&self, buf: &mut BytesMut) {
+    fn put_head(&self, buf: &mut BytesMut) {
         use prost::encoding::{int32, uint64};
         put_bytes_field(1, self.message_id, buf);
         put_bytes_field(2, self.topic.as_bytes(), buf);
