@@ -10,7 +10,24 @@ use fastport::client::{
     Client, ClientConfig, PublishStatus, SessionKey, SubscribeOptions, Subscription,
 };
 use fastport::proto::{self, ErrorCode, PayloadFormat, client_frame, server_frame};
-use serde_json::json;
+use serde_json::{Value, json};
+
+/// The password of every session these tests create.
+const PASSWORD: &str = "secret-pass";
+
+/// A broker with the session `name` created on it, with `settings`.
+async fn broker_with(name: &str, settings: Value) -> Broker {
+    let broker = Broker::start();
+    broker.create_session(name, PASSWORD, settings).await;
+    broker
+}
+
+/// A client configuration for `session` that resumes as `client_id`.
+fn config_as(broker: &Broker, session: &str, key: &SessionKey, client_id: &str) -> ClientConfig {
+    broker
+        .client_config(session, PASSWORD, key)
+        .client_id(client_id)
+}
 
 fn subscribe(topic: &str, durable: bool) -> client_frame::Kind {
     client_frame::Kind::Subscribe(proto::Subscribe {
@@ -35,7 +52,7 @@ fn publish(id: [u8; 16], topic: &str, timestamp_ms: u64) -> client_frame::Kind {
 async fn subscriber(broker: &Broker, session: &str, topic: &str) -> Raw {
     let mut raw = broker.raw().await;
     assert!(matches!(
-        raw.hello(session, "secret-pass", "").await,
+        raw.hello(session, PASSWORD, "").await,
         server_frame::Kind::Welcome(_)
     ));
     raw.send(subscribe(topic, false)).await;
@@ -46,8 +63,8 @@ async fn subscriber(broker: &Broker, session: &str, topic: &str) -> Raw {
     raw
 }
 
-/// A client with `client_id` and its durable subscription to `events`.
-async fn durable_reader(config: &ClientConfig) -> (Client, Subscription) {
+/// A client with `config`'s `client_id` and its durable subscription to `topic`.
+async fn durable_reader(config: &ClientConfig, topic: &str) -> (Client, Subscription) {
     let reader = within("connect", Client::connect(config.clone()))
         .await
         .expect("connect");
@@ -57,7 +74,7 @@ async fn durable_reader(config: &ClientConfig) -> (Client, Subscription) {
         ..SubscribeOptions::default()
     };
     let sub = reader
-        .subscribe_with("events", options)
+        .subscribe_with(topic, options)
         .await
         .expect("subscribe");
     (reader, sub)
@@ -76,15 +93,12 @@ async fn attempts(raw: &mut Raw, quiet: Duration) -> Vec<(u32, Instant)> {
 
 #[tokio::test]
 async fn unacknowledged_delivery_is_retried_up_to_the_limit() {
-    let broker = Broker::start();
     let settings = json!({"retryInterval": 400, "maxRetryLimit": 3});
-    broker
-        .create_session("retry", "secret-pass", settings)
-        .await;
+    let broker = broker_with("retry", settings).await;
     let mut raw = subscriber(&broker, "retry", "jobs").await;
 
     let key = SessionKey::generate();
-    let publisher = broker.client("retry", "secret-pass", &key).await;
+    let publisher = broker.client("retry", PASSWORD, &key).await;
     publisher
         .publish("jobs", b"work".to_vec())
         .await
@@ -110,15 +124,12 @@ async fn unacknowledged_delivery_is_retried_up_to_the_limit() {
 
 #[tokio::test]
 async fn nothing_is_redelivered_after_expiry() {
-    let broker = Broker::start();
     let settings = json!({"retryInterval": 200, "maxRetryLimit": 1000, "messageExpiryTime": 1000});
-    broker
-        .create_session("expiry", "secret-pass", settings)
-        .await;
+    let broker = broker_with("expiry", settings).await;
     let mut raw = subscriber(&broker, "expiry", "jobs").await;
 
     let key = SessionKey::generate();
-    let publisher = broker.client("expiry", "secret-pass", &key).await;
+    let publisher = broker.client("expiry", PASSWORD, &key).await;
     let sent = Instant::now();
     publisher
         .publish("jobs", b"work".to_vec())
@@ -140,15 +151,12 @@ async fn nothing_is_redelivered_after_expiry() {
 
 #[tokio::test]
 async fn acked_delivery_is_not_repeated() {
-    let broker = Broker::start();
     // A retry interval far longer than an ack takes, even on a loaded machine (the
     // other tests of this file start brokers and hash passwords alongside).
-    broker
-        .create_session("acks", "secret-pass", json!({"retryInterval": 1_000}))
-        .await;
+    let broker = broker_with("acks", json!({"retryInterval": 1_000})).await;
     let mut raw = subscriber(&broker, "acks", "jobs").await;
     let key = SessionKey::generate();
-    let publisher = broker.client("acks", "secret-pass", &key).await;
+    let publisher = broker.client("acks", PASSWORD, &key).await;
     publisher
         .publish("jobs", b"work".to_vec())
         .await
@@ -170,12 +178,9 @@ async fn acked_delivery_is_not_repeated() {
 
 #[tokio::test]
 async fn replays_and_stale_timestamps_are_refused() {
-    let broker = Broker::start();
-    broker
-        .create_session("replay", "secret-pass", json!({}))
-        .await;
+    let broker = broker_with("replay", json!({})).await;
     let mut raw = broker.raw().await;
-    raw.hello("replay", "secret-pass", "").await;
+    raw.hello("replay", PASSWORD, "").await;
 
     let id: [u8; 16] = rand::random();
     raw.send(publish(id, "t", now_ms())).await;
@@ -206,27 +211,22 @@ async fn replays_and_stale_timestamps_are_refused() {
     let mut broker = broker;
     broker.restart();
     let mut raw = broker.raw().await;
-    raw.hello("replay", "secret-pass", "").await;
+    raw.hello("replay", PASSWORD, "").await;
     raw.send(publish(id, "t", now_ms())).await;
     assert_eq!(error_code(&raw.next().await), ErrorCode::Replayed);
 }
 
 #[tokio::test]
 async fn acknowledged_publishes_survive_kill_9() {
-    let mut broker = Broker::start();
-    broker
-        .create_session("crash", "secret-pass", json!({}))
-        .await;
+    let mut broker = broker_with("crash", json!({})).await;
     let key = SessionKey::generate();
-    let config = broker
-        .client_config("crash", "secret-pass", &key)
-        .client_id("survivor");
-    let (reader, sub) = durable_reader(&config).await;
+    let config = config_as(&broker, "crash", &key, "survivor");
+    let (reader, sub) = durable_reader(&config, "events").await;
     drop(sub);
     reader.close().await;
 
     // Publish a burst concurrently, keep every PubAck, and kill -9 right after.
-    let publisher = broker.client("crash", "secret-pass", &key).await;
+    let publisher = broker.client("crash", PASSWORD, &key).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..300u32 {
         let p = publisher.clone();
@@ -243,7 +243,7 @@ async fn acknowledged_publishes_survive_kill_9() {
     drop(publisher);
     broker.restart();
 
-    let (_reader, mut sub) = durable_reader(&config).await;
+    let (_reader, mut sub) = durable_reader(&config, "events").await;
     let mut got = Vec::new();
     while got.len() < acked.len() {
         let m = within("every acknowledged message", sub.next())
@@ -261,14 +261,11 @@ async fn acknowledged_publishes_survive_kill_9() {
 
 #[tokio::test]
 async fn sdk_resumes_by_itself_when_the_broker_restarts() {
-    let mut broker = Broker::start();
-    broker
-        .create_session("resume", "secret-pass", json!({}))
-        .await;
+    let mut broker = broker_with("resume", json!({})).await;
     let key = SessionKey::generate();
-    let reader = broker.client("resume", "secret-pass", &key).await;
+    let reader = broker.client("resume", PASSWORD, &key).await;
     let mut sub = reader.subscribe("news/#").await.expect("subscribe");
-    let writer = broker.client("resume", "secret-pass", &key).await;
+    let writer = broker.client("resume", PASSWORD, &key).await;
     writer
         .publish("news/1", b"before".to_vec())
         .await
@@ -306,27 +303,11 @@ async fn sdk_resumes_by_itself_when_the_broker_restarts() {
 
 #[tokio::test]
 async fn sdk_publish_during_an_outage_is_delivered_after_it() {
-    let mut broker = Broker::start();
-    broker
-        .create_session("outage", "secret-pass", json!({}))
-        .await;
+    let mut broker = broker_with("outage", json!({})).await;
     let key = SessionKey::generate();
-    let config = broker
-        .client_config("outage", "secret-pass", &key)
-        .client_id("reader");
-    let options = SubscribeOptions {
-        durable: true,
-        presence: false,
-        ..SubscribeOptions::default()
-    };
-    let reader = within("connect", Client::connect(config))
-        .await
-        .expect("connect");
-    let mut sub = reader
-        .subscribe_with("t", options)
-        .await
-        .expect("subscribe");
-    let writer = broker.client("outage", "secret-pass", &key).await;
+    let config = config_as(&broker, "outage", &key, "reader");
+    let (_reader, mut sub) = durable_reader(&config, "t").await;
+    let writer = broker.client("outage", PASSWORD, &key).await;
 
     broker.kill9();
     let pending = tokio::spawn({
@@ -349,31 +330,16 @@ async fn sdk_publish_during_an_outage_is_delivered_after_it() {
 
 #[tokio::test]
 async fn sigterm_flushes_and_exits_cleanly() {
-    let mut broker = Broker::start();
-    broker
-        .create_session("term", "secret-pass", json!({}))
-        .await;
+    let mut broker = broker_with("term", json!({})).await;
     let key = SessionKey::generate();
-    let config = broker
-        .client_config("term", "secret-pass", &key)
-        .client_id("reader");
-    let options = SubscribeOptions {
-        durable: true,
-        presence: false,
-        ..SubscribeOptions::default()
-    };
-    let reader = within("connect", Client::connect(config.clone()))
-        .await
-        .expect("connect");
-    reader
-        .subscribe_with("t", options)
-        .await
-        .expect("subscribe");
+    let config = config_as(&broker, "term", &key, "reader");
+    let (reader, sub) = durable_reader(&config, "t").await;
+    drop(sub);
     reader.close().await;
 
     let mut raw = broker.raw().await;
-    raw.hello("term", "secret-pass", "").await;
-    let writer = broker.client("term", "secret-pass", &key).await;
+    raw.hello("term", PASSWORD, "").await;
+    let writer = broker.client("term", PASSWORD, &key).await;
     for i in 0..20u8 {
         writer.publish("t", vec![i]).await.expect("publish");
     }
@@ -390,13 +356,7 @@ async fn sigterm_flushes_and_exits_cleanly() {
     assert!(broker.logs().contains("store flushed and closed"));
 
     broker.restart();
-    let reader = within("reconnect", Client::connect(config))
-        .await
-        .expect("connect");
-    let mut sub = reader
-        .subscribe_with("t", options)
-        .await
-        .expect("subscribe");
+    let (_reader, mut sub) = durable_reader(&config, "t").await;
     for i in 0..20u8 {
         let m = within("backlog", sub.next()).await.expect("message");
         assert_eq!(m.payload.as_ref(), &[i]);
@@ -405,15 +365,12 @@ async fn sigterm_flushes_and_exits_cleanly() {
 
 #[tokio::test]
 async fn a_subscriber_that_stops_reading_gets_everything_later_and_slows_no_one() {
-    let broker = Broker::start();
-    broker
-        .create_session("slow", "secret-pass", json!({"retryInterval": 600000}))
-        .await;
+    let broker = broker_with("slow", json!({"retryInterval": 600000})).await;
     let mut slow = subscriber(&broker, "slow", "feed").await;
     let key = SessionKey::generate();
-    let fast = broker.client("slow", "secret-pass", &key).await;
+    let fast = broker.client("slow", PASSWORD, &key).await;
     let mut fast_sub = fast.subscribe("feed").await.expect("subscribe");
-    let publisher = broker.client("slow", "secret-pass", &key).await;
+    let publisher = broker.client("slow", PASSWORD, &key).await;
 
     // Far more than the slow subscriber's window and queue: the rest spills to the store.
     const N: u32 = 3000;
@@ -460,16 +417,11 @@ async fn a_subscriber_that_stops_reading_gets_everything_later_and_slows_no_one(
 /// durable copy is gone after a restart only if its ack was written in time.
 #[tokio::test]
 async fn sdk_acknowledges_a_lone_delivery_without_further_traffic() {
-    let mut broker = Broker::start();
-    broker
-        .create_session("lone", "secret-pass", json!({}))
-        .await;
+    let mut broker = broker_with("lone", json!({})).await;
     let key = SessionKey::generate();
-    let config = broker
-        .client_config("lone", "secret-pass", &key)
-        .client_id("lone-reader");
-    let (reader, mut sub) = durable_reader(&config).await;
-    let publisher = broker.client("lone", "secret-pass", &key).await;
+    let config = config_as(&broker, "lone", &key, "lone-reader");
+    let (reader, mut sub) = durable_reader(&config, "events").await;
+    let publisher = broker.client("lone", PASSWORD, &key).await;
     publisher
         .publish("events", b"only one".to_vec())
         .await
@@ -483,7 +435,7 @@ async fn sdk_acknowledges_a_lone_delivery_without_further_traffic() {
     drop((sub, reader, publisher));
     broker.restart();
 
-    let (_reader, mut sub) = durable_reader(&config).await;
+    let (_reader, mut sub) = durable_reader(&config, "events").await;
     let again = tokio::time::timeout(Duration::from_millis(1_500), sub.next()).await;
     assert!(
         again.is_err(),
