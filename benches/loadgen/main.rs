@@ -18,17 +18,17 @@
 mod floor;
 mod procs;
 mod relay;
+mod report;
 mod systems;
 mod workloads;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fastport::client::SessionKey;
-use serde::Serialize;
 
+use report::{Report, Results, fmt, print_table, print_targets};
 use systems::{Env, Kind, System};
 use workloads::Sample;
 
@@ -49,6 +49,10 @@ struct Args {
     /// Also write every run's raw figures here, as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Run nothing: print the tables of runs saved with `--json` (repeatable, or
+    /// comma-separated), then their targets side by side, one row per file.
+    #[arg(long, value_delimiter = ',')]
+    from_json: Vec<std::path::PathBuf>,
     /// Workloads to run (w1..w7).
     #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w6,w5,w7")]
     workloads: Vec<String>,
@@ -84,14 +88,6 @@ struct Workload {
     systems: Vec<&'static str>,
     /// (fastPort row, peer row) pairs whose ratio is reported.
     ratios: Vec<(&'static str, &'static str)>,
-}
-
-#[derive(Serialize)]
-struct Report<'a> {
-    machine: String,
-    quick: bool,
-    runs: usize,
-    results: &'a BTreeMap<String, BTreeMap<String, Vec<Sample>>>,
 }
 
 const FP_QUIC: &str = "fastPort QUIC";
@@ -272,25 +268,6 @@ async fn fresh_broker(system: &System, env: &Env) -> Result<(System, Env, Box<dy
     Ok((system, env, fresh))
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
-}
-
-fn fmt(v: f64) -> String {
-    if !v.is_finite() {
-        "–".into()
-    } else if v >= 100.0 {
-        format!("{:.0}", v)
-    } else {
-        format!("{:.2}", v)
-    }
-}
-
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -304,109 +281,6 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
-fn print_table(w: &Workload, results: &BTreeMap<String, Vec<Sample>>) -> BTreeMap<String, f64> {
-    println!("\n### {} — {}\n", w.id.to_uppercase(), w.title);
-    println!(
-        "| system | {} (median) | min–max | lost | broker CPU s | loadgen CPU s | extras (median) |",
-        w.unit
-    );
-    println!("|---|---:|---:|---:|---:|---:|---|");
-    let mut medians = BTreeMap::new();
-    for name in &w.systems {
-        let Some(samples) = results.get(*name) else {
-            continue;
-        };
-        let mut values: Vec<f64> = samples.iter().map(|s| s.value).collect();
-        let (lo, hi) = values
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-                (lo.min(*v), hi.max(*v))
-            });
-        let m = median(&mut values);
-        medians.insert(name.to_string(), m);
-        let lost: u64 = samples.iter().map(|s| s.lost).max().unwrap_or(0);
-        let mut broker: Vec<f64> = samples.iter().map(|s| s.broker_cpu_s).collect();
-        let mut gen_cpu: Vec<f64> = samples.iter().map(|s| s.loadgen_cpu_s).collect();
-        let mut extras = Vec::new();
-        if let Some(first) = samples.first() {
-            for key in first.extra.keys() {
-                let mut vs: Vec<f64> = samples
-                    .iter()
-                    .filter_map(|s| s.extra.get(key).copied())
-                    .collect();
-                extras.push(format!("{key} {}", fmt(median(&mut vs))));
-            }
-        }
-        println!(
-            "| {name} | {} | {}–{} | {lost} | {} | {} | {} |",
-            fmt(m),
-            fmt(lo),
-            fmt(hi),
-            fmt(median(&mut broker)),
-            fmt(median(&mut gen_cpu)),
-            extras.join(", ")
-        );
-    }
-    if !w.ratios.is_empty() {
-        println!();
-        let better = if w.higher_is_better {
-            "higher"
-        } else {
-            "lower"
-        };
-        for (fp, peer) in &w.ratios {
-            if let (Some(a), Some(b)) = (medians.get(*fp), medians.get(*peer)) {
-                let rounds = results
-                    .get(*fp)
-                    .zip(results.get(*peer))
-                    .and_then(|(a, b)| per_round(a, b, w.higher_is_better))
-                    .unwrap_or_default();
-                println!(
-                    "- {fp} / {peer} = **{:.2}×** ({better} is better{rounds})",
-                    a / b
-                );
-            }
-        }
-    }
-    medians
-}
-
-/// The spread of the ratio round by round, and in how many rounds fastPort won: the
-/// two systems of a round ran minutes apart at most, so each round's ratio holds on
-/// a machine whose speed drifts. `None` with fewer than two rounds both completed.
-fn per_round(fastport: &[Sample], peer: &[Sample], higher_is_better: bool) -> Option<String> {
-    let ratios: Vec<f64> = fastport
-        .iter()
-        .filter_map(|a| {
-            let b = peer.iter().find(|b| b.round == a.round)?;
-            // A peer run that delivered nothing has no ratio, only a failure to report.
-            (b.value > 0.0).then(|| a.value / b.value)
-        })
-        .collect();
-    if ratios.len() < 2 {
-        return None;
-    }
-    let (lo, hi) = ratios
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
-            (lo.min(*r), hi.max(*r))
-        });
-    let won = ratios
-        .iter()
-        .filter(|r| {
-            if higher_is_better {
-                **r > 1.0
-            } else {
-                **r < 1.0
-            }
-        })
-        .count();
-    Some(format!(
-        "; per round {lo:.2}–{hi:.2}×, fastPort ahead in {won} of {}",
-        ratios.len()
-    ))
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -417,6 +291,9 @@ async fn main() -> Result<()> {
         (args.relay_server, &args.relay_cert, &args.relay_key)
     {
         return relay::serve(port, cert, key).await;
+    }
+    if !args.from_json.is_empty() {
+        return reprint(&args.from_json);
     }
     if !procs::port_open(1883) {
         bail!("Mosquitto is not running on 127.0.0.1:1883 (see DEVELOPERS.md to start it)");
@@ -529,7 +406,7 @@ async fn main() -> Result<()> {
         args.runs,
         env!("CARGO_PKG_VERSION")
     );
-    let mut results: BTreeMap<String, BTreeMap<String, Vec<Sample>>> = BTreeMap::new();
+    let mut results = Results::new();
     for w in plan(args.quick) {
         if !args.workloads.iter().any(|x| x == w.id) {
             continue;
@@ -574,18 +451,48 @@ async fn main() -> Result<()> {
             print_table(&w, r);
         }
     }
+    let report = Report {
+        machine: machine(),
+        quick: args.quick,
+        runs: args.runs,
+        results,
+    };
+    print_targets(&[("this run".to_owned(), &report)]);
     if let Some(path) = &args.json {
-        let report = Report {
-            machine: machine(),
-            quick: args.quick,
-            runs: args.runs,
-            results: &results,
-        };
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        report.save(path)?;
         eprintln!("raw figures written to {}", path.display());
     }
     drop(udp_relay);
     drop(tuned);
     drop(fastport);
+    Ok(())
+}
+
+/// `--from-json`: each saved run's tables, as the run printed them, then the targets
+/// of all of them side by side.
+fn reprint(paths: &[std::path::PathBuf]) -> Result<()> {
+    let mut reports = Vec::new();
+    for path in paths {
+        let report = Report::load(path)?;
+        println!(
+            "\n## {} — {}, {} run(s) per figure{}",
+            path.display(),
+            report.machine,
+            report.runs,
+            if report.quick { ", quick" } else { "" }
+        );
+        for w in plan(report.quick) {
+            if let Some(r) = report.results.get(w.id) {
+                print_table(&w, r);
+            }
+        }
+        let label = path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |s| s.to_string_lossy().into_owned(),
+        );
+        reports.push((label, report));
+    }
+    let runs: Vec<(String, &Report)> = reports.iter().map(|(l, r)| (l.clone(), r)).collect();
+    print_targets(&runs);
     Ok(())
 }

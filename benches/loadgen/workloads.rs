@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::procs;
 use crate::systems::{Env, Publisher, System};
 
 /// One measurement of one system.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Sample {
     /// The headline figure (msgs/s, deliveries/s, µs, MB/s, KiB …).
     pub value: f64,
@@ -25,7 +25,9 @@ pub struct Sample {
     pub loadgen_cpu_s: f64,
     /// Secondary figures (percentiles, memory).
     pub extra: BTreeMap<String, f64>,
-    /// The round it ran in, from 1: each round runs every system once.
+    /// The round it ran in, from 1: each round runs every system once. (Files saved
+    /// before rounds were recorded lack it; [`crate::report::Report::load`] numbers them.)
+    #[serde(default)]
     pub round: usize,
 }
 
