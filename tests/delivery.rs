@@ -429,7 +429,7 @@ async fn sdk_acknowledges_a_lone_delivery_without_further_traffic() {
     let got = within("the delivery", sub.next()).await.expect("message");
     assert_eq!(&got.payload[..], b"only one");
 
-    // Far longer than the SDK holds an ack and the broker lingers before a commit.
+    // Far longer than the SDK holds an ack and the broker takes to commit.
     tokio::time::sleep(Duration::from_millis(500)).await;
     broker.kill9();
     drop((sub, reader, publisher));
