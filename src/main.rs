@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use fastport::client::{Client, ClientConfig, PublishStatus, SessionKey, SubscribeOptions};
+use fastport::client::{
+    Client, ClientConfig, ClientError, PubAck, PublishStatus, SessionKey, SubscribeOptions,
+};
 use fastport::config::ServeArgs;
 use fastport::server::Server;
 use fastport::store::StoreKind;
@@ -132,9 +134,13 @@ struct PubArgs {
     /// Seal as LEGACY_JSON (readable by the legacy Dart clients).
     #[arg(long)]
     legacy: bool,
-    /// Publish each message this many times (up to 256 in flight) and report the rate.
+    /// Publish each message this many times and report the rate and how long each
+    /// publish took to be acknowledged.
     #[arg(long, default_value_t = 1)]
     repeat: u64,
+    /// Publishes awaiting their PubAck at a time (1: one after another).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    in_flight: u32,
 }
 
 #[derive(Args)]
@@ -475,10 +481,18 @@ async fn publish(args: PubArgs) -> Result<()> {
     };
     let total = messages.len() as u64 * args.repeat;
     let started = Instant::now();
-    let window = Arc::new(tokio::sync::Semaphore::new(256));
+    let window = Arc::new(tokio::sync::Semaphore::new(args.in_flight as usize));
     let mut tasks = tokio::task::JoinSet::new();
     let mut last_status = None;
-    let mut done = 0u64;
+    // How long each publish took from the call to its PubAck.
+    let mut acked_after = Vec::with_capacity(total.min(1 << 20) as usize);
+    type Joined = Result<(Result<PubAck, ClientError>, Duration), tokio::task::JoinError>;
+    let mut record = |joined: Joined| -> Result<()> {
+        let (ack, took) = joined?;
+        last_status = Some(ack?.status);
+        acked_after.push(took);
+        Ok(())
+    };
     for message in &messages {
         for _ in 0..args.repeat {
             let permit = window.clone().acquire_owned().await?;
@@ -490,32 +504,44 @@ async fn publish(args: PubArgs) -> Result<()> {
             );
             tasks.spawn(async move {
                 let _permit = permit;
-                if legacy {
+                let sent = Instant::now();
+                let ack = if legacy {
                     client.publish_legacy(&topic, &message).await
                 } else {
                     client.publish(&topic, message.into_bytes()).await
-                }
+                };
+                (ack, sent.elapsed())
             });
             while let Some(result) = tasks.try_join_next() {
-                last_status = Some(result??.status);
-                done += 1;
+                record(result)?;
             }
         }
     }
     while let Some(result) = tasks.join_next().await {
-        last_status = Some(result??.status);
-        done += 1;
+        record(result)?;
     }
     let elapsed = started.elapsed();
     if total == 1 {
         println!("published ({})", describe(last_status));
     } else {
+        let done = acked_after.len();
         let rate = done as f64 / elapsed.as_secs_f64().max(1e-9);
         println!(
             "published {done} messages in {:.2} s ({rate:.0} msg/s; last: {})",
             elapsed.as_secs_f64(),
             describe(last_status)
         );
+        if done > 0 {
+            acked_after.sort_unstable();
+            let at = |q: f64| acked_after[((done - 1) as f64 * q).round() as usize].as_micros();
+            println!(
+                "acknowledged after p50 {} µs, p99 {} µs, max {} µs ({} in flight at most)",
+                at(0.5),
+                at(0.99),
+                at(1.0),
+                args.in_flight
+            );
+        }
     }
     client.close().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
