@@ -103,12 +103,25 @@ const JS: &str = "NATS JetStream";
 const RELAY: &str = "bare quinn relay";
 const FLOOR: &str = "bare UDP relay (floor)";
 
+/// A count as the tables print it: 100,000.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn plan(quick: bool) -> Vec<Workload> {
-    let n = |q: u64, f: u64| if quick { q } else { f };
+    let n = |q: u64, f: u64| thousands(if quick { q } else { f });
     vec![
         Workload {
             id: "w1",
-            title: format!("1 → 1, 128 B, {} messages", n(20_000, 100_000)),
+            title: format!("1 → 1, 128 B, {} messages (msgs/s)", n(20_000, 100_000)),
             unit: "msgs/s",
             higher_is_better: true,
             systems: vec![
@@ -123,7 +136,10 @@ fn plan(quick: bool) -> Vec<Workload> {
         },
         Workload {
             id: "w2",
-            title: format!("1 → 16, 128 B, {} messages", n(5_000, 20_000)),
+            title: format!(
+                "1 → 16, 128 B, {} messages (deliveries/s)",
+                n(5_000, 20_000)
+            ),
             unit: "deliveries/s",
             higher_is_better: true,
             systems: vec![
@@ -134,7 +150,7 @@ fn plan(quick: bool) -> Vec<Workload> {
         Workload {
             id: "w3",
             title: format!(
-                "100 publishers × 100 topics → 100 subscribers, 128 B, {} per publisher",
+                "100 publishers × 100 topics → 100 subscribers, 128 B, {} per publisher (msgs/s)",
                 n(300, 1_000)
             ),
             unit: "msgs/s",
@@ -145,7 +161,7 @@ fn plan(quick: bool) -> Vec<Workload> {
         Workload {
             id: "w4",
             title: format!(
-                "latency at a paced 10,000 msg/s for {} s, 128 B (p99; p50, p99.9 in extras)",
+                "latency at a paced 10,000 msg/s for {} s after 1 s of warm-up, 128 B (p99; p50, p99.9 in extras)",
                 n(3, 10)
             ),
             unit: "p99 µs",
@@ -185,7 +201,7 @@ fn plan(quick: bool) -> Vec<Workload> {
         Workload {
             id: "w7",
             title: format!(
-                "one {} file → 2 subscribers (64 KiB sealed chunks)",
+                "one {} file → 2 subscribers (64 KiB sealed chunks, fresh broker per run)",
                 if quick { "128 MiB" } else { "1 GiB" }
             ),
             unit: "MB/s",

@@ -132,6 +132,46 @@ pub fn print_table(w: &Workload, results: &BTreeMap<String, Vec<Sample>>) {
             }
         }
     }
+    if w.id == "w4" {
+        print_latency_runs(w, results);
+    }
+}
+
+/// W4's runs one by one: the host's stalls next to each run's p99 and p99.9, since a
+/// run's tail is the host's as much as the broker's.
+fn print_latency_runs(w: &Workload, results: &BTreeMap<String, Vec<Sample>>) {
+    let rounds = results
+        .values()
+        .flat_map(|runs| runs.iter().map(|s| s.round))
+        .max()
+        .unwrap_or(0);
+    if rounds == 0 {
+        return;
+    }
+    println!("\nPer run (the host's stalls, p99 and p99.9 in ms):\n");
+    let heads: Vec<String> = (1..=rounds).map(|r| format!("run {r}")).collect();
+    println!("| host stalls, p99 ms / p99.9 ms | {} |", heads.join(" | "));
+    println!("|---|{}", "---|".repeat(rounds));
+    for name in &w.systems {
+        let Some(runs) = results.get(*name) else {
+            continue;
+        };
+        let cells: Vec<String> = (1..=rounds)
+            .map(|round| match runs.iter().find(|s| s.round == round) {
+                Some(s) => {
+                    let stalls = s.extra.get("host stalls").copied().unwrap_or(f64::NAN);
+                    let p999 = s.extra.get("p99.9 µs").copied().unwrap_or(f64::NAN);
+                    format!(
+                        "{stalls:.0}, {:.2} / {:.2}",
+                        s.value / 1000.0,
+                        p999 / 1000.0
+                    )
+                }
+                None => "–".into(),
+            })
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
 }
 
 /// The spread of the ratio round by round, and in how many rounds fastPort won: the
