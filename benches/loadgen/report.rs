@@ -148,7 +148,7 @@ fn print_latency_runs(w: &Workload, results: &BTreeMap<String, Vec<Sample>>) {
     if rounds == 0 {
         return;
     }
-    println!("\nPer run (the host's stalls, p99 and p99.9 in ms):\n");
+    println!("- Per run (the host's stalls, p99 and p99.9 in ms):\n");
     let heads: Vec<String> = (1..=rounds).map(|r| format!("run {r}")).collect();
     println!("| host stalls, p99 ms / p99.9 ms | {} |", heads.join(" | "));
     println!("|---|{}", "---|".repeat(rounds));
