@@ -43,7 +43,6 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
-/// A session as stored: its settings and its password's argon2id hash (PHC string).
 /// What one call of [`Store::purge`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Purged {
@@ -53,6 +52,7 @@ pub struct Purged {
     pub more: bool,
 }
 
+/// A session as stored: its settings and its password's argon2id hash (PHC string).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
     pub settings: SessionSettings,
