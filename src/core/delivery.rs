@@ -59,7 +59,7 @@ pub struct Subscriber {
     pub filters: BTreeMap<TopicFilter, SubOpts>,
     inflight: FastMap<MessageId, InFlight>,
     /// (deadline, id) in send order, so deadlines are ascending; stale entries are
-    /// skipped when they come up.
+    /// dropped from the front as acks come in, and skipped when they come up.
     retries: VecDeque<(Millis, MessageId)>,
     queue: VecDeque<Copy>,
     backlog: Backlog,
@@ -231,7 +231,26 @@ impl Subscriber {
     pub fn ack(&mut self, id: &MessageId, now: Millis, ctx: &mut Ctx) {
         if let Some(f) = self.inflight.remove(id) {
             self.release(f.copy, ctx);
+            self.drop_stale_retries();
             self.refill(now, ctx);
+        }
+    }
+
+    /// Drops the retry entries at the front that no longer stand for a copy in flight
+    /// (acknowledged, released, or sent again under a later entry). Acks mostly come in
+    /// order, so the queue stays about the window's length rather than every copy sent
+    /// in the last retry interval, and its front is a live copy: the retry timer wakes
+    /// for a copy that may be due, not every millisecond for copies long acknowledged.
+    fn drop_stale_retries(&mut self) {
+        while let Some((deadline, id)) = self.retries.front() {
+            if self
+                .inflight
+                .get(id)
+                .is_some_and(|f| f.deadline == *deadline)
+            {
+                break;
+            }
+            self.retries.pop_front();
         }
     }
 
@@ -266,6 +285,7 @@ impl Subscriber {
         if freed {
             self.refill(now, ctx);
         }
+        self.drop_stale_retries();
         if let Some(&(deadline, _)) = self.retries.front() {
             self.schedule(deadline, ctx);
         }

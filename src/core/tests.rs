@@ -309,6 +309,54 @@ fn ack_stops_redelivery() {
     assert_eq!(p.store.message_count(), 0, "and so is its body");
 }
 
+/// A subscriber that acknowledges everything leaves nothing for the retry timer: once
+/// the first deadline passes, the next one is a copy still in flight, not the next of
+/// the copies acknowledged long ago (which made the timer fire once per publish).
+#[test]
+fn acknowledged_copies_leave_the_retry_timer_idle() {
+    let mut p = Pair::new();
+    let s = settings("s"); // retry every 1 s
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "t", false);
+    for _ in 0..50 {
+        let id = p.publish(publisher, "t", b"m");
+        p.puback(publisher);
+        assert_eq!(p.delivers(sub).len(), 1);
+        p.ack(sub, id);
+        p.advance(10);
+    }
+    // The first copy's deadline (1 s after it was sent), set lazily, fires once...
+    let first = p.core.poll_timeout().expect("the first copy's timer");
+    assert!(first <= T0 + 1_000 + 10, "{first}");
+    p.now = first;
+    p.core.handle_timeout(first);
+    p.drive();
+    // ...and then there is nothing in flight to wake for (not the second copy's
+    // deadline 10 ms later, and so on for each of the 50).
+    assert_eq!(p.core.poll_timeout(), None);
+    p.advance(1_000);
+
+    // With one copy unacknowledged among acknowledged ones, its deadline is next.
+    let unacked = p.publish(publisher, "t", b"kept");
+    p.puback(publisher);
+    let sent_at = p.now;
+    p.advance(10);
+    for _ in 0..20 {
+        let id = p.publish(publisher, "t", b"m");
+        p.puback(publisher);
+        p.ack(sub, id);
+        p.advance(10);
+    }
+    assert_eq!(p.delivers(sub).len(), 21);
+    assert_eq!(p.core.poll_timeout(), Some(sent_at + 1_000));
+    p.advance(1_000);
+    assert_eq!(p.delivers(sub), vec![(b"kept".to_vec(), 2)]);
+    p.ack(sub, unacked);
+    p.advance(1_000);
+    assert_eq!(p.core.poll_timeout(), None);
+}
+
 #[test]
 fn nothing_is_delivered_after_expiry() {
     let mut p = Pair::new();
