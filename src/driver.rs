@@ -26,6 +26,7 @@ use crate::core::{
     Reject, SessionSettings, Stats, StoreBatch, StoredCopy,
 };
 use crate::store::{Store, StoreError};
+use crate::timer::LoopTimer;
 
 /// Commands handled per wake-up before outputs are flushed (rumqttd takes up to 500).
 const MAX_DRAIN: usize = 512;
@@ -224,11 +225,13 @@ impl Driver {
         let mut purge = tokio::time::interval(purge_interval);
         purge.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut shutdown: Option<oneshot::Sender<()>> = None;
+        // The core's next timer moves only when one fires (retries are scheduled
+        // lazily), so the sleep is kept across turns and re-armed on a change.
+        let mut timer = LoopTimer::new();
         loop {
-            let deadline = self
-                .core
-                .poll_timeout()
-                .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms())));
+            timer.set(self.core.poll_timeout(), |at| {
+                Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
+            });
             tokio::select! {
                 biased;
                 Some(done) = self.done.recv() => self.on_store(done),
@@ -240,7 +243,7 @@ impl Driver {
                     Some(inbound) => self.on_inbound(inbound),
                     None => break,
                 },
-                _ = sleep_until(deadline), if deadline.is_some() => {
+                _ = timer.fired(), if timer.is_armed() => {
                     self.core.handle_timeout(now_ms());
                 }
                 _ = purge.tick() => {
@@ -385,13 +388,6 @@ impl Driver {
         if close {
             self.conns.remove(&conn);
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -14,6 +14,7 @@
 //! - [`config`]: command-line flags, environment and `fastport.toml`, merged.
 //! - [`client`]: the Rust SDK, and the only code that touches end-to-end keys.
 //! - `udp`: QUIC's UDP sockets with deep kernel buffers, for broker and SDK alike.
+//! - `timer`: a timer kept across a `select!` loop's turns (the driver's, the SDK's).
 
 pub mod auth;
 pub mod carrier;
@@ -24,6 +25,7 @@ pub mod driver;
 pub mod http;
 pub mod server;
 pub mod store;
+mod timer;
 pub mod tls;
 mod udp;
 

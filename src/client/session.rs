@@ -16,6 +16,7 @@ use crate::core::{ClientId, FastMap, FastSet, SessionName, TopicFilter, TopicNam
 use crate::proto::{
     self, ClientFrame, ErrorCode, PayloadFormat, ServerFrame, client_frame, server_frame,
 };
+use crate::timer::LoopTimer;
 
 use super::crypto::{MessageContext, SealingKeys};
 use super::files::{self, FilePart, FileStart, FileSubs, Opener};
@@ -356,11 +357,12 @@ impl State {
         // messages again and they are acknowledged as duplicates.
         self.acks_held = 0;
         self.acks_since = None;
+        let mut ack_timer = LoopTimer::new();
         loop {
             // A request's frames are written at the end of this turn; acks alone may
             // wait for later turns (see ACK_DELAY).
             let mut urgent = false;
-            let ack_due = self.acks_since.map(|since| since + ACK_DELAY);
+            ack_timer.set(self.acks_since.map(|since| since + ACK_DELAY), |at| at);
             tokio::select! {
                 request = requests.recv() => match request {
                     None | Some(Request::Close) => {
@@ -380,8 +382,7 @@ impl State {
                         }
                     }
                 },
-                _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now)),
-                    if ack_due.is_some() => urgent = true,
+                _ = ack_timer.fired(), if ack_timer.is_armed() => urgent = true,
             }
             // Take what is already waiting before writing, so a burst of publishes and
             // acks leaves in one write instead of one each.
