@@ -258,17 +258,16 @@ impl Subscriber {
     pub fn on_timer(&mut self, now: Millis, ctx: &mut Ctx) {
         self.scheduled = None;
         let mut freed = false;
-        while let Some(&(deadline, id)) = self.retries.front() {
+        loop {
+            // The front is then a copy in flight under that very deadline.
+            self.drop_stale_retries();
+            let Some(&(deadline, id)) = self.retries.front() else {
+                break;
+            };
             if deadline > now {
                 break;
             }
             self.retries.pop_front();
-            let Some(f) = self.inflight.get(&id) else {
-                continue;
-            };
-            if f.deadline != deadline {
-                continue; // resent since; a later entry covers it
-            }
             let Some(f) = self.inflight.remove(&id) else {
                 continue;
             };
@@ -282,10 +281,10 @@ impl Subscriber {
                 self.send(f.copy, now, ctx);
             }
         }
+        // Refilling adds entries at the back only: the front stays live.
         if freed {
             self.refill(now, ctx);
         }
-        self.drop_stale_retries();
         if let Some(&(deadline, _)) = self.retries.front() {
             self.schedule(deadline, ctx);
         }
