@@ -150,7 +150,7 @@ pub(super) async fn upload(
     size: u64,
     format: PayloadFormat,
 ) -> Result<FileReceipt, ClientError> {
-    TopicName::parse(topic)?;
+    TopicName::check(topic)?;
     let FileStart {
         mut sink,
         session,

@@ -75,7 +75,7 @@ impl Sealer {
         plaintext: Bytes,
         format: PayloadFormat,
     ) -> Result<SealedPublish, ClientError> {
-        TopicName::parse(topic)?;
+        TopicName::check(topic)?;
         let id: [u8; 16] = rand::random();
         let timestamp_ms = self.server_now();
         let payload = self.seal(topic, &id, timestamp_ms, &plaintext, format)?;

@@ -47,11 +47,18 @@ fn check_common(s: &str, what: &'static str) -> Result<(), NameError> {
 
 impl TopicName {
     pub fn parse(s: &str) -> Result<Self, NameError> {
+        Self::check(s)?;
+        Ok(Self(s.into()))
+    }
+
+    /// Whether `s` would parse, without keeping it (the SDK checks each topic it
+    /// publishes to before sealing; the broker parses it again on arrival).
+    pub fn check(s: &str) -> Result<(), NameError> {
         check_common(s, "topic")?;
         if s.contains(['+', '#']) {
             return Err(NameError::WildcardInName);
         }
-        Ok(Self(s.into()))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {
@@ -138,6 +145,9 @@ pub struct TopicTree<V> {
     root: Node<V>,
     len: usize,
 }
+
+/// The levels of a topic still to match, in order.
+type Levels<'a> = std::str::Split<'a, char>;
 
 #[derive(Debug)]
 struct Node<V> {
@@ -263,24 +273,25 @@ impl<V: PartialEq> TopicTree<V> {
     /// Calls `visit` for every value whose filter matches `topic`. A value registered
     /// under several matching filters is visited once per filter; callers dedupe.
     pub fn for_each_match(&self, topic: &TopicName, mut visit: impl FnMut(&V)) {
-        let levels: Vec<&str> = topic.as_str().split('/').collect();
-        let reserved = levels.first().is_some_and(|l| l.starts_with('$'));
-        Self::walk(&self.root, &levels, reserved, &mut visit);
+        let reserved = topic.as_str().starts_with('$');
+        Self::walk(&self.root, topic.as_str().split('/'), reserved, &mut visit);
     }
 
-    fn walk(node: &Node<V>, levels: &[&str], reserved: bool, visit: &mut impl FnMut(&V)) {
+    /// Walks the branches `levels` can reach. The level iterator is cloned where the
+    /// walk forks (literal and `+`), so matching allocates nothing per publish.
+    fn walk(node: &Node<V>, mut levels: Levels<'_>, reserved: bool, visit: &mut impl FnMut(&V)) {
         if !reserved {
             node.multi.iter().for_each(&mut *visit);
         }
-        let Some((level, rest)) = levels.split_first() else {
+        let Some(level) = levels.next() else {
             node.exact.iter().for_each(visit);
             return;
         };
-        if let Some(child) = node.literal.get(*level) {
-            Self::walk(child, rest, false, visit);
+        if let Some(child) = node.literal.get(level) {
+            Self::walk(child, levels.clone(), false, visit);
         }
         if !reserved && let Some(child) = &node.single {
-            Self::walk(child, rest, false, visit);
+            Self::walk(child, levels, false, visit);
         }
     }
 }
@@ -370,5 +381,18 @@ mod tests {
         assert!(TopicFilter::parse(&"a/".repeat(40)).is_err());
         assert!(TopicName::parse(&"x".repeat(MAX_TOPIC_LEN + 1)).is_err());
         assert!(TopicFilter::parse("#").is_ok());
+    }
+
+    #[test]
+    fn check_agrees_with_parse() {
+        let long = "x".repeat(MAX_TOPIC_LEN + 1);
+        let deep = "a/".repeat(MAX_TOPIC_LEVELS);
+        for s in ["a/b", "a/+", "a/#", "", "a\u{0}b", "$SYS/x", &long, &deep] {
+            assert_eq!(
+                TopicName::check(s),
+                TopicName::parse(s).map(|_| ()),
+                "{s:?}"
+            );
+        }
     }
 }
