@@ -328,7 +328,7 @@ fn crypto_benches(c: &mut Criterion) {
         timestamp_ms: T0,
     };
     let mut group = c.benchmark_group("crypto");
-    for size in [128usize, 64 * 1024] {
+    for size in [128usize, 64 * 1024, 1024 * 1024] {
         let plain = vec![0u8; size];
         let sealed = keys.seal_message(&ctx, &plain).expect("seal");
         group.throughput(Throughput::Bytes(size as u64));
