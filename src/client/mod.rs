@@ -281,12 +281,17 @@ enum Request {
     Close,
 }
 
+/// Payloads from this size on are sealed on tokio's blocking pool (~180 µs of
+/// sealing; tokio's guidance is to hand off work longer than 10-100 µs).
+const SEAL_OFF_TASK: usize = 128 * 1024;
+
 /// A connected client. Cheap to clone; all clones share one connection.
 #[derive(Clone)]
 pub struct Client {
     requests: mpsc::Sender<Request>,
     info: watch::Receiver<SessionInfo>,
-    /// Publishes are sealed on the caller's task, not on the session task.
+    /// Publishes are sealed on the caller's task (large ones on the blocking pool), not
+    /// on the session task.
     sealer: Arc<session::Sealer>,
 }
 
@@ -318,8 +323,9 @@ impl Client {
     /// Publishes `payload` to `topic`, sealed as `NATIVE_V1`; resolves with the broker's
     /// `PubAck`. Survives reconnects: an unanswered publish is re-sent.
     ///
-    /// The payload is sealed on the calling task, so tasks publishing through clones
-    /// of one client seal in parallel. A topic that is not a valid topic name (empty,
+    /// The payload is sealed on the calling task (from 128 KiB on, on tokio's blocking
+    /// pool while the task waits), so tasks publishing through clones of one client
+    /// seal in parallel. A topic that is not a valid topic name (empty,
     /// or with a wildcard) is refused here with [`ClientError::Invalid`].
     pub async fn publish(
         &self,
@@ -340,8 +346,8 @@ impl Client {
         payload: impl Into<Bytes>,
     ) -> Result<PendingPubAck, ClientError> {
         let sealed = self
-            .sealer
-            .publish(topic, payload.into(), PayloadFormat::NativeV1)?;
+            .seal(topic, payload.into(), PayloadFormat::NativeV1)
+            .await?;
         let (reply, answer) = oneshot::channel();
         let request = Request::Publish { sealed, reply };
         self.requests
@@ -368,8 +374,34 @@ impl Client {
         payload: impl Into<Bytes>,
         format: PayloadFormat,
     ) -> Result<PubAck, ClientError> {
-        let sealed = self.sealer.publish(topic, payload.into(), format)?;
+        let sealed = self.seal(topic, payload.into(), format).await?;
         self.call(|reply| Request::Publish { sealed, reply }).await
+    }
+
+    /// Seals a publish on the caller's task, or on tokio's blocking pool when the
+    /// payload is large. Sealing 1 MiB takes 1.5-2 ms, and a task that seals a run of
+    /// them holds its worker thread all that time: the client's session task, woken
+    /// by the first publish, waits behind it on the same worker (tokio does not let
+    /// another worker steal a task just woken there), so nothing is sent until the
+    /// caller stops to wait. The caller still seals one publish after another, so
+    /// their order is kept.
+    async fn seal(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        format: PayloadFormat,
+    ) -> Result<session::SealedPublish, ClientError> {
+        if payload.len() < SEAL_OFF_TASK {
+            return self.sealer.publish(topic, payload, format);
+        }
+        let sealer = Arc::clone(&self.sealer);
+        let topic = topic.to_owned();
+        match tokio::task::spawn_blocking(move || sealer.publish(&topic, payload, format)).await {
+            Ok(sealed) => sealed,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => Err(ClientError::Closed),
+        }
     }
 
     /// Subscribes to a filter (`+` one level, `#` the rest) for as long as the client
