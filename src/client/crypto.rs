@@ -518,8 +518,8 @@ impl SealingKeys {
         let start = payload.len();
         payload.extend_from_slice(plaintext);
         // PKCS#7: 1 to 16 bytes, each holding the count.
-        let pad = BLOCK_LEN - plaintext.len() % BLOCK_LEN;
-        payload.resize(start + plaintext.len() + pad, pad as u8);
+        let padded = padded_len(plaintext.len());
+        payload.resize(start + padded, (padded - plaintext.len()) as u8);
 
         // Encrypt-then-MAC in one pass over the buffer: each piece is MACed while it
         // is still in the L1 cache, rather than the whole ciphertext read back after
