@@ -251,16 +251,45 @@ impl AesKey {
 
     /// Decrypts and unpads; `iv` must be 16 bytes and `ciphertext` a non-empty
     /// multiple of 16 (checked by the callers).
+    ///
+    /// The ciphertext is copied into the output one piece at a time and decrypted
+    /// there while the piece is still in the L1 cache, instead of copied whole and
+    /// then read back (`cargo bench --bench micro -- crypto/open`, 2026-12-06: 64 KiB
+    /// 1.09 → 1.14 GiB/s, 1 MiB 1.06 → 1.14 GiB/s).
     fn decrypt(&self, iv: &[u8], ciphertext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let iv: &[u8; IV_LEN] = iv.try_into().map_err(|_| CryptoError::Truncated)?;
-        let mut buf = ciphertext.to_vec();
-        let len = Aes256CbcDec::inner_iv_init(self.dec.clone(), iv.into())
-            .decrypt_padded_mut::<Pkcs7>(&mut buf)
-            .map_err(|_| CryptoError::BadPadding)?
-            .len();
-        buf.truncate(len);
-        Ok(buf)
+        if ciphertext.is_empty() || !ciphertext.len().is_multiple_of(BLOCK_LEN) {
+            return Err(CryptoError::BadLength);
+        }
+        let mut cbc = Aes256CbcDec::inner_iv_init(self.dec.clone(), iv.into());
+        let mut out = Vec::with_capacity(ciphertext.len());
+        for piece in ciphertext.chunks(SEAL_PIECE) {
+            let from = out.len();
+            out.extend_from_slice(piece);
+            let (blocks, tail) = InOutBuf::from(&mut out[from..]).into_chunks();
+            debug_assert!(tail.is_empty(), "pieces are whole blocks");
+            cbc.decrypt_blocks_inout_mut(blocks);
+        }
+        let len = unpad(&out)?;
+        out.truncate(len);
+        Ok(out)
     }
+}
+
+/// The length of `padded` without its PKCS#7 padding: 1 to 16 bytes, each holding the
+/// count. A ciphertext only gets here once its MAC has been checked, so a bad pad
+/// means a wrong key or a broken sender, never an oracle for an attacker.
+fn unpad(padded: &[u8]) -> Result<usize, CryptoError> {
+    let &count = padded.last().ok_or(CryptoError::BadPadding)?;
+    let count = usize::from(count);
+    if count == 0 || count > BLOCK_LEN || count > padded.len() {
+        return Err(CryptoError::BadPadding);
+    }
+    let (text, pad) = padded.split_at(padded.len() - count);
+    if pad.iter().any(|&b| usize::from(b) != count) {
+        return Err(CryptoError::BadPadding);
+    }
+    Ok(text.len())
 }
 
 impl fmt::Debug for SealingKeys {
@@ -516,22 +545,31 @@ impl SealingKeys {
         payload.push(NATIVE_V1_VERSION);
         payload.extend_from_slice(&iv);
         let start = payload.len();
-        payload.extend_from_slice(plaintext);
-        // PKCS#7: 1 to 16 bytes, each holding the count.
-        let padded = padded_len(plaintext.len());
-        payload.resize(start + padded, (padded - plaintext.len()) as u8);
-
-        // Encrypt-then-MAC in one pass over the buffer: each piece is MACed while it
-        // is still in the L1 cache, rather than the whole ciphertext read back after
-        // it was written. Sealing 64 KiB to 1 MiB is 12-14% faster for it (`cargo
-        // bench --bench micro -- crypto`; 256 B was the best piece from 64 to 4,096).
+        // Encrypt-then-MAC in one pass: each piece is copied in, encrypted in place and
+        // MACed while it is still in the L1 cache, rather than the whole plaintext
+        // copied first and the whole ciphertext read back for the MAC. Sealing 64 KiB
+        // to 1 MiB is 12-14% faster for the fused MAC and 4-7% more for the fused copy
+        // (`cargo bench --bench micro -- crypto`; 256 B was the best piece from 64 to
+        // 4,096).
         let mut cbc = Aes256CbcEnc::inner_iv_init(self.native.enc.clone(), (&iv).into());
-        for piece in payload[start..].chunks_mut(SEAL_PIECE) {
-            let (blocks, tail) = InOutBuf::from(&mut *piece).into_chunks();
+        let mut seal_from = |payload: &mut Vec<u8>, from: usize| {
+            let (blocks, tail) = InOutBuf::from(&mut payload[from..]).into_chunks();
             debug_assert!(tail.is_empty(), "pieces are whole blocks");
             cbc.encrypt_blocks_inout_mut(blocks);
-            mac.update(piece);
+            mac.update(&payload[from..]);
+        };
+        let whole = plaintext.len() / SEAL_PIECE * SEAL_PIECE;
+        for piece in plaintext[..whole].chunks_exact(SEAL_PIECE) {
+            let from = payload.len();
+            payload.extend_from_slice(piece);
+            seal_from(&mut payload, from);
         }
+        // The last, partial piece (perhaps empty) and the PKCS#7 padding: 1 to 16
+        // bytes, each holding the count.
+        let padded = padded_len(plaintext.len());
+        payload.extend_from_slice(&plaintext[whole..]);
+        payload.resize(start + padded, (padded - plaintext.len()) as u8);
+        seal_from(&mut payload, start + whole);
         payload.extend_from_slice(&mac.finalize().into_bytes());
         Ok(payload)
     }
@@ -711,6 +749,34 @@ mod tests {
             assert_eq!(got, want, "{len} bytes");
             assert_eq!(keys.open_message(&ctx(), &got).unwrap(), plaintext);
         }
+    }
+
+    #[test]
+    fn unpad_takes_only_well_formed_pkcs7() {
+        let mut block = [b'x'; BLOCK_LEN];
+        block[BLOCK_LEN - 3..].fill(3);
+        assert_eq!(unpad(&block), Ok(BLOCK_LEN - 3));
+        assert_eq!(unpad(&[BLOCK_LEN as u8; BLOCK_LEN]), Ok(0));
+        block[BLOCK_LEN - 2] = 2;
+        assert_eq!(
+            unpad(&block),
+            Err(CryptoError::BadPadding),
+            "mixed pad bytes"
+        );
+        block[BLOCK_LEN - 1] = 0;
+        assert_eq!(unpad(&block), Err(CryptoError::BadPadding), "zero count");
+        block[BLOCK_LEN - 1] = BLOCK_LEN as u8 + 1;
+        assert_eq!(
+            unpad(&block),
+            Err(CryptoError::BadPadding),
+            "count past a block"
+        );
+        assert_eq!(
+            unpad(&[4, 4, 4]),
+            Err(CryptoError::BadPadding),
+            "count past the input"
+        );
+        assert_eq!(unpad(&[]), Err(CryptoError::BadPadding));
     }
 
     #[test]
