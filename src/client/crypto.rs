@@ -277,8 +277,10 @@ impl AesKey {
 }
 
 /// The length of `padded` without its PKCS#7 padding: 1 to 16 bytes, each holding the
-/// count. A ciphertext only gets here once its MAC has been checked, so a bad pad
-/// means a wrong key or a broken sender, never an oracle for an attacker.
+/// count. The same checks, in the same order, as the `block-padding` crate's `Pkcs7`
+/// that this replaces. A `NATIVE_V1` payload only gets here once its MAC has been
+/// checked; the legacy formats have no MAC (the seeds' design), so for them a bad pad
+/// is the only sign of a wrong key or a tampered message.
 fn unpad(padded: &[u8]) -> Result<usize, CryptoError> {
     let &count = padded.last().ok_or(CryptoError::BadPadding)?;
     let count = usize::from(count);
