@@ -401,3 +401,78 @@ async fn large_and_small_pipelined_publishes_keep_their_order() {
         );
     }
 }
+
+#[tokio::test]
+async fn publishes_over_the_payload_limit_are_refused_before_sealing() {
+    // The broker's own cap (64 KiB) is also its largest frame but for 64 KiB of
+    // headroom: a publish past that used to get the connection dropped, and the
+    // client resent it after every reconnect, for ever.
+    let broker = Broker::start_with(&["--max-payload", "65536"]);
+    broker
+        .create_session("small", "secret-pass", json!({"maxPayloadBytes": 4096}))
+        .await;
+    broker
+        .create_session("capped", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+
+    let client = broker.client("small", "secret-pass", &key).await;
+    assert_eq!(client.session_info().max_payload_bytes, 4096);
+    // NATIVE_V1 adds a version byte, an IV, a MAC and 1-16 bytes of padding: 4,031
+    // bytes seal to 4,081, 4,032 to 4,097.
+    let fits = within("publish at the limit", client.publish("t", vec![1u8; 4031])).await;
+    assert!(
+        fits.is_ok(),
+        "a payload sealing to the limit is accepted: {fits:?}"
+    );
+    let over = within(
+        "publish over the limit",
+        client.publish("t", vec![1u8; 4032]),
+    )
+    .await;
+    match over {
+        Err(ClientError::Refused { code, message }) => {
+            assert_eq!(code, ErrorCode::PayloadTooLarge);
+            assert!(message.contains("4032 bytes is 4097 bytes"), "{message}");
+            assert!(message.contains("limit of 4096"), "{message}");
+        }
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    let legacy = within("legacy over", client.publish_legacy("t", &"x".repeat(3000))).await;
+    assert!(
+        matches!(
+            &legacy,
+            Err(ClientError::Refused {
+                code: ErrorCode::PayloadTooLarge,
+                ..
+            })
+        ),
+        "3,000 characters are over 4 KiB as legacy JSON (base64 and a hash): {legacy:?}"
+    );
+
+    // Past the broker's largest frame: refused at once, and the client carries on.
+    let client = broker.client("capped", "secret-pass", &key).await;
+    assert_eq!(client.session_info().max_payload_bytes, 65536);
+    let huge = within(
+        "publish past the frame limit",
+        client.publish("t", vec![1u8; 200_000]),
+    )
+    .await;
+    assert!(
+        matches!(
+            &huge,
+            Err(ClientError::Refused {
+                code: ErrorCode::PayloadTooLarge,
+                ..
+            })
+        ),
+        "{huge:?}"
+    );
+    let after = within("publish after", client.publish("t", vec![1u8; 100])).await;
+    assert!(after.is_ok(), "the connection is still usable: {after:?}");
+    assert_eq!(
+        client.session_info().connections,
+        1,
+        "no reconnect was needed"
+    );
+}

@@ -679,6 +679,19 @@ fn padded_len(len: usize) -> usize {
     (len / BLOCK_LEN + 1) * BLOCK_LEN
 }
 
+/// Bytes a `NATIVE_V1` message of `len` plaintext bytes takes once sealed: what the
+/// broker holds against the session's payload limit.
+pub fn native_sealed_len(len: usize) -> usize {
+    1 + IV_LEN + padded_len(len) + TAG_LEN
+}
+
+/// Bytes a legacy JSON message of `len` plaintext bytes takes once sealed:
+/// `{"data":"<base64 of IV and ciphertext>","hash":"<64 hex digits>"}`.
+pub fn legacy_sealed_len(len: usize) -> usize {
+    const FRAME: usize = r#"{"data":"","hash":""}"#.len() + 2 * 32;
+    FRAME + (IV_LEN + padded_len(len)).div_ceil(3) * 4
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -750,6 +763,22 @@ mod tests {
             let got = keys.seal_message_with_iv(&ctx(), &plaintext, iv).unwrap();
             assert_eq!(got, want, "{len} bytes");
             assert_eq!(keys.open_message(&ctx(), &got).unwrap(), plaintext);
+        }
+    }
+
+    #[test]
+    fn sealed_lengths_are_exact() {
+        let keys = keys();
+        for len in [0, 1, 15, 16, 17, 100, 255, 256, 4000, 65_536, 100_001] {
+            let plaintext = "p".repeat(len);
+            let native = keys.seal_message(&ctx(), plaintext.as_bytes()).unwrap();
+            assert_eq!(
+                native.len(),
+                native_sealed_len(len),
+                "NATIVE_V1, {len} bytes"
+            );
+            let legacy = keys.seal_legacy(&plaintext);
+            assert_eq!(legacy.len(), legacy_sealed_len(len), "legacy, {len} bytes");
         }
     }
 

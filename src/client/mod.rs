@@ -326,7 +326,10 @@ impl Client {
     /// The payload is sealed on the calling task (from 128 KiB on, on tokio's blocking
     /// pool while the task waits), so tasks publishing through clones of one client
     /// seal in parallel. A topic that is not a valid topic name (empty,
-    /// or with a wildcard) is refused here with [`ClientError::Invalid`].
+    /// or with a wildcard) is refused here with [`ClientError::Invalid`], and a payload
+    /// that would seal to more than the session's `max_payload_bytes` (see
+    /// [`session_info`](Self::session_info)) with [`ClientError::Refused`] and
+    /// `PAYLOAD_TOO_LARGE`, before any sealing.
     pub async fn publish(
         &self,
         topic: &str,
@@ -391,6 +394,7 @@ impl Client {
         payload: Bytes,
         format: PayloadFormat,
     ) -> Result<session::SealedPublish, ClientError> {
+        self.sealer.check(topic, payload.len(), format)?;
         if payload.len() < SEAL_OFF_TASK {
             return self.sealer.publish(topic, payload, format);
         }

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -61,6 +61,8 @@ pub(super) struct Sealer {
     keys: SealingKeys,
     /// The broker's clock minus ours, in milliseconds, from the last `Welcome`.
     clock_offset_ms: AtomicI64,
+    /// The session's largest sealed payload, from the last `Welcome`.
+    max_payload_bytes: AtomicU64,
 }
 
 impl Sealer {
@@ -68,14 +70,42 @@ impl Sealer {
         (local_now() as i64 + self.clock_offset_ms.load(Ordering::Relaxed)).max(0) as u64
     }
 
-    /// A new publish: checked, given a fresh id, stamped with the broker's time, sealed.
+    /// Refuses, before any sealing, a publish the broker would refuse for its topic or
+    /// its size. Sealing a payload past the session's limit would only waste the work,
+    /// and past the broker's largest frame the broker drops the connection instead of
+    /// answering, so the publish could never be answered at all.
+    pub(super) fn check(
+        &self,
+        topic: &str,
+        len: usize,
+        format: PayloadFormat,
+    ) -> Result<(), ClientError> {
+        TopicName::check(topic)?;
+        let sealed = match format {
+            PayloadFormat::LegacyJson => super::crypto::legacy_sealed_len(len),
+            _ => super::crypto::native_sealed_len(len),
+        };
+        let limit = self.max_payload_bytes.load(Ordering::Relaxed);
+        if sealed as u64 > limit {
+            return Err(ClientError::Refused {
+                code: ErrorCode::PayloadTooLarge,
+                message: format!(
+                    "a payload of {len} bytes is {sealed} bytes sealed, over the session's \
+                     limit of {limit} bytes"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A new publish that passed [`check`](Self::check): given a fresh id, stamped with
+    /// the broker's time, sealed.
     pub(super) fn publish(
         &self,
         topic: &str,
         plaintext: Bytes,
         format: PayloadFormat,
     ) -> Result<SealedPublish, ClientError> {
-        TopicName::check(topic)?;
         let id: [u8; 16] = rand::random();
         let timestamp_ms = self.server_now();
         let payload = self.seal(topic, &id, timestamp_ms, &plaintext, format)?;
@@ -206,6 +236,7 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
         keys: SealingKeys::derive(&config.key),
         session,
         clock_offset_ms: AtomicI64::new(0),
+        max_payload_bytes: AtomicU64::new(u64::MAX),
     });
     let mut state = State {
         sealer: sealer.clone(),
@@ -275,6 +306,11 @@ impl State {
             Some(server_frame::Kind::Welcome(w)) => {
                 let offset = w.server_time_ms as i64 - local_now() as i64;
                 self.sealer.clock_offset_ms.store(offset, Ordering::Relaxed);
+                // 0: a broker that does not say; it refuses what is too large itself.
+                let limit = Some(w.max_payload_bytes).filter(|&l| l > 0);
+                self.sealer
+                    .max_payload_bytes
+                    .store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
                 self.info.send_modify(|info| {
                     info.server_version = w.server_version;
                     info.retry_interval_ms = w.retry_interval_ms;
