@@ -265,6 +265,7 @@ impl ServeArgs {
             core: CoreConfig {
                 replay_window_ms,
                 max_file_bytes,
+                max_payload_bytes: max_payload,
                 ..CoreConfig::default()
             },
             ..DriverConfig::default()

@@ -476,3 +476,41 @@ async fn publishes_over_the_payload_limit_are_refused_before_sealing() {
         "no reconnect was needed"
     );
 }
+
+#[tokio::test]
+async fn a_pending_publish_over_a_lowered_limit_is_refused_after_the_reconnect() {
+    let mut broker = Broker::start_with(&["--max-payload", "1048576"]);
+    broker
+        .create_session("shrink", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let client = broker.client("shrink", "secret-pass", &key).await;
+    assert_eq!(client.session_info().max_payload_bytes, 1_048_576);
+
+    // Queued while the broker is down, within the limit the client last heard of.
+    broker.kill9();
+    let pending = client
+        .publish_pipelined("t", vec![1u8; 200_000])
+        .await
+        .expect("queued while disconnected");
+    // Back with a cap below the stored session's limit and below the publish.
+    broker.restart_with(&["--max-payload", "65536"]);
+    let answer = within("the pending publish's answer", pending).await;
+    assert!(
+        matches!(
+            &answer,
+            Err(ClientError::Refused {
+                code: ErrorCode::PayloadTooLarge,
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
+    assert_eq!(
+        client.session_info().max_payload_bytes,
+        65_536,
+        "the broker caps the stored session's limit"
+    );
+    let after = within("publish after", client.publish("t", vec![1u8; 100])).await;
+    assert!(after.is_ok(), "{after:?}");
+}

@@ -502,6 +502,13 @@ impl State {
                 continue;
             };
             let p = &p.sealed;
+            // The broker may have come back with a lower payload limit.
+            if let Err(e) = self.sealer.check(&p.topic, p.plaintext.len(), p.format) {
+                if let Some(p) = self.publishes.remove(&id) {
+                    let _ = p.reply.send(Err(e));
+                }
+                continue;
+            }
             let stale = now.saturating_sub(p.timestamp_ms) > window / 2;
             if stale {
                 // Re-stamped and re-sealed under the same id (design §4).

@@ -85,6 +85,10 @@ pub struct CoreConfig {
     pub max_keys: usize,
     /// Largest file accepted, in bytes.
     pub max_file_bytes: u64,
+    /// The broker's cap on any session's payload limit. A session stored with a
+    /// higher limit (before a restart with a lower `--max-payload`) gets the cap: past
+    /// it, a carrier's largest frame would no longer hold the publish.
+    pub max_payload_bytes: u64,
 }
 
 impl Default for CoreConfig {
@@ -99,6 +103,7 @@ impl Default for CoreConfig {
             max_subscriptions: 1_000,
             max_keys: 10_000,
             max_file_bytes: 4 << 30,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
         }
     }
 }
@@ -228,7 +233,10 @@ impl Core {
         }
     }
 
-    fn upsert_session(&mut self, settings: SessionSettings) -> &mut Session {
+    fn upsert_session(&mut self, mut settings: SessionSettings) -> &mut Session {
+        settings.max_payload_bytes = settings
+            .max_payload_bytes
+            .min(self.config.max_payload_bytes);
         let window = self.config.replay_window_ms;
         let capacity = self.config.replay_capacity;
         let session = self

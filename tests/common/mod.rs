@@ -174,6 +174,12 @@ impl Broker {
         self.spawn();
     }
 
+    /// Starts the broker again on the same ports and data, with other extra arguments.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
     /// Creates a session over HTTP; panics unless it succeeds.
     pub async fn create_session(&self, name: &str, password: &str, extra: Value) -> Value {
         let (status, body) = self.post_session(name, password, extra).await;
