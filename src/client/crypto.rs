@@ -543,7 +543,7 @@ impl SealingKeys {
         iv: [u8; IV_LEN],
     ) -> Result<Vec<u8>, CryptoError> {
         let mut mac = self.envelope_hmac_head(domain, ctx, index, &iv)?;
-        let mut payload = Vec::with_capacity(1 + IV_LEN + padded_len(plaintext.len()) + TAG_LEN);
+        let mut payload = Vec::with_capacity(native_sealed_len(plaintext.len()));
         payload.push(NATIVE_V1_VERSION);
         payload.extend_from_slice(&iv);
         let start = payload.len();

@@ -71,9 +71,7 @@ impl Sealer {
     }
 
     /// Refuses, before any sealing, a publish the broker would refuse for its topic or
-    /// its size. Sealing a payload past the session's limit would only waste the work,
-    /// and past the broker's largest frame the broker drops the connection instead of
-    /// answering, so the publish could never be answered at all.
+    /// its size (see [`check_size`](Self::check_size)).
     pub(super) fn check(
         &self,
         topic: &str,
@@ -81,6 +79,14 @@ impl Sealer {
         format: PayloadFormat,
     ) -> Result<(), ClientError> {
         TopicName::check(topic)?;
+        self.check_size(len, format, "")
+    }
+
+    /// Refuses a publish of `len` plaintext bytes that would seal to more than the
+    /// session's limit. Sealing it would only waste the work, and past the broker's
+    /// largest frame the broker drops the connection instead of answering, so the
+    /// publish could never be answered at all. `note` ends the error's message.
+    fn check_size(&self, len: usize, format: PayloadFormat, note: &str) -> Result<(), ClientError> {
         let sealed = match format {
             PayloadFormat::LegacyJson => super::crypto::legacy_sealed_len(len),
             _ => super::crypto::native_sealed_len(len),
@@ -91,7 +97,7 @@ impl Sealer {
                 code: ErrorCode::PayloadTooLarge,
                 message: format!(
                     "a payload of {len} bytes is {sealed} bytes sealed, over the session's \
-                     limit of {limit} bytes"
+                     limit of {limit} bytes{note}"
                 ),
             });
         }
@@ -162,6 +168,8 @@ struct PendingPublish {
     reply: oneshot::Sender<Result<PubAck, ClientError>>,
     /// Sent again after a reconnect, so `REPLAYED` means it was accepted before.
     resent: bool,
+    /// Written to a connection at least once, so the broker may have it.
+    written: bool,
 }
 
 struct LocalSub {
@@ -501,9 +509,14 @@ impl State {
             let Some(p) = self.publishes.get(&id) else {
                 continue;
             };
-            let p = &p.sealed;
             // The broker may have come back with a lower payload limit.
-            if let Err(e) = self.sealer.check(&p.topic, p.plaintext.len(), p.format) {
+            let note = if p.written {
+                " (it may have reached the broker before the connection was lost)"
+            } else {
+                ""
+            };
+            let p = &p.sealed;
+            if let Err(e) = self.sealer.check_size(p.plaintext.len(), p.format, note) {
                 if let Some(p) = self.publishes.remove(&id) {
                     let _ = p.reply.send(Err(e));
                 }
@@ -529,6 +542,7 @@ impl State {
             }
             if let Some(p) = self.publishes.get_mut(&id) {
                 p.resent = true;
+                p.written = true;
                 live.writer.push_publish(&publish_frame(&p.sealed));
             }
         }
@@ -558,14 +572,25 @@ impl State {
     fn on_request(&mut self, request: Request, writer: Option<&mut ControlWriter>) {
         match request {
             Request::Publish { sealed, reply } => {
+                // Checked against the limit its caller knew; a reconnect since may
+                // have brought a lower one.
+                let checked = self
+                    .sealer
+                    .check_size(sealed.plaintext.len(), sealed.format, "");
+                if let Err(e) = checked {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
                 let id = sealed.id;
-                let pending = PendingPublish {
+                let mut pending = PendingPublish {
                     sealed,
                     reply,
                     resent: false,
+                    written: false,
                 };
                 if let Some(w) = writer {
                     w.push_publish(&publish_frame(&pending.sealed));
+                    pending.written = true;
                 }
                 self.publishes.insert(id, pending);
                 self.publish_order.push_back(id);
