@@ -315,7 +315,6 @@ impl ServeArgs {
             driver,
             carrier,
             create_session_limit,
-            max_payload_bytes: max_payload,
         })
     }
 }
@@ -334,6 +333,17 @@ mod tests {
             StoreKind::Sqlite(PathBuf::from("data/fastport.db"))
         );
         assert_eq!(c.create_session_limit.count, 100);
+    }
+
+    #[test]
+    fn max_payload_sets_the_sessions_cap_and_the_largest_frame() {
+        let args = ServeArgs {
+            max_payload: Some(65_536),
+            ..ServeArgs::default()
+        };
+        let c = args.resolve().expect("valid");
+        assert_eq!(c.driver.core.max_payload_bytes, 65_536);
+        assert_eq!(c.carrier.max_frame, 65_536 + 64 * 1024);
     }
 
     #[test]

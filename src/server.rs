@@ -27,8 +27,6 @@ pub struct ServerConfig {
     pub driver: DriverConfig,
     pub carrier: CarrierLimits,
     pub create_session_limit: CreateSessionLimit,
-    /// Largest payload any session may allow.
-    pub max_payload_bytes: u64,
 }
 
 /// Why the broker could not start.
@@ -110,7 +108,7 @@ impl Server {
             certs.clone(),
             ctx,
             config.create_session_limit,
-            config.max_payload_bytes,
+            config.driver.core.max_payload_bytes,
         ));
         let (stop_http, mut stopped) = watch::channel(false);
         let shutdown = async move {
