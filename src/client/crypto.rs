@@ -249,8 +249,10 @@ impl AesKey {
         out.truncate(start + len);
     }
 
-    /// Decrypts and unpads; `iv` must be 16 bytes and `ciphertext` a non-empty
-    /// multiple of 16 (checked by the callers).
+    /// Decrypts and unpads; `iv` must be 16 bytes. The callers check that `ciphertext`
+    /// is a non-empty multiple of 16 to tell their own formats' errors apart; this
+    /// checks it again, as the loop below would leave a piece of partial blocks
+    /// undecrypted.
     ///
     /// The ciphertext is copied into the output one piece at a time and decrypted
     /// there while the piece is still in the L1 cache, instead of copied whole and
