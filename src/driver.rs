@@ -346,13 +346,16 @@ impl Driver {
                 break;
             }
             for conn in overflowed {
+                // Every output that did not fit names the connection again: cut it
+                // off once.
+                let Some(tx) = self.conns.remove(&conn) else {
+                    continue;
+                };
                 tracing::warn!(
                     conn = conn.0,
                     "outbound queue full; disconnecting slow connection"
                 );
-                if let Some(tx) = self.conns.remove(&conn) {
-                    tx.kick.notify_one();
-                }
+                tx.kick.notify_one();
                 self.core.handle(now_ms(), Command::Disconnected { conn });
             }
         }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine;
@@ -307,4 +308,88 @@ async fn fcm_tokens_are_registered_and_never_logged() {
         common::contains(&common::db_bytes(&broker.db_path()), b"pixel-7"),
         "the token is stored for pushes"
     );
+}
+
+/// State of the broker's end of a TCP connection, from the kernel's table
+/// (`/proc/net/tcp`): `Some(1)` while established, `None` once the kernel let go of it.
+fn broker_side_tcp_state(broker: SocketAddr, client: SocketAddr) -> Option<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = |field: &str| {
+        let hex = field.rsplit(':').next()?;
+        u16::from_str_radix(hex, 16).ok()
+    };
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, state) = (fields.get(1)?, fields.get(2)?, fields.get(3)?);
+        (port(local)? == broker.port() && port(remote)? == client.port())
+            .then(|| u8::from_str_radix(state, 16).ok())
+            .flatten()
+    })
+}
+
+const TCP_ESTABLISHED: u8 = 1;
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_let_go_of() {
+    let broker = Broker::start_with(&[
+        "--ws-ping-interval-ms",
+        "300",
+        "--ws-idle-timeout-ms",
+        "1500",
+    ]);
+    broker
+        .create_session("dart", "secret-pass", json!({}))
+        .await;
+    let key: [u8; 32] = rand::random();
+
+    // A subscriber with a small receive buffer, which stops reading after its init.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let stream = within("connect", socket.connect(broker.http))
+        .await
+        .expect("connect");
+    let client_addr = stream.local_addr().expect("local address");
+    let url = format!("ws://{}/", broker.http);
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (ws, _) = within("handshake", tokio_tungstenite::client_async(url, stream))
+        .await
+        .expect("handshake");
+    let mut stalled = Dart { ws };
+    stalled.init("dart", "secret-pass", None).await;
+    stalled
+        .send(json!({"type": "subscribe", "topic": "feed/#"}))
+        .await;
+
+    // ~10 MB for it: more than the socket buffers on both ends hold, so the broker's
+    // writer waits on a full socket.
+    let mut publisher = Dart::connect(&broker, "/").await;
+    publisher.init("dart", "secret-pass", None).await;
+    let text = "x".repeat(72 * 1024);
+    for _ in 0..100 {
+        publisher.publish(&key, "feed/a", &text).await;
+    }
+    for _ in 0..100 {
+        assert_eq!(publisher.recv().await["type"], "ack_received");
+    }
+    assert_eq!(
+        broker_side_tcp_state(broker.http, client_addr),
+        Some(TCP_ESTABLISHED)
+    );
+
+    // Silent and not reading: after the idle timeout, the writer's 1.5 s without
+    // progress and the 2 s the reader lingers for a close, the broker lets the socket go.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+    while broker_side_tcp_state(broker.http, client_addr) == Some(TCP_ESTABLISHED) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broker still holds the connection of a client that stopped reading"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The router forgot it too.
+    let mut later = Dart::connect(&broker, "/").await;
+    later.init("dart", "secret-pass", None).await;
+    later.publish(&key, "feed/a", "anyone?").await;
+    assert_eq!(later.recv().await["status"], "NO_SUBSCRIBERS");
+    drop((stalled, publisher));
 }

@@ -65,28 +65,82 @@ pub trait Encoder: Send + 'static {
     fn encode_file(&mut self, item: &FileItem) -> Vec<Message>;
 }
 
+/// How the writer paces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterTiming {
+    /// The broker pings this often.
+    pub ping_interval: Duration,
+    /// A write the client has taken nothing of for this long ends the connection (the
+    /// client stopped reading, and its socket buffer is full).
+    pub stall_timeout: Duration,
+}
+
 /// Writes the outbound queue and the file port to the socket until the queue ends, a
-/// `Close` is written, or the broker kicks the connection. Pings every
-/// `ping_interval`.
+/// `Close` is written, the broker kicks the connection, or the client stops taking what
+/// is written (see [`WriterTiming::stall_timeout`]). Pings every `ping_interval`.
+///
+/// The kick is watched during writes too: a client that stopped reading leaves the
+/// writer waiting on a full socket, which is exactly when the broker kicks it. When
+/// this returns the connection is over; the reader watches for that (see `serve`).
 pub async fn write_loop<E: Encoder>(
     mut sink: SplitSink<WebSocket, Message>,
+    rx: mpsc::Receiver<Outbound>,
+    files: mpsc::Receiver<FileItem>,
+    encoder: E,
+    publish_slots: Arc<Semaphore>,
+    kick: Arc<Notify>,
+    timing: WriterTiming,
+) {
+    let pumped = pump(&mut sink, rx, files, encoder, &publish_slots, timing);
+    tokio::select! {
+        () = pumped => {}
+        _ = kick.notified() => {
+            let reject = Reject::LimitExceeded("outbound queue full: the client is not reading");
+            tracing::debug!(%reject, "dropping a WebSocket connection");
+            // The socket is likely full: one short try to say why.
+            let close = close_message(close::POLICY, &reject.to_string());
+            let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(close)).await;
+        }
+    }
+    publish_slots.close();
+}
+
+/// How long a closing writer waits for its close frame to be taken.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// One write to the socket, given up once the client has taken nothing for `stall`.
+async fn within<T>(
+    stall: Duration,
+    write: impl std::future::Future<Output = Result<T, axum::Error>>,
+) -> Result<T, ()> {
+    match tokio::time::timeout(stall, write).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(_)) => Err(()),
+        Err(_) => {
+            tracing::debug!(?stall, "WebSocket client took nothing written; closing");
+            Err(())
+        }
+    }
+}
+
+async fn pump<E: Encoder>(
+    sink: &mut SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outbound>,
     mut files: mpsc::Receiver<FileItem>,
     mut encoder: E,
-    publish_slots: Arc<Semaphore>,
-    kick: Arc<Notify>,
-    ping_interval: std::time::Duration,
+    publish_slots: &Semaphore,
+    timing: WriterTiming,
 ) {
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    let stall = timing.stall_timeout;
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + timing.ping_interval, timing.ping_interval);
     loop {
         tokio::select! {
             Some(item) = files.recv() => {
-                let mut failed = false;
                 for message in encoder.encode_file(&item) {
-                    failed |= sink.send(message).await.is_err();
-                }
-                if failed {
-                    break;
+                    if within(stall, sink.send(message)).await.is_err() {
+                        return;
+                    }
                 }
                 if let FileItem::End { written, .. } = item {
                     let _ = written.send(());
@@ -94,8 +148,8 @@ pub async fn write_loop<E: Encoder>(
             }
             item = rx.recv() => {
                 let Some(item) = item else {
-                    let _ = sink.send(close_message(close::NORMAL, "bye")).await;
-                    break;
+                    let _ = within(stall, sink.send(close_message(close::NORMAL, "bye"))).await;
+                    return;
                 };
                 if item.answers_publish() {
                     publish_slots.add_permits(1);
@@ -107,37 +161,31 @@ pub async fn write_loop<E: Encoder>(
                 let mut closed = false;
                 for message in encoder.encode(&item) {
                     closed |= matches!(message, Message::Close(_));
-                    if sink.feed(message).await.is_err() {
-                        publish_slots.close();
+                    if within(stall, sink.feed(message)).await.is_err() {
                         return;
                     }
                 }
                 if closed {
-                    let _ = sink.flush().await;
-                    break;
+                    let _ = within(stall, sink.flush()).await;
+                    return;
                 }
                 if let Some(reject) = closing {
-                    let _ = sink.send(close_message(close_code(&reject), &reject.to_string())).await;
-                    break;
+                    let close = close_message(close_code(&reject), &reject.to_string());
+                    let _ = within(stall, sink.send(close)).await;
+                    return;
                 }
                 // Flush once the queue is drained, so bursts go out together.
-                if rx.is_empty() && sink.flush().await.is_err() {
-                    break;
+                if rx.is_empty() && within(stall, sink.flush()).await.is_err() {
+                    return;
                 }
             }
             _ = ping.tick() => {
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    break;
+                if within(stall, sink.send(Message::Ping(Default::default()))).await.is_err() {
+                    return;
                 }
-            }
-            _ = kick.notified() => {
-                let reject = Reject::LimitExceeded("outbound queue full: the client is not reading");
-                let _ = sink.send(close_message(close::POLICY, &reject.to_string())).await;
-                break;
             }
         }
     }
-    publish_slots.close();
 }
 
 /// What the reader got from the socket.

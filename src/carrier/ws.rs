@@ -31,16 +31,21 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     let (tx, rx) = mpsc::channel(capacity);
     let (files_tx, files_rx) = mpsc::channel(FILE_PORT_CAPACITY);
     let mut link = Link::new(ctx, peer.ip(), false, tx, files_tx);
-    let writer = tokio::spawn(websocket::write_loop(
+    let timing = websocket::WriterTiming {
+        ping_interval,
+        stall_timeout: idle_timeout,
+    };
+    let mut writer = tokio::spawn(websocket::write_loop(
         sink,
         rx,
         files_rx,
         NativeEncoder,
         link.publish_slots(),
         link.kick(),
-        ping_interval,
+        timing,
     ));
 
+    let mut writer_done = false;
     let hello_deadline = Instant::now() + hello_timeout;
     let mut uploads = Uploads::default();
     loop {
@@ -49,7 +54,15 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
         } else {
             hello_deadline
         };
-        let message = match websocket::next_message(&mut stream, deadline).await {
+        let incoming = tokio::select! {
+            incoming = websocket::next_message(&mut stream, deadline) => incoming,
+            // The writer ended the connection (a close, a kick, a stalled client).
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
+        };
+        let message = match incoming {
             Incoming::Message(message) => message,
             Incoming::Gone => break,
             Incoming::TimedOut if link.is_attached() => {
@@ -101,7 +114,9 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
         }
     }
     link.close().await;
-    let _ = writer.await;
+    if !writer_done {
+        let _ = writer.await;
+    }
     websocket::linger(&mut stream).await;
 }
 
