@@ -1,9 +1,11 @@
 //! The `fastport` command: run the broker, or use one from the command line.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::collections::VecDeque;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::io::AsyncBufReadExt;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -474,78 +476,104 @@ async fn create_session(args: CreateArgs) -> Result<()> {
 
 async fn publish(args: PubArgs) -> Result<()> {
     let client = args.client.connect().await?;
-    let messages: Vec<String> = if args.messages.is_empty() {
-        std::io::stdin().lock().lines().collect::<Result<_, _>>()?
+    let mut source = if args.messages.is_empty() {
+        Messages::Stdin(tokio::io::BufReader::new(tokio::io::stdin()).lines())
     } else {
-        args.messages.clone()
+        Messages::Args(args.messages.clone().into_iter())
     };
-    let total = messages.len() as u64 * args.repeat;
     let started = Instant::now();
-    let window = Arc::new(tokio::sync::Semaphore::new(args.in_flight as usize));
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut last_status = None;
-    // How long each publish took from the call to its PubAck.
-    let mut acked_after = Vec::with_capacity(total.min(1 << 20) as usize);
-    type Joined = Result<(Result<PubAck, ClientError>, Duration), tokio::task::JoinError>;
-    let mut record = |joined: Joined| -> Result<()> {
-        let (ack, took) = joined?;
-        last_status = Some(ack?.status);
-        acked_after.push(took);
-        Ok(())
-    };
-    for message in &messages {
+    // Each publish is sent before the next is sealed, so they leave (and arrive) in
+    // input order; up to --in-flight of them await their PubAck, each on a task of its
+    // own that times it.
+    let mut in_flight: VecDeque<tokio::task::JoinHandle<Acked>> = VecDeque::new();
+    let mut acks = AckLog::default();
+    while let Some(message) = source.next().await? {
         for _ in 0..args.repeat {
-            let permit = window.clone().acquire_owned().await?;
-            let (client, topic, message, legacy) = (
-                client.clone(),
-                args.topic.clone(),
-                message.clone(),
-                args.legacy,
-            );
-            tasks.spawn(async move {
-                let _permit = permit;
-                let sent = Instant::now();
-                let ack = if legacy {
-                    client.publish_legacy(&topic, &message).await
-                } else {
-                    client.publish(&topic, message.into_bytes()).await
-                };
-                (ack, sent.elapsed())
-            });
-            while let Some(result) = tasks.try_join_next() {
-                record(result)?;
+            if in_flight.len() >= args.in_flight as usize
+                && let Some(oldest) = in_flight.pop_front()
+            {
+                acks.record(oldest.await?)?;
+            }
+            let sent = Instant::now();
+            let pending = if args.legacy {
+                client
+                    .publish_legacy_pipelined(&args.topic, &message)
+                    .await?
+            } else {
+                let payload = message.clone().into_bytes();
+                client.publish_pipelined(&args.topic, payload).await?
+            };
+            in_flight.push_back(tokio::spawn(async move { (pending.await, sent.elapsed()) }));
+            while in_flight.front().is_some_and(|t| t.is_finished()) {
+                if let Some(done) = in_flight.pop_front() {
+                    acks.record(done.await?)?;
+                }
             }
         }
     }
-    while let Some(result) = tasks.join_next().await {
-        record(result)?;
+    for pending in in_flight {
+        acks.record(pending.await?)?;
     }
-    let elapsed = started.elapsed();
-    if total == 1 {
-        println!("published ({})", describe(last_status));
-    } else {
-        let done = acked_after.len();
+    acks.report(started.elapsed(), args.in_flight);
+    client.close().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(())
+}
+
+/// What `pub` publishes: its arguments, or stdin line by line as lines arrive (so
+/// `tail -f log | fastport pub logs` publishes each line as it is written).
+enum Messages {
+    Args(std::vec::IntoIter<String>),
+    Stdin(tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>),
+}
+
+impl Messages {
+    async fn next(&mut self) -> std::io::Result<Option<String>> {
+        match self {
+            Messages::Args(args) => Ok(args.next()),
+            Messages::Stdin(lines) => lines.next_line().await,
+        }
+    }
+}
+
+/// A publish's answer, and how long after the call it came.
+type Acked = (Result<PubAck, ClientError>, Duration);
+
+/// The answers `pub` got: the last status, and each publish's time to its `PubAck`.
+#[derive(Default)]
+struct AckLog {
+    last: Option<PublishStatus>,
+    after: Vec<Duration>,
+}
+
+impl AckLog {
+    fn record(&mut self, (ack, took): Acked) -> Result<()> {
+        self.last = Some(ack?.status);
+        self.after.push(took);
+        Ok(())
+    }
+
+    fn report(mut self, elapsed: Duration, in_flight: u32) {
+        let done = self.after.len();
+        if done <= 1 {
+            println!("published ({})", describe(self.last));
+            return;
+        }
         let rate = done as f64 / elapsed.as_secs_f64().max(1e-9);
         println!(
             "published {done} messages in {:.2} s ({rate:.0} msg/s; last: {})",
             elapsed.as_secs_f64(),
-            describe(last_status)
+            describe(self.last)
         );
-        if done > 0 {
-            acked_after.sort_unstable();
-            let at = |q: f64| acked_after[((done - 1) as f64 * q).round() as usize].as_micros();
-            println!(
-                "acknowledged after p50 {} µs, p99 {} µs, max {} µs ({} in flight at most)",
-                at(0.5),
-                at(0.99),
-                at(1.0),
-                args.in_flight
-            );
-        }
+        self.after.sort_unstable();
+        let at = |q: f64| self.after[((done - 1) as f64 * q).round() as usize].as_micros();
+        println!(
+            "acknowledged after p50 {} µs, p99 {} µs, max {} µs ({in_flight} in flight at most)",
+            at(0.5),
+            at(0.99),
+            at(1.0),
+        );
     }
-    client.close().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    Ok(())
 }
 
 fn describe(status: Option<PublishStatus>) -> &'static str {

@@ -342,15 +342,37 @@ impl Client {
     /// Sends a publish (sealed as `NATIVE_V1`) without waiting for its `PubAck`: the
     /// returned [`PendingPubAck`] resolves when it arrives. One task can keep many
     /// publishes in flight this way; this call waits only while the client's queue is
-    /// full. Sealing and topic checks are as for [`publish`](Client::publish).
+    /// full. Publishes one task sends this way go out in the order of its calls, which
+    /// is the order subscribers get them in (design §4). Sealing and topic checks are as
+    /// for [`publish`](Client::publish).
     pub async fn publish_pipelined(
         &self,
         topic: &str,
         payload: impl Into<Bytes>,
     ) -> Result<PendingPubAck, ClientError> {
-        let sealed = self
-            .seal(topic, payload.into(), PayloadFormat::NativeV1)
-            .await?;
+        self.pipelined_as(topic, payload.into(), PayloadFormat::NativeV1)
+            .await
+    }
+
+    /// [`publish_pipelined`](Client::publish_pipelined), sealed as `LEGACY_JSON`
+    /// (`text` readable by the legacy Dart clients).
+    pub async fn publish_legacy_pipelined(
+        &self,
+        topic: &str,
+        text: &str,
+    ) -> Result<PendingPubAck, ClientError> {
+        let payload = Bytes::copy_from_slice(text.as_bytes());
+        self.pipelined_as(topic, payload, PayloadFormat::LegacyJson)
+            .await
+    }
+
+    async fn pipelined_as(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        format: PayloadFormat,
+    ) -> Result<PendingPubAck, ClientError> {
+        let sealed = self.seal(topic, payload, format).await?;
         let (reply, answer) = oneshot::channel();
         let request = Request::Publish { sealed, reply };
         self.requests
