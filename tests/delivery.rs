@@ -442,3 +442,46 @@ async fn sdk_acknowledges_a_lone_delivery_without_further_traffic() {
         "delivered again after a restart: its ack was never written"
     );
 }
+
+/// The SDK acknowledges a message when the application takes it, not when it reaches
+/// the subscription's buffer: a subscriber that takes one of five and then goes
+/// away gets the other four again on its next connection, and not the one it took.
+#[tokio::test]
+async fn messages_the_application_never_took_are_delivered_again() {
+    for url in ["quic", "ws"] {
+        let broker = broker_with("take", json!({})).await;
+        let key = SessionKey::generate();
+        let mut config = config_as(&broker, "take", &key, "taker");
+        if url == "ws" {
+            config.url = format!("ws://{}/v1/ws", broker.http);
+        }
+        let (reader, mut sub) = durable_reader(&config, "jobs").await;
+        let publisher = broker.client("take", PASSWORD, &key).await;
+        for i in 0..5 {
+            publisher
+                .publish("jobs", format!("job {i}").into_bytes())
+                .await
+                .expect("publish");
+        }
+        let first = within("the first job", sub.next()).await.expect("message");
+        assert_eq!(&first.payload[..], b"job 0");
+        // All five are in the subscription's buffer by now; only one was taken.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(sub);
+        reader.close().await;
+        drop(reader);
+
+        let (_reader, mut sub) = durable_reader(&config, "jobs").await;
+        for i in 1..5 {
+            let m = within("a job never taken", sub.next())
+                .await
+                .expect("message");
+            assert_eq!(m.payload, format!("job {i}").into_bytes(), "over {url}");
+        }
+        let more = tokio::time::timeout(Duration::from_millis(1_000), sub.next()).await;
+        assert!(
+            more.is_err(),
+            "over {url}: the job taken was delivered again"
+        );
+    }
+}

@@ -293,6 +293,8 @@ pub struct Client {
     /// Publishes are sealed on the caller's task (large ones on the blocking pool), not
     /// on the session task.
     sealer: Arc<session::Sealer>,
+    /// Where subscriptions report the messages the application took.
+    handbacks: Arc<session::Handbacks>,
 }
 
 impl Client {
@@ -300,11 +302,12 @@ impl Client {
     /// broker refuses the credentials; later disconnections are repaired in the
     /// background (when `reconnect` is on).
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let (requests, info, sealer) = session::start(config).await?;
+        let (requests, info, sealer, handbacks) = session::start(config).await?;
         Ok(Client {
             requests,
             info,
             sealer,
+            handbacks,
         })
     }
 
@@ -457,6 +460,7 @@ impl Client {
             id,
             rx,
             requests: self.requests.clone(),
+            handbacks: Arc::clone(&self.handbacks),
         })
     }
 
@@ -524,16 +528,30 @@ impl Client {
 /// A stream of messages for one subscription. Dropping it stops local delivery but
 /// keeps the broker-side subscription (a durable one keeps queuing);
 /// [`Subscription::unsubscribe`] ends it on the broker too.
+///
+/// A message is acknowledged to the broker once the application takes it from here
+/// (written with others within 2 ms), not when it reaches this buffer: messages still
+/// buffered when the `Subscription` is dropped or the client closes are not
+/// acknowledged, so the broker delivers them again (a durable subscription's on its
+/// next connection) instead of losing them.
 pub struct Subscription {
     id: u64,
     rx: mpsc::Receiver<Message>,
     requests: mpsc::Sender<Request>,
+    handbacks: Arc<session::Handbacks>,
 }
 
 impl Subscription {
     /// The next message; `None` once the client is closed.
     pub async fn next(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        let message = self.rx.recv().await?;
+        self.taken(&message);
+        Some(message)
+    }
+
+    fn taken(&self, message: &Message) {
+        self.handbacks
+            .push(session::Handback::Taken(message.message_id));
     }
 
     /// Ends the subscription on the broker (a durable one and its queue are deleted).
@@ -544,6 +562,17 @@ impl Subscription {
             .await
             .map_err(|_| ClientError::Closed)?;
         rx.await.map_err(|_| ClientError::Closed)?
+    }
+}
+
+impl Drop for Subscription {
+    /// Gives back what the application never took, unacknowledged.
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(message) = self.rx.try_recv() {
+            self.handbacks
+                .push(session::Handback::Returned(message.message_id));
+        }
     }
 }
 
@@ -563,6 +592,10 @@ impl futures::Stream for Subscription {
     type Item = Message;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.rx.poll_recv(cx)
+        let polled = self.rx.poll_recv(cx);
+        if let Poll::Ready(Some(message)) = &polled {
+            self.taken(message);
+        }
+        polled
     }
 }

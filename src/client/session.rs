@@ -40,6 +40,10 @@ const ACK_DELAY: Duration = Duration::from_millis(2);
 /// Acks written at once however young they are, so that under load they keep pace
 /// with the broker's window of unacknowledged copies (512 by default).
 const ACK_BATCH: usize = 64;
+
+/// Longest wait between two looks at what the application took, while it takes
+/// nothing (see [`State::taken_check`]).
+const TAKEN_CHECK_MAX: Duration = Duration::from_secs(1);
 /// Time the broker has to answer `Hello`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -208,8 +212,17 @@ struct State {
     seen: FastSet<[u8; 16]>,
     seen_order: VecDeque<[u8; 16]>,
     orphans: VecDeque<Message>,
-    /// Acks for orphans handed over since the last write.
-    ack_later: Vec<[u8; 16]>,
+    /// Messages in a subscription's buffer that the application has not taken yet:
+    /// acknowledged when it does (see [`Handback`]).
+    untaken: FastSet<[u8; 16]>,
+    handbacks: Arc<Handbacks>,
+    /// The reports taken from `handbacks`, being handled (kept for its allocation).
+    reports: Vec<Handback>,
+    /// While messages are untaken: when to look at the reports if nothing else wakes
+    /// the task first, and how long the last wait was (it doubles, up to
+    /// [`TAKEN_CHECK_MAX`], while the application takes nothing).
+    taken_check: Option<Instant>,
+    taken_wait: Duration,
     /// Acks queued in the writer and not yet written, and since when.
     acks_held: usize,
     acks_since: Option<Instant>,
@@ -230,7 +243,40 @@ pub(super) type Started = (
     mpsc::Sender<Request>,
     watch::Receiver<SessionInfo>,
     Arc<Sealer>,
+    Arc<Handbacks>,
 );
+
+/// What subscriptions report to the session task, collected without waking it: it
+/// looks at its next turn anyway (the next burst of deliveries, a request), or when
+/// [`State::taken_check`] is due. A wake-up per report would cost the client a task
+/// switch, often a thread's, for every batch of messages the application takes.
+#[derive(Debug, Default)]
+pub(super) struct Handbacks(std::sync::Mutex<Vec<Handback>>);
+
+impl Handbacks {
+    pub(super) fn push(&self, handback: Handback) {
+        // Nothing panics while the lock is held, so it is never poisoned.
+        let mut reports = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        reports.push(handback);
+    }
+
+    /// Moves every report so far into `into` (empty), keeping both allocations.
+    fn take(&self, into: &mut Vec<Handback>) {
+        let mut reports = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::swap(&mut *reports, into);
+    }
+}
+
+/// What a [`Subscription`](super::Subscription) tells the session task about a message
+/// it was given.
+#[derive(Debug)]
+pub(super) enum Handback {
+    /// The application took it: acknowledge it.
+    Taken([u8; 16]),
+    /// The subscription was dropped with it unread: it stays unacknowledged, and a
+    /// redelivery of it is handed over again.
+    Returned([u8; 16]),
+}
 
 pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> {
     let url = BrokerUrl::parse(&config.url)?;
@@ -260,7 +306,11 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
         seen: FastSet::default(),
         seen_order: VecDeque::new(),
         orphans: VecDeque::new(),
-        ack_later: Vec::new(),
+        untaken: FastSet::default(),
+        handbacks: Arc::default(),
+        reports: Vec::new(),
+        taken_check: None,
+        taken_wait: ACK_DELAY,
         acks_held: 0,
         acks_since: None,
         file_subs: FileSubs::default(),
@@ -271,10 +321,11 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
     };
     let (tx, rx) = mpsc::channel(256);
     state.requests = tx.downgrade();
+    let handbacks = Arc::clone(&state.handbacks);
     let clean = state.config.clean;
     let live = state.connect(&mut dialer, clean).await?;
     tokio::spawn(state.run(dialer, live, rx));
-    Ok((tx, info_rx, sealer))
+    Ok((tx, info_rx, sealer, handbacks))
 }
 
 fn frame(kind: client_frame::Kind) -> ClientFrame {
@@ -406,13 +457,15 @@ impl State {
             // A request's frames are written at the end of this turn; acks alone may
             // wait for later turns (see ACK_DELAY).
             let mut urgent = false;
-            ack_timer.set(self.acks_since.map(|since| since + ACK_DELAY), |at| at);
+            let ack_due = self.acks_since.map(|since| since + ACK_DELAY);
+            let deadline = match (ack_due, self.taken_check) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            ack_timer.set(deadline, |at| at);
             tokio::select! {
                 request = requests.recv() => match request {
-                    None | Some(Request::Close) => {
-                        let _ = live.writer.flush().await;
-                        return Outcome::Closed;
-                    }
+                    None | Some(Request::Close) => return self.close(live).await,
                     Some(request) => {
                         urgent = true;
                         self.on_request(request, Some(&mut live.writer));
@@ -433,10 +486,7 @@ impl State {
             for _ in 0..BURST {
                 let mut idle = true;
                 match requests.try_recv() {
-                    Ok(Request::Close) => {
-                        let _ = live.writer.flush().await;
-                        return Outcome::Closed;
-                    }
+                    Ok(Request::Close) => return self.close(live).await,
                     Ok(request) => {
                         urgent = true;
                         self.on_request(request, Some(&mut live.writer));
@@ -454,9 +504,7 @@ impl State {
                     break;
                 }
             }
-            for id in std::mem::take(&mut self.ack_later) {
-                self.hold_ack(&mut live.writer, Bytes::copy_from_slice(&id));
-            }
+            self.take_reports(&mut live.writer);
             if !urgent && !self.acks_due() {
                 continue;
             }
@@ -465,6 +513,66 @@ impl State {
             if live.writer.flush().await.is_err() {
                 return Outcome::Lost;
             }
+        }
+    }
+
+    /// The application closed the client: what it took is acknowledged before the
+    /// last write.
+    async fn close(&mut self, live: &mut Live) -> Outcome {
+        self.take_reports(&mut live.writer);
+        let _ = live.writer.flush().await;
+        Outcome::Closed
+    }
+
+    /// Handles what subscriptions reported: a message taken is acknowledged, one given
+    /// back unread is forgotten. Then decides when to look again.
+    fn take_reports(&mut self, writer: &mut ControlWriter) {
+        if self.untaken.is_empty() {
+            return;
+        }
+        let mut reports = std::mem::take(&mut self.reports);
+        self.handbacks.take(&mut reports);
+        let mut taken = false;
+        for report in reports.drain(..) {
+            match report {
+                // Another subscription may have taken a copy first.
+                Handback::Taken(id) if self.untaken.remove(&id) => {
+                    taken = true;
+                    self.hold_ack(writer, Bytes::copy_from_slice(&id));
+                }
+                Handback::Taken(_) => {}
+                Handback::Returned(id) => {
+                    if self.untaken.remove(&id) {
+                        // Forgotten, so the broker's next delivery is handed over again.
+                        self.seen.remove(&id);
+                    }
+                }
+            }
+        }
+        self.reports = reports;
+        if self.untaken.is_empty() {
+            self.taken_check = None;
+            self.taken_wait = ACK_DELAY;
+            return;
+        }
+        let now = Instant::now();
+        if self.taken_check.is_none_or(|at| at <= now) {
+            self.taken_wait = if taken {
+                ACK_DELAY
+            } else {
+                (self.taken_wait * 2).min(TAKEN_CHECK_MAX)
+            };
+            self.taken_check = Some(now + self.taken_wait);
+        }
+    }
+
+    /// A message was handed to a subscription: acknowledged once the application
+    /// takes it.
+    fn untaken(&mut self, id: [u8; 16]) {
+        self.untaken.insert(id);
+        if self.taken_check.is_none() {
+            self.taken_wait = ACK_DELAY;
+            self.taken_check = Some(Instant::now() + ACK_DELAY);
         }
     }
 
@@ -890,9 +998,19 @@ impl State {
             return;
         };
         if self.seen.contains(&id) {
-            // A redelivery of something already handed over.
-            self.hold_ack(writer, d.message_id);
-            return;
+            // A redelivery of something already handed over: acknowledged again if the
+            // application took it (the first ack was lost), else when it does.
+            if self.untaken.contains(&id) {
+                // It may have been given back since the task last looked.
+                self.take_reports(writer);
+            }
+            if !self.untaken.contains(&id) && self.seen.contains(&id) {
+                self.hold_ack(writer, d.message_id);
+                return;
+            }
+            if self.untaken.contains(&id) {
+                return;
+            }
         }
         let format = PayloadFormat::try_from(d.format).unwrap_or_default();
         let opened = match format {
@@ -932,7 +1050,7 @@ impl State {
         match self.hand_over(message).await {
             Ok(()) => {
                 self.remember(id);
-                self.hold_ack(writer, d.message_id);
+                self.untaken(id);
             }
             // Not acknowledged yet: held until a subscription wants it.
             Err(message) if self.orphans.len() < ORPHAN_CAPACITY => {
@@ -1005,7 +1123,7 @@ impl State {
             }
             if taken {
                 self.remember(message.message_id);
-                self.ack_later.push(message.message_id);
+                self.untaken(message.message_id);
             } else {
                 self.orphans.push_back(message);
             }
