@@ -222,10 +222,15 @@ async fn bad_legacy_input_gets_error_frames() {
     // A frame over the 10 MB limit closes that connection only.
     let big = "x".repeat(11 * 1024 * 1024);
     let _ = dart.ws.send(Message::text(big)).await;
+    let answer = dart.recv().await;
+    assert_eq!(answer["code"], "INVALID_FRAME", "{answer}");
     assert!(
-        dart.recv_within(Duration::from_secs(5)).await.is_none(),
-        "closed"
+        answer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("too large")),
+        "{answer}"
     );
+    assert_eq!(dart.close_code().await, Some(CloseCode::Protocol));
 
     let mut again = Dart::connect(&broker, "/").await;
     again.init("dart", "secret-pass", None).await;
@@ -392,4 +397,82 @@ async fn a_client_that_stops_reading_is_let_go_of() {
     later.publish(&key, "feed/a", "anyone?").await;
     assert_eq!(later.recv().await["status"], "NO_SUBSCRIBERS");
     drop((stalled, publisher));
+}
+
+/// A second `init` is refused and changes nothing: the first one's `userId` still
+/// makes the connection's subscriptions durable.
+#[tokio::test]
+async fn a_refused_second_init_leaves_the_first_in_force() {
+    let (broker, key) = setup(json!({})).await;
+    for (first, second) in [(Some("alice"), None), (None, Some("bob"))] {
+        let mut dart = Dart::connect(&broker, "/").await;
+        dart.init("dart", "secret-pass", first).await;
+        let mut frame = json!({"type": "init", "sessionName": "dart", "password": "secret-pass"});
+        if let Some(user) = second {
+            frame["userId"] = json!(user);
+        }
+        dart.send(frame).await;
+        let refused = dart.recv().await;
+        assert_eq!(refused["code"], "INVALID_FRAME", "{refused}");
+        let topic = format!("inbox/{}", first.unwrap_or("anon"));
+        dart.send(json!({"type": "subscribe", "topic": topic}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let mut publisher = Dart::connect(&broker, "/").await;
+        publisher.init("dart", "secret-pass", None).await;
+        publisher.publish(&key, &topic, "hello").await;
+        let ack = publisher.recv().await;
+        let expected = if first.is_some() {
+            "STORED"
+        } else {
+            "ACCEPTED"
+        };
+        assert_eq!(ack["status"], expected, "first init {first:?}: {ack}");
+    }
+}
+
+/// An `init_file` repeating the id of an upload in progress is refused, and the
+/// upload goes on to its end.
+#[tokio::test]
+async fn a_repeated_init_file_leaves_the_upload_in_progress_alone() {
+    let (broker, key) = setup(json!({})).await;
+    let mut receiver = Dart::connect(&broker, "/").await;
+    receiver.init("dart", "secret-pass", None).await;
+    receiver
+        .send(json!({"type": "subscribe", "topic": "files/#"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut sender = Dart::connect(&broker, "/").await;
+    sender.init("dart", "secret-pass", None).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let data = b"first half|second half";
+    let init_file = json!({
+        "type": "init_file", "fileId": id, "fileName": "doc.txt", "fileSize": data.len(),
+        "totalChunks": 2, "topic": "files/doc",
+    });
+    let chunk = |index: u32, part: &[u8]| {
+        let mut frame = vec![0x02];
+        frame.extend_from_slice(id.as_bytes());
+        frame.extend_from_slice(&index.to_be_bytes());
+        frame.extend_from_slice(&common::dart::dart_encrypt_chunk(&key, part));
+        Message::binary(frame)
+    };
+    sender.send(init_file.clone()).await;
+    sender.ws.send(chunk(0, &data[..11])).await.expect("chunk");
+    sender.send(init_file).await;
+    let refused = sender.recv().await;
+    assert_eq!(refused["code"], "REPLAYED", "{refused}");
+    assert_eq!(refused["messageId"], id.as_str());
+    sender.ws.send(chunk(1, &data[11..])).await.expect("chunk");
+    sender
+        .send(json!({
+            "type": "end_file", "fileId": id, "topic": "files/doc",
+            "hash": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(data)),
+        }))
+        .await;
+    assert_eq!(sender.recv().await["type"], "ack_received");
+    let (_, received) = receiver.receive_file(&key).await;
+    assert_eq!(received, data);
 }

@@ -55,7 +55,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
         timing,
     ));
 
-    let mut reader = Reader { identified: false };
+    let mut reader = Reader::default();
     let mut uploads: HashMap<MessageId, Upload> = HashMap::new();
     let mut writer_done = false;
     let hello_deadline = Instant::now() + hello_timeout;
@@ -76,6 +76,10 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
         let message = match incoming {
             Incoming::Message(message) => message,
             Incoming::Gone => break,
+            Incoming::Broken(reject) => {
+                link.fail(reject).await;
+                break;
+            }
             Incoming::TimedOut if link.is_attached() => {
                 link.fail(Reject::LimitExceeded("idle timeout: nothing received"))
                     .await;
@@ -96,9 +100,6 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
             Ok(LegacyIn::Request(request)) => link.handle(request).await,
             Ok(file) => {
                 if let Err(refused) = files(&mut link, &mut uploads, file).await {
-                    if let Some(id) = refused.message_id {
-                        uploads.remove(&id); // dropping it aborts the transfer
-                    }
                     link.refuse(refused).await;
                 }
                 Ok(())
@@ -122,9 +123,11 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
 }
 
 /// Parses the client's JSON frames.
+#[derive(Default)]
 struct Reader {
-    /// `init` carried a `userId`: subscriptions are durable.
-    identified: bool,
+    /// Whether the connection's first `init` carried a `userId`, making its
+    /// subscriptions durable. A later `init` is refused and changes nothing.
+    identified: Option<bool>,
 }
 
 fn invalid(why: impl Into<String>) -> Refused {
@@ -228,7 +231,11 @@ async fn files(
                     uuid_text(&file_id)
                 )))
             })?;
-            upload.chunk(index, payload).await.map_err(refused)
+            if let Err(reject) = upload.chunk(index, payload).await {
+                uploads.remove(&file_id); // dropping it aborts the transfer
+                return Err(refused(reject));
+            }
+            Ok(())
         }
         LegacyIn::EndFile { file_id, sha256 } => {
             let refused = with_id(file_id);
@@ -289,7 +296,7 @@ impl Reader {
                     .map(ClientId::parse)
                     .transpose()
                     .map_err(|e| invalid(format!("init: userId: {e}")))?;
-                self.identified = client_id.is_some();
+                self.identified.get_or_insert(client_id.is_some());
                 Ok(Parsed::Request(Request::Hello(HelloRequest {
                     protocol_version: PROTOCOL_VERSION,
                     session,
@@ -305,7 +312,7 @@ impl Reader {
                     Request::Subscribe {
                         request_id: 0,
                         filter,
-                        durable: self.identified,
+                        durable: self.identified.unwrap_or(false),
                         history: 0,
                         presence: false,
                     }
@@ -551,7 +558,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Request, Refused> {
-        let mut reader = Reader { identified: false };
+        let mut reader = Reader::default();
         match reader.parse(text)? {
             LegacyIn::Request(r) => Ok(r),
             _ => panic!("not a request: {text}"),
@@ -572,7 +579,7 @@ mod tests {
         let body: Value = serde_json::from_slice(&p.payload).expect("json");
         assert_eq!(body, json!({"data": "ZW5j", "hash": "abc"}));
 
-        let mut reader = Reader { identified: false };
+        let mut reader = Reader::default();
         let r =
             reader.parse(r#"{"type":"init","sessionName":"s","password":"p","userId":"alice"}"#);
         assert!(matches!(

@@ -193,6 +193,9 @@ pub enum Incoming {
     Message(Message),
     /// The peer closed, the socket broke, or the stream ended.
     Gone,
+    /// The client broke the WebSocket protocol (a message over the size limit, bad
+    /// framing, text that is not UTF-8): answered with `INVALID_FRAME` and a close.
+    Broken(Reject),
     /// Nothing arrived before the deadline.
     TimedOut,
 }
@@ -209,8 +212,24 @@ pub async fn linger(stream: &mut SplitStream<WebSocket>) {
 /// The next message, waiting at most until `deadline`.
 pub async fn next_message(stream: &mut SplitStream<WebSocket>, deadline: Instant) -> Incoming {
     match tokio::time::timeout_at(deadline, stream.next()).await {
-        Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => Incoming::Gone,
+        Ok(Some(Ok(Message::Close(_)))) | Ok(None) => Incoming::Gone,
         Ok(Some(Ok(message))) => Incoming::Message(message),
+        Ok(Some(Err(e))) => match broken(e) {
+            Some(reject) => Incoming::Broken(reject),
+            None => Incoming::Gone,
+        },
         Err(_) => Incoming::TimedOut,
+    }
+}
+
+/// The refusal for a read error the client caused; `None` for a socket that broke.
+fn broken(error: axum::Error) -> Option<Reject> {
+    use tokio_tungstenite::tungstenite::Error;
+    let error = error.into_inner().downcast::<Error>().ok()?;
+    match *error {
+        Error::Capacity(e) => Some(Reject::InvalidFrame(format!("message too large: {e}"))),
+        Error::Protocol(e) => Some(Reject::InvalidFrame(format!("WebSocket protocol: {e}"))),
+        Error::Utf8(e) => Some(Reject::InvalidFrame(format!("text message: {e}"))),
+        _ => None,
     }
 }

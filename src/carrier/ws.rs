@@ -65,6 +65,10 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
         let message = match incoming {
             Incoming::Message(message) => message,
             Incoming::Gone => break,
+            Incoming::Broken(reject) => {
+                link.fail(reject).await;
+                break;
+            }
             Incoming::TimedOut if link.is_attached() => {
                 link.fail(Reject::LimitExceeded("idle timeout: nothing received"))
                     .await;
@@ -133,15 +137,17 @@ impl Uploads {
     /// Handles file frames; gives any other frame back.
     async fn take(&mut self, link: &mut Link, frame: ClientFrame) -> Option<ClientFrame> {
         let result = match frame.kind {
+            // A refused header leaves any upload already open under its id alone.
             Some(Kind::FileHeader(header)) => self.open(link, header).await,
-            Some(Kind::FileChunk(chunk)) => self.chunk(chunk).await,
+            Some(Kind::FileChunk(chunk)) => self.chunk(chunk).await.inspect_err(|refused| {
+                if let Some(id) = refused.message_id {
+                    self.open.remove(&id); // dropping it aborts the transfer
+                }
+            }),
             Some(Kind::FileEnd(end)) => self.end(link, end).await,
             kind => return Some(ClientFrame { kind }),
         };
         if let Err(refused) = result {
-            if let Some(id) = refused.message_id {
-                self.open.remove(&id); // dropping it aborts the transfer
-            }
             link.refuse(refused).await;
         }
         None
