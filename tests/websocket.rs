@@ -186,11 +186,12 @@ async fn bad_input_on_v1_ws() {
     assert_eq!(code(next(&mut ws).await), ErrorCode::InvalidFrame);
     assert!(next(&mut ws).await.is_none());
 
-    // Over the frame limit: closed.
+    // Over the frame limit: INVALID_FRAME, then closed.
     let mut ws = raw(&broker).await;
     let _ = ws
         .send(Message::Binary(vec![0u8; 11 * 1024 * 1024].into()))
         .await;
+    assert_eq!(code(next(&mut ws).await), ErrorCode::InvalidFrame);
     assert!(
         tokio::time::timeout(Duration::from_secs(5), next(&mut ws))
             .await
