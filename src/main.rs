@@ -309,14 +309,25 @@ async fn receive_files(args: RecvArgs) -> Result<()> {
     use tokio::io::AsyncWriteExt;
     let client = args.client.connect().await?;
     let mut files = client.subscribe_files(&args.filter).await?;
-    tokio::fs::create_dir_all(&args.dir).await?;
+    tokio::fs::create_dir_all(&args.dir)
+        .await
+        .with_context(|| format!("creating the directory {}", args.dir.display()))?;
     eprintln!("waiting for files on {} (Ctrl-C to stop)", args.filter);
     let mut received = 0u64;
     while let Some(mut file) = files.next().await {
-        let path = args.dir.join(safe_name(&file.name));
-        let mut out = tokio::fs::File::create(&path)
+        let name = safe_name(&file.name);
+        // Written under a name of its own, and given its real name only once whole:
+        // a failed transfer leaves nothing, and an existing file is never touched.
+        let part = args.dir.join(format!(
+            ".{name}.{}.part",
+            hex::encode(rand::random::<[u8; 6]>())
+        ));
+        let mut out = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&part)
             .await
-            .with_context(|| format!("creating {}", path.display()))?;
+            .with_context(|| format!("creating {}", part.display()))?;
         let bar = progress(file.size, &file.name);
         let mut failed = None;
         while let Some(chunk) = file.next_chunk().await {
@@ -332,11 +343,15 @@ async fn receive_files(args: RecvArgs) -> Result<()> {
             }
         }
         out.flush().await?;
+        drop(out);
         bar.finish();
         match failed {
-            None => println!("{}	{}", file.topic, path.display()),
+            None => {
+                let path = keep(&part, &args.dir, &name)?;
+                println!("{}\t{}", file.topic, path.display());
+            }
             Some(e) => {
-                let _ = tokio::fs::remove_file(&path).await;
+                let _ = tokio::fs::remove_file(&part).await;
                 eprintln!("discarded {}: {e}", file.name);
             }
         }
@@ -348,6 +363,43 @@ async fn receive_files(args: RecvArgs) -> Result<()> {
     client.close().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     Ok(())
+}
+
+/// Gives the received file at `part` the name `name` in `dir`, or, if a file of
+/// that name exists, the first free one of `name (1)`, `name (2)`, … (before the
+/// extension). Never replaces an existing file.
+fn keep(part: &std::path::Path, dir: &std::path::Path, name: &str) -> Result<PathBuf> {
+    let (stem, ext) = match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => (stem, format!(".{ext}")),
+        _ => (name, String::new()),
+    };
+    for n in 0..10_000u32 {
+        let candidate = match n {
+            0 => dir.join(name),
+            n => dir.join(format!("{stem} ({n}){ext}")),
+        };
+        // A hard link is created only if the name is free, in one step.
+        match std::fs::hard_link(part, &candidate) {
+            Ok(()) => {
+                std::fs::remove_file(part)
+                    .with_context(|| format!("removing {}", part.display()))?;
+                return Ok(candidate);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            // A file system without hard links: check, then rename.
+            Err(_) if !candidate.exists() => {
+                std::fs::rename(part, &candidate)
+                    .with_context(|| format!("saving {}", candidate.display()))?;
+                return Ok(candidate);
+            }
+            Err(_) => continue,
+        }
+    }
+    bail!(
+        "no free name for {name} in {} (the file is kept as {})",
+        dir.display(),
+        part.display()
+    )
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {

@@ -143,3 +143,62 @@ async fn pub_publishes_each_line_as_it_arrives() {
         .expect("wait");
     assert!(out.status.success());
 }
+
+/// `fastport recv` never replaces a file that is already there: a file of the same
+/// name is saved beside it, and nothing half-written is left.
+#[tokio::test]
+async fn recv_keeps_existing_files() {
+    let broker = Broker::start();
+    broker.create_session("cli", "secret-pass", json!({})).await;
+    let key = SessionKey::generate();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("doc.txt"), b"precious").expect("write");
+
+    let mut recv = Command::new(env!("CARGO_BIN_EXE_fastport"));
+    recv.arg("recv")
+        .args(["--url", &broker.quic_url(), "--session", "cli"])
+        .args(["--password", "secret-pass", "--key", &key.to_base64()])
+        .arg("--ca")
+        .arg(broker.ca())
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["--count", "2", "files/#"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = recv.spawn().expect("run fastport recv");
+    // It says so once it has subscribed.
+    let stderr = child.stderr.take().expect("stderr");
+    let (said, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = said.send(line);
+        }
+    });
+    let waiting = heard
+        .recv_timeout(std::time::Duration::from_secs(15))
+        .expect("recv starts");
+    assert!(waiting.contains("waiting for files"), "{waiting}");
+
+    let sender = broker.client("cli", "secret-pass", &key).await;
+    for n in 0..2 {
+        let data = format!("new copy {n}");
+        sender
+            .send_file("files/doc", "doc.txt", data.as_bytes(), data.len() as u64)
+            .await
+            .expect("send file");
+    }
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(out.status.success());
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).expect(name);
+    assert_eq!(read("doc.txt"), "precious");
+    assert_eq!(read("doc (1).txt"), "new copy 0");
+    assert_eq!(read("doc (2).txt"), "new copy 1");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+}
