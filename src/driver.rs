@@ -76,6 +76,8 @@ enum Inbound {
     Attach {
         hello: Hello,
         tx: ConnTx,
+        /// Answered once the core's answer (`Welcome`, or the refusal) is queued.
+        queued: oneshot::Sender<()>,
     },
     Command(Command),
     OpenFile {
@@ -119,12 +121,16 @@ impl DriverHandle {
         &self.config
     }
 
-    /// Registers an authenticated connection; `Welcome` arrives on `tx`.
+    /// Registers an authenticated connection, and returns once `Welcome` (or the
+    /// core's refusal) is queued on `tx`: whatever the carrier answers after this,
+    /// the client reads after its `Welcome`.
     pub async fn attach(&self, hello: Hello, tx: ConnTx) -> Result<(), DriverGone> {
+        let (queued, answer) = oneshot::channel();
         self.inbox
-            .send(Inbound::Attach { hello, tx })
+            .send(Inbound::Attach { hello, tx, queued })
             .await
-            .map_err(|_| DriverGone)
+            .map_err(|_| DriverGone)?;
+        answer.await.map_err(|_| DriverGone)
     }
 
     /// Hands a command to the core, waiting while the inbox is full.
@@ -287,9 +293,15 @@ impl Driver {
     fn on_inbound(&mut self, inbound: Inbound) {
         let now = now_ms();
         match inbound {
-            Inbound::Attach { hello, tx } => {
+            Inbound::Attach { hello, tx, queued } => {
                 self.conns.insert(hello.conn, tx);
                 self.core.handle(now, Command::Hello(hello));
+                // Routed now rather than at the end of the turn, so the carrier,
+                // waiting on `queued`, answers nothing before the `Welcome`.
+                while let Some(output) = self.core.poll_output() {
+                    self.route(output);
+                }
+                let _ = queued.send(());
             }
             Inbound::Command(command) => {
                 if let Command::Disconnected { conn } = &command {

@@ -476,3 +476,68 @@ async fn a_repeated_init_file_leaves_the_upload_in_progress_alone() {
     let (_, received) = receiver.receive_file(&key).await;
     assert_eq!(received, data);
 }
+
+/// Frames sent right behind `init` are answered after its `init_response`: the
+/// answer to an upload chunk the broker does not know is an error, not a failed login.
+#[tokio::test]
+async fn init_is_answered_before_the_frames_behind_it() {
+    let (broker, _) = setup(json!({})).await;
+    for _ in 0..5 {
+        let mut dart = Dart::connect(&broker, "/").await;
+        let unknown = uuid::Uuid::new_v4().to_string();
+        let mut chunk = vec![0x02];
+        chunk.extend_from_slice(unknown.as_bytes());
+        chunk.extend_from_slice(&0u32.to_be_bytes());
+        chunk.extend_from_slice(b"payload");
+        let init = json!({"type": "init", "sessionName": "dart", "password": "secret-pass", "userId": "amy"});
+        dart.ws
+            .feed(Message::text(init.to_string()))
+            .await
+            .expect("feed");
+        dart.ws.feed(Message::binary(chunk)).await.expect("feed");
+        let fcm = json!({"type": "register_fcm_token", "userId": "amy", "fcmToken": "t"});
+        dart.ws
+            .feed(Message::text(fcm.to_string()))
+            .await
+            .expect("feed");
+        dart.ws.flush().await.expect("flush");
+        let first = dart.recv().await;
+        assert_eq!(
+            first,
+            json!({"type": "init_response", "success": true, "sessionName": "dart"})
+        );
+        let second = dart.recv().await;
+        assert_eq!(second["code"], "NOT_FOUND", "{second}");
+        let third = dart.recv().await;
+        assert_eq!(third["type"], "register_fcm_token_response", "{third}");
+    }
+}
+
+/// An `init` that cannot be read is answered as a failed login, at once; a file
+/// chunk before any `init` is refused as unauthenticated.
+#[tokio::test]
+async fn a_malformed_init_fails_the_login() {
+    let (broker, _) = setup(json!({})).await;
+    let mut early = Dart::connect(&broker, "/").await;
+    let mut chunk = vec![0x02];
+    chunk.extend_from_slice(uuid::Uuid::new_v4().to_string().as_bytes());
+    chunk.extend_from_slice(&0u32.to_be_bytes());
+    early.ws.send(Message::binary(chunk)).await.expect("send");
+    assert_eq!(early.recv().await["code"], "UNAUTHENTICATED");
+
+    for init in [
+        json!({"type": "init", "sessionName": "", "password": "secret-pass"}),
+        json!({"type": "init", "sessionName": "dart"}),
+        json!({"type": "init", "sessionName": "dart", "password": 7}),
+    ] {
+        let mut dart = Dart::connect(&broker, "/").await;
+        dart.send(init.clone()).await;
+        let answer = within("the answer", dart.recv_within(Duration::from_secs(2)))
+            .await
+            .expect("an answer before the 5 s init deadline");
+        assert_eq!(answer["type"], "init_response", "{init}: {answer}");
+        assert_eq!(answer["success"], false);
+        assert!(answer["error"].as_str().is_some_and(|e| e.contains("init")));
+        assert_eq!(dart.close_code().await, Some(CloseCode::Protocol));
+    }
+}

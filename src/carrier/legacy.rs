@@ -98,6 +98,14 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
         };
         let outcome = match parsed {
             Ok(LegacyIn::Request(request)) => link.handle(request).await,
+            Ok(LegacyIn::BadInit(reject)) if !link.is_attached() => {
+                link.fail(reject).await;
+                break;
+            }
+            Ok(LegacyIn::BadInit(reject)) => {
+                link.refuse(Refused::new(reject)).await;
+                Ok(())
+            }
             Ok(file) => {
                 if let Err(refused) = files(&mut link, &mut uploads, file).await {
                     link.refuse(refused).await;
@@ -169,6 +177,9 @@ pub fn uuid_text(id: &MessageId) -> String {
 /// What one legacy frame asks for.
 enum LegacyIn {
     Request(Request),
+    /// An `init` that could not be read. Before login it fails the login (a failed
+    /// `init_response` and a close), as the seed's client waits for that answer.
+    BadInit(Reject),
     InitFile(FileMeta),
     Chunk {
         file_id: MessageId,
@@ -198,7 +209,7 @@ async fn files(
         }
     };
     match frame {
-        LegacyIn::Request(_) => Ok(()),
+        LegacyIn::Request(_) | LegacyIn::BadInit(_) => Ok(()),
         LegacyIn::InitFile(meta) => {
             let refused = with_id(meta.file_id);
             let Some(conn) = link.conn_id() else {
@@ -225,6 +236,9 @@ async fn files(
             payload,
         } => {
             let refused = with_id(file_id);
+            if !link.is_attached() {
+                return Err(refused(Reject::NotAuthenticated));
+            }
             let upload = uploads.get_mut(&file_id).ok_or_else(|| {
                 refused(Reject::NotFound(format!(
                     "no open file {}",
@@ -239,6 +253,9 @@ async fn files(
         }
         LegacyIn::EndFile { file_id, sha256 } => {
             let refused = with_id(file_id);
+            if !link.is_attached() {
+                return Err(refused(Reject::NotAuthenticated));
+            }
             let upload = uploads.remove(&file_id).ok_or_else(|| {
                 refused(Reject::NotFound(format!(
                     "no open file {}",
@@ -279,6 +296,26 @@ impl Reader {
         })
     }
 
+    fn init(&mut self, frame: &Map<String, Value>) -> Result<Request, Refused> {
+        let kind = "init";
+        let session = SessionName::parse(string(frame, kind, "sessionName")?)
+            .map_err(|e| invalid(format!("init: sessionName: {e}")))?;
+        let password = string(frame, kind, "password")?.to_owned();
+        let client_id = optional_string(frame, kind, "userId")?
+            .filter(|u| !u.is_empty())
+            .map(ClientId::parse)
+            .transpose()
+            .map_err(|e| invalid(format!("init: userId: {e}")))?;
+        self.identified.get_or_insert(client_id.is_some());
+        Ok(Request::Hello(HelloRequest {
+            protocol_version: PROTOCOL_VERSION,
+            session,
+            password,
+            client_id,
+            clean: false,
+        }))
+    }
+
     fn parse_frame(&mut self, text: &str) -> Result<Parsed, Refused> {
         let frame: Map<String, Value> = match serde_json::from_str(text) {
             Ok(Value::Object(map)) => map,
@@ -287,24 +324,11 @@ impl Reader {
         };
         let kind = string(&frame, "frame", "type")?;
         match kind {
-            "init" => {
-                let session = SessionName::parse(string(&frame, kind, "sessionName")?)
-                    .map_err(|e| invalid(format!("init: sessionName: {e}")))?;
-                let password = string(&frame, kind, "password")?.to_owned();
-                let client_id = optional_string(&frame, kind, "userId")?
-                    .filter(|u| !u.is_empty())
-                    .map(ClientId::parse)
-                    .transpose()
-                    .map_err(|e| invalid(format!("init: userId: {e}")))?;
-                self.identified.get_or_insert(client_id.is_some());
-                Ok(Parsed::Request(Request::Hello(HelloRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    session,
-                    password,
-                    client_id,
-                    clean: false,
-                })))
-            }
+            // A malformed init is the init's answer (see `LegacyIn::BadInit`).
+            "init" => Ok(match self.init(&frame) {
+                Ok(hello) => Parsed::Request(hello),
+                Err(refused) => Parsed::File(LegacyIn::BadInit(refused.reject)),
+            }),
             "subscribe" | "unsubscribe" => {
                 let filter = TopicFilter::parse(string(&frame, kind, "topic")?)
                     .map_err(|e| invalid(format!("{kind}: topic: {e}")))?;
@@ -488,6 +512,11 @@ impl Encoder for LegacyEncoder {
                 ];
             }
             Outbound::Event(Event::Error(e)) => error_frame(&e.reject, e.message_id.as_ref()),
+            // Closed before login (a malformed init, no init in time, a suspended
+            // session): the answer the seed's client waits for. The close follows.
+            Outbound::Close(reject) if !self.welcomed => {
+                json!({"type": "init_response", "success": false, "error": reject.to_string()})
+            }
             Outbound::Close(reject) => error_frame(reject, None),
             Outbound::PushTokenRegistered(_) => {
                 json!({"type": "register_fcm_token_response", "success": true})
