@@ -266,7 +266,15 @@ async fn send_file(args: SendFileArgs) -> Result<()> {
     let file = tokio::fs::File::open(&args.path)
         .await
         .with_context(|| format!("opening {}", args.path.display()))?;
-    let size = file.metadata().await?.len();
+    let metadata = file.metadata().await?;
+    if !metadata.is_file() {
+        // A file's size goes in its header, before the first chunk.
+        bail!(
+            "{} is not a regular file (a pipe or a device?): send-file needs its size up front; save it to a file first",
+            args.path.display()
+        );
+    }
+    let size = metadata.len();
     let name = args
         .path
         .file_name()
@@ -314,7 +322,16 @@ async fn receive_files(args: RecvArgs) -> Result<()> {
         .with_context(|| format!("creating the directory {}", args.dir.display()))?;
     eprintln!("waiting for files on {} (Ctrl-C to stop)", args.filter);
     let mut received = 0u64;
-    while let Some(mut file) = files.next().await {
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        let mut file = tokio::select! {
+            file = files.next() => match file {
+                Some(file) => file,
+                None => break,
+            },
+            () = &mut signal => break,
+        };
         let name = safe_name(&file.name);
         // Written under a name of its own, and given its real name only once whole:
         // a failed transfer leaves nothing, and an existing file is never touched.
@@ -330,13 +347,22 @@ async fn receive_files(args: RecvArgs) -> Result<()> {
             .with_context(|| format!("creating {}", part.display()))?;
         let bar = progress(file.size, &file.name);
         let mut failed = None;
-        while let Some(chunk) = file.next_chunk().await {
+        let mut interrupted = false;
+        loop {
+            let chunk = tokio::select! {
+                chunk = file.next_chunk() => chunk,
+                () = &mut signal => {
+                    interrupted = true;
+                    break;
+                }
+            };
             match chunk {
-                Ok(bytes) => {
+                None => break,
+                Some(Ok(bytes)) => {
                     out.write_all(&bytes).await?;
                     bar.inc(bytes.len() as u64);
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     failed = Some(e);
                     break;
                 }
@@ -345,6 +371,11 @@ async fn receive_files(args: RecvArgs) -> Result<()> {
         out.flush().await?;
         drop(out);
         bar.finish();
+        if interrupted {
+            let _ = tokio::fs::remove_file(&part).await;
+            eprintln!("interrupted: discarded {}", file.name);
+            break;
+        }
         match failed {
             None => {
                 let path = keep(&part, &args.dir, &name)?;
@@ -650,7 +681,19 @@ async fn subscribe(args: SubArgs) -> Result<()> {
     eprintln!("subscribed to {} (Ctrl-C to stop)", args.filter);
     let mut seen = 0u64;
     let mut stdout = std::io::stdout();
-    while let Some(message) = sub.next().await {
+    // On Ctrl-C or SIGTERM the client says goodbye, so the broker stops delivering to
+    // this connection at once instead of when QUIC's idle timeout ends it (a durable
+    // subscription then queues what follows).
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        let message = tokio::select! {
+            message = sub.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+            () = &mut signal => break,
+        };
         if args.json {
             let line = serde_json::json!({
                 "topic": message.topic,

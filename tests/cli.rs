@@ -202,3 +202,97 @@ async fn recv_keeps_existing_files() {
         .collect();
     assert_eq!(names.len(), 3, "{names:?}");
 }
+
+/// `fastport sub` interrupted (Ctrl-C, SIGTERM) closes its connection, so a durable
+/// subscription queues what is published next, instead of the broker delivering it
+/// to a connection nobody reads until QUIC's idle timeout.
+#[tokio::test]
+async fn an_interrupted_sub_closes_its_connection() {
+    let broker = Broker::start();
+    broker
+        .create_session("cli", "secret-pass", json!({"maxRetryLimit": 0}))
+        .await;
+    let key = SessionKey::generate();
+    let mut sub = Command::new(env!("CARGO_BIN_EXE_fastport"));
+    sub.arg("sub")
+        .args(["--url", &broker.quic_url(), "--session", "cli"])
+        .args(["--password", "secret-pass", "--key", &key.to_base64()])
+        .arg("--ca")
+        .arg(broker.ca())
+        .args(["--client-id", "zed", "--durable", "zed/#"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = sub.spawn().expect("run fastport sub");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let said = tokio::task::spawn_blocking(move || lines.next())
+        .await
+        .expect("join");
+    assert!(
+        said.is_some_and(|l| l.is_ok_and(|l| l.contains("subscribed"))),
+        "sub did not start"
+    );
+    let interrupted = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(interrupted.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(out.status.success(), "exit {}", out.status);
+
+    let publisher = broker.client("cli", "secret-pass", &key).await;
+    let ack = publisher
+        .publish("zed/x", b"while away".to_vec())
+        .await
+        .expect("publish");
+    assert_eq!(ack.status, fastport::client::PublishStatus::Stored);
+    let config = broker
+        .client_config("cli", "secret-pass", &key)
+        .client_id("zed");
+    let reader = within("connect", fastport::client::Client::connect(config))
+        .await
+        .expect("connect");
+    let options = fastport::client::SubscribeOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut back = reader
+        .subscribe_with("zed/#", options)
+        .await
+        .expect("subscribe");
+    let m = within("the message published while away", back.next())
+        .await
+        .expect("message");
+    assert_eq!(&m.payload[..], b"while away");
+}
+
+/// `send-file` needs a file's size before its first chunk: a pipe is refused with
+/// a reason, not sent as an empty file.
+#[tokio::test]
+async fn send_file_refuses_a_pipe() {
+    let broker = Broker::start();
+    broker.create_session("cli", "secret-pass", json!({})).await;
+    let key = SessionKey::generate();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fastport"))
+        .arg("send-file")
+        .args(["--url", &broker.quic_url(), "--session", "cli"])
+        .args(["--password", "secret-pass", "--key", &key.to_base64()])
+        .arg("--ca")
+        .arg(broker.ca())
+        .args(["files/x", "/dev/stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run fastport send-file");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"hello\n").expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+}
