@@ -158,7 +158,7 @@ struct SubArgs {
     #[arg(long, default_value_t = 0)]
     history: u32,
     /// Exit after this many messages.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     /// Print JSON lines instead of `topic<TAB>payload`.
     #[arg(long)]
@@ -188,7 +188,7 @@ struct RecvArgs {
     #[arg(long, default_value = ".")]
     dir: PathBuf,
     /// Exit after this many files.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
 }
 

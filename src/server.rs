@@ -29,18 +29,19 @@ pub struct ServerConfig {
     pub create_session_limit: CreateSessionLimit,
 }
 
-/// Why the broker could not start.
+/// Why the broker could not start. Each message leaves its cause to the error's
+/// source, so a printed chain (`Caused by:`) says each thing once.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot bind {what} on {addr}: {source}")]
+    #[error("cannot bind {what} on {addr}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("store: {0}")]
+    #[error("cannot open the store")]
     Store(#[from] StoreError),
-    #[error("certificates: {0}")]
+    #[error("cannot set up the certificates")]
     Tls(#[from] TlsError),
 }
 

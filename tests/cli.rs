@@ -296,3 +296,30 @@ async fn send_file_refuses_a_pipe() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not a regular file"), "{stderr}");
 }
+
+/// A broker that cannot start says why, each cause once.
+#[test]
+fn serve_says_once_why_it_cannot_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_fastport"))
+        .args(["serve", "--http", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(file.join("data"))
+        .arg("--certs-dir")
+        .arg(dir.path().join("certs"))
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("DB_TYPE")
+        .env_remove("SQLITE_PATH")
+        .output()
+        .expect("run fastport serve");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot open the store"), "{stderr}");
+    assert_eq!(
+        stderr.matches("cannot create the data directory").count(),
+        1,
+        "{stderr}"
+    );
+}

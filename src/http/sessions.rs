@@ -123,7 +123,9 @@ pub async fn create_session(
     let api = &state.sessions;
     if let Err(not_until) = api.limiter.check_key(&peer.ip()) {
         let wait = not_until.wait_time_from(DefaultClock::default().now());
-        let secs = wait.as_secs().max(1);
+        // Rounded up: a client that waits the whole seconds it is told succeeds.
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let secs = secs.max(1);
         let body = json!({"success": false, "error": "too many sessions created from this address; retry later"});
         let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
         if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {

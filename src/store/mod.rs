@@ -41,6 +41,12 @@ pub enum StoreError {
     /// The op log (beside the SQLite file) could not be read or written.
     #[error("op log: {0}")]
     Io(#[from] std::io::Error),
+    /// The directory for the database could not be created.
+    #[error("cannot create the data directory {path}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What one call of [`Store::purge`] did.
