@@ -320,10 +320,10 @@ async fn receive_files(args: RecvArgs) -> Result<()> {
     tokio::fs::create_dir_all(&args.dir)
         .await
         .with_context(|| format!("creating the directory {}", args.dir.display()))?;
+    let signal = on_signal();
+    tokio::pin!(signal);
     eprintln!("waiting for files on {} (Ctrl-C to stop)", args.filter);
     let mut received = 0u64;
-    let signal = wait_for_signal();
-    tokio::pin!(signal);
     loop {
         let mut file = tokio::select! {
             file = files.next() => match file {
@@ -495,24 +495,37 @@ fn print_banner(server: &Server, store: &str) -> std::io::Result<()> {
 }
 
 async fn wait_for_signal() {
+    on_signal().await;
+}
+
+/// Completes on Ctrl-C or SIGTERM. The handlers are installed by this call, not at
+/// the future's first poll, so a signal arriving in between is not missed (and does
+/// not kill the process instead).
+fn on_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            match (interrupt, terminate) {
+                (Ok(mut interrupt), Ok(mut terminate)) => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -678,13 +691,13 @@ async fn subscribe(args: SubArgs) -> Result<()> {
         history: args.history,
     };
     let mut sub = client.subscribe_with(&args.filter, options).await?;
+    let signal = on_signal();
     eprintln!("subscribed to {} (Ctrl-C to stop)", args.filter);
     let mut seen = 0u64;
     let mut stdout = std::io::stdout();
     // On Ctrl-C or SIGTERM the client says goodbye, so the broker stops delivering to
     // this connection at once instead of when QUIC's idle timeout ends it (a durable
     // subscription then queues what follows).
-    let signal = wait_for_signal();
     tokio::pin!(signal);
     loop {
         let message = tokio::select! {

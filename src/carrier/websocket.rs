@@ -70,14 +70,16 @@ pub trait Encoder: Send + 'static {
 pub struct WriterTiming {
     /// The broker pings this often.
     pub ping_interval: Duration,
-    /// A write the client has taken nothing of for this long ends the connection (the
-    /// client stopped reading, and its socket buffer is full).
+    /// A write that does not complete within this ends the connection: the client
+    /// stopped reading and its socket buffer is full. (A write is one message, or
+    /// the flush of a burst; the bound is generous, the idle timeout, so a client
+    /// that reads slowly is not cut off.)
     pub stall_timeout: Duration,
 }
 
 /// Writes the outbound queue and the file port to the socket until the queue ends, a
-/// `Close` is written, the broker kicks the connection, or the client stops taking what
-/// is written (see [`WriterTiming::stall_timeout`]). Pings every `ping_interval`.
+/// `Close` is written, the broker kicks the connection, or a write stalls (see
+/// [`WriterTiming::stall_timeout`]). Pings every `ping_interval`.
 ///
 /// The kick is watched during writes too: a client that stopped reading leaves the
 /// writer waiting on a full socket, which is exactly when the broker kicks it. When
@@ -108,7 +110,7 @@ pub async fn write_loop<E: Encoder>(
 /// How long a closing writer waits for its close frame to be taken.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// One write to the socket, given up once the client has taken nothing for `stall`.
+/// One write to the socket, given up if it does not complete within `stall`.
 async fn within<T>(
     stall: Duration,
     write: impl std::future::Future<Output = Result<T, axum::Error>>,
@@ -117,7 +119,7 @@ async fn within<T>(
         Ok(Ok(done)) => Ok(done),
         Ok(Err(_)) => Err(()),
         Err(_) => {
-            tracing::debug!(?stall, "WebSocket client took nothing written; closing");
+            tracing::debug!(?stall, "a write to a WebSocket client stalled; closing");
             Err(())
         }
     }

@@ -281,6 +281,9 @@ enum Request {
     Close,
 }
 
+/// Longest [`Client::close`] waits for the connection to close.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Payloads from this size on are sealed on tokio's blocking pool (~180 µs of
 /// sealing; tokio's guidance is to hand off work longer than 10-100 µs).
 const SEAL_OFF_TASK: usize = 128 * 1024;
@@ -520,8 +523,13 @@ impl Client {
     }
 
     /// Closes the connection; pending publishes fail with [`ClientError::Closed`].
+    /// Returns once the client's last frames (the acknowledgements of what the
+    /// application took) are written and the connection is closed, or after 2 s.
     pub async fn close(&self) {
-        let _ = self.requests.send(Request::Close).await;
+        if self.requests.send(Request::Close).await.is_ok() {
+            // The session task drops its queue when it ends.
+            let _ = tokio::time::timeout(CLOSE_WAIT, self.requests.closed()).await;
+        }
     }
 }
 
@@ -530,7 +538,8 @@ impl Client {
 /// [`Subscription::unsubscribe`] ends it on the broker too.
 ///
 /// A message is acknowledged to the broker once the application takes it from here
-/// (written with others within 2 ms), not when it reaches this buffer: messages still
+/// (written with other acknowledgements, or at the latest when the client closes),
+/// not when it reaches this buffer: messages still
 /// buffered when the `Subscription` is dropped or the client closes are not
 /// acknowledged, so the broker delivers them again (a durable subscription's on its
 /// next connection) instead of losing them.

@@ -43,7 +43,7 @@ const ACK_BATCH: usize = 64;
 
 /// Longest wait between two looks at what the application took, while it takes
 /// nothing (see [`State::taken_check`]).
-const TAKEN_CHECK_MAX: Duration = Duration::from_secs(1);
+const TAKEN_CHECK_MAX: Duration = Duration::from_millis(100);
 /// Time the broker has to answer `Hello`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -212,9 +212,10 @@ struct State {
     seen: FastSet<[u8; 16]>,
     seen_order: VecDeque<[u8; 16]>,
     orphans: VecDeque<Message>,
-    /// Messages in a subscription's buffer that the application has not taken yet:
-    /// acknowledged when it does (see [`Handback`]).
-    untaken: FastSet<[u8; 16]>,
+    /// Messages in subscriptions' buffers that the application has not taken yet, with
+    /// the number of copies handed over: acknowledged when the first is taken (see
+    /// [`Handback`]), forgotten when every copy was given back unread.
+    untaken: FastMap<[u8; 16], u32>,
     handbacks: Arc<Handbacks>,
     /// The reports taken from `handbacks`, being handled (kept for its allocation).
     reports: Vec<Handback>,
@@ -306,7 +307,7 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
         seen: FastSet::default(),
         seen_order: VecDeque::new(),
         orphans: VecDeque::new(),
-        untaken: FastSet::default(),
+        untaken: FastMap::default(),
         handbacks: Arc::default(),
         reports: Vec::new(),
         taken_check: None,
@@ -536,15 +537,20 @@ impl State {
         for report in reports.drain(..) {
             match report {
                 // Another subscription may have taken a copy first.
-                Handback::Taken(id) if self.untaken.remove(&id) => {
+                Handback::Taken(id) if self.untaken.remove(&id).is_some() => {
                     taken = true;
                     self.hold_ack(writer, Bytes::copy_from_slice(&id));
                 }
                 Handback::Taken(_) => {}
                 Handback::Returned(id) => {
-                    if self.untaken.remove(&id) {
-                        // Forgotten, so the broker's next delivery is handed over again.
-                        self.seen.remove(&id);
+                    if let Some(copies) = self.untaken.get_mut(&id) {
+                        *copies -= 1;
+                        if *copies == 0 {
+                            self.untaken.remove(&id);
+                            // Forgotten, so the broker's next delivery is handed over
+                            // again.
+                            self.seen.remove(&id);
+                        }
                     }
                 }
             }
@@ -568,8 +574,8 @@ impl State {
 
     /// A message was handed to a subscription: acknowledged once the application
     /// takes it.
-    fn untaken(&mut self, id: [u8; 16]) {
-        self.untaken.insert(id);
+    fn untaken(&mut self, id: [u8; 16], copies: u32) {
+        self.untaken.insert(id, copies);
         if self.taken_check.is_none() {
             self.taken_wait = ACK_DELAY;
             self.taken_check = Some(Instant::now() + ACK_DELAY);
@@ -1000,17 +1006,19 @@ impl State {
         if self.seen.contains(&id) {
             // A redelivery of something already handed over: acknowledged again if the
             // application took it (the first ack was lost), else when it does.
-            if self.untaken.contains(&id) {
-                // It may have been given back since the task last looked.
+            if self.untaken.contains_key(&id) {
+                // It may have been taken or given back since the task last looked.
                 self.take_reports(writer);
+                if self.untaken.contains_key(&id) {
+                    return; // acknowledged when the application takes it
+                }
             }
-            if !self.untaken.contains(&id) && self.seen.contains(&id) {
+            if self.seen.contains(&id) {
+                // Taken already; the broker did not get that ack.
                 self.hold_ack(writer, d.message_id);
                 return;
             }
-            if self.untaken.contains(&id) {
-                return;
-            }
+            // Given back unread: handed over again below.
         }
         let format = PayloadFormat::try_from(d.format).unwrap_or_default();
         let opened = match format {
@@ -1048,9 +1056,9 @@ impl State {
             attempt: d.attempt,
         };
         match self.hand_over(message).await {
-            Ok(()) => {
+            Ok(copies) => {
                 self.remember(id);
-                self.untaken(id);
+                self.untaken(id, copies);
             }
             // Not acknowledged yet: held until a subscription wants it.
             Err(message) if self.orphans.len() < ORPHAN_CAPACITY => {
@@ -1061,8 +1069,9 @@ impl State {
     }
 
     /// Gives a message to every local subscription that matches (the last one gets the
-    /// message itself, the others a copy). Gives it back if none takes it.
-    async fn hand_over(&mut self, message: Message) -> Result<(), Message> {
+    /// message itself, the others a copy), and says how many took it. Gives it back if
+    /// none does.
+    async fn hand_over(&mut self, message: Message) -> Result<u32, Message> {
         let mut left = self
             .subs
             .values()
@@ -1072,7 +1081,7 @@ impl State {
             return Err(message);
         }
         let mut message = Some(message);
-        let mut delivered = false;
+        let mut delivered = 0;
         let mut gone = Vec::new();
         for (id, sub) in &self.subs {
             let Some(m) = message.as_ref() else { break };
@@ -1089,7 +1098,7 @@ impl State {
                 }
             };
             match sub.sink.send(copy).await {
-                Ok(()) => delivered = true,
+                Ok(()) => delivered += 1,
                 Err(mpsc::error::SendError(back)) => {
                     // The application dropped the Subscription; stop delivering to it.
                     gone.push(*id);
@@ -1101,8 +1110,8 @@ impl State {
             self.subs.remove(&id);
         }
         match message {
-            Some(message) if !delivered => Err(message),
-            _ => Ok(()),
+            Some(message) if delivered == 0 => Err(message),
+            _ => Ok(delivered),
         }
     }
 
@@ -1113,17 +1122,17 @@ impl State {
         }
         let orphans = std::mem::take(&mut self.orphans);
         for message in orphans {
-            let mut taken = false;
+            let mut copies = 0;
             for sub in self.subs.values() {
                 if sub.filter.matches_str(&message.topic)
                     && sub.sink.try_send(message.clone()).is_ok()
                 {
-                    taken = true;
+                    copies += 1;
                 }
             }
-            if taken {
+            if copies > 0 {
                 self.remember(message.message_id);
-                self.untaken(message.message_id);
+                self.untaken(message.message_id, copies);
             } else {
                 self.orphans.push_back(message);
             }
