@@ -485,3 +485,26 @@ async fn messages_the_application_never_took_are_delivered_again() {
         );
     }
 }
+
+/// A message handed to two subscriptions of one client is acknowledged once either
+/// takes it, even after the other was dropped unread: it is not delivered again.
+#[tokio::test]
+async fn a_copy_given_back_unread_does_not_undo_the_other() {
+    let broker = broker_with("copies", json!({"retryInterval": 300})).await;
+    let key = SessionKey::generate();
+    let reader = broker.client("copies", PASSWORD, &key).await;
+    let mut wide = reader.subscribe("t/#").await.expect("subscribe");
+    let narrow = reader.subscribe("t/x").await.expect("subscribe");
+    let publisher = broker.client("copies", PASSWORD, &key).await;
+    publisher
+        .publish("t/x", b"one".to_vec())
+        .await
+        .expect("publish");
+    // Both subscriptions hold a copy by now; one is dropped without reading it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(narrow);
+    let got = within("the message", wide.next()).await.expect("message");
+    assert_eq!(&got.payload[..], b"one");
+    let again = tokio::time::timeout(Duration::from_millis(1_500), wide.next()).await;
+    assert!(again.is_err(), "delivered again: its ack was never written");
+}
