@@ -359,7 +359,10 @@ async fn receive_files(args: RecvArgs) -> Result<()> {
             match chunk {
                 None => break,
                 Some(Ok(bytes)) => {
-                    out.write_all(&bytes).await?;
+                    if let Err(e) = out.write_all(&bytes).await {
+                        let _ = tokio::fs::remove_file(&part).await;
+                        return Err(e).with_context(|| format!("writing {}", part.display()));
+                    }
                     bar.inc(bytes.len() as u64);
                 }
                 Some(Err(e)) => {
@@ -368,7 +371,10 @@ async fn receive_files(args: RecvArgs) -> Result<()> {
                 }
             }
         }
-        out.flush().await?;
+        if let Err(e) = out.flush().await {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(e).with_context(|| format!("writing {}", part.display()));
+        }
         drop(out);
         bar.finish();
         if interrupted {
