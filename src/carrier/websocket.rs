@@ -5,6 +5,7 @@
 //! Keep-alive follows design §10: the broker pings every 20 s and closes a connection
 //! that has sent nothing for 60 s.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,12 +13,13 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::SinkExt;
 use futures::stream::{SplitSink, SplitStream, StreamExt};
 use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::core::Reject;
 
-use super::Outbound;
-use super::files::FileItem;
+use super::files::{FILE_PORT_CAPACITY, FileItem};
+use super::{Link, LinkContext, Outbound};
 
 /// Default interval of the broker's pings.
 pub const PING_INTERVAL: Duration = Duration::from_secs(20);
@@ -187,6 +189,103 @@ async fn pump<E: Encoder>(
                 }
             }
         }
+    }
+}
+
+/// One WebSocket connection as both carriers serve it: the [`Link`], the writer task
+/// (see [`write_loop`]) and the reading half, with the reader's timing rules.
+pub struct Connection {
+    stream: SplitStream<WebSocket>,
+    writer: JoinHandle<()>,
+    writer_done: bool,
+    hello_deadline: Instant,
+    idle_timeout: Duration,
+    /// What the client must send first (`init`, `Hello`), for the refusal when it
+    /// does not in time.
+    login: &'static str,
+}
+
+impl Connection {
+    /// Splits `socket`, starts its writer with `encoder`, and makes the connection's
+    /// [`Link`] (`legacy_only` for clients that read only `LEGACY_JSON`).
+    pub fn open<E: Encoder>(
+        socket: WebSocket,
+        peer: IpAddr,
+        ctx: Arc<LinkContext>,
+        legacy_only: bool,
+        encoder: E,
+        login: &'static str,
+    ) -> (Connection, Link) {
+        let (sink, stream) = socket.split();
+        let limits = ctx.limits.clone();
+        let (tx, rx) = mpsc::channel(limits.outbound_capacity(ctx.driver.core_config()));
+        let (files_tx, files_rx) = mpsc::channel(FILE_PORT_CAPACITY);
+        let link = Link::new(ctx, peer, legacy_only, tx, files_tx);
+        let timing = WriterTiming {
+            ping_interval: limits.ws_ping_interval,
+            stall_timeout: limits.ws_idle_timeout,
+        };
+        let writer = tokio::spawn(write_loop(
+            sink,
+            rx,
+            files_rx,
+            encoder,
+            link.publish_slots(),
+            link.kick(),
+            timing,
+        ));
+        let connection = Connection {
+            stream,
+            writer,
+            writer_done: false,
+            hello_deadline: Instant::now() + limits.hello_timeout,
+            idle_timeout: limits.ws_idle_timeout,
+            login,
+        };
+        (connection, link)
+    }
+
+    /// The client's next message; `None` once the connection is over: the client
+    /// left, broke the protocol or missed a deadline (told why, where there is
+    /// something to say), or the writer ended it (a close, a kick, a stalled client).
+    pub async fn next(&mut self, link: &Link) -> Option<Message> {
+        let deadline = if link.is_attached() {
+            Instant::now() + self.idle_timeout
+        } else {
+            self.hello_deadline
+        };
+        let incoming = tokio::select! {
+            incoming = next_message(&mut self.stream, deadline) => incoming,
+            _ = &mut self.writer => {
+                self.writer_done = true;
+                return None;
+            }
+        };
+        let reject = match incoming {
+            Incoming::Message(message) => return Some(message),
+            Incoming::Gone => return None,
+            Incoming::Broken(reject) => reject,
+            Incoming::TimedOut if link.is_attached() => {
+                Reject::LimitExceeded("idle timeout: nothing received")
+            }
+            Incoming::TimedOut => Reject::InvalidFrame(format!(
+                "no successful {} within {} s",
+                self.login,
+                link.limits().hello_timeout.as_secs()
+            )),
+        };
+        link.fail(reject).await;
+        None
+    }
+
+    /// Ends the connection: the core forgets it, the writer finishes, and the
+    /// reader lingers for the client's answer to the close.
+    pub async fn close(mut self, link: Link) {
+        link.close().await;
+        if !self.writer_done {
+            let _ = self.writer.await;
+        }
+        linger(&mut self.stream).await;
     }
 }
 

@@ -9,79 +9,23 @@ use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket};
 use bytes::BytesMut;
-use futures::stream::StreamExt;
 use prost::Message as _;
-use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use crate::core::{MessageId, Reject};
 use crate::proto::{self, ClientFrame, ServerFrame, client_frame::Kind};
 
-use super::files::{self, FILE_PORT_CAPACITY, FileItem, FileMeta, Upload};
+use super::files::{self, FileItem, FileMeta, Upload};
 use super::request::Refused;
-use super::websocket::{self, Encoder, Incoming};
+use super::websocket::{self, Encoder};
 use super::{Link, LinkContext, Outbound, Request, native};
 
 /// Serves one `/v1/ws` connection.
 pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
-    let (sink, mut stream) = socket.split();
-    let capacity = ctx.limits.outbound_capacity(ctx.driver.core_config());
-    let hello_timeout = ctx.limits.hello_timeout;
-    let (ping_interval, idle_timeout) = (ctx.limits.ws_ping_interval, ctx.limits.ws_idle_timeout);
-    let (tx, rx) = mpsc::channel(capacity);
-    let (files_tx, files_rx) = mpsc::channel(FILE_PORT_CAPACITY);
-    let mut link = Link::new(ctx, peer.ip(), false, tx, files_tx);
-    let timing = websocket::WriterTiming {
-        ping_interval,
-        stall_timeout: idle_timeout,
-    };
-    let mut writer = tokio::spawn(websocket::write_loop(
-        sink,
-        rx,
-        files_rx,
-        NativeEncoder,
-        link.publish_slots(),
-        link.kick(),
-        timing,
-    ));
+    let (mut connection, mut link) =
+        websocket::Connection::open(socket, peer.ip(), ctx, false, NativeEncoder, "Hello");
 
-    let mut writer_done = false;
-    let hello_deadline = Instant::now() + hello_timeout;
     let mut uploads = Uploads::default();
-    loop {
-        let deadline = if link.is_attached() {
-            Instant::now() + idle_timeout
-        } else {
-            hello_deadline
-        };
-        let incoming = tokio::select! {
-            incoming = websocket::next_message(&mut stream, deadline) => incoming,
-            // The writer ended the connection (a close, a kick, a stalled client).
-            _ = &mut writer => {
-                writer_done = true;
-                break;
-            }
-        };
-        let message = match incoming {
-            Incoming::Message(message) => message,
-            Incoming::Gone => break,
-            Incoming::Broken(reject) => {
-                link.fail(reject).await;
-                break;
-            }
-            Incoming::TimedOut if link.is_attached() => {
-                link.fail(Reject::LimitExceeded("idle timeout: nothing received"))
-                    .await;
-                break;
-            }
-            Incoming::TimedOut => {
-                link.fail(Reject::InvalidFrame(
-                    "no successful Hello within 5 s".into(),
-                ))
-                .await;
-                break;
-            }
-        };
+    while let Some(message) = connection.next(&link).await {
         let bytes = match message {
             Message::Binary(bytes) => bytes,
             Message::Text(_) => {
@@ -117,11 +61,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
             break;
         }
     }
-    link.close().await;
-    if !writer_done {
-        let _ = writer.await;
-    }
-    websocket::linger(&mut stream).await;
+    connection.close(link).await;
 }
 
 /// Most file uploads multiplexed on one connection at a time.
