@@ -9,16 +9,20 @@ use common::{Broker, within};
 use fastport::client::SessionKey;
 use serde_json::json;
 
-/// `fastport pub` with the flags that reach `broker`'s session `cli`.
-fn pub_command(broker: &Broker, key: &SessionKey) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fastport"));
-    command
-        .arg("pub")
+/// `fastport <client command>` with the flags that reach `broker`'s session `cli`.
+fn client_command(command: &str, broker: &Broker, key: &SessionKey) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fastport"));
+    cmd.arg(command)
         .args(["--url", &broker.quic_url(), "--session", "cli"])
         .args(["--password", "secret-pass", "--key", &key.to_base64()])
         .arg("--ca")
         .arg(broker.ca());
-    command
+    cmd
+}
+
+/// `fastport pub` for `broker`'s session `cli`.
+fn pub_command(broker: &Broker, key: &SessionKey) -> Command {
+    client_command("pub", broker, key)
 }
 
 /// `--repeat` with `--in-flight 1` publishes one message at a time, every one of them
@@ -154,13 +158,8 @@ async fn recv_keeps_existing_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("doc.txt"), b"precious").expect("write");
 
-    let mut recv = Command::new(env!("CARGO_BIN_EXE_fastport"));
-    recv.arg("recv")
-        .args(["--url", &broker.quic_url(), "--session", "cli"])
-        .args(["--password", "secret-pass", "--key", &key.to_base64()])
-        .arg("--ca")
-        .arg(broker.ca())
-        .arg("--dir")
+    let mut recv = client_command("recv", &broker, &key);
+    recv.arg("--dir")
         .arg(dir.path())
         .args(["--count", "2", "files/#"])
         .stdout(Stdio::piped())
@@ -213,13 +212,8 @@ async fn an_interrupted_sub_closes_its_connection() {
         .create_session("cli", "secret-pass", json!({"maxRetryLimit": 0}))
         .await;
     let key = SessionKey::generate();
-    let mut sub = Command::new(env!("CARGO_BIN_EXE_fastport"));
-    sub.arg("sub")
-        .args(["--url", &broker.quic_url(), "--session", "cli"])
-        .args(["--password", "secret-pass", "--key", &key.to_base64()])
-        .arg("--ca")
-        .arg(broker.ca())
-        .args(["--client-id", "zed", "--durable", "zed/#"])
+    let mut sub = client_command("sub", &broker, &key);
+    sub.args(["--client-id", "zed", "--durable", "zed/#"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = sub.spawn().expect("run fastport sub");
@@ -276,12 +270,7 @@ async fn send_file_refuses_a_pipe() {
     let broker = Broker::start();
     broker.create_session("cli", "secret-pass", json!({})).await;
     let key = SessionKey::generate();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fastport"))
-        .arg("send-file")
-        .args(["--url", &broker.quic_url(), "--session", "cli"])
-        .args(["--password", "secret-pass", "--key", &key.to_base64()])
-        .arg("--ca")
-        .arg(broker.ca())
+    let mut child = client_command("send-file", &broker, &key)
         .args(["files/x", "/dev/stdin"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

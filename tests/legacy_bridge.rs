@@ -245,8 +245,9 @@ async fn bad_legacy_input_gets_error_frames() {
     assert_eq!(types, vec![json!("ack_received"), json!("message")]);
 }
 
-#[tokio::test]
-async fn keep_alive_pings_and_silent_connections_close() {
+/// A broker that pings every 300 ms and closes connections silent for 1.5 s, with
+/// the session `dart`.
+async fn fast_keep_alive() -> Broker {
     let broker = Broker::start_with(&[
         "--ws-ping-interval-ms",
         "300",
@@ -256,6 +257,12 @@ async fn keep_alive_pings_and_silent_connections_close() {
     broker
         .create_session("dart", "secret-pass", json!({}))
         .await;
+    broker
+}
+
+#[tokio::test]
+async fn keep_alive_pings_and_silent_connections_close() {
+    let broker = fast_keep_alive().await;
     let mut dart = Dart::connect(&broker, "/").await;
     dart.init("dart", "secret-pass", None).await;
 
@@ -336,15 +343,7 @@ const TCP_ESTABLISHED: u8 = 1;
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_let_go_of() {
-    let broker = Broker::start_with(&[
-        "--ws-ping-interval-ms",
-        "300",
-        "--ws-idle-timeout-ms",
-        "1500",
-    ]);
-    broker
-        .create_session("dart", "secret-pass", json!({}))
-        .await;
+    let broker = fast_keep_alive().await;
     let key: [u8; 32] = rand::random();
 
     // A subscriber with a small receive buffer, which stops reading after its init.
