@@ -13,9 +13,9 @@ use fastport::carrier::{Outbound, native};
 use fastport::client::SessionKey;
 use fastport::client::crypto::{MessageContext, SealingKeys};
 use fastport::core::{
-    ClientId, Command, ConnId, Core, CoreConfig, Event, Hello, Message, MessageId, Publish,
-    ReplayGuard, SessionName, SessionSettings, StoreBatch, StoreOp, TopicFilter, TopicName,
-    TopicTree,
+    ClientId, Command, ConnId, Core, CoreConfig, Event, Hello, Message, MessageId, MessageKind,
+    Publish, ReplayGuard, SessionName, SessionSettings, StoreBatch, StoreOp, TopicFilter,
+    TopicName, TopicTree,
 };
 use fastport::proto::{self, ClientFrame, PayloadFormat, ServerFrame, client_frame, server_frame};
 use fastport::store::Store;
@@ -55,6 +55,7 @@ fn framing_benches(c: &mut Criterion) {
             payload: Bytes::from(vec![0u8; 128]),
             timestamp_ms: T0,
             format: PayloadFormat::NativeV1,
+            kind: MessageKind::Message,
             accepted_at: T0,
             expires_at: T0 + 60_000,
         }),
@@ -285,6 +286,7 @@ fn store_benches(c: &mut Criterion) {
                 payload: Bytes::from(vec![0u8; 128]),
                 timestamp_ms: T0,
                 format: PayloadFormat::NativeV1,
+                kind: MessageKind::Message,
                 accepted_at: T0,
                 expires_at: T0,
             })));

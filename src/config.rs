@@ -104,6 +104,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES")]
     pub max_file_size: Option<u64>,
 
+    /// Most bytes the file spool may hold (files waiting for offline, slow or
+    /// unacknowledging receivers; beside the SQLite file, as `fastport.db.spool/`);
+    /// past it, new files are refused [default: 16 GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub max_spool_size: Option<u64>,
+
     /// WebSocket ping interval, in milliseconds.
     #[arg(long, value_name = "MS")]
     pub ws_ping_interval_ms: Option<u64>,
@@ -146,6 +152,7 @@ pub struct FileConfig {
     pub replay_window_ms: Option<u64>,
     pub max_payload: Option<u64>,
     pub max_file_size: Option<u64>,
+    pub max_spool_size: Option<u64>,
     pub ws_ping_interval_ms: Option<u64>,
     pub ws_idle_timeout_ms: Option<u64>,
     pub create_session_limit: Option<u32>,
@@ -261,6 +268,10 @@ impl ServeArgs {
             .max_file_size
             .or(file.max_file_size)
             .unwrap_or(CoreConfig::default().max_file_bytes);
+        let max_spool_bytes = self
+            .max_spool_size
+            .or(file.max_spool_size)
+            .unwrap_or(crate::spool::DEFAULT_MAX_SPOOL_BYTES);
         let driver = DriverConfig {
             core: CoreConfig {
                 replay_window_ms,
@@ -315,6 +326,7 @@ impl ServeArgs {
             driver,
             carrier,
             create_session_limit,
+            max_spool_bytes,
         })
     }
 }

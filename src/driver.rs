@@ -19,12 +19,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use std::collections::VecDeque;
+
 use crate::carrier::files::FilePort;
 use crate::carrier::{ConnTx, Outbound};
 use crate::core::{
-    BacklogRequest, Command, ConnId, Core, CoreConfig, FastMap, FileOffer, Hello, Millis, Output,
-    Reject, SessionSettings, Stats, StoreBatch, StoredCopy,
+    BacklogRequest, Command, ConnId, Core, CoreConfig, Event, FastMap, FileDone, FileOffer, Hello,
+    MessageKind, Millis, Output, Reject, SessionName, SessionSettings, Stats, StoreBatch,
+    StoredCopy,
 };
+use crate::spool::{Spool, SpoolError};
 use crate::store::{Store, StoreError};
 use crate::timer::LoopTimer;
 
@@ -83,7 +87,12 @@ enum Inbound {
     OpenFile {
         conn: ConnId,
         offer: FileOffer,
-        reply: oneshot::Sender<Result<Vec<FilePort>, Reject>>,
+        reply: oneshot::Sender<Result<OpenedFile, Reject>>,
+    },
+    CompleteFile {
+        conn: ConnId,
+        done: FileDone,
+        reply: oneshot::Sender<Result<(), Reject>>,
     },
     Stats(oneshot::Sender<Stats>),
     Shutdown(oneshot::Sender<()>),
@@ -102,12 +111,26 @@ enum StoreDone {
     LoadFailed(BacklogRequest),
 }
 
+/// Where an admitted file goes while it arrives.
+#[derive(Debug)]
+pub struct OpenedFile {
+    /// The sender's session.
+    pub session: SessionName,
+    /// The online receivers, to stream it to as it arrives.
+    pub receivers: Vec<(ConnId, FilePort)>,
+    /// Someone subscribes to it: it is spooled too.
+    pub spool: bool,
+    /// Some subscriber is durable: the spool file is synced before the file is accepted.
+    pub durable: bool,
+}
+
 /// A cheap, cloneable handle for carriers and the HTTP API.
 #[derive(Clone)]
 pub struct DriverHandle {
     inbox: mpsc::Sender<Inbound>,
     next_conn: Arc<AtomicU64>,
     config: Arc<CoreConfig>,
+    spool: Arc<Spool>,
 }
 
 impl DriverHandle {
@@ -146,15 +169,35 @@ impl DriverHandle {
         self.send(Command::SessionUpdated(settings)).await
     }
 
+    /// The broker's file spool.
+    pub fn spool(&self) -> &Arc<Spool> {
+        &self.spool
+    }
+
     /// Admits a file offered by `conn`; the answer names the receivers' file ports.
     pub async fn open_file(
         &self,
         conn: ConnId,
         offer: FileOffer,
-    ) -> Result<Result<Vec<FilePort>, Reject>, DriverGone> {
+    ) -> Result<Result<OpenedFile, Reject>, DriverGone> {
         let (reply, rx) = oneshot::channel();
         self.inbox
             .send(Inbound::OpenFile { conn, offer, reply })
+            .await
+            .map_err(|_| DriverGone)?;
+        rx.await.map_err(|_| DriverGone)
+    }
+
+    /// A file sent by `conn` is whole and in the spool: the core queues its copies.
+    /// Answers once that is done, and the durable copies are committed.
+    pub async fn complete_file(
+        &self,
+        conn: ConnId,
+        done: FileDone,
+    ) -> Result<Result<(), Reject>, DriverGone> {
+        let (reply, rx) = oneshot::channel();
+        self.inbox
+            .send(Inbound::CompleteFile { conn, done, reply })
             .await
             .map_err(|_| DriverGone)?;
         rx.await.map_err(|_| DriverGone)
@@ -181,6 +224,7 @@ impl DriverHandle {
 /// Restores the core from the store and starts the driver and store tasks.
 pub async fn start(
     store: Arc<dyn Store>,
+    spool: Arc<Spool>,
     config: DriverConfig,
 ) -> Result<(DriverHandle, JoinHandle<()>), StoreError> {
     let mut core = Core::new(config.core.clone());
@@ -197,15 +241,19 @@ pub async fn start(
     let driver = Driver {
         core,
         inbox: inbox_rx,
+        myself: inbox_tx.downgrade(),
         conns: FastMap::default(),
         jobs: jobs_tx,
         done: done_rx,
         overflowed: Vec::new(),
+        spool: spool.clone(),
+        files_committing: VecDeque::new(),
     };
     let handle = DriverHandle {
         inbox: inbox_tx,
         next_conn: Arc::new(AtomicU64::new(1)),
         config: Arc::new(config.core),
+        spool,
     };
     let task = tokio::spawn(driver.run(config.purge_interval, worker, store));
     Ok((handle, task))
@@ -214,11 +262,16 @@ pub async fn start(
 struct Driver {
     core: Core,
     inbox: mpsc::Receiver<Inbound>,
+    /// The inbox's sending side, for the driver's own tasks (spool streams).
+    myself: mpsc::WeakSender<Inbound>,
     conns: FastMap<ConnId, ConnTx>,
     jobs: mpsc::Sender<StoreJob>,
     done: mpsc::UnboundedReceiver<StoreDone>,
     /// Connections whose outbound queue was full during the last flush.
     overflowed: Vec<ConnId>,
+    spool: Arc<Spool>,
+    /// Completed files waiting for the batch holding their durable copies, in order.
+    files_committing: VecDeque<(u64, oneshot::Sender<Result<(), Reject>>)>,
 }
 
 impl Driver {
@@ -256,6 +309,7 @@ impl Driver {
                     if self.jobs.send(StoreJob::Purge).await.is_err() {
                         break;
                     }
+                    self.sweep_spool();
                 }
             }
             for _ in 0..MAX_DRAIN {
@@ -310,13 +364,33 @@ impl Driver {
                 self.core.handle(now, command);
             }
             Inbound::OpenFile { conn, offer, reply } => {
-                let ports = self.core.open_file(now, conn, &offer).map(|receivers| {
-                    receivers
+                let opened = self.core.open_file(now, conn, &offer).map(|route| {
+                    let receivers = route
+                        .live
                         .iter()
-                        .filter_map(|c| self.conns.get(c).map(|tx| tx.files.clone()))
-                        .collect()
+                        .filter_map(|c| self.conns.get(c).map(|tx| (*c, tx.files.clone())))
+                        .collect();
+                    OpenedFile {
+                        session: route.session,
+                        receivers,
+                        spool: route.spool,
+                        durable: route.durable,
+                    }
                 });
-                let _ = reply.send(ports);
+                let _ = reply.send(opened);
+            }
+            Inbound::CompleteFile { conn, done, reply } => {
+                match self.core.complete_file(now, conn, done) {
+                    Ok(true) => self
+                        .files_committing
+                        .push_back((self.core.current_batch(), reply)),
+                    Ok(false) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(reject) => {
+                        let _ = reply.send(Err(reject));
+                    }
+                }
             }
             Inbound::Stats(tx) => {
                 let _ = tx.send(self.core.stats());
@@ -327,8 +401,15 @@ impl Driver {
 
     fn on_store(&mut self, done: StoreDone) {
         match done {
-            StoreDone::Committed(id) => self.core.handle_committed(id),
-            StoreDone::Failed(id) => self.core.handle_commit_failed(id),
+            StoreDone::Committed(id) => {
+                self.core.handle_committed(id);
+                self.files_committed(id, Ok(()));
+            }
+            StoreDone::Failed(id) => {
+                self.core.handle_commit_failed(id);
+                let reject = Reject::Internal("the store could not commit; retry");
+                self.files_committed(id, Err(reject));
+            }
             StoreDone::Loaded(request, rows, exhausted) => {
                 self.core
                     .handle_backlog(now_ms(), &request, rows, exhausted)
@@ -384,10 +465,77 @@ impl Driver {
         true
     }
 
+    /// Answers the completed files whose batch (up to `batch_id`) is done.
+    fn files_committed(&mut self, batch_id: u64, result: Result<(), Reject>) {
+        while self
+            .files_committing
+            .front()
+            .is_some_and(|(id, _)| *id <= batch_id)
+        {
+            if let Some((_, reply)) = self.files_committing.pop_front() {
+                let _ = reply.send(result.clone());
+            }
+        }
+    }
+
+    /// Removes spool files past their session's expiry, off the driver's task.
+    fn sweep_spool(&self) {
+        let spool = self.spool.clone();
+        let expiries = self.core.session_expiries();
+        let longest = *crate::core::MESSAGE_EXPIRY_RANGE.end();
+        tokio::task::spawn_blocking(move || {
+            let removed = spool.sweep(SystemTime::now(), &expiries, longest);
+            if removed > 0 {
+                tracing::info!(removed, "removed expired files from the spool");
+            }
+        });
+    }
+
+    /// Streams a spooled file to a connection (a copy of a file being sent), on a
+    /// task of its own: the file port is awaited, the driver never is. A file gone
+    /// from the spool cannot be delivered any more, so its copy is dropped.
+    fn stream_spooled(&self, conn: ConnId, message: Arc<crate::core::Message>, port: FilePort) {
+        let spool = self.spool.clone();
+        let myself = self.myself.clone();
+        tokio::spawn(async move {
+            match spool.stream(conn, &message, &port).await {
+                Ok(()) => {}
+                Err(SpoolError::Missing) => {
+                    tracing::warn!(file = %message.id, "a queued file is gone from the spool; dropping its copy");
+                    if let Some(inbox) = myself.upgrade() {
+                        let ack = Command::Ack {
+                            conn,
+                            message_id: message.id,
+                        };
+                        let _ = inbox.send(Inbound::Command(ack)).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(file = %message.id, error = %e, "cannot stream a spooled file")
+                }
+            }
+        });
+    }
+
     fn route(&mut self, output: Output) {
         let (conn, item, close) = match output {
+            Output::Send {
+                conn,
+                event: Event::Deliver { message, .. },
+            } if message.kind == MessageKind::File => {
+                if let Some(tx) = self.conns.get(&conn) {
+                    self.stream_spooled(conn, message, tx.files.clone());
+                }
+                return;
+            }
             Output::Send { conn, event } => (conn, Outbound::Event(event), false),
             Output::Close { conn, reject } => (conn, Outbound::Close(Box::new(reject)), true),
+            Output::DropSpool { session, file_id } => {
+                let spool = self.spool.clone();
+                // Unlinking a large file frees its pages: not on the driver's task.
+                tokio::task::spawn_blocking(move || spool.remove(&session, &file_id));
+                return;
+            }
         };
         let Some(tx) = self.conns.get(&conn) else {
             return;
@@ -508,7 +656,7 @@ async fn store_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{ClientId, Message, MessageId, SessionName, StoreOp, TopicName};
+    use crate::core::{ClientId, Message, MessageId, MessageKind, SessionName, StoreOp, TopicName};
     use crate::proto::PayloadFormat;
     use crate::store::sqlite::SqliteStore;
 
@@ -523,6 +671,7 @@ mod tests {
             payload: bytes::Bytes::from_static(b"x"),
             timestamp_ms: 0,
             format: PayloadFormat::NativeV1,
+            kind: MessageKind::Message,
             accepted_at: 0,
             expires_at,
         };

@@ -24,6 +24,7 @@ pub mod core;
 pub mod driver;
 pub mod http;
 pub mod server;
+pub mod spool;
 pub mod store;
 mod timer;
 pub mod tls;

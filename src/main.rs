@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a new random 32-byte session key, base64 (share it with clients only).
     Keygen,
     /// Manage sessions through the HTTP API.
@@ -187,6 +187,10 @@ struct RecvArgs {
     /// Directory to save files into.
     #[arg(long, default_value = ".")]
     dir: PathBuf,
+    /// Keep queuing files while this client is offline, in the broker's spool, and
+    /// receive them on the next run (needs --client-id).
+    #[arg(long)]
+    durable: bool,
     /// Exit after this many files.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
@@ -235,7 +239,7 @@ fn default_workers() -> usize {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         None => serve(cli.serve).await,
-        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Serve(args)) => serve(*args).await,
         Some(Command::Keygen) => {
             println!("{}", SessionKey::generate().to_base64());
             Ok(())
@@ -316,7 +320,11 @@ fn safe_name(name: &str) -> String {
 async fn receive_files(args: RecvArgs) -> Result<()> {
     use tokio::io::AsyncWriteExt;
     let client = args.client.connect().await?;
-    let mut files = client.subscribe_files(&args.filter).await?;
+    let options = SubscribeOptions {
+        durable: args.durable,
+        ..SubscribeOptions::default()
+    };
+    let mut files = client.subscribe_files_with(&args.filter, options).await?;
     tokio::fs::create_dir_all(&args.dir)
         .await
         .with_context(|| format!("creating the directory {}", args.dir.display()))?;

@@ -12,6 +12,7 @@ use crate::auth::Authenticator;
 use crate::carrier::{CarrierLimits, LinkContext, quic};
 use crate::driver::{self, DriverConfig, DriverHandle};
 use crate::http::{self, CreateSessionLimit, HttpState, TlsListener};
+use crate::spool::{Spool, SpoolError};
 use crate::store::{self, StoreError, StoreKind};
 use crate::tls::{CertInfo, CertSource, Certs, TlsError};
 
@@ -27,6 +28,8 @@ pub struct ServerConfig {
     pub driver: DriverConfig,
     pub carrier: CarrierLimits,
     pub create_session_limit: CreateSessionLimit,
+    /// Most bytes the file spool may hold.
+    pub max_spool_bytes: u64,
 }
 
 /// Why the broker could not start. Each message leaves its cause to the error's
@@ -41,6 +44,8 @@ pub enum StartError {
     },
     #[error("cannot open the store")]
     Store(#[from] StoreError),
+    #[error("cannot open the file spool")]
+    Spool(#[from] SpoolError),
     #[error("cannot set up the certificates")]
     Tls(#[from] TlsError),
 }
@@ -83,7 +88,16 @@ impl Server {
             .map_err(bind_err("HTTP (TCP)", config.http))?;
 
         let store = store::open(&config.store).await?;
-        let (driver, driver_task) = driver::start(store.clone(), config.driver.clone()).await?;
+        let spool = Arc::new(match &config.store {
+            StoreKind::Sqlite(path) => {
+                let mut dir = path.clone().into_os_string();
+                dir.push(".spool");
+                Spool::open(dir.into(), config.max_spool_bytes)?
+            }
+            StoreKind::Memory => Spool::temporary(config.max_spool_bytes)?,
+        });
+        let (driver, driver_task) =
+            driver::start(store.clone(), spool, config.driver.clone()).await?;
 
         let certs = Certs::load_or_create(config.certs.clone())?;
         let tls = certs.server_config(&[quic::ALPN_NATIVE, quic::ALPN_H3])?;

@@ -6,28 +6,37 @@
 //! wire (a QUIC unidirectional stream per file, `/v1/ws` binary frames, or the legacy
 //! `init_file`/binary/`end_file` frames). Awaiting those queues is the end-to-end flow
 //! control: a slow receiver slows the sender, and memory per transfer stays at a few
-//! chunks. A receiver that stalls past [`RECEIVER_STALL`] is dropped from the transfer
-//! so it cannot hold the others back.
+//! chunks.
 //!
-//! Files go to the receivers online when the transfer starts; they are not spooled for
-//! offline or durable subscribers.
+//! Every file someone subscribes to is also written to the spool ([`crate::spool`]) as
+//! it arrives. A receiver whose port stays full for [`SPOOL_SWITCH`] is switched to it
+//! (its stream is aborted), so it holds back neither the sender nor the others. Once
+//! the file is whole, the core queues a copy for every subscriber like a message's:
+//! the receivers that streamed it count as sent (and get the end now); the rest, and
+//! those that do not acknowledge it, get it from the spool, offline durable
+//! subscribers when they come back.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::core::{ConnId, FileOffer, MessageId, Millis, Reject, TopicName};
+use crate::core::{ConnId, FileDone, FileOffer, MessageId, Millis, Reject, TopicName};
 use crate::driver::DriverHandle;
 use crate::proto::{self, PayloadFormat, ServerFrame, server_frame};
+use crate::spool::SpoolWriter;
 
 use super::framing;
 use super::request::{Refused, parse_format};
 
 /// Chunks queued per receiver.
 pub const FILE_PORT_CAPACITY: usize = 16;
-/// How long one receiver may block a transfer before it is dropped from it.
+/// How long one receiver may hold back a file as it arrives (its port full) before
+/// it is switched to the spool.
+pub const SPOOL_SWITCH: Duration = Duration::from_secs(1);
+/// How long a file port may stay full before whatever waits on it gives up.
 pub const RECEIVER_STALL: Duration = Duration::from_secs(30);
 /// Ciphertext overhead allowed per chunk on top of the plaintext (version, IV,
 /// padding, tag).
@@ -134,10 +143,23 @@ pub struct FileTrailer {
 /// A connection's file port.
 pub type FilePort = mpsc::Sender<FileItem>;
 
-/// One file being received from a sender and piped to its receivers.
+/// A receiver of a file while it arrives.
+struct Receiver {
+    conn: ConnId,
+    port: FilePort,
+}
+
+/// One file being received from a sender, piped to its receivers and written to the
+/// spool.
 pub struct Upload {
     meta: Arc<FileMeta>,
-    receivers: Vec<FilePort>,
+    driver: DriverHandle,
+    conn: ConnId,
+    receivers: Vec<Receiver>,
+    /// Where the file is kept for receivers that cannot take it now; `None` if nobody
+    /// subscribed to it when it was offered.
+    spool: Option<SpoolWriter>,
+    durable: bool,
     next_index: u32,
     received: u64,
     max_bytes: u64,
@@ -151,13 +173,25 @@ impl Upload {
         conn: ConnId,
         meta: FileMeta,
     ) -> Result<Upload, Reject> {
-        let receivers = driver
+        let opened = driver
             .open_file(conn, meta.offer())
             .await
             .map_err(|_| Reject::Internal("the broker is shutting down"))??;
+        let spool = match opened.spool {
+            true => Some(driver.spool().create(&opened.session, &meta.file_id)?),
+            false => None,
+        };
         let mut upload = Upload {
             meta: Arc::new(meta),
-            receivers,
+            driver: driver.clone(),
+            conn,
+            receivers: opened
+                .receivers
+                .into_iter()
+                .map(|(conn, port)| Receiver { conn, port })
+                .collect(),
+            spool,
+            durable: opened.durable,
             next_index: 0,
             received: 0,
             max_bytes: driver.core_config().max_file_bytes,
@@ -167,7 +201,6 @@ impl Upload {
         upload.forward(|| FileItem::Header(meta.clone())).await;
         Ok(upload)
     }
-
     pub fn file_id(&self) -> MessageId {
         self.meta.file_id
     }
@@ -194,6 +227,9 @@ impl Upload {
             });
         }
         self.next_index += 1;
+        if let Some(spool) = &mut self.spool {
+            spool.chunk(index, &payload)?;
+        }
         let file_id = self.meta.file_id;
         self.forward(|| FileItem::Chunk {
             file_id,
@@ -204,40 +240,65 @@ impl Upload {
         Ok(())
     }
 
-    /// Ends the file and waits until every receiver has it on its wire.
-    pub async fn finish(mut self, sha256: Bytes, mac: Bytes) {
+    /// Ends the file: it is spooled, queued for everyone subscribed (the core counts
+    /// the receivers that have every chunk as sent), and its end goes to those. Returns
+    /// once they have it on their wire, or were left to the spool.
+    pub async fn finish(mut self, sha256: Bytes, mac: Bytes) -> Result<(), Reject> {
         self.done = true;
         let file_id = self.meta.file_id;
-        let mut pending = Vec::new();
         let trailer = Arc::new(FileTrailer { sha256, mac });
-        for port in std::mem::take(&mut self.receivers) {
+        let Some(spool) = self.spool.take() else {
+            return Ok(()); // nobody subscribed when it was offered: nothing to keep
+        };
+        spool.finish(&trailer, self.durable).await?;
+        let done = FileDone {
+            file_id,
+            topic: self.meta.topic.clone(),
+            timestamp_ms: self.meta.timestamp_ms,
+            format: self.meta.format,
+            header: self.meta.to_proto().encode_to_vec().into(),
+            live: self.receivers.iter().map(|r| r.conn).collect(),
+        };
+        self.driver
+            .complete_file(self.conn, done)
+            .await
+            .map_err(|_| Reject::Internal("the broker is shutting down"))??;
+
+        let mut pending = Vec::new();
+        for receiver in std::mem::take(&mut self.receivers) {
             let (written, wait) = oneshot::channel();
             let end = FileItem::End {
                 file_id,
                 trailer: trailer.clone(),
                 written,
             };
-            if let Ok(Ok(())) = tokio::time::timeout(RECEIVER_STALL, port.send(end)).await {
-                pending.push(wait);
+            match tokio::time::timeout(SPOOL_SWITCH, receiver.port.send(end)).await {
+                Ok(Ok(())) => pending.push(wait),
+                Ok(Err(_)) => {}
+                // Its copy is retried from the spool.
+                Err(_) => abort_later(receiver.port, file_id),
             }
         }
         for wait in pending {
-            let _ = tokio::time::timeout(RECEIVER_STALL, wait).await;
+            let _ = tokio::time::timeout(SPOOL_SWITCH, wait).await;
         }
+        Ok(())
     }
 
-    /// Sends an item to every receiver, dropping receivers that stall or are gone.
+    /// Sends an item to every receiver. One that is gone is dropped; one whose port
+    /// stays full for [`SPOOL_SWITCH`] is switched to the spool (its stream is aborted,
+    /// and it gets the file from the spool once whole). Without a spool (nobody
+    /// subscribed when the file was offered, so no receivers either) there is nothing
+    /// to do.
     async fn forward(&mut self, make: impl Fn() -> FileItem) {
         let mut kept = Vec::with_capacity(self.receivers.len());
-        for port in std::mem::take(&mut self.receivers) {
-            match tokio::time::timeout(RECEIVER_STALL, port.send(make())).await {
-                Ok(Ok(())) => kept.push(port),
+        for receiver in std::mem::take(&mut self.receivers) {
+            match tokio::time::timeout(SPOOL_SWITCH, receiver.port.send(make())).await {
+                Ok(Ok(())) => kept.push(receiver),
                 Ok(Err(_)) => {} // the receiver's connection is gone
                 Err(_) => {
-                    tracing::info!(file = %self.meta.file_id, "a receiver stalled; dropping it from the transfer");
-                    let _ = port.try_send(FileItem::Abort {
-                        file_id: self.meta.file_id,
-                    });
+                    tracing::debug!(file = %self.meta.file_id, conn = receiver.conn.0, "a receiver fell behind; switching it to the spool");
+                    abort_later(receiver.port, self.meta.file_id);
                 }
             }
         }
@@ -245,13 +306,20 @@ impl Upload {
     }
 }
 
+/// Aborts a file on a receiver's port once there is room (it is full when this is
+/// needed), so the receiver drops the partial stream before the spool resends it.
+fn abort_later(port: FilePort, file_id: MessageId) {
+    tokio::spawn(async move {
+        let abort = FileItem::Abort { file_id };
+        let _ = tokio::time::timeout(RECEIVER_STALL, port.send(abort)).await;
+    });
+}
+
 impl Drop for Upload {
     fn drop(&mut self) {
         if !self.done {
-            for port in &self.receivers {
-                let _ = port.try_send(FileItem::Abort {
-                    file_id: self.meta.file_id,
-                });
+            for receiver in self.receivers.drain(..) {
+                abort_later(receiver.port, self.meta.file_id);
             }
         }
     }

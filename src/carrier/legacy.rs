@@ -210,7 +210,7 @@ async fn files(
                     uuid_text(&file_id)
                 )))
             })?;
-            upload.finish(sha256, Bytes::new()).await;
+            upload.finish(sha256, Bytes::new()).await.map_err(refused)?;
             link.file_accepted(file_id).await;
             Ok(())
         }

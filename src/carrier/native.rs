@@ -200,7 +200,7 @@ mod tests {
     use prost::Message as _;
 
     use crate::carrier::framing::encode_frame;
-    use crate::core::{MessageId, SessionName, TopicName};
+    use crate::core::{MessageId, MessageKind, SessionName, TopicName};
     use crate::proto::{PayloadFormat, PubAckStatus};
 
     /// What `queue_server_frame` writes for `out`, and what prost writes for the
@@ -240,6 +240,7 @@ mod tests {
                 payload: Bytes::from(vec![3u8; size]),
                 timestamp_ms,
                 format,
+                kind: MessageKind::Message,
                 accepted_at: 1,
                 expires_at: 2,
             };

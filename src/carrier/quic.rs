@@ -453,7 +453,9 @@ async fn serve_upload(
             Ok(Some(ClientFrame {
                 kind: Some(client_frame::Kind::FileEnd(end)),
             })) => {
-                upload.finish(end.sha256, end.mac).await;
+                if let Err(reject) = upload.finish(end.sha256, end.mac).await {
+                    return refuse_upload(&mut send, reject, Some(file_id)).await;
+                }
                 let accepted = proto::FileAccepted {
                     file_id: bytes::Bytes::copy_from_slice(file_id.as_bytes()),
                 };

@@ -146,7 +146,14 @@ impl Uploads {
     async fn end(&mut self, link: &mut Link, end: proto::FileEnd) -> Result<(), Refused> {
         let (id, _) = self.upload(&end.file_id)?;
         if let Some(upload) = self.open.remove(&id) {
-            upload.finish(end.sha256, end.mac).await;
+            upload
+                .finish(end.sha256, end.mac)
+                .await
+                .map_err(|reject| Refused {
+                    reject,
+                    request_id: 0,
+                    message_id: Some(id),
+                })?;
             link.file_accepted(id).await;
         }
         Ok(())

@@ -7,6 +7,7 @@
 //! files (`LEGACY_JSON`, for the Dart clients) have a plain name, chunks sealed with the
 //! raw key, and the hash only.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -14,14 +15,14 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::core::{SessionName, TopicFilter, TopicName};
+use crate::core::{FastSet, SessionName, TopicFilter, TopicName};
 use crate::proto::{
     self, ClientFrame, ErrorCode, PayloadFormat, ServerFrame, client_frame, server_frame,
 };
 
 use super::crypto::{CryptoError, MessageContext, SealingKeys};
 use super::transport;
-use super::{ClientError, Request};
+use super::{ClientError, Request, SubscribeOptions};
 
 /// Plaintext bytes per chunk (the seed used 64 KiB).
 pub const CHUNK_SIZE: usize = 64 * 1024;
@@ -276,8 +277,13 @@ pub(super) enum FilePart {
     Aborted(String),
 }
 
-/// One file subscription: its id, filter and where its files go.
-type FileSub = (u64, TopicFilter, mpsc::Sender<IncomingFile>);
+/// One file subscription: its id, filter, options and where its files go.
+type FileSub = (
+    u64,
+    TopicFilter,
+    SubscribeOptions,
+    mpsc::Sender<IncomingFile>,
+);
 
 /// The client's file subscriptions, shared with the tasks that receive files.
 #[derive(Clone, Default)]
@@ -286,27 +292,70 @@ pub(super) struct FileSubs {
 }
 
 impl FileSubs {
-    pub fn add(&self, id: u64, filter: TopicFilter, sink: mpsc::Sender<IncomingFile>) {
-        self.lock().push((id, filter, sink));
-    }
-
-    pub fn filters(&self) -> Vec<TopicFilter> {
-        self.lock().iter().map(|(_, f, _)| f.clone()).collect()
-    }
-
-    fn lock(
+    pub fn add(
         &self,
-    ) -> std::sync::MutexGuard<'_, Vec<(u64, TopicFilter, mpsc::Sender<IncomingFile>)>> {
+        id: u64,
+        filter: TopicFilter,
+        options: SubscribeOptions,
+        sink: mpsc::Sender<IncomingFile>,
+    ) {
+        self.lock().push((id, filter, options, sink));
+    }
+
+    /// The filters and options of the subscriptions still open.
+    pub fn filters(&self) -> Vec<(TopicFilter, SubscribeOptions)> {
+        let mut subs = self.lock();
+        subs.retain(|(_, _, _, sink)| !sink.is_closed());
+        subs.iter().map(|(_, f, o, _)| (f.clone(), *o)).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<FileSub>> {
         self.subs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn sinks_for(&self, topic: &TopicName) -> Vec<mpsc::Sender<IncomingFile>> {
         let mut subs = self.lock();
-        subs.retain(|(_, _, sink)| !sink.is_closed());
+        subs.retain(|(_, _, _, sink)| !sink.is_closed());
         subs.iter()
-            .filter(|(_, f, _)| f.matches(topic))
-            .map(|(_, _, s)| s.clone())
+            .filter(|(_, f, _, _)| f.matches(topic))
+            .map(|(_, _, _, s)| s.clone())
             .collect()
+    }
+}
+
+/// The files this client verified lately, by id: a copy the broker sends again (its
+/// `Ack` was lost, or crossed a retry) is acknowledged again, not handed over twice.
+#[derive(Clone, Default)]
+pub(super) struct ReceivedFiles {
+    inner: Arc<Mutex<Recent>>,
+}
+
+/// Ids, and the order they came in (to forget the oldest).
+type Recent = (FastSet<[u8; 16]>, VecDeque<[u8; 16]>);
+
+impl ReceivedFiles {
+    /// Files remembered; the oldest is forgotten past this.
+    const CAPACITY: usize = 4096;
+
+    fn contains(&self, id: &[u8; 16]) -> bool {
+        self.lock().0.contains(id)
+    }
+
+    fn insert(&self, id: [u8; 16]) {
+        let mut inner = self.lock();
+        let (set, order) = &mut *inner;
+        if set.insert(id) {
+            order.push_back(id);
+            if order.len() > Self::CAPACITY
+                && let Some(old) = order.pop_front()
+            {
+                set.remove(&old);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -316,6 +365,7 @@ pub(super) struct Opener {
     pub session: SessionName,
     pub keys: SealingKeys,
     pub subs: FileSubs,
+    pub received: ReceivedFiles,
     /// To acknowledge verified files on the control channel.
     pub requests: mpsc::WeakSender<Request>,
 }
@@ -361,9 +411,18 @@ pub(super) async fn receive(opener: Opener, mut parts: mpsc::Receiver<FilePart>)
             return;
         }
     };
+    let ack = |request| async {
+        if let Some(requests) = opener.requests.upgrade() {
+            let _ = requests.send(request).await;
+        }
+    };
+    if opener.received.contains(&file_id) {
+        return ack(Request::AckFile(file_id)).await; // had it already
+    }
     let sinks = opener.subs.sinks_for(&topic);
     if sinks.is_empty() {
-        return; // nobody here wants it (any more); not acknowledged
+        let topic = topic.as_str().to_owned();
+        return ack(Request::UnwantedFile { file_id, topic }).await;
     }
     // One reader per subscription that matches.
     let mut outs = Vec::new();
@@ -434,9 +493,8 @@ pub(super) async fn receive(opener: Opener, mut parts: mpsc::Receiver<FilePart>)
     };
     match verdict {
         Ok(()) => {
-            if let Some(requests) = opener.requests.upgrade() {
-                let _ = requests.send(Request::AckFile(file_id)).await;
-            }
+            opener.received.insert(file_id);
+            ack(Request::AckFile(file_id)).await;
         }
         Err(e) => {
             tracing::warn!(topic = %topic, error = %e, "incoming file failed");

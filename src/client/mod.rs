@@ -261,6 +261,7 @@ enum Request {
     },
     SubscribeFiles {
         filter: String,
+        options: SubscribeOptions,
         sink: mpsc::Sender<IncomingFile>,
         reply: oneshot::Sender<Result<u64, ClientError>>,
     },
@@ -278,6 +279,14 @@ enum Request {
     },
     /// A received file was verified: acknowledge it.
     AckFile([u8; 16]),
+    /// No file subscription wanted a file on `topic`: acknowledged (dropped for good)
+    /// if a message subscription matches it, which never takes files; else left for
+    /// the broker's retry, by which time the application may have subscribed (a
+    /// durable backlog starts before it can).
+    UnwantedFile {
+        file_id: [u8; 16],
+        topic: String,
+    },
     Close,
 }
 
@@ -494,12 +503,26 @@ impl Client {
         files::upload(start, topic, name, data, size, PayloadFormat::LegacyJson).await
     }
 
-    /// Receives the files published to topics matching `filter`.
+    /// Receives the files published to topics matching `filter` while this client is
+    /// connected.
     pub async fn subscribe_files(&self, filter: &str) -> Result<FileSubscription, ClientError> {
+        self.subscribe_files_with(filter, SubscribeOptions::default())
+            .await
+    }
+
+    /// Receives files with options: a `durable` subscription (which needs a client
+    /// id) keeps queuing files while the client is offline, in the broker's spool, and
+    /// they arrive when it connects again.
+    pub async fn subscribe_files_with(
+        &self,
+        filter: &str,
+        options: SubscribeOptions,
+    ) -> Result<FileSubscription, ClientError> {
         let (sink, rx) = mpsc::channel(16);
         let filter = filter.to_owned();
         self.call(|reply| Request::SubscribeFiles {
             filter,
+            options,
             sink,
             reply,
         })

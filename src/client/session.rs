@@ -19,7 +19,7 @@ use crate::proto::{
 use crate::timer::LoopTimer;
 
 use super::crypto::{MessageContext, SealingKeys};
-use super::files::{self, FilePart, FileStart, FileSubs, Opener};
+use super::files::{self, FilePart, FileStart, FileSubs, Opener, ReceivedFiles};
 use super::transport::{BrokerUrl, Control, ControlWriter, Dialer, PublishFields};
 use super::{
     ClientConfig, ClientError, Message, PubAck, PublishStatus, Request, SessionInfo,
@@ -229,6 +229,8 @@ struct State {
     acks_since: Option<Instant>,
     /// File subscriptions, shared with the tasks that receive files.
     file_subs: FileSubs,
+    /// Files verified lately, shared with the tasks that receive files.
+    received_files: ReceivedFiles,
     /// Multiplexed (WebSocket) uploads waiting for `FileAccepted`.
     uploads: HashMap<[u8; 16], oneshot::Sender<Result<(), ClientError>>>,
     /// Multiplexed (WebSocket) incoming files, by id.
@@ -315,6 +317,7 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
         acks_held: 0,
         acks_since: None,
         file_subs: FileSubs::default(),
+        received_files: ReceivedFiles::default(),
         uploads: HashMap::new(),
         incoming: HashMap::new(),
         requests: mpsc::channel(1).0.downgrade(),
@@ -605,12 +608,13 @@ impl State {
                 },
             )));
         }
-        let subs: Vec<(u64, TopicFilter, SubscribeOptions)> = self
-            .subs
-            .iter()
-            .map(|(id, s)| (*id, s.filter.clone(), s.options))
-            .collect();
-        for (id, filter, options) in subs {
+        // File subscriptions too: they have no local id to drop if refused (0).
+        for (filter, options) in self.subscriptions() {
+            let id = self
+                .subs
+                .iter()
+                .find(|(_, s)| s.filter == filter && s.options == options)
+                .map_or(0, |(id, _)| *id);
             let request_id = self.request_id();
             self.subscribing.insert(request_id, (id, None));
             live.writer
@@ -668,13 +672,30 @@ impl State {
             session: self.sealer.session.clone(),
             keys: self.sealer.keys.clone(),
             subs: self.file_subs.clone(),
+            received: self.received_files.clone(),
             requests: self.requests.clone(),
         }
     }
 
-    /// Whether the broker already has a subscription for `filter` from this client.
-    fn subscribed(&self, filter: &TopicFilter) -> bool {
-        self.subs.values().any(|s| s.filter == *filter) || self.file_subs.filters().contains(filter)
+    /// Whether the broker already has this subscription from this client.
+    fn subscribed(&self, filter: &TopicFilter, options: SubscribeOptions) -> bool {
+        self.subscriptions().contains(&(filter.clone(), options))
+    }
+
+    /// Every subscription the broker should have from this client, messages' and
+    /// files', once each.
+    fn subscriptions(&self) -> Vec<(TopicFilter, SubscribeOptions)> {
+        let mut all: Vec<(TopicFilter, SubscribeOptions)> = self
+            .subs
+            .values()
+            .map(|s| (s.filter.clone(), s.options))
+            .collect();
+        for sub in self.file_subs.filters() {
+            if !all.contains(&sub) {
+                all.push(sub);
+            }
+        }
+        all
     }
 
     fn request_id(&mut self) -> u64 {
@@ -780,6 +801,7 @@ impl State {
             }
             Request::SubscribeFiles {
                 filter,
+                options,
                 sink,
                 reply,
             } => {
@@ -792,17 +814,13 @@ impl State {
                 };
                 let id = self.next_sub_id;
                 self.next_sub_id += 1;
-                let already = self.subscribed(&filter);
-                self.file_subs.add(id, filter.clone(), sink);
+                let already = self.subscribed(&filter, options);
+                self.file_subs.add(id, filter.clone(), options, sink);
                 match writer {
                     Some(w) if !already => {
                         let request_id = self.request_id();
                         self.subscribing.insert(request_id, (id, Some(reply)));
-                        w.push(&subscribe_frame(
-                            request_id,
-                            &filter,
-                            SubscribeOptions::default(),
-                        ));
+                        w.push(&subscribe_frame(request_id, &filter, options));
                     }
                     _ => {
                         let _ = reply.send(Ok(id));
@@ -873,6 +891,15 @@ impl State {
                 if let Some(w) = writer {
                     w.push(&frame(client_frame::Kind::Ack(proto::Ack {
                         message_id: Bytes::copy_from_slice(&id),
+                    })));
+                }
+            }
+            Request::UnwantedFile { file_id, topic } => {
+                if self.subs.values().any(|s| s.filter.matches_str(&topic))
+                    && let Some(w) = writer
+                {
+                    w.push(&frame(client_frame::Kind::Ack(proto::Ack {
+                        message_id: Bytes::copy_from_slice(&file_id),
                     })));
                 }
             }

@@ -26,9 +26,48 @@ pub struct Message {
     /// The publisher's timestamp (bound into the end-to-end MAC).
     pub timestamp_ms: Millis,
     pub format: PayloadFormat,
+    /// A message, or a file whose bytes wait in the spool.
+    pub kind: MessageKind,
     /// When the broker accepted it; expiry runs from here.
     pub accepted_at: Millis,
     pub expires_at: Millis,
+}
+
+/// What a [`Message`] stands for. A file goes through the same copies, retries, expiry
+/// and durable queues as a message (design §10): its `payload` is its encoded
+/// `FileHeader`, and its chunks wait in the broker's file spool, where the driver
+/// streams them from when a copy is sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MessageKind {
+    #[default]
+    Message,
+    File,
+}
+
+/// Added to the format's number where the store keeps a message's format, for files.
+/// Rows written before files were queued carry no flag, and read as messages.
+const FILE_FLAG: i32 = 0x100;
+
+impl Message {
+    /// The format and kind as the one integer the store keeps.
+    pub fn stored_format(&self) -> i32 {
+        let flag = match self.kind {
+            MessageKind::Message => 0,
+            MessageKind::File => FILE_FLAG,
+        };
+        self.format as i32 | flag
+    }
+
+    /// Reads back [`Message::stored_format`]; `None` if it names no format.
+    pub fn parse_stored_format(code: i32) -> Option<(PayloadFormat, MessageKind)> {
+        let kind = if code & FILE_FLAG != 0 {
+            MessageKind::File
+        } else {
+            MessageKind::Message
+        };
+        let format = PayloadFormat::try_from(code & !FILE_FLAG).ok()?;
+        Some((format, kind))
+    }
 }
 
 /// An authenticated client joining its session.
@@ -68,6 +107,35 @@ pub struct FileOffer {
     pub format: PayloadFormat,
     /// Declared plaintext size (carriers enforce the limit on the bytes that arrive).
     pub size: u64,
+}
+
+/// A file that has arrived whole and waits in the spool.
+#[derive(Debug, Clone)]
+pub struct FileDone {
+    pub file_id: MessageId,
+    pub topic: TopicName,
+    pub timestamp_ms: Millis,
+    pub format: PayloadFormat,
+    /// Its `FileHeader`, encoded: what a receiver gets first, kept as the message body.
+    pub header: Bytes,
+    /// The connections that got every chunk as it arrived; they get the file's end
+    /// next, so their copies count as sent.
+    pub live: Vec<ConnId>,
+}
+
+/// What the broker decided about a file when it was offered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRoute {
+    /// The sender's session.
+    pub session: SessionName,
+    /// Online connections subscribed to its topic, to stream it to as it arrives.
+    pub live: Vec<ConnId>,
+    /// Some subscriber wants it: it must be spooled (for retries, slow receivers and
+    /// offline durable subscribers).
+    pub spool: bool,
+    /// Some of them are durable: the spool must reach the disk before the file is
+    /// accepted.
+    pub durable: bool,
 }
 
 /// Everything that can happen to the core, from a carrier or the driver.
@@ -191,6 +259,12 @@ pub enum Output {
     Close {
         conn: ConnId,
         reject: Reject,
+    },
+    /// Every copy of a spooled file is done with (acknowledged, expired or dropped):
+    /// its spool file can go.
+    DropSpool {
+        session: SessionName,
+        file_id: MessageId,
     },
 }
 

@@ -122,13 +122,20 @@ impl Subscriber {
     /// with their attempt counts, ephemeral ones are deleted.
     pub fn detach(&mut self, ctx: &mut Ctx) {
         for (_, f) in self.inflight.drain() {
-            if f.copy.durable && f.copy.attempts > 0 {
+            if !f.copy.durable {
+                ctx.fx.release_file(&f.copy.message);
+            } else if f.copy.attempts > 0 {
                 ctx.fx.ops.push(StoreOp::SetAttempts {
                     session: ctx.settings.name.clone(),
                     client_id: self.client_id.clone(),
                     seq: f.copy.message.seq,
                     attempts: f.copy.attempts,
                 });
+            }
+        }
+        for copy in self.queue.drain(..) {
+            if !copy.durable {
+                ctx.fx.release_file(&copy.message);
             }
         }
         if self.ephemeral_spilled {
@@ -139,7 +146,6 @@ impl Subscriber {
             self.ephemeral_spilled = false;
         }
         self.retries.clear();
-        self.queue.clear();
         self.backlog = Backlog {
             in_store: true,
             ..Backlog::default()
@@ -187,18 +193,35 @@ impl Subscriber {
         }
     }
 
-    fn send(&mut self, mut copy: Copy, now: Millis, ctx: &mut Ctx) {
+    fn send(&mut self, copy: Copy, now: Millis, ctx: &mut Ctx) {
         let Some(conn) = self.conn else { return };
-        let id = copy.message.id;
-        copy.attempts += 1;
-        let deadline = now.saturating_add(ctx.settings.retry_interval_ms);
         ctx.fx.outputs.push_back(Output::Send {
             conn,
             event: Event::Deliver {
                 message: copy.message.clone(),
-                attempt: copy.attempts,
+                attempt: copy.attempts + 1,
             },
         });
+        self.track(copy, now, ctx);
+    }
+
+    /// A file this subscriber's connection received as it arrived: its copy counts as
+    /// sent once, and is retried from the spool if no `Ack` comes.
+    pub fn sent_live(&mut self, copy: Copy, now: Millis, ctx: &mut Ctx) {
+        if self.conn.is_none() || self.backlog.in_store {
+            // Behind a backlog in the store, a copy in memory could be read back and
+            // sent twice; it takes its turn instead (the SDK drops the duplicate).
+            return self.offer(copy, now, ctx);
+        }
+        self.backlog.cursor = self.backlog.cursor.max(copy.message.seq);
+        self.track(copy, now, ctx);
+    }
+
+    /// Puts a copy just sent into the window, with its retry deadline.
+    fn track(&mut self, mut copy: Copy, now: Millis, ctx: &mut Ctx) {
+        let id = copy.message.id;
+        copy.attempts += 1;
+        let deadline = now.saturating_add(ctx.settings.retry_interval_ms);
         // Two live messages with one id can only happen if a publisher reuses an id
         // after its replay window; the newer one supersedes the older.
         if let Some(old) = self.inflight.insert(id, InFlight { copy, deadline }) {
@@ -218,6 +241,7 @@ impl Subscriber {
 
     /// Forgets a copy for good (acked, expired, given up, unsubscribed).
     fn release(&mut self, copy: Copy, ctx: &mut Ctx) {
+        ctx.fx.release_file(&copy.message);
         if copy.persisted {
             ctx.fx.ops.push(StoreOp::DeleteCopy {
                 session: ctx.settings.name.clone(),

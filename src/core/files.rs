@@ -1,23 +1,30 @@
-//! File transfers: the core authorises them and names their receivers; the bytes never
-//! pass through it (carriers stream them under transport flow control, design §3).
+//! File transfers: the core authorises them, names their live receivers and, once a
+//! file has arrived whole, queues it like a message. The bytes never pass through it:
+//! carriers stream them under transport flow control and keep them in the spool
+//! (design §3), and a copy of a file stands for the spool file when it is sent again.
+
+use std::sync::Arc;
 
 use crate::proto::PayloadFormat;
 
 use super::Core;
-use super::command::{FileOffer, StoreOp};
+use super::command::{FileDone, FileOffer, FileRoute, Message, MessageKind, StoreOp};
+use super::delivery::Ctx;
 use super::error::Reject;
+use super::router::fan_out;
 use super::types::{ConnId, Millis};
 
 impl Core {
-    /// Admits a file offered by `conn` (auth, size, replay of its id) and returns the
-    /// online connections subscribed to its topic, one entry each. Connections that can
-    /// only read `LEGACY_JSON` get only legacy files.
+    /// Admits a file offered by `conn` (auth, size, replay of its id) and says where it
+    /// goes: the online connections subscribed to its topic, one entry each (those that
+    /// can only read `LEGACY_JSON` get only legacy files), and whether anyone, online
+    /// or not, wants it.
     pub fn open_file(
         &mut self,
         now: Millis,
         conn: ConnId,
         offer: &FileOffer,
-    ) -> Result<Vec<ConnId>, Reject> {
+    ) -> Result<FileRoute, Reject> {
         let c = self.conns.get(&conn).ok_or(Reject::NotAuthenticated)?;
         let session = self
             .sessions
@@ -41,17 +48,83 @@ impl Core {
             expires_at: session.replay.expiry_of(offer.timestamp_ms),
         });
         let legacy = offer.format == PayloadFormat::LegacyJson;
-        let mut receivers = Vec::new();
-        session.tree.for_each_match(&offer.topic, |(client, _)| {
-            if let Some(sub) = session.subscribers.get(client)
-                && let Some(conn) = sub.conn
-                && (legacy || !sub.legacy_only)
-            {
-                receivers.push(conn);
-            }
+        let mut route = FileRoute {
+            session: session.settings.name.clone(),
+            live: Vec::new(),
+            spool: false,
+            durable: false,
+        };
+        session
+            .tree
+            .for_each_match(&offer.topic, |(client, durable)| {
+                let Some(sub) = session.subscribers.get(client) else {
+                    return;
+                };
+                if sub.legacy_only && !legacy {
+                    return;
+                }
+                route.spool = true;
+                route.durable |= *durable;
+                if let Some(conn) = sub.conn {
+                    route.live.push(conn);
+                }
+            });
+        route.live.sort_unstable();
+        route.live.dedup();
+        Ok(route)
+    }
+
+    /// A file sent by `conn` has arrived whole and is in the spool: every subscriber
+    /// whose filters match gets a copy, queued and retried like a message's. The
+    /// connections in `done.live` already have every chunk, so theirs count as sent.
+    /// Returns whether durable copies were written: the file is accepted once their
+    /// batch ([`Core::current_batch`]) is committed.
+    pub fn complete_file(
+        &mut self,
+        now: Millis,
+        conn: ConnId,
+        done: FileDone,
+    ) -> Result<bool, Reject> {
+        let c = self.conns.get(&conn).ok_or(Reject::NotAuthenticated)?;
+        let session = self
+            .sessions
+            .get_mut(&c.session)
+            .ok_or(Reject::Internal("session vanished"))?;
+        let settings = &session.settings;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let message = Arc::new(Message {
+            session: settings.name.clone(),
+            id: done.file_id,
+            seq,
+            topic: done.topic,
+            payload: done.header,
+            timestamp_ms: done.timestamp_ms,
+            format: done.format,
+            kind: MessageKind::File,
+            accepted_at: now,
+            expires_at: now.saturating_add(settings.message_expiry_ms),
         });
-        receivers.sort_unstable();
-        receivers.dedup();
-        Ok(receivers)
+
+        let mut matched = std::mem::take(&mut self.matched);
+        session.match_subscribers(&message.topic, &mut matched);
+        let mut ctx = Ctx {
+            settings: &session.settings,
+            limits: &self.config.limits,
+            fx: &mut self.fx,
+        };
+        let (_, durable_copies) = fan_out(
+            &mut session.subscribers,
+            &message,
+            &mut matched,
+            &done.live,
+            now,
+            &mut ctx,
+        );
+        self.matched = matched;
+        // Nobody wants it any more: the spool file goes at once.
+        self.fx.hold_file(&message);
+        self.fx.release_file(&message);
+        Ok(durable_copies > 0)
     }
 }

@@ -46,8 +46,8 @@ use bytes::Bytes;
 use crate::proto::{PayloadFormat, PresenceEvent, PubAckStatus};
 
 pub use command::{
-    BacklogRequest, Command, ErrorEvent, Event, FileOffer, Hello, Message, Output, Presence,
-    Publish, Restore, StoreBatch, StoreOp, StoredCopy, Welcome,
+    BacklogRequest, Command, ErrorEvent, Event, FileDone, FileOffer, FileRoute, Hello, Message,
+    MessageKind, Output, Presence, Publish, Restore, StoreBatch, StoreOp, StoredCopy, Welcome,
 };
 pub use error::Reject;
 pub use replay::ReplayGuard;
@@ -124,9 +124,53 @@ pub struct Effects {
     loads: Vec<BacklogRequest>,
     timers: BTreeSet<(Millis, ConnId)>,
     token: u64,
+    /// Copies still held of each spooled file, by `seq`. Only copies made in this run
+    /// are counted: a file restored from the store is left to the spool's expiry sweep.
+    files: FastMap<u64, SpooledFile>,
+}
+
+#[derive(Debug)]
+struct SpooledFile {
+    session: SessionName,
+    file_id: MessageId,
+    copies: usize,
 }
 
 impl Effects {
+    /// One more copy of a file is held.
+    fn hold_file(&mut self, message: &Message) {
+        if message.kind != MessageKind::File {
+            return;
+        }
+        self.files
+            .entry(message.seq)
+            .or_insert_with(|| SpooledFile {
+                session: message.session.clone(),
+                file_id: message.id,
+                copies: 0,
+            })
+            .copies += 1;
+    }
+
+    /// A copy of a file is done with; the last one lets its spool file go.
+    fn release_file(&mut self, message: &Message) {
+        if message.kind != MessageKind::File {
+            return;
+        }
+        let Some(file) = self.files.get_mut(&message.seq) else {
+            return;
+        };
+        file.copies = file.copies.saturating_sub(1);
+        if file.copies == 0
+            && let Some(file) = self.files.remove(&message.seq)
+        {
+            self.outputs.push_back(Output::DropSpool {
+                session: file.session,
+                file_id: file.file_id,
+            });
+        }
+    }
+
     fn next_token(&mut self) -> u64 {
         self.token += 1;
         self.token
@@ -223,6 +267,15 @@ impl Core {
             }
         }
         self.next_seq = self.next_seq.max(restore.next_seq);
+    }
+
+    /// Each session's message expiry, which also bounds how long its spooled files
+    /// are kept.
+    pub fn session_expiries(&self) -> std::collections::HashMap<String, u64> {
+        self.sessions
+            .iter()
+            .map(|(name, s)| (name.as_str().to_owned(), s.settings.message_expiry_ms))
+            .collect()
     }
 
     pub fn stats(&self) -> Stats {
@@ -825,6 +878,11 @@ impl Core {
     /// Backlog pages to read, to be run after the batches already taken.
     pub fn take_loads(&mut self) -> Vec<BacklogRequest> {
         std::mem::take(&mut self.fx.loads)
+    }
+
+    /// The batch that the writes made now will be committed in.
+    pub fn current_batch(&self) -> u64 {
+        self.batch_id
     }
 
     /// When [`Core::handle_timeout`] should next be called.

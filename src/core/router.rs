@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use crate::proto::{PayloadFormat, PubAckStatus};
 
-use super::command::{Message, Publish, StoreOp};
-use super::delivery::{Copy, Ctx};
+use super::command::{Message, MessageKind, Publish, StoreOp};
+use super::delivery::{Copy, Ctx, Subscriber};
 use super::error::Reject;
-use super::types::{ConnId, Millis};
+use super::types::{ClientId, ConnId, FastMap, Millis};
 use super::{Core, Waiter};
 
 impl Core {
@@ -43,6 +43,7 @@ impl Core {
             payload: p.payload,
             timestamp_ms: p.timestamp_ms,
             format: p.format,
+            kind: MessageKind::Message,
             accepted_at: now,
             expires_at: now.saturating_add(settings.message_expiry_ms),
         });
@@ -53,57 +54,22 @@ impl Core {
         });
         session.retain(&message);
 
-        // One copy per subscriber, however many of its filters match; durable if any
-        // matching subscription is.
         let mut matched = std::mem::take(&mut self.matched);
-        session
-            .tree
-            .for_each_match(&message.topic, |(client, durable)| {
-                matched.push((client.clone(), *durable))
-            });
-        matched.sort_unstable();
-        matched.dedup_by(|later, kept| {
-            let same = later.0 == kept.0;
-            if same {
-                kept.1 |= later.1;
-            }
-            same
-        });
+        session.match_subscribers(&message.topic, &mut matched);
 
         let mut ctx = Ctx {
             settings: &session.settings,
             limits: &self.config.limits,
             fx: &mut self.fx,
         };
-        let (mut copies, mut durable_copies) = (0usize, 0usize);
-        for (client, durable) in matched.drain(..) {
-            let Some(sub) = session.subscribers.get_mut(&client) else {
-                continue;
-            };
-            if sub.legacy_only && message.format != PayloadFormat::LegacyJson {
-                continue; // it could not read it; nothing is queued for it
-            }
-            if durable {
-                if durable_copies == 0 {
-                    ctx.fx.ops.push(StoreOp::PutMessage(message.clone()));
-                }
-                ctx.fx.ops.push(StoreOp::PutCopy {
-                    session: ctx.settings.name.clone(),
-                    client_id: client,
-                    seq,
-                    ephemeral: false,
-                });
-                durable_copies += 1;
-            }
-            copies += 1;
-            let copy = Copy {
-                message: message.clone(),
-                durable,
-                persisted: durable,
-                attempts: 0,
-            };
-            sub.offer(copy, now, &mut ctx);
-        }
+        let (copies, durable_copies) = fan_out(
+            &mut session.subscribers,
+            &message,
+            &mut matched,
+            &[],
+            now,
+            &mut ctx,
+        );
         self.matched = matched;
 
         let status = match (copies, durable_copies) {
@@ -123,4 +89,53 @@ impl Core {
             },
         ));
     }
+}
+
+/// Gives each matched subscriber (drained from `matched`) its copy of `message`, in
+/// accept order: durable ones are written to the store, with the message once. The
+/// connections in `live` have it already (a file streamed to them as it arrived).
+/// Returns how many copies were made, and how many of them are durable.
+pub(super) fn fan_out(
+    subscribers: &mut FastMap<ClientId, Subscriber>,
+    message: &Arc<Message>,
+    matched: &mut Vec<(ClientId, bool)>,
+    live: &[ConnId],
+    now: Millis,
+    ctx: &mut Ctx,
+) -> (usize, usize) {
+    let (mut copies, mut durable_copies) = (0usize, 0usize);
+    for (client, durable) in matched.drain(..) {
+        let Some(sub) = subscribers.get_mut(&client) else {
+            continue;
+        };
+        if sub.legacy_only && message.format != PayloadFormat::LegacyJson {
+            continue; // it could not read it; nothing is queued for it
+        }
+        if durable {
+            if durable_copies == 0 {
+                ctx.fx.ops.push(StoreOp::PutMessage(message.clone()));
+            }
+            ctx.fx.ops.push(StoreOp::PutCopy {
+                session: ctx.settings.name.clone(),
+                client_id: client,
+                seq: message.seq,
+                ephemeral: false,
+            });
+            durable_copies += 1;
+        }
+        copies += 1;
+        let copy = Copy {
+            message: message.clone(),
+            durable,
+            persisted: durable,
+            attempts: 0,
+        };
+        ctx.fx.hold_file(message);
+        if sub.conn.is_some_and(|c| live.contains(&c)) {
+            sub.sent_live(copy, now, ctx);
+        } else {
+            sub.offer(copy, now, ctx);
+        }
+    }
+    (copies, durable_copies)
 }

@@ -102,6 +102,20 @@ impl Session {
         }
     }
 
+    /// Fills `matched` with the subscribers whose filters match `topic`: one entry each
+    /// however many of its filters match, durable if any matching subscription is.
+    pub fn match_subscribers(&self, topic: &TopicName, matched: &mut Vec<(ClientId, bool)>) {
+        self.tree.for_each_match(topic, |(client, durable)| {
+            matched.push((client.clone(), *durable))
+        });
+        matched.sort_unstable();
+        matched.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            kept.1 |= same && later.1;
+            same
+        });
+    }
+
     /// Keeps `message` as the newest retained message of its topic.
     pub fn retain(&mut self, message: &Arc<Message>) {
         let size = self.settings.history_size as usize;

@@ -21,6 +21,8 @@ struct Pair {
     next_id: u8,
     /// When set, the next batch fails instead of committing.
     fail_next_commit: bool,
+    /// Files whose spool the core let go of.
+    dropped_spools: Vec<MessageId>,
 }
 
 fn settings(name: &str) -> SessionSettings {
@@ -51,6 +53,7 @@ impl Pair {
             next_conn: 1,
             next_id: 1,
             fail_next_commit: false,
+            dropped_spools: Vec::new(),
         }
     }
 
@@ -65,6 +68,7 @@ impl Pair {
                     Output::Close { conn, reject } => {
                         self.closed.insert(conn, reject);
                     }
+                    Output::DropSpool { file_id, .. } => self.dropped_spools.push(file_id),
                 }
             }
             if let Some(batch) = self.core.take_batch() {
@@ -805,15 +809,19 @@ fn files_go_to_online_subscribers_once_and_legacy_only_to_legacy() {
         .open_file(p.now, sender, &offer(1, PayloadFormat::NativeV1))
         .expect("admitted");
     assert_eq!(
-        receivers,
+        receivers.live,
         vec![native],
         "once per connection, online only, no legacy"
+    );
+    assert!(
+        receivers.spool && receivers.durable,
+        "spooled, and synced for the offline durable subscriber"
     );
     let receivers = p
         .core
         .open_file(p.now, sender, &offer(2, PayloadFormat::LegacyJson))
         .expect("admitted");
-    assert_eq!(receivers, vec![native, dart]);
+    assert_eq!(receivers.live, vec![native, dart]);
 
     assert_eq!(
         p.core
@@ -830,6 +838,109 @@ fn files_go_to_online_subscribers_once_and_legacy_only_to_legacy() {
         p.core
             .open_file(p.now, ConnId(999), &offer(4, PayloadFormat::NativeV1)),
         Err(Reject::NotAuthenticated)
+    );
+}
+
+/// Completes a file `id` on "files/a" sent by `sender`, streamed live to `live`.
+fn complete(p: &mut Pair, sender: ConnId, id: u8, live: Vec<ConnId>) -> bool {
+    let offer = FileOffer {
+        file_id: MessageId([id; 16]),
+        topic: TopicName::parse("files/a").expect("valid"),
+        timestamp_ms: p.now,
+        format: PayloadFormat::NativeV1,
+        size: 10,
+    };
+    p.core.open_file(p.now, sender, &offer).expect("admitted");
+    let done = FileDone {
+        file_id: offer.file_id,
+        topic: offer.topic,
+        timestamp_ms: offer.timestamp_ms,
+        format: offer.format,
+        header: Bytes::from_static(b"header"),
+        live,
+    };
+    let durable = p
+        .core
+        .complete_file(p.now, sender, done)
+        .expect("completed");
+    p.drive();
+    durable
+}
+
+/// Files' copies (design §10): a receiver that streamed the file counts as sent and is
+/// retried only if it does not acknowledge; one that did not is sent the file at once
+/// (a `Deliver` of a file message, which the driver streams from the spool); an
+/// offline durable subscriber gets it when it comes back; the spool goes once every
+/// copy is acknowledged.
+#[test]
+fn a_completed_file_is_queued_like_a_message() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let sender = p.connect(&s, "sender");
+    let live = p.connect(&s, "live");
+    let behind = p.connect(&s, "behind");
+    let away = p.connect(&s, "away");
+    for conn in [live, behind, away] {
+        p.subscribe(conn, "files/#", conn == away);
+    }
+    p.cmd(Command::Disconnected { conn: away });
+
+    assert!(complete(&mut p, sender, 1, vec![live]), "a durable copy");
+    assert!(p.take(live).is_empty(), "the live receiver has it already");
+    let sent = p.take(behind);
+    let [
+        Event::Deliver {
+            message,
+            attempt: 1,
+        },
+    ] = sent.as_slice()
+    else {
+        panic!("expected the file to be sent from the spool, got {sent:?}");
+    };
+    assert_eq!(message.kind, MessageKind::File);
+    assert_eq!(&message.payload[..], b"header", "the header is the body");
+    p.ack(behind, MessageId([1; 16]));
+
+    // No ack from the live receiver: the spool sends it again.
+    p.advance(s.retry_interval_ms);
+    assert!(matches!(
+        p.take(live).as_slice(),
+        [Event::Deliver { attempt: 2, .. }]
+    ));
+    p.ack(live, MessageId([1; 16]));
+    assert!(
+        p.dropped_spools.is_empty(),
+        "the durable copy is still queued"
+    );
+
+    let away = p.connect(&s, "away");
+    let backlog = p.take(away);
+    assert!(
+        matches!(backlog.as_slice(), [Event::Deliver { message, .. }] if message.kind == MessageKind::File),
+        "the offline durable subscriber gets it on its return, got {backlog:?}"
+    );
+    p.ack(away, MessageId([1; 16]));
+    assert_eq!(p.dropped_spools, vec![MessageId([1; 16])]);
+}
+
+/// A file nobody wants any more when it completes lets its spool go at once, and a
+/// connection-bound receiver that leaves releases its copy.
+#[test]
+fn a_file_without_copies_lets_its_spool_go() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let sender = p.connect(&s, "sender");
+    assert!(!complete(&mut p, sender, 1, vec![]));
+    assert_eq!(p.dropped_spools, vec![MessageId([1; 16])]);
+
+    let reader = p.connect(&s, "reader");
+    p.subscribe(reader, "files/a", false);
+    complete(&mut p, sender, 2, vec![reader]);
+    assert_eq!(p.dropped_spools.len(), 1, "held by the reader's copy");
+    p.cmd(Command::Disconnected { conn: reader });
+    assert_eq!(
+        p.dropped_spools,
+        vec![MessageId([1; 16]), MessageId([2; 16])]
     );
 }
 

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use bytes::{Buf, BufMut, Bytes};
 
 use crate::core::{ClientId, Message, MessageId, Millis, SessionName, StoreOp, TopicName};
-use crate::proto::PayloadFormat;
 
 use super::StoreError;
 use super::plan::Net;
@@ -163,7 +162,7 @@ pub fn encode_ops_into<'a>(out: &mut Vec<u8>, ops: impl Iterator<Item = &'a Stor
                 put_str(out, m.session.as_str());
                 put_str(out, m.topic.as_str());
                 out.put_u64(m.timestamp_ms);
-                out.put_i32(m.format as i32);
+                out.put_i32(m.stored_format());
                 out.put_u64(m.accepted_at);
                 out.put_u64(m.expires_at);
                 out.put_u32(m.payload.len() as u32);
@@ -265,7 +264,9 @@ pub fn decode_ops(bytes: &[u8]) -> Result<Vec<StoreOp>, StoreError> {
                 let session = SessionName::parse(r.str()?).map_err(corrupt)?;
                 let topic = TopicName::parse(r.str()?).map_err(corrupt)?;
                 let timestamp_ms = r.u64()?;
-                let format = PayloadFormat::try_from(r.i32()?).map_err(corrupt)?;
+                let code = r.i32()?;
+                let (format, kind) = Message::parse_stored_format(code)
+                    .ok_or_else(|| corrupt(format!("unknown payload format {code}")))?;
                 let accepted_at = r.u64()?;
                 let expires_at = r.u64()?;
                 let len = r.u32()? as usize;
@@ -278,6 +279,7 @@ pub fn decode_ops(bytes: &[u8]) -> Result<Vec<StoreOp>, StoreError> {
                     payload,
                     timestamp_ms,
                     format,
+                    kind,
                     accepted_at,
                     expires_at,
                 }))
@@ -381,6 +383,8 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::MessageKind;
+    use crate::proto::PayloadFormat;
 
     fn s() -> SessionName {
         SessionName::parse("s").expect("valid")
@@ -397,6 +401,7 @@ mod tests {
             payload: Bytes::from(vec![seq as u8; 5]),
             timestamp_ms: 7,
             format: PayloadFormat::LegacyJson,
+            kind: MessageKind::Message,
             accepted_at: 8,
             expires_at: 9,
         })

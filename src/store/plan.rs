@@ -262,7 +262,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::core::{TopicFilter, TopicName};
+    use crate::core::{MessageKind, TopicFilter, TopicName};
     use crate::proto::PayloadFormat;
 
     fn s() -> SessionName {
@@ -280,6 +280,7 @@ mod tests {
             payload: Bytes::new(),
             timestamp_ms: 0,
             format: PayloadFormat::NativeV1,
+            kind: MessageKind::Message,
             accepted_at: 0,
             expires_at: 1,
         })

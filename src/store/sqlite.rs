@@ -25,7 +25,6 @@ use crate::core::{
     BacklogRequest, ClientId, Message, MessageId, Millis, Restore, SessionName, SessionSettings,
     StoreBatch, StoreOp, StoredCopy, TopicFilter, TopicName,
 };
-use crate::proto::PayloadFormat;
 
 use super::journal::{self, Entry, Journal};
 use super::oplog::{OpLog, Record};
@@ -270,7 +269,7 @@ impl SqliteStore {
                     .push_bind(m.topic.as_str())
                     .push_bind(&m.payload[..])
                     .push_bind(m.timestamp_ms as i64)
-                    .push_bind(m.format as i32)
+                    .push_bind(m.stored_format())
                     .push_bind(m.accepted_at as i64)
                     .push_bind(m.expires_at as i64);
             });
@@ -626,6 +625,8 @@ fn copy_from_row(session: &SessionName, row: &SqliteRow) -> Result<StoredCopy, S
     let topic: String = row.try_get("topic")?;
     let format: i32 = row.try_get("format")?;
     let payload: Vec<u8> = row.try_get("payload")?;
+    let (format, kind) = Message::parse_stored_format(format)
+        .ok_or_else(|| corrupt(format!("unknown payload format {format}")))?;
     let message = Message {
         session: session.clone(),
         id: MessageId::from_slice(&id).map_err(corrupt)?,
@@ -633,7 +634,8 @@ fn copy_from_row(session: &SessionName, row: &SqliteRow) -> Result<StoredCopy, S
         topic: TopicName::parse(&topic).map_err(corrupt)?,
         payload: Bytes::from(payload),
         timestamp_ms: row.try_get::<i64, _>("timestamp_ms")? as u64,
-        format: PayloadFormat::try_from(format).map_err(corrupt)?,
+        format,
+        kind,
         accepted_at: row.try_get::<i64, _>("accepted_at")? as u64,
         expires_at: row.try_get::<i64, _>("expires_at")? as u64,
     };

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::core::{
-    BacklogRequest, ClientId, Message, MessageId, SessionName, SessionSettings, StoreBatch,
-    StoreOp, TopicFilter, TopicName,
+    BacklogRequest, ClientId, Message, MessageId, MessageKind, SessionName, SessionSettings,
+    StoreBatch, StoreOp, TopicFilter, TopicName,
 };
 use crate::proto::PayloadFormat;
 
@@ -32,6 +32,7 @@ fn message(seq: u64, expires_at: u64) -> Arc<Message> {
         payload: Bytes::from(vec![seq as u8; 3]),
         timestamp_ms: NOW,
         format: PayloadFormat::NativeV1,
+        kind: MessageKind::Message,
         accepted_at: NOW,
         expires_at,
     })
