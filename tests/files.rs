@@ -282,3 +282,47 @@ async fn broken_file_transfers_are_refused() {
     let (_, got) = reader.receive_file(&raw).await;
     assert_eq!(got, b"fine");
 }
+
+/// A file subscription outlives a reconnect, as a message subscription does: the SDK
+/// subscribes again after the broker restarts (it used to restore only message
+/// subscriptions, so a client that only received files got nothing more).
+#[tokio::test]
+async fn a_file_subscription_is_restored_after_a_reconnect() {
+    let (mut broker, _, key) = setup().await;
+    let reader = broker.client("files", "secret-pass", &key).await;
+    let mut incoming = reader.subscribe_files("docs/#").await.expect("subscribe");
+    let sender = broker.client("files", "secret-pass", &key).await;
+
+    broker.restart();
+    for client in [&reader, &sender] {
+        within("reconnect", client.wait_for_connections(2))
+            .await
+            .expect("reconnected");
+    }
+    let content = data(100_000);
+    // The reader's subscribe may land just after the sender's reconnect: retry a few
+    // times, each with a fresh file.
+    let mut received = None;
+    for attempt in 0..20 {
+        let name = format!("after-restart-{attempt}.bin");
+        within(
+            "upload",
+            sender.send_file("docs/a", &name, &content[..], content.len() as u64),
+        )
+        .await
+        .expect("accepted");
+        if let Ok(Some(file)) =
+            tokio::time::timeout(Duration::from_millis(300), incoming.next()).await
+        {
+            received = Some(file);
+            break;
+        }
+    }
+    let file = received.expect("a file after the restart, with no new subscribe call");
+    assert!(
+        within("content", file.read_to_end())
+            .await
+            .expect("verified")
+            == content
+    );
+}
