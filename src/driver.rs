@@ -92,7 +92,7 @@ enum Inbound {
     CompleteFile {
         conn: ConnId,
         done: FileDone,
-        reply: oneshot::Sender<Result<(), Reject>>,
+        reply: oneshot::Sender<Result<bool, Reject>>,
     },
     Stats(oneshot::Sender<Stats>),
     Shutdown(oneshot::Sender<()>),
@@ -189,12 +189,13 @@ impl DriverHandle {
     }
 
     /// A file sent by `conn` is whole and in the spool: the core queues its copies.
-    /// Answers once that is done, and the durable copies are committed.
+    /// Answers once that is done and the durable copies are committed, with whether
+    /// there are any.
     pub async fn complete_file(
         &self,
         conn: ConnId,
         done: FileDone,
-    ) -> Result<Result<(), Reject>, DriverGone> {
+    ) -> Result<Result<bool, Reject>, DriverGone> {
         let (reply, rx) = oneshot::channel();
         self.inbox
             .send(Inbound::CompleteFile { conn, done, reply })
@@ -228,7 +229,20 @@ pub async fn start(
     config: DriverConfig,
 ) -> Result<(DriverHandle, JoinHandle<()>), StoreError> {
     let mut core = Core::new(config.core.clone());
-    core.restore(store.restore(now_ms()).await?);
+    let restore = store.restore(now_ms()).await?;
+    let queued: Vec<_> = restore
+        .files
+        .iter()
+        .map(|f| (f.session.clone(), f.file_id))
+        .collect();
+    let left_over = spool.keep_only(&queued);
+    if left_over > 0 {
+        tracing::info!(
+            removed = left_over,
+            "removed spool files no queued copy needs any more"
+        );
+    }
+    core.restore(restore);
 
     let (inbox_tx, inbox_rx) = mpsc::channel(config.inbox);
     // Jobs are bounded; completions are not, but there is at most one per job, so they
@@ -271,7 +285,7 @@ struct Driver {
     overflowed: Vec<ConnId>,
     spool: Arc<Spool>,
     /// Completed files waiting for the batch holding their durable copies, in order.
-    files_committing: VecDeque<(u64, oneshot::Sender<Result<(), Reject>>)>,
+    files_committing: VecDeque<(u64, oneshot::Sender<Result<bool, Reject>>)>,
 }
 
 impl Driver {
@@ -385,7 +399,7 @@ impl Driver {
                         .files_committing
                         .push_back((self.core.current_batch(), reply)),
                     Ok(false) => {
-                        let _ = reply.send(Ok(()));
+                        let _ = reply.send(Ok(false));
                     }
                     Err(reject) => {
                         let _ = reply.send(Err(reject));
@@ -403,7 +417,7 @@ impl Driver {
         match done {
             StoreDone::Committed(id) => {
                 self.core.handle_committed(id);
-                self.files_committed(id, Ok(()));
+                self.files_committed(id, Ok(true));
             }
             StoreDone::Failed(id) => {
                 self.core.handle_commit_failed(id);
@@ -466,7 +480,7 @@ impl Driver {
     }
 
     /// Answers the completed files whose batch (up to `batch_id`) is done.
-    fn files_committed(&mut self, batch_id: u64, result: Result<(), Reject>) {
+    fn files_committed(&mut self, batch_id: u64, result: Result<bool, Reject>) {
         while self
             .files_committing
             .front()
@@ -498,21 +512,24 @@ impl Driver {
         let spool = self.spool.clone();
         let myself = self.myself.clone();
         tokio::spawn(async move {
-            match spool.stream(conn, &message, &port).await {
-                Ok(()) => {}
+            let file_id = message.id;
+            let report = match spool.stream(conn, &message, &port).await {
+                Ok(true) => Command::FileStreamed { conn, file_id },
+                Ok(false) => return, // already streaming; that stream reports
                 Err(SpoolError::Missing) => {
-                    tracing::warn!(file = %message.id, "a queued file is gone from the spool; dropping its copy");
-                    if let Some(inbox) = myself.upgrade() {
-                        let ack = Command::Ack {
-                            conn,
-                            message_id: message.id,
-                        };
-                        let _ = inbox.send(Inbound::Command(ack)).await;
+                    tracing::error!(file = %file_id, "a queued file is gone from the spool; its copy is lost");
+                    Command::Ack {
+                        conn,
+                        message_id: file_id,
                     }
                 }
                 Err(e) => {
-                    tracing::error!(file = %message.id, error = %e, "cannot stream a spooled file")
+                    tracing::error!(file = %file_id, error = %e, "cannot stream a spooled file");
+                    Command::FileStreamed { conn, file_id }
                 }
+            };
+            if let Some(inbox) = myself.upgrade() {
+                let _ = inbox.send(Inbound::Command(report)).await;
             }
         });
     }

@@ -11,9 +11,10 @@
 //! ([`Spool::stream`]). The chunks are end-to-end ciphertext (the broker holds no key),
 //! so the spool is as encrypted as the wire.
 //!
-//! A spool file is removed when the core says every copy is done with, or by the sweep
-//! once its session's expiry has passed (copies restored after a restart are not
-//! counted). Its size is bounded by `--max-spool-size`; past it, new files are refused.
+//! A spool file is removed when the core says every copy is done with (it counts them,
+//! starting from the store's count at start-up, when files no copy needs any more are
+//! removed), or by the sweep once its session's expiry has passed. Its size is bounded
+//! by `--max-spool-size`; past it, new files are refused.
 //!
 //! Layout: `<dir>/<file id hex>-<session>.spool`, written as `….part` and renamed once
 //! whole (a broker that crashes mid-upload leaves only parts, removed at start). The
@@ -33,7 +34,9 @@ use prost::Message as _;
 use tokio::io::{AsyncReadExt, BufReader};
 use tokio::sync::oneshot;
 
-use crate::carrier::files::{FileItem, FileMeta, FilePort, FileTrailer, RECEIVER_STALL};
+use crate::carrier::files::{
+    FileItem, FileMeta, FilePort, FileTrailer, RECEIVER_STALL, abort_later,
+};
 use crate::core::{ConnId, FastSet, Message, MessageId, Reject, SessionName};
 use crate::proto;
 
@@ -41,8 +44,9 @@ use crate::proto;
 pub const MAGIC: &[u8; 8] = b"FPSPOOL1";
 /// The default `--max-spool-size`.
 pub const DEFAULT_MAX_SPOOL_BYTES: u64 = 16 << 30;
-/// Largest chunk read back: a record claiming more is corrupt.
-const MAX_CHUNK: usize = 64 << 20;
+/// Largest chunk read back: a record claiming more is corrupt. (Chunks are bounded by
+/// the largest frame, `--max-payload` (at most 256 MiB) plus 64 KiB.)
+const MAX_CHUNK: usize = (256 << 20) + (64 << 10);
 /// Kept past a session's expiry before the sweep removes a file, for the clock
 /// difference between the file's last write and the file's acceptance.
 const SWEEP_MARGIN: Duration = Duration::from_secs(60);
@@ -183,6 +187,32 @@ impl Spool {
         Ok(writer)
     }
 
+    /// Puts a finished file on disk (it was finished without, see
+    /// [`SpoolWriter::finish`]).
+    pub async fn sync(&self, session: &SessionName, file_id: &MessageId) -> Result<(), SpoolError> {
+        self.sync_path(self.path(session, file_id)).await
+    }
+
+    async fn sync_path(&self, path: PathBuf) -> Result<(), SpoolError> {
+        let dir = self.dir.clone();
+        let sync = move || sync_file_and_dir(&path, &dir);
+        tokio::task::spawn_blocking(sync).await.unwrap_or_else(|e| {
+            Err(SpoolError::Io {
+                path: self.dir.clone(),
+                source: io::Error::other(e),
+            })
+        })
+    }
+
+    /// Uncounts `len` bytes (never below zero, whatever the order of removals).
+    fn release_bytes(&self, len: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(len))
+            });
+    }
+
     /// Removes a file whose copies are all done with.
     pub fn remove(&self, session: &SessionName, file_id: &MessageId) {
         self.remove_path(&self.path(session, file_id));
@@ -191,14 +221,33 @@ impl Spool {
     fn remove_path(&self, path: &Path) {
         let len = fs::metadata(path).map_or(0, |m| m.len());
         match fs::remove_file(path) {
-            Ok(()) => {
-                self.used.fetch_sub(len.min(self.used()), Ordering::Relaxed);
-            }
+            Ok(()) => self.release_bytes(len),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remove a spool file")
             }
         }
+    }
+
+    /// Removes every file but those of `queued` (the files the store still holds
+    /// copies of, at start-up). Returns how many went.
+    pub fn keep_only(&self, queued: &[(SessionName, MessageId)]) -> usize {
+        let keep: std::collections::HashSet<PathBuf> = queued
+            .iter()
+            .map(|(session, id)| self.path(session, id))
+            .collect();
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for path in entries.flatten().map(|e| e.path()) {
+            let spooled = path.extension().is_some_and(|e| e == "spool");
+            if spooled && !keep.contains(&path) {
+                self.remove_path(&path);
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// Removes the files older than their session's message expiry (`expiry_ms` by
@@ -240,20 +289,20 @@ impl Spool {
 
     /// Streams a spooled file to a receiver's file port: the header (the message's
     /// body), every chunk and the end. A stream of the same file to the same connection
-    /// already under way is left to finish (`Ok` at once).
+    /// already under way is left to finish (`Ok(false)` at once).
     pub async fn stream(
         &self,
         conn: ConnId,
         message: &Message,
         port: &FilePort,
-    ) -> Result<(), SpoolError> {
+    ) -> Result<bool, SpoolError> {
         let key = (conn, message.id);
         if !self.lock_streaming().insert(key) {
-            return Ok(());
+            return Ok(false);
         }
         let result = self.stream_file(message, port).await;
         self.lock_streaming().remove(&key);
-        result
+        result.map(|()| true)
     }
 
     fn lock_streaming(&self) -> std::sync::MutexGuard<'_, FastSet<(ConnId, MessageId)>> {
@@ -289,7 +338,7 @@ impl Spool {
                 // next connection tries again.
                 Ok(Err(_)) => false,
                 Err(_) => {
-                    let _ = port.try_send(FileItem::Abort { file_id });
+                    abort_later(port.clone(), file_id);
                     false
                 }
             }
@@ -316,7 +365,7 @@ impl Spool {
                     return Ok(());
                 }
                 Err(e) => {
-                    let _ = port.send(FileItem::Abort { file_id }).await;
+                    abort_later(port.clone(), file_id);
                     return Err(e);
                 }
             };
@@ -380,6 +429,16 @@ async fn read_record(
     }
 }
 
+/// Syncs a spool file's data, then its directory (so its name survives a crash too).
+fn sync_file_and_dir(path: &Path, dir: &Path) -> Result<(), SpoolError> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(path))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
 /// One file being written to the spool. Dropped before [`SpoolWriter::finish`], it
 /// removes what it wrote.
 pub struct SpoolWriter {
@@ -429,42 +488,15 @@ impl SpoolWriter {
         let mac = &trailer.mac[..trailer.mac.len().min(u16::MAX as usize)];
         self.write(&[&[TAG_END], &sha_len, sha, &mac_len, mac])?;
         self.file.flush().map_err(io_err(&self.part))?;
-        let file = self
-            .file
-            .get_ref()
-            .try_clone()
-            .map_err(io_err(&self.part))?;
-        let (part, path) = (self.part.clone(), self.path.clone());
-        let dir = self.spool.dir.clone();
-        let publish = move || -> Result<(), SpoolError> {
-            if durable {
-                file.sync_all().map_err(io_err(&part))?;
-            }
-            fs::rename(&part, &path).map_err(io_err(&path))?;
-            if durable {
-                // The rename itself must survive a crash too.
-                fs::File::open(&dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io_err(&dir))?;
-            }
-            Ok(())
-        };
-        let published = if durable {
-            tokio::task::spawn_blocking(publish)
-                .await
-                .unwrap_or_else(|e| {
-                    Err(SpoolError::Io {
-                        path: self.part.clone(),
-                        source: io::Error::other(e),
-                    })
-                })
-        } else {
-            publish()
-        };
-        if published.is_ok() {
-            self.finished = true;
+        fs::rename(&self.part, &self.path).map_err(io_err(&self.path))?;
+        // From here the file is the spool's, under its name: removed (and uncounted)
+        // through the spool only.
+        self.finished = true;
+        if durable && let Err(e) = self.spool.sync_path(self.path.clone()).await {
+            self.spool.remove_path(&self.path);
+            return Err(e);
         }
-        published
+        Ok(())
     }
 }
 
@@ -472,9 +504,7 @@ impl Drop for SpoolWriter {
     fn drop(&mut self) {
         if !self.finished {
             let _ = fs::remove_file(&self.part);
-            self.spool
-                .used
-                .fetch_sub(self.written.min(self.spool.used()), Ordering::Relaxed);
+            self.spool.release_bytes(self.written);
         }
     }
 }

@@ -282,6 +282,9 @@ async fn a_spooled_file_survives_kill_9() {
         &content,
     )
     .await;
+    // The restarted broker counted the copies left in the store: the spool file goes
+    // with the last acknowledgement, not only at the session's expiry.
+    wait_for_empty_spool(&spool_dir(&broker)).await;
 }
 
 /// A legacy receiver that got a whole file but never sent
@@ -554,28 +557,12 @@ async fn the_spool_never_holds_a_plaintext_name_or_content() {
         assert_spool_lacks(&spool, needle, what);
     }
 
+    // Spooled files come one at a time, in the order they were sent: each is read
+    // before the next is taken.
     let (_bob, mut files) = bob_returns(&bob_config, "vault/#").await;
-    let mut got = Vec::new();
-    for _ in 0..2 {
-        got.push(
-            within("a spooled file", files.next())
-                .await
-                .expect("a file"),
-        );
-    }
-    got.sort_by_key(|f| f.topic.clone());
-    let mut got = got.into_iter();
-    let legacy_file = got.next().expect("the legacy file");
-    assert_file(
-        legacy_file,
-        legacy_receipt.file_id,
-        "vault/legacy",
-        legacy_name,
-        PayloadFormat::LegacyJson,
-        &legacy,
-    )
-    .await;
-    let native_file = got.next().expect("the native file");
+    let native_file = within("the native file", files.next())
+        .await
+        .expect("a file");
     assert_file(
         native_file,
         native_receipt.file_id,
@@ -585,5 +572,67 @@ async fn the_spool_never_holds_a_plaintext_name_or_content() {
         &native,
     )
     .await;
+    let legacy_file = within("the legacy file", files.next())
+        .await
+        .expect("a file");
+    assert_file(
+        legacy_file,
+        legacy_receipt.file_id,
+        "vault/legacy",
+        legacy_name,
+        PayloadFormat::LegacyJson,
+        &legacy,
+    )
+    .await;
     wait_for_empty_spool(&spool).await;
+}
+
+/// A client's message and file subscriptions on one filter share one subscription at
+/// the broker, with their options together: a connection-bound message subscription
+/// taken after a durable file subscription does not make the broker forget the files
+/// it should keep for this client (the second Subscribe used to replace the first).
+#[tokio::test]
+async fn a_message_subscription_on_the_same_filter_keeps_files_durable() {
+    let (broker, _, key) = setup("shared").await;
+    let bob_config = config_as(&broker, "shared", &key, "bob");
+    let bob = within("bob connects", Client::connect(bob_config.clone()))
+        .await
+        .expect("connect");
+    let files = within("files", bob.subscribe_files_with("news/#", durable()))
+        .await
+        .expect("subscribe");
+    let messages = within("messages", bob.subscribe("news/#"))
+        .await
+        .expect("subscribe");
+    drop((files, messages));
+    bob.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let sender = broker.client("shared", PASSWORD, &key).await;
+    let content = data(300_000);
+    let receipt = within(
+        "upload",
+        sender.send_file(
+            "news/today",
+            "today.bin",
+            &content[..],
+            content.len() as u64,
+        ),
+    )
+    .await
+    .expect("accepted");
+
+    let (_bob, mut files) = bob_returns(&bob_config, "news/#").await;
+    let file = within("the file kept for bob", files.next())
+        .await
+        .expect("a file");
+    assert_file(
+        file,
+        receipt.file_id,
+        "news/today",
+        "today.bin",
+        PayloadFormat::NativeV1,
+        &content,
+    )
+    .await;
 }

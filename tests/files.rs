@@ -326,3 +326,46 @@ async fn a_file_subscription_is_restored_after_a_reconnect() {
             == content
     );
 }
+
+/// A file over the broker's `--max-file-size` is refused with the reason, over QUIC as
+/// over WebSocket. Over QUIC the broker answers on the upload stream and stops reading
+/// it, so the SDK's next write fails; it used to report that write ("cannot connect:
+/// sending stopped by peer") instead of the broker's answer.
+#[tokio::test]
+async fn a_file_over_the_size_limit_is_refused_with_the_reason() {
+    let broker = Broker::start_with(&["--max-file-size", "100000"]);
+    broker
+        .create_session("files", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let ws_url = format!("ws://{}/v1/ws", broker.http);
+    let over_ws = within(
+        "ws connect",
+        Client::connect(ClientConfig::new(
+            ws_url,
+            "files",
+            "secret-pass",
+            key.clone(),
+        )),
+    )
+    .await
+    .expect("connect");
+    let over_quic = broker.client("files", "secret-pass", &key).await;
+    // Larger than the stream's flow-control window, so the sender is still writing
+    // when the refusal comes.
+    let content = data(8_000_000);
+    for sender in [&over_quic, &over_ws] {
+        let refused = within(
+            "upload",
+            sender.send_file("docs/big", "big.bin", &content[..], content.len() as u64),
+        )
+        .await;
+        match refused {
+            Err(ClientError::Refused { code, message }) => {
+                assert_eq!(code, ErrorCode::PayloadTooLarge);
+                assert!(message.contains("100000"), "the limit is named: {message}");
+            }
+            other => panic!("expected PAYLOAD_TOO_LARGE, got {other:?}"),
+        }
+    }
+}

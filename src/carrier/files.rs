@@ -23,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::core::{ConnId, FileDone, FileOffer, MessageId, Millis, Reject, TopicName};
+use crate::core::{ConnId, FileDone, FileOffer, MessageId, Millis, Reject, SessionName, TopicName};
 use crate::driver::DriverHandle;
 use crate::proto::{self, PayloadFormat, ServerFrame, server_frame};
 use crate::spool::SpoolWriter;
@@ -155,6 +155,7 @@ pub struct Upload {
     meta: Arc<FileMeta>,
     driver: DriverHandle,
     conn: ConnId,
+    session: SessionName,
     receivers: Vec<Receiver>,
     /// Where the file is kept for receivers that cannot take it now; `None` if nobody
     /// subscribed to it when it was offered.
@@ -185,6 +186,7 @@ impl Upload {
             meta: Arc::new(meta),
             driver: driver.clone(),
             conn,
+            session: opened.session,
             receivers: opened
                 .receivers
                 .into_iter()
@@ -243,11 +245,12 @@ impl Upload {
     /// Ends the file: it is spooled, queued for everyone subscribed (the core counts
     /// the receivers that have every chunk as sent), and its end goes to those. Returns
     /// once they have it on their wire, or were left to the spool.
+    /// On an error the receivers' streams are aborted (when `self` drops).
     pub async fn finish(mut self, sha256: Bytes, mac: Bytes) -> Result<(), Reject> {
-        self.done = true;
         let file_id = self.meta.file_id;
         let trailer = Arc::new(FileTrailer { sha256, mac });
         let Some(spool) = self.spool.take() else {
+            self.done = true;
             return Ok(()); // nobody subscribed when it was offered: nothing to keep
         };
         spool.finish(&trailer, self.durable).await?;
@@ -257,12 +260,23 @@ impl Upload {
             timestamp_ms: self.meta.timestamp_ms,
             format: self.meta.format,
             header: self.meta.to_proto().encode_to_vec().into(),
-            live: self.receivers.iter().map(|r| r.conn).collect(),
+            live: {
+                let mut live: Vec<ConnId> = self.receivers.iter().map(|r| r.conn).collect();
+                live.sort_unstable();
+                live
+            },
         };
-        self.driver
+        let durable = self
+            .driver
             .complete_file(self.conn, done)
             .await
             .map_err(|_| Reject::Internal("the broker is shutting down"))??;
+        self.done = true;
+        if durable && !self.durable {
+            // A durable subscription matched only after the file was offered, so the
+            // spool file was not synced; it is now, before the file is accepted.
+            self.driver.spool().sync(&self.session, &file_id).await?;
+        }
 
         let mut pending = Vec::new();
         for receiver in std::mem::take(&mut self.receivers) {
@@ -308,7 +322,7 @@ impl Upload {
 
 /// Aborts a file on a receiver's port once there is room (it is full when this is
 /// needed), so the receiver drops the partial stream before the spool resends it.
-fn abort_later(port: FilePort, file_id: MessageId) {
+pub fn abort_later(port: FilePort, file_id: MessageId) {
     tokio::spawn(async move {
         let abort = FileItem::Abort { file_id };
         let _ = tokio::time::timeout(RECEIVER_STALL, port.send(abort)).await;

@@ -59,12 +59,13 @@ pub(super) struct FileStart {
 impl FileSink {
     async fn send(&mut self, frame: ClientFrame) -> Result<(), ClientError> {
         match self {
-            FileSink::Quic { send, .. } => {
+            FileSink::Quic { send, recv } => {
                 let mut buf = BytesMut::new();
                 crate::carrier::framing::encode_frame(&frame, &mut buf);
-                send.write_chunk(buf.freeze())
-                    .await
-                    .map_err(|e| ClientError::Connect(e.to_string()))
+                match send.write_chunk(buf.freeze()).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(refusal_or(recv, e).await),
+                }
             }
             FileSink::Multiplexed { requests } => requests
                 .send(Request::FileFrame(frame))
@@ -79,9 +80,9 @@ impl FileSink {
             FileSink::Quic { mut send, mut recv } => {
                 let mut buf = BytesMut::new();
                 crate::carrier::framing::encode_frame(&end, &mut buf);
-                send.write_chunk(buf.freeze())
-                    .await
-                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                if let Err(e) = send.write_chunk(buf.freeze()).await {
+                    return Err(refusal_or(&mut recv, e).await);
+                }
                 let _ = send.finish();
                 let answer = read_answer(&mut recv).await?;
                 upload_answer(answer)
@@ -102,6 +103,19 @@ impl FileSink {
     }
 }
 
+/// Why writing an upload failed: a broker that refuses a file (too large, spool
+/// full…) says why on the stream, then stops reading it, so the write fails first;
+/// its answer is the error to report, not the write's "stopped by peer".
+async fn refusal_or(recv: &mut quinn::RecvStream, write: quinn::WriteError) -> ClientError {
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+    match tokio::time::timeout(WAIT, read_answer(recv)).await {
+        Ok(Ok(answer)) => upload_answer(answer)
+            .err()
+            .unwrap_or_else(|| ClientError::Transfer(format!("the upload stream failed: {write}"))),
+        _ => ClientError::Transfer(format!("the upload stream failed: {write}")),
+    }
+}
+
 /// The broker's one answer on an upload stream.
 async fn read_answer(recv: &mut quinn::RecvStream) -> Result<ServerFrame, ClientError> {
     let mut decoder = crate::carrier::framing::FrameDecoder::new(transport::MAX_FRAME);
@@ -116,7 +130,7 @@ async fn read_answer(recv: &mut quinn::RecvStream) -> Result<ServerFrame, Client
         match recv.read_chunk(64 * 1024, true).await {
             Ok(Some(chunk)) => decoder.extend(&chunk.bytes),
             _ => {
-                return Err(ClientError::Connect(
+                return Err(ClientError::Transfer(
                     "the upload stream ended without an answer".into(),
                 ));
             }
@@ -323,33 +337,56 @@ impl FileSubs {
     }
 }
 
-/// The files this client verified lately, by id: a copy the broker sends again (its
-/// `Ack` was lost, or crossed a retry) is acknowledged again, not handed over twice.
+/// The files this client is receiving or verified lately, by id: a copy the broker
+/// sends again (its `Ack` was lost, or crossed a retry) is acknowledged again, or left
+/// to the stream already bringing it, not handed over twice.
 #[derive(Clone, Default)]
 pub(super) struct ReceivedFiles {
     inner: Arc<Mutex<Recent>>,
 }
 
-/// Ids, and the order they came in (to forget the oldest).
-type Recent = (FastSet<[u8; 16]>, VecDeque<[u8; 16]>);
+#[derive(Default)]
+struct Recent {
+    receiving: FastSet<[u8; 16]>,
+    verified: FastSet<[u8; 16]>,
+    /// `verified` in the order they came (to forget the oldest).
+    order: VecDeque<[u8; 16]>,
+}
+
+/// What to do with a file that starts arriving.
+#[derive(Debug, PartialEq, Eq)]
+enum Arrival {
+    New,
+    /// Verified before: acknowledge it again.
+    Had,
+    /// Arriving on another stream already.
+    Busy,
+}
 
 impl ReceivedFiles {
     /// Files remembered; the oldest is forgotten past this.
     const CAPACITY: usize = 4096;
 
-    fn contains(&self, id: &[u8; 16]) -> bool {
-        self.lock().0.contains(id)
+    fn begin(&self, id: [u8; 16]) -> Arrival {
+        let mut recent = self.lock();
+        if recent.verified.contains(&id) {
+            Arrival::Had
+        } else if !recent.receiving.insert(id) {
+            Arrival::Busy
+        } else {
+            Arrival::New
+        }
     }
 
-    fn insert(&self, id: [u8; 16]) {
-        let mut inner = self.lock();
-        let (set, order) = &mut *inner;
-        if set.insert(id) {
-            order.push_back(id);
-            if order.len() > Self::CAPACITY
-                && let Some(old) = order.pop_front()
+    fn end(&self, id: [u8; 16], verified: bool) {
+        let mut recent = self.lock();
+        recent.receiving.remove(&id);
+        if verified && recent.verified.insert(id) {
+            recent.order.push_back(id);
+            if recent.order.len() > Self::CAPACITY
+                && let Some(old) = recent.order.pop_front()
             {
-                set.remove(&old);
+                recent.verified.remove(&old);
             }
         }
     }
@@ -416,11 +453,14 @@ pub(super) async fn receive(opener: Opener, mut parts: mpsc::Receiver<FilePart>)
             let _ = requests.send(request).await;
         }
     };
-    if opener.received.contains(&file_id) {
-        return ack(Request::AckFile(file_id)).await; // had it already
+    match opener.received.begin(file_id) {
+        Arrival::New => {}
+        Arrival::Had => return ack(Request::AckFile(file_id)).await,
+        Arrival::Busy => return, // the stream already bringing it acknowledges it
     }
     let sinks = opener.subs.sinks_for(&topic);
     if sinks.is_empty() {
+        opener.received.end(file_id, false);
         let topic = topic.as_str().to_owned();
         return ack(Request::UnwantedFile { file_id, topic }).await;
     }
@@ -482,21 +522,22 @@ pub(super) async fn receive(opener: Opener, mut parts: mpsc::Receiver<FilePart>)
                 break Ok(());
             }
             Some(FilePart::Aborted(why)) => {
-                break Err(ClientError::Connect(format!(
+                break Err(ClientError::Transfer(format!(
                     "file transfer aborted: {why}"
                 )));
             }
             Some(FilePart::Header(_)) | None => {
-                break Err(ClientError::Connect("the file stream ended early".into()));
+                break Err(ClientError::Transfer("the file stream ended early".into()));
             }
         }
     };
     match verdict {
         Ok(()) => {
-            opener.received.insert(file_id);
+            opener.received.end(file_id, true);
             ack(Request::AckFile(file_id)).await;
         }
         Err(e) => {
+            opener.received.end(file_id, false);
             tracing::warn!(topic = %topic, error = %e, "incoming file failed");
             for out in &outs {
                 let _ = out.send(Err(e.clone())).await;

@@ -236,6 +236,10 @@ pub enum ClientError {
     /// The broker broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A file's stream broke off (the connection was lost mid-transfer, or the
+    /// broker aborted it).
+    #[error("file transfer failed: {0}")]
+    Transfer(String),
     /// No answer in time.
     #[error("timed out")]
     Timeout,

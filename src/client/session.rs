@@ -613,7 +613,7 @@ impl State {
             let id = self
                 .subs
                 .iter()
-                .find(|(_, s)| s.filter == filter && s.options == options)
+                .find(|(_, s)| s.filter == filter)
                 .map_or(0, |(id, _)| *id);
             let request_id = self.request_id();
             self.subscribing.insert(request_id, (id, None));
@@ -677,25 +677,27 @@ impl State {
         }
     }
 
-    /// Whether the broker already has this subscription from this client.
-    fn subscribed(&self, filter: &TopicFilter, options: SubscribeOptions) -> bool {
-        self.subscriptions().contains(&(filter.clone(), options))
-    }
-
-    /// Every subscription the broker should have from this client, messages' and
-    /// files', once each.
+    /// Every subscription the broker should have from this client: one per filter,
+    /// for its local message and file subscriptions together (see [`merge`]).
     fn subscriptions(&self) -> Vec<(TopicFilter, SubscribeOptions)> {
-        let mut all: Vec<(TopicFilter, SubscribeOptions)> = self
-            .subs
-            .values()
-            .map(|s| (s.filter.clone(), s.options))
-            .collect();
-        for sub in self.file_subs.filters() {
-            if !all.contains(&sub) {
-                all.push(sub);
+        let mut all: Vec<(TopicFilter, SubscribeOptions)> = Vec::new();
+        let local = self.subs.values().map(|s| (s.filter.clone(), s.options));
+        for (filter, options) in local.chain(self.file_subs.filters()) {
+            match all.iter_mut().find(|(f, _)| *f == filter) {
+                Some((_, merged)) => *merged = merge(*merged, options),
+                None => all.push((filter, options)),
             }
         }
         all
+    }
+
+    /// The options the broker should have for `filter`, if anything here subscribes
+    /// to it.
+    fn merged_options(&self, filter: &TopicFilter) -> Option<SubscribeOptions> {
+        self.subscriptions()
+            .into_iter()
+            .find(|(f, _)| f == filter)
+            .map(|(_, options)| options)
     }
 
     fn request_id(&mut self) -> u64 {
@@ -749,10 +751,7 @@ impl State {
                 };
                 let id = self.next_sub_id;
                 self.next_sub_id += 1;
-                let already = self
-                    .subs
-                    .values()
-                    .any(|s| s.filter == filter && s.options == options);
+                let before = self.merged_options(&filter);
                 self.subs.insert(
                     id,
                     LocalSub {
@@ -761,11 +760,12 @@ impl State {
                         sink,
                     },
                 );
+                let after = self.merged_options(&filter).unwrap_or(options);
                 match writer {
-                    Some(w) if !already => {
+                    Some(w) if before != Some(after) => {
                         let request_id = self.request_id();
                         self.subscribing.insert(request_id, (id, Some(reply)));
-                        w.push(&subscribe_frame(request_id, &filter, options));
+                        w.push(&subscribe_frame(request_id, &filter, after));
                     }
                     _ => {
                         let _ = reply.send(Ok(id));
@@ -778,7 +778,8 @@ impl State {
                     let _ = reply.send(Ok(()));
                     return;
                 };
-                if self.subs.values().any(|s| s.filter == sub.filter) {
+                if self.merged_options(&sub.filter).is_some() {
+                    // Another subscription here (messages' or files') still uses it.
                     let _ = reply.send(Ok(()));
                     return;
                 }
@@ -814,13 +815,14 @@ impl State {
                 };
                 let id = self.next_sub_id;
                 self.next_sub_id += 1;
-                let already = self.subscribed(&filter, options);
+                let before = self.merged_options(&filter);
                 self.file_subs.add(id, filter.clone(), options, sink);
+                let after = self.merged_options(&filter).unwrap_or(options);
                 match writer {
-                    Some(w) if !already => {
+                    Some(w) if before != Some(after) => {
                         let request_id = self.request_id();
                         self.subscribing.insert(request_id, (id, Some(reply)));
-                        w.push(&subscribe_frame(request_id, &filter, options));
+                        w.push(&subscribe_frame(request_id, &filter, after));
                     }
                     _ => {
                         let _ = reply.send(Ok(id));
@@ -1200,6 +1202,16 @@ impl State {
             let _ = reply.send(Err(error.clone()));
         }
         self.subs.clear();
+    }
+}
+
+/// One broker subscription serves every local one on its filter: durable or with
+/// presence if any of them is, with the longest history.
+fn merge(a: SubscribeOptions, b: SubscribeOptions) -> SubscribeOptions {
+    SubscribeOptions {
+        durable: a.durable || b.durable,
+        presence: a.presence || b.presence,
+        history: a.history.max(b.history),
     }
 }
 

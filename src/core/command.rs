@@ -44,28 +44,29 @@ pub enum MessageKind {
     File,
 }
 
-/// Added to the format's number where the store keeps a message's format, for files.
-/// Rows written before files were queued carry no flag, and read as messages.
-const FILE_FLAG: i32 = 0x100;
-
 impl Message {
+    /// Added to the format's number where the store keeps a message's format, for
+    /// files. Rows written before files were queued carry no flag, and read as
+    /// messages.
+    pub const FILE_FLAG: i32 = 0x100;
+
     /// The format and kind as the one integer the store keeps.
     pub fn stored_format(&self) -> i32 {
         let flag = match self.kind {
             MessageKind::Message => 0,
-            MessageKind::File => FILE_FLAG,
+            MessageKind::File => Self::FILE_FLAG,
         };
         self.format as i32 | flag
     }
 
     /// Reads back [`Message::stored_format`]; `None` if it names no format.
     pub fn parse_stored_format(code: i32) -> Option<(PayloadFormat, MessageKind)> {
-        let kind = if code & FILE_FLAG != 0 {
+        let kind = if code & Self::FILE_FLAG != 0 {
             MessageKind::File
         } else {
             MessageKind::Message
         };
-        let format = PayloadFormat::try_from(code & !FILE_FLAG).ok()?;
+        let format = PayloadFormat::try_from(code & !Self::FILE_FLAG).ok()?;
         Some((format, kind))
     }
 }
@@ -118,8 +119,8 @@ pub struct FileDone {
     pub format: PayloadFormat,
     /// Its `FileHeader`, encoded: what a receiver gets first, kept as the message body.
     pub header: Bytes,
-    /// The connections that got every chunk as it arrived; they get the file's end
-    /// next, so their copies count as sent.
+    /// The connections that got every chunk as it arrived, sorted; they get the
+    /// file's end next, so their copies count as sent.
     pub live: Vec<ConnId>,
 }
 
@@ -176,6 +177,11 @@ pub enum Command {
     /// The carrier lost the connection (or closed it).
     Disconnected {
         conn: ConnId,
+    },
+    /// The driver's stream of a spooled file to `conn` ended, whole or not.
+    FileStreamed {
+        conn: ConnId,
+        file_id: MessageId,
     },
     /// A session was created or changed (HTTP API, admin).
     SessionUpdated(SessionSettings),
@@ -357,4 +363,16 @@ pub struct Restore {
     pub replay_ids: Vec<(SessionName, MessageId, Millis)>,
     /// One past the highest message `seq` in the store.
     pub next_seq: u64,
+    /// The files with copies still queued, and how many: their spool files are kept
+    /// until those are done with (the rest are left over from before, and go).
+    pub files: Vec<RestoredFile>,
+}
+
+/// A file the store still holds copies of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredFile {
+    pub session: SessionName,
+    pub file_id: MessageId,
+    pub seq: u64,
+    pub copies: usize,
 }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use crate::proto::PresenceEvent;
 
-use super::command::{BacklogRequest, Event, Message, Output, Presence, StoreOp, StoredCopy};
+use super::command::{
+    BacklogRequest, Event, Message, MessageKind, Output, Presence, StoreOp, StoredCopy,
+};
 use super::session::{SessionSettings, SubOpts};
 use super::topic::{TopicFilter, TopicName};
 use super::types::{ClientId, ConnId, FastMap, MessageId, Millis};
@@ -67,7 +69,18 @@ pub struct Subscriber {
     ephemeral_spilled: bool,
     /// The earliest timer registered for this subscriber's connection.
     scheduled: Option<Millis>,
+    /// Files due to be sent while another is (see [`FILES_IN_FLIGHT`]), in order.
+    files_waiting: VecDeque<Copy>,
 }
+
+/// Files sent to one connection at a time. Each streams from the spool on a stream of
+/// its own, and clients read files one after another: more at once would only compete
+/// for the connection, or block each other behind flow control.
+const FILES_IN_FLIGHT: usize = 1;
+
+/// The deadline of a file copy whose stream has not ended: its retry interval runs
+/// from the end of the stream, however long a large file takes.
+const STREAMING: Millis = Millis::MAX;
 
 /// What a subscriber needs from its session and the core while it works.
 pub struct Ctx<'a> {
@@ -89,6 +102,7 @@ impl Subscriber {
             backlog: Backlog::default(),
             ephemeral_spilled: false,
             scheduled: None,
+            files_waiting: VecDeque::new(),
         }
     }
 
@@ -133,7 +147,7 @@ impl Subscriber {
                 });
             }
         }
-        for copy in self.queue.drain(..) {
+        for copy in self.queue.drain(..).chain(self.files_waiting.drain(..)) {
             if !copy.durable {
                 ctx.fx.release_file(&copy.message);
             }
@@ -195,6 +209,10 @@ impl Subscriber {
 
     fn send(&mut self, copy: Copy, now: Millis, ctx: &mut Ctx) {
         let Some(conn) = self.conn else { return };
+        if copy.message.kind == MessageKind::File && !self.file_slot_free() {
+            self.files_waiting.push_back(copy);
+            return;
+        }
         ctx.fx.outputs.push_back(Output::Send {
             conn,
             event: Event::Deliver {
@@ -214,20 +232,61 @@ impl Subscriber {
             return self.offer(copy, now, ctx);
         }
         self.backlog.cursor = self.backlog.cursor.max(copy.message.seq);
+        let id = copy.message.id;
         self.track(copy, now, ctx);
+        self.file_streamed(&id, now, ctx);
     }
 
-    /// Puts a copy just sent into the window, with its retry deadline.
+    /// Whether a copy is past sending: expired, out of attempts, or no longer wanted.
+    fn give_up(&self, copy: &Copy, now: Millis, ctx: &Ctx) -> bool {
+        now >= copy.message.expires_at
+            || copy.attempts >= ctx.settings.max_attempts()
+            || !self.wants(&copy.message.topic)
+    }
+
+    /// Whether another file may be sent now.
+    fn file_slot_free(&self) -> bool {
+        let files = self
+            .inflight
+            .values()
+            .filter(|f| f.copy.message.kind == MessageKind::File)
+            .count();
+        files < FILES_IN_FLIGHT
+    }
+
+    /// Puts a copy just sent into the window, with its retry deadline (a file's comes
+    /// when its stream ends, [`Subscriber::file_streamed`]).
     fn track(&mut self, mut copy: Copy, now: Millis, ctx: &mut Ctx) {
         let id = copy.message.id;
         copy.attempts += 1;
-        let deadline = now.saturating_add(ctx.settings.retry_interval_ms);
+        let file = copy.message.kind == MessageKind::File;
+        let deadline = match file {
+            true => STREAMING,
+            false => now.saturating_add(ctx.settings.retry_interval_ms),
+        };
         // Two live messages with one id can only happen if a publisher reuses an id
         // after its replay window; the newer one supersedes the older.
         if let Some(old) = self.inflight.insert(id, InFlight { copy, deadline }) {
             self.release(old.copy, ctx);
         }
-        self.retries.push_back((deadline, id));
+        if !file {
+            self.retries.push_back((deadline, id));
+            self.schedule(deadline, ctx);
+        }
+    }
+
+    /// The stream of file `id` to this subscriber's connection ended (whole or not):
+    /// unless it is acknowledged within the retry interval, it is sent again.
+    pub fn file_streamed(&mut self, id: &MessageId, now: Millis, ctx: &mut Ctx) {
+        let Some(f) = self.inflight.get_mut(id) else {
+            return;
+        };
+        if f.deadline != STREAMING {
+            return;
+        }
+        let deadline = now.saturating_add(ctx.settings.retry_interval_ms);
+        f.deadline = deadline;
+        self.retries.push_back((deadline, *id));
         self.schedule(deadline, ctx);
     }
 
@@ -295,10 +354,7 @@ impl Subscriber {
             let Some(f) = self.inflight.remove(&id) else {
                 continue;
             };
-            let give_up = now >= f.copy.message.expires_at
-                || f.copy.attempts >= ctx.settings.max_attempts()
-                || !self.wants(&f.copy.message.topic);
-            if give_up {
+            if self.give_up(&f.copy, now, ctx) {
                 self.release(f.copy, ctx);
                 freed = true;
             } else {
@@ -320,14 +376,21 @@ impl Subscriber {
         if self.conn.is_none() {
             return;
         }
+        while self.file_slot_free() {
+            let Some(copy) = self.files_waiting.pop_front() else {
+                break;
+            };
+            if self.give_up(&copy, now, ctx) {
+                self.release(copy, ctx);
+                continue;
+            }
+            self.send(copy, now, ctx);
+        }
         while self.inflight.len() < ctx.limits.max_inflight {
             let Some(copy) = self.queue.pop_front() else {
                 break;
             };
-            if now >= copy.message.expires_at
-                || copy.attempts >= ctx.settings.max_attempts()
-                || !self.wants(&copy.message.topic)
-            {
+            if self.give_up(&copy, now, ctx) {
                 self.release(copy, ctx);
                 continue;
             }
@@ -393,14 +456,23 @@ impl Subscriber {
             }
         }
         let queue = std::mem::take(&mut self.queue);
-        for copy in queue {
+        self.queue = self.keep_wanted(queue, ctx);
+        let files = std::mem::take(&mut self.files_waiting);
+        self.files_waiting = self.keep_wanted(files, ctx);
+        self.refill(now, ctx);
+    }
+
+    /// The copies of `copies` some filter still wants; the others are released.
+    fn keep_wanted(&mut self, copies: VecDeque<Copy>, ctx: &mut Ctx) -> VecDeque<Copy> {
+        let mut kept = VecDeque::with_capacity(copies.len());
+        for copy in copies {
             if self.wants(&copy.message.topic) {
-                self.queue.push_back(copy);
+                kept.push_back(copy);
             } else {
                 self.release(copy, ctx);
             }
         }
-        self.refill(now, ctx);
+        kept
     }
 
     /// Sends a presence change to this subscriber, if it is online.

@@ -47,7 +47,8 @@ use crate::proto::{PayloadFormat, PresenceEvent, PubAckStatus};
 
 pub use command::{
     BacklogRequest, Command, ErrorEvent, Event, FileDone, FileOffer, FileRoute, Hello, Message,
-    MessageKind, Output, Presence, Publish, Restore, StoreBatch, StoreOp, StoredCopy, Welcome,
+    MessageKind, Output, Presence, Publish, Restore, RestoredFile, StoreBatch, StoreOp, StoredCopy,
+    Welcome,
 };
 pub use error::Reject;
 pub use replay::ReplayGuard;
@@ -124,8 +125,8 @@ pub struct Effects {
     loads: Vec<BacklogRequest>,
     timers: BTreeSet<(Millis, ConnId)>,
     token: u64,
-    /// Copies still held of each spooled file, by `seq`. Only copies made in this run
-    /// are counted: a file restored from the store is left to the spool's expiry sweep.
+    /// Copies still held of each spooled file, by `seq` (those in the store when the
+    /// broker started, then every one made since).
     files: FastMap<u64, SpooledFile>,
 }
 
@@ -267,6 +268,16 @@ impl Core {
             }
         }
         self.next_seq = self.next_seq.max(restore.next_seq);
+        for file in restore.files {
+            self.fx.files.insert(
+                file.seq,
+                SpooledFile {
+                    session: file.session,
+                    file_id: file.file_id,
+                    copies: file.copies,
+                },
+            );
+        }
     }
 
     /// Each session's message expiry, which also bounds how long its spooled files
@@ -329,6 +340,7 @@ impl Core {
             } => self.publish_key(conn, request_id, public_key),
             Command::GetKeys { conn, request_id } => self.get_keys(conn, request_id),
             Command::Disconnected { conn } => self.disconnect(conn),
+            Command::FileStreamed { conn, file_id } => self.file_streamed(now, conn, file_id),
             Command::SessionUpdated(settings) => self.session_updated(settings),
         }
     }
@@ -604,8 +616,20 @@ impl Core {
     }
 
     fn ack(&mut self, now: Millis, conn: ConnId, message_id: MessageId) {
-        let Some(c) = self.conns.get(&conn) else {
+        if !self.conns.contains_key(&conn) {
             return self.refuse(conn, 0, Reject::NotAuthenticated);
+        }
+        self.with_subscriber(conn, |sub, ctx| sub.ack(&message_id, now, ctx));
+    }
+
+    fn file_streamed(&mut self, now: Millis, conn: ConnId, file_id: MessageId) {
+        self.with_subscriber(conn, |sub, ctx| sub.file_streamed(&file_id, now, ctx));
+    }
+
+    /// Runs `f` on the subscriber that `conn` is the connection of, if any.
+    fn with_subscriber(&mut self, conn: ConnId, f: impl FnOnce(&mut Subscriber, &mut Ctx)) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
         };
         let Some(session) = self.sessions.get_mut(&c.session) else {
             return;
@@ -621,7 +645,7 @@ impl Core {
             limits: &self.config.limits,
             fx: &mut self.fx,
         };
-        sub.ack(&message_id, now, &mut ctx);
+        f(sub, &mut ctx);
     }
 
     fn publish_key(&mut self, conn: ConnId, request_id: u64, public_key: Bytes) {
@@ -758,24 +782,7 @@ impl Core {
                 break;
             }
             self.fx.timers.pop_first();
-            let Some(c) = self.conns.get(&conn) else {
-                continue;
-            };
-            let Some(session) = self.sessions.get_mut(&c.session) else {
-                continue;
-            };
-            let Some(sub) = session.subscribers.get_mut(&c.client_id) else {
-                continue;
-            };
-            if sub.conn != Some(conn) {
-                continue;
-            }
-            let mut ctx = Ctx {
-                settings: &session.settings,
-                limits: &self.config.limits,
-                fx: &mut self.fx,
-            };
-            sub.on_timer(now, &mut ctx);
+            self.with_subscriber(conn, |sub, ctx| sub.on_timer(now, ctx));
         }
     }
 

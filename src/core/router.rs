@@ -93,7 +93,8 @@ impl Core {
 
 /// Gives each matched subscriber (drained from `matched`) its copy of `message`, in
 /// accept order: durable ones are written to the store, with the message once. The
-/// connections in `live` have it already (a file streamed to them as it arrived).
+/// connections in `live` (sorted) have it already (a file streamed to them as it
+/// arrived).
 /// Returns how many copies were made, and how many of them are durable.
 pub(super) fn fan_out(
     subscribers: &mut FastMap<ClientId, Subscriber>,
@@ -131,7 +132,7 @@ pub(super) fn fan_out(
             attempts: 0,
         };
         ctx.fx.hold_file(message);
-        if sub.conn.is_some_and(|c| live.contains(&c)) {
+        if sub.conn.is_some_and(|c| live.binary_search(&c).is_ok()) {
             sub.sent_live(copy, now, ctx);
         } else {
             sub.offer(copy, now, ctx);

@@ -923,6 +923,59 @@ fn a_completed_file_is_queued_like_a_message() {
     assert_eq!(p.dropped_spools, vec![MessageId([1; 16])]);
 }
 
+/// The ids of the files sent to `conn` (as `Deliver`s of file messages), with their
+/// attempts; other events are dropped.
+fn files_sent(p: &mut Pair, conn: ConnId) -> Vec<(MessageId, u32)> {
+    p.take(conn)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Deliver { message, attempt } if message.kind == MessageKind::File => {
+                Some((message.id, attempt))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A connection is sent one file at a time (each streams on its own, and clients read
+/// them in turn), and a file's retry interval runs from the end of its stream, not
+/// from its start: a large file is not sent again while it is still streaming.
+#[test]
+fn files_are_sent_one_at_a_time_and_retried_after_their_stream() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let sender = p.connect(&s, "sender");
+    let reader = p.connect(&s, "reader");
+    p.subscribe(reader, "files/#", false);
+    complete(&mut p, sender, 1, vec![]);
+    complete(&mut p, sender, 2, vec![]);
+    let (one, two) = (MessageId([1; 16]), MessageId([2; 16]));
+    assert_eq!(
+        files_sent(&mut p, reader),
+        vec![(one, 1)],
+        "the second waits"
+    );
+
+    p.advance(10 * s.retry_interval_ms);
+    assert!(
+        files_sent(&mut p, reader).is_empty(),
+        "no retry while it streams"
+    );
+    p.cmd(Command::FileStreamed {
+        conn: reader,
+        file_id: one,
+    });
+    p.advance(s.retry_interval_ms);
+    assert_eq!(files_sent(&mut p, reader), vec![(one, 2)], "retried after");
+
+    p.cmd(Command::FileStreamed {
+        conn: reader,
+        file_id: one,
+    });
+    p.ack(reader, one);
+    assert_eq!(files_sent(&mut p, reader), vec![(two, 1)]);
+}
+
 /// A file nobody wants any more when it completes lets its spool go at once, and a
 /// connection-bound receiver that leaves releases its copy.
 #[test]

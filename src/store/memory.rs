@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use crate::core::{
-    BacklogRequest, ClientId, Message, MessageId, Millis, Restore, SessionName, StoreBatch,
-    StoreOp, StoredCopy, TopicFilter,
+    BacklogRequest, ClientId, Message, MessageId, MessageKind, Millis, Restore, RestoredFile,
+    SessionName, StoreBatch, StoreOp, StoredCopy, TopicFilter,
 };
 
 use super::{BacklogPage, Purged, PushToken, SessionRecord, Store, StoreError};
@@ -212,6 +212,20 @@ impl MemoryState {
                 .map(|((s, id), exp)| (s.clone(), *id, *exp))
                 .collect(),
             next_seq: self.messages.keys().max().map_or(1, |m| m + 1),
+            files: self
+                .messages
+                .values()
+                .filter(|m| m.kind == MessageKind::File)
+                .filter_map(|m| {
+                    let copies = self.refs.get(&m.seq).copied().filter(|n| *n > 0)?;
+                    Some(RestoredFile {
+                        session: m.session.clone(),
+                        file_id: m.id,
+                        seq: m.seq,
+                        copies,
+                    })
+                })
+                .collect(),
         }
     }
 

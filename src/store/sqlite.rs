@@ -22,8 +22,8 @@ use sqlx::sqlite::{
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, Transaction};
 
 use crate::core::{
-    BacklogRequest, ClientId, Message, MessageId, Millis, Restore, SessionName, SessionSettings,
-    StoreBatch, StoreOp, StoredCopy, TopicFilter, TopicName,
+    BacklogRequest, ClientId, Message, MessageId, Millis, Restore, RestoredFile, SessionName,
+    SessionSettings, StoreBatch, StoreOp, StoredCopy, TopicFilter, TopicName,
 };
 
 use super::journal::{self, Entry, Journal};
@@ -702,6 +702,8 @@ impl Store for SqliteStore {
         {
             let mut writer = self.writer.lock().await;
             writer.purge_all(now).await?;
+            // Counting the files' copies below needs every commit in the tables.
+            writer.fold().await?;
             let mut tx = writer.conn.begin().await?;
             let seqs: Vec<i64> =
                 sqlx::query_scalar("DELETE FROM copies WHERE ephemeral RETURNING seq")
@@ -746,11 +748,33 @@ impl Store for SqliteStore {
         let max_seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM messages")
             .fetch_one(&self.pool)
             .await?;
+        // The tables are whole: the journal was folded above.
+        let files = sqlx::query(
+            "SELECT m.seq, m.session, m.message_id, COUNT(*) AS copies \
+             FROM messages m JOIN copies c ON c.seq = m.seq \
+             WHERE (m.format & ?) != 0 GROUP BY m.seq",
+        )
+        .bind(Message::FILE_FLAG)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            let session: String = row.try_get("session")?;
+            let id: Vec<u8> = row.try_get("message_id")?;
+            Ok(RestoredFile {
+                session: SessionName::parse(&session).map_err(corrupt)?,
+                file_id: MessageId::from_slice(&id).map_err(corrupt)?,
+                seq: row.try_get::<i64, _>("seq")? as u64,
+                copies: row.try_get::<i64, _>("copies")? as usize,
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
         Ok(Restore {
             sessions,
             subscriptions,
             replay_ids,
             next_seq: max_seq.map_or(1, |m| m as u64 + 1),
+            files,
         })
     }
 
