@@ -312,3 +312,67 @@ fn serve_says_once_why_it_cannot_start() {
         "{stderr}"
     );
 }
+
+/// `recv --durable --client-id` keeps receiving across runs: a file sent while no
+/// `recv` runs waits in the broker's spool and is saved by the next run.
+#[tokio::test]
+async fn recv_durable_gets_the_files_sent_while_it_was_away() {
+    let broker = Broker::start();
+    broker.create_session("cli", "secret-pass", json!({})).await;
+    let key = SessionKey::generate();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recv = |count: Option<&str>| {
+        let mut recv = client_command("recv", &broker, &key);
+        recv.args(["--client-id", "laptop", "--durable", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(count) = count {
+            recv.args(["--count", count]);
+        }
+        recv.arg("files/#");
+        recv
+    };
+
+    // The first run subscribes durably, then is interrupted.
+    let mut first = recv(None).spawn().expect("run fastport recv");
+    let stderr = first.stderr.take().expect("stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let said = tokio::task::spawn_blocking(move || lines.next())
+        .await
+        .expect("join");
+    assert!(
+        said.is_some_and(|l| l.is_ok_and(|l| l.contains("waiting for files"))),
+        "recv did not start"
+    );
+    let interrupted = Command::new("kill")
+        .args(["-INT", &first.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(interrupted.success());
+    tokio::task::spawn_blocking(move || first.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+
+    let sender = broker.client("cli", "secret-pass", &key).await;
+    let data = b"sent while the laptop was off";
+    within(
+        "send",
+        sender.send_file("files/notes", "notes.txt", &data[..], data.len() as u64),
+    )
+    .await
+    .expect("accepted");
+
+    let second = recv(Some("1")).spawn().expect("run fastport recv again");
+    let out = within(
+        "the second run saves the file",
+        tokio::task::spawn_blocking(move || second.wait_with_output()),
+    )
+    .await
+    .expect("join")
+    .expect("wait");
+    assert!(out.status.success(), "exit {}", out.status);
+    let saved = std::fs::read(dir.path().join("notes.txt")).expect("notes.txt saved");
+    assert_eq!(saved, data);
+}

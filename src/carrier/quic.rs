@@ -32,6 +32,9 @@ pub const ALPN_H3: &[u8] = b"h3";
 /// Idle timeout of QUIC connections (the SDK sends keep-alives well inside it).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long an upload may go without a frame before it is dropped (it holds a spool
+/// file and one of the connection's upload slots).
+const UPLOAD_IDLE: Duration = Duration::from_secs(60);
 /// File uploads one connection may have open at once.
 pub const MAX_UPLOADS: u32 = 7;
 
@@ -442,7 +445,11 @@ async fn serve_upload(
         Err(reject) => return refuse_upload(&mut send, reject, Some(file_id)).await,
     };
     loop {
-        match frames.next().await {
+        let Ok(next) = tokio::time::timeout(UPLOAD_IDLE, frames.next()).await else {
+            let reject = Reject::LimitExceeded("the upload sent nothing for 60 s; dropped");
+            return refuse_upload(&mut send, reject, Some(file_id)).await;
+        };
+        match next {
             Ok(Some(ClientFrame {
                 kind: Some(client_frame::Kind::FileChunk(chunk)),
             })) => {

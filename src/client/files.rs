@@ -28,6 +28,9 @@ use super::{ClientError, Request, SubscribeOptions};
 pub const CHUNK_SIZE: usize = 64 * 1024;
 /// Decrypted chunks buffered per incoming file before the sender is slowed down.
 const INCOMING_BUFFER: usize = 8;
+/// How long a file that no subscription wants yet waits for one (in steps): 1 s.
+const SUBSCRIBE_GRACE_STEPS: usize = 20;
+const SUBSCRIBE_GRACE_STEP: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The broker accepted a file: every online subscriber has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,7 +461,17 @@ pub(super) async fn receive(opener: Opener, mut parts: mpsc::Receiver<FilePart>)
         Arrival::Had => return ack(Request::AckFile(file_id)).await,
         Arrival::Busy => return, // the stream already bringing it acknowledges it
     }
-    let sinks = opener.subs.sinks_for(&topic);
+    // A durable backlog starts when the client connects, often just before the
+    // application subscribes again: a file that comes first waits a moment for it
+    // (its stream paused by flow control) rather than a whole retry interval.
+    let mut sinks = opener.subs.sinks_for(&topic);
+    for _ in 0..SUBSCRIBE_GRACE_STEPS {
+        if !sinks.is_empty() {
+            break;
+        }
+        tokio::time::sleep(SUBSCRIBE_GRACE_STEP).await;
+        sinks = opener.subs.sinks_for(&topic);
+    }
     if sinks.is_empty() {
         opener.received.end(file_id, false);
         let topic = topic.as_str().to_owned();
