@@ -157,6 +157,7 @@ pub struct FileConfig {
     pub ws_idle_timeout_ms: Option<u64>,
     pub create_session_limit: Option<u32>,
     pub create_session_window: Option<u64>,
+    pub threads: Option<usize>,
 }
 
 impl FileConfig {
@@ -181,6 +182,15 @@ impl FileConfig {
 
 impl ServeArgs {
     /// Merges flags/environment with the file and the defaults.
+    /// The async runtime's worker threads, if set (flag, environment or file): read
+    /// before the runtime starts, so before [`ServeArgs::resolve`].
+    pub fn worker_threads(&self) -> Result<Option<usize>, ConfigError> {
+        if self.threads.is_some() {
+            return Ok(self.threads);
+        }
+        Ok(FileConfig::load(self.config.as_deref())?.threads)
+    }
+
     pub fn resolve(self) -> Result<ServerConfig, ConfigError> {
         let file = FileConfig::load(self.config.as_deref())?;
         let listen = self
@@ -356,6 +366,21 @@ mod tests {
         let c = args.resolve().expect("valid");
         assert_eq!(c.driver.core.max_payload_bytes, 65_536);
         assert_eq!(c.carrier.max_frame, 65_536 + 64 * 1024);
+    }
+
+    #[test]
+    fn threads_come_from_the_flag_or_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fastport.toml");
+        std::fs::write(&path, "threads = 3\n").expect("write");
+        let mut args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        assert_eq!(args.worker_threads().expect("valid"), Some(3));
+        args.threads = Some(1);
+        assert_eq!(args.worker_threads().expect("valid"), Some(1));
+        assert!(args.resolve().is_ok(), "the file's threads key is known");
     }
 
     #[test]

@@ -220,8 +220,8 @@ fn init_logging(default: &str) {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let threads = match &cli.command {
-        None => cli.serve.threads,
-        Some(Command::Serve(args)) => args.threads,
+        None => cli.serve.worker_threads()?,
+        Some(Command::Serve(args)) => args.worker_threads()?,
         Some(_) => None,
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

@@ -113,6 +113,7 @@ async fn create_session_is_seed_compatible_and_safe() {
             json!({"sessionName": "bad name", "password": "p"}),
             "sessionName",
         ),
+        (json!({"sessionName": "..", "password": "p"}), "sessionName"),
         (
             json!({"sessionName": "ok2", "password": "p", "retryInterval": "soon"}),
             "retryInterval",

@@ -190,6 +190,11 @@ fn parse(
     let mut warnings = Vec::new();
     let name = string_field(body, "sessionName")?;
     let name = SessionName::parse(name).map_err(|e| bad_request(format!("sessionName: {e}")))?;
+    // Valid once (a session so named may exist from before), but a path name
+    // everywhere: not for new sessions.
+    if name.as_str().bytes().all(|b| b == b'.') {
+        return Err(bad_request("sessionName cannot be made of dots only"));
+    }
     let password = string_field(body, "password")?;
     if password.is_empty() || password.len() > MAX_PASSWORD {
         return Err(bad_request(format!(
