@@ -336,7 +336,7 @@ async fn receive_files(args: RecvArgs) -> Result<()> {
         let mut file = tokio::select! {
             file = files.next() => match file {
                 Some(file) => file,
-                None => break,
+                None => return stopped(&client),
             },
             () = &mut signal => break,
         };
@@ -697,6 +697,15 @@ fn describe(status: Option<PublishStatus>) -> &'static str {
     }
 }
 
+/// A subscription ended without being asked to: the client stopped, and says why
+/// (taken over, session suspended…).
+fn stopped(client: &Client) -> Result<()> {
+    match client.stopped() {
+        Some(why) => Err(why).context("the subscription ended"),
+        None => Err(anyhow::anyhow!("the subscription ended")),
+    }
+}
+
 async fn subscribe(args: SubArgs) -> Result<()> {
     let client = args.client.connect().await?;
     let options = SubscribeOptions {
@@ -717,7 +726,7 @@ async fn subscribe(args: SubArgs) -> Result<()> {
         let message = tokio::select! {
             message = sub.next() => match message {
                 Some(message) => message,
-                None => break,
+                None => return stopped(&client),
             },
             () = &mut signal => break,
         };

@@ -376,3 +376,49 @@ async fn recv_durable_gets_the_files_sent_while_it_was_away() {
     let saved = std::fs::read(dir.path().join("notes.txt")).expect("notes.txt saved");
     assert_eq!(saved, data);
 }
+
+/// `fastport sub` taken over by another connection with its client id says so and
+/// exits with a failure; it used to exit 0 without a word.
+#[tokio::test]
+async fn a_sub_taken_over_says_so_and_fails() {
+    let broker = Broker::start();
+    broker.create_session("cli", "secret-pass", json!({})).await;
+    let key = SessionKey::generate();
+    let mut sub = client_command("sub", &broker, &key);
+    sub.args(["--client-id", "kai", "kai/#"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = sub.spawn().expect("run fastport sub");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let said = tokio::task::spawn_blocking(move || {
+        let first = lines.next();
+        (first, lines)
+    })
+    .await
+    .expect("join");
+    let (first, lines) = said;
+    assert!(
+        first.is_some_and(|l| l.is_ok_and(|l| l.contains("subscribed"))),
+        "sub did not start"
+    );
+    let config = broker
+        .client_config("cli", "secret-pass", &key)
+        .client_id("kai");
+    let _usurper = within("connect", fastport::client::Client::connect(config))
+        .await
+        .expect("connect");
+    let status = within(
+        "sub exits",
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .expect("join")
+    .expect("wait");
+    assert!(!status.success(), "exit {status}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("TakenOver")),
+        "the reason is given: {rest:?}"
+    );
+}

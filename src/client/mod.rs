@@ -311,6 +311,7 @@ pub struct Client {
     sealer: Arc<session::Sealer>,
     /// Where subscriptions report the messages the application took.
     handbacks: Arc<session::Handbacks>,
+    stopped: session::Stopped,
 }
 
 impl Client {
@@ -318,12 +319,13 @@ impl Client {
     /// broker refuses the credentials; later disconnections are repaired in the
     /// background (when `reconnect` is on).
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let (requests, info, sealer, handbacks) = session::start(config).await?;
+        let (requests, info, sealer, handbacks, stopped) = session::start(config).await?;
         Ok(Client {
             requests,
             info,
             sealer,
             handbacks,
+            stopped,
         })
     }
 
@@ -532,6 +534,17 @@ impl Client {
         })
         .await?;
         Ok(FileSubscription { rx })
+    }
+
+    /// Why the client stopped, if it stopped by itself: taken over by another
+    /// connection with its client id, its session suspended, refused on reconnecting,
+    /// or (without `reconnect`) its connection lost. Subscriptions end then; this says
+    /// why. `None` while it runs, and after [`Client::close`].
+    pub fn stopped(&self) -> Option<ClientError> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// What the broker said at the last `Welcome`.

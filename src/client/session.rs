@@ -196,6 +196,7 @@ type SubscribeReply = Option<oneshot::Sender<Result<u64, ClientError>>>;
 
 struct State {
     config: ClientConfig,
+    stopped: Stopped,
     sealer: Arc<Sealer>,
     info: watch::Sender<SessionInfo>,
     next_request_id: u64,
@@ -247,7 +248,12 @@ pub(super) type Started = (
     watch::Receiver<SessionInfo>,
     Arc<Sealer>,
     Arc<Handbacks>,
+    Stopped,
 );
+
+/// Why the client stopped for good, once it has (not set when the application
+/// closed it).
+pub(super) type Stopped = Arc<std::sync::Mutex<Option<ClientError>>>;
 
 /// What subscriptions report to the session task, collected without waking it: it
 /// looks at its next turn anyway (the next burst of deliveries, a request), or when
@@ -321,6 +327,7 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
         uploads: HashMap::new(),
         incoming: HashMap::new(),
         requests: mpsc::channel(1).0.downgrade(),
+        stopped: Stopped::default(),
         config,
     };
     let (tx, rx) = mpsc::channel(256);
@@ -328,8 +335,9 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
     let handbacks = Arc::clone(&state.handbacks);
     let clean = state.config.clean;
     let live = state.connect(&mut dialer, clean).await?;
+    let stopped = Arc::clone(&state.stopped);
     tokio::spawn(state.run(dialer, live, rx));
-    Ok((tx, info_rx, sealer, handbacks))
+    Ok((tx, info_rx, sealer, handbacks, stopped))
 }
 
 fn frame(kind: client_frame::Kind) -> ClientFrame {
@@ -447,6 +455,9 @@ impl State {
             }
         };
         tracing::debug!(error = %fatal, "client stopped");
+        if !matches!(fatal, ClientError::Closed) {
+            *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(fatal.clone());
+        }
         self.fail_all(fatal);
     }
 
