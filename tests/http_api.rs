@@ -138,6 +138,23 @@ async fn create_session_is_seed_compatible_and_safe() {
         .await
         .expect("POST");
     assert_eq!(response.status().as_u16(), 400);
+
+    // Refusals before the handler's own checks answer in the same JSON shape.
+    let too_large = reqwest::Client::new()
+        .post(broker.http_url("/api/createSession"))
+        .body(vec![b' '; 3 << 20])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(too_large.status().as_u16(), 413);
+    let body: serde_json::Value = too_large.json().await.expect("a JSON body");
+    assert_eq!(body["success"], false, "{body}");
+    let wrong_method = reqwest::get(broker.http_url("/api/createSession"))
+        .await
+        .expect("GET");
+    assert_eq!(wrong_method.status().as_u16(), 405);
+    let body: serde_json::Value = wrong_method.json().await.expect("a JSON body");
+    assert_eq!(body["success"], false, "{body}");
 }
 
 #[tokio::test]

@@ -70,6 +70,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/v1/cert-hash", get(cert_hash))
         .route("/api/createSession", post(sessions::create_session))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -196,6 +197,17 @@ async fn native_ws(
 }
 
 async fn not_found() -> Response {
-    let body = json!({"success": false, "error": "not found"});
-    (StatusCode::NOT_FOUND, Json(body)).into_response()
+    error_response(StatusCode::NOT_FOUND, "not found")
+}
+
+async fn method_not_allowed() -> Response {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this path",
+    )
+}
+
+/// The API's error body, `{"success":false,"error":…}`, with `status`.
+pub(crate) fn error_response(status: StatusCode, error: &str) -> Response {
+    (status, Json(json!({"success": false, "error": error}))).into_response()
 }

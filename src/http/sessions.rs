@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -118,8 +119,15 @@ fn string_field<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str
 pub async fn create_session(
     State(state): State<Arc<HttpState>>,
     ConnectInfo(super::Peer(peer)): ConnectInfo<super::Peer>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        // Too large (413), or cut off: the same JSON error body as every answer.
+        Err(rejection) => {
+            return super::error_response(rejection.status(), &rejection.body_text());
+        }
+    };
     let api = &state.sessions;
     if let Err(not_until) = api.limiter.check_key(&peer.ip()) {
         let wait = not_until.wait_time_from(DefaultClock::default().now());
