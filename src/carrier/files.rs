@@ -160,6 +160,8 @@ pub struct Upload {
     /// Where the file is kept for receivers that cannot take it now; `None` if nobody
     /// subscribed to it when it was offered.
     spool: Option<SpoolWriter>,
+    /// A durable subscriber matched when the file was offered: the spool file is
+    /// synced before the file is accepted.
     durable: bool,
     next_index: u32,
     received: u64,
@@ -203,6 +205,7 @@ impl Upload {
         upload.forward(|| FileItem::Header(meta.clone())).await;
         Ok(upload)
     }
+
     pub fn file_id(&self) -> MessageId {
         self.meta.file_id
     }
