@@ -17,6 +17,15 @@ fn data(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
 
+/// A client of session `files` over `/v1/ws`.
+async fn ws_client(broker: &Broker, key: &SessionKey) -> Client {
+    let url = format!("ws://{}/v1/ws", broker.http);
+    let config = ClientConfig::new(url, "files", "secret-pass", key.clone());
+    within("ws connect", Client::connect(config))
+        .await
+        .expect("connect")
+}
+
 async fn setup() -> (Broker, [u8; 32], SessionKey) {
     let broker = Broker::start();
     broker
@@ -31,18 +40,7 @@ async fn setup() -> (Broker, [u8; 32], SessionKey) {
 async fn native_file_over_quic_streams_to_quic_and_websocket_receivers() {
     let (broker, _, key) = setup().await;
     let quic_reader = broker.client("files", "secret-pass", &key).await;
-    let ws_url = format!("ws://{}/v1/ws", broker.http);
-    let ws_reader = within(
-        "ws connect",
-        Client::connect(ClientConfig::new(
-            ws_url,
-            "files",
-            "secret-pass",
-            key.clone(),
-        )),
-    )
-    .await
-    .expect("connect");
+    let ws_reader = ws_client(&broker, &key).await;
     let quic_files = quic_reader
         .subscribe_files("docs/#")
         .await
@@ -113,18 +111,7 @@ async fn native_file_over_websocket_reaches_a_quic_receiver() {
     let (broker, _, key) = setup().await;
     let reader = broker.client("files", "secret-pass", &key).await;
     let mut incoming = reader.subscribe_files("up").await.expect("subscribe");
-    let ws_url = format!("ws://{}/v1/ws", broker.http);
-    let sender = within(
-        "ws connect",
-        Client::connect(ClientConfig::new(
-            ws_url,
-            "files",
-            "secret-pass",
-            key.clone(),
-        )),
-    )
-    .await
-    .expect("connect");
+    let sender = ws_client(&broker, &key).await;
     let content = data(700_000);
     let receipt = within(
         "upload",
@@ -338,18 +325,7 @@ async fn a_file_over_the_size_limit_is_refused_with_the_reason() {
         .create_session("files", "secret-pass", json!({}))
         .await;
     let key = SessionKey::generate();
-    let ws_url = format!("ws://{}/v1/ws", broker.http);
-    let over_ws = within(
-        "ws connect",
-        Client::connect(ClientConfig::new(
-            ws_url,
-            "files",
-            "secret-pass",
-            key.clone(),
-        )),
-    )
-    .await
-    .expect("connect");
+    let over_ws = ws_client(&broker, &key).await;
     let over_quic = broker.client("files", "secret-pass", &key).await;
     // Larger than the stream's flow-control window, so the sender is still writing
     // when the refusal comes.

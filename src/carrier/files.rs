@@ -60,11 +60,7 @@ impl FileMeta {
     /// Validates a `FileHeader` from a client.
     pub fn from_header(h: proto::FileHeader) -> Result<Self, Refused> {
         let file_id = MessageId::from_slice(&h.file_id).map_err(|e| Refused::new(e.into()))?;
-        let refused = |reject| Refused {
-            reject,
-            request_id: 0,
-            message_id: Some(file_id),
-        };
+        let refused = Refused::for_message(file_id);
         let format = match h.format {
             0 => PayloadFormat::NativeV1,
             raw => parse_format(raw).map_err(refused)?,

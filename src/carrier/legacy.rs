@@ -149,13 +149,7 @@ async fn files(
     uploads: &mut HashMap<MessageId, Upload>,
     frame: LegacyIn,
 ) -> Result<(), Refused> {
-    let with_id = |file_id| {
-        move |reject| Refused {
-            reject,
-            request_id: 0,
-            message_id: Some(file_id),
-        }
-    };
+    let with_id = Refused::for_message;
     match frame {
         LegacyIn::Request(_) | LegacyIn::BadInit(_) => Ok(()),
         LegacyIn::InitFile(meta) => {

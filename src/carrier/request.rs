@@ -99,6 +99,15 @@ impl Refused {
         }
     }
 
+    /// A refusal of the publish or file `message_id` (an `Error` naming it).
+    pub fn for_message(message_id: MessageId) -> impl Fn(Reject) -> Self + Copy {
+        move |reject| Self {
+            reject,
+            request_id: 0,
+            message_id: Some(message_id),
+        }
+    }
+
     fn for_request(request_id: u64) -> impl Fn(Reject) -> Self {
         move |reject| Self {
             reject,

@@ -96,11 +96,7 @@ impl Uploads {
     async fn open(&mut self, link: &mut Link, header: proto::FileHeader) -> Result<(), Refused> {
         let meta = FileMeta::from_header(header)?;
         let file_id = meta.file_id;
-        let refused = |reject| Refused {
-            reject,
-            request_id: 0,
-            message_id: Some(file_id),
-        };
+        let refused = Refused::for_message(file_id);
         let Some(conn) = link.conn_id() else {
             return Err(refused(Reject::NotAuthenticated));
         };
@@ -123,11 +119,9 @@ impl Uploads {
         let id = MessageId::from_slice(raw_id).map_err(|e| Refused::new(e.into()))?;
         match self.open.get_mut(&id) {
             Some(upload) => Ok((id, upload)),
-            None => Err(Refused {
-                reject: Reject::NotFound(format!("no open file upload {id}")),
-                request_id: 0,
-                message_id: Some(id),
-            }),
+            None => Err(Refused::for_message(id)(Reject::NotFound(format!(
+                "no open file upload {id}"
+            )))),
         }
     }
 
@@ -136,11 +130,7 @@ impl Uploads {
         upload
             .chunk(chunk.index, chunk.payload)
             .await
-            .map_err(|reject| Refused {
-                reject,
-                request_id: 0,
-                message_id: Some(id),
-            })
+            .map_err(Refused::for_message(id))
     }
 
     async fn end(&mut self, link: &mut Link, end: proto::FileEnd) -> Result<(), Refused> {
@@ -149,11 +139,7 @@ impl Uploads {
             upload
                 .finish(end.sha256, end.mac)
                 .await
-                .map_err(|reject| Refused {
-                    reject,
-                    request_id: 0,
-                    message_id: Some(id),
-                })?;
+                .map_err(Refused::for_message(id))?;
             link.file_accepted(id).await;
         }
         Ok(())

@@ -9,7 +9,6 @@ use crate::proto::PayloadFormat;
 
 use super::Core;
 use super::command::{FileDone, FileOffer, FileRoute, Message, MessageKind, StoreOp};
-use super::delivery::Ctx;
 use super::error::Reject;
 use super::router::fan_out;
 use super::types::{ConnId, Millis};
@@ -106,22 +105,15 @@ impl Core {
             expires_at: now.saturating_add(settings.message_expiry_ms),
         });
 
-        let mut matched = std::mem::take(&mut self.matched);
-        session.match_subscribers(&message.topic, &mut matched);
-        let mut ctx = Ctx {
-            settings: &session.settings,
-            limits: &self.config.limits,
-            fx: &mut self.fx,
-        };
         let (_, durable_copies) = fan_out(
-            &mut session.subscribers,
+            session,
+            &mut self.matched,
+            &self.config.limits,
+            &mut self.fx,
             &message,
-            &mut matched,
             &done.live,
             now,
-            &mut ctx,
         );
-        self.matched = matched;
         // Nobody wants it any more: the spool file goes at once.
         self.fx.hold_file(&message);
         self.fx.release_file(&message);

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use crate::proto::{PayloadFormat, PubAckStatus};
 
 use super::command::{Message, MessageKind, Publish, StoreOp};
-use super::delivery::{Copy, Ctx, Subscriber};
+use super::delivery::{Copy, Ctx};
 use super::error::Reject;
-use super::types::{ClientId, ConnId, FastMap, Millis};
-use super::{Core, Waiter};
+use super::session::Session;
+use super::types::{ClientId, ConnId, Millis};
+use super::{Core, Effects, Limits, Waiter};
 
 impl Core {
     pub(super) fn publish(&mut self, now: Millis, conn: ConnId, p: Publish) {
@@ -54,23 +55,15 @@ impl Core {
         });
         session.retain(&message);
 
-        let mut matched = std::mem::take(&mut self.matched);
-        session.match_subscribers(&message.topic, &mut matched);
-
-        let mut ctx = Ctx {
-            settings: &session.settings,
-            limits: &self.config.limits,
-            fx: &mut self.fx,
-        };
         let (copies, durable_copies) = fan_out(
-            &mut session.subscribers,
+            session,
+            &mut self.matched,
+            &self.config.limits,
+            &mut self.fx,
             &message,
-            &mut matched,
             &[],
             now,
-            &mut ctx,
         );
-        self.matched = matched;
 
         let status = match (copies, durable_copies) {
             (0, _) => PubAckStatus::NoSubscribers,
@@ -91,22 +84,29 @@ impl Core {
     }
 }
 
-/// Gives each matched subscriber (drained from `matched`) its copy of `message`, in
+/// Gives each subscriber of `session` whose filters match `message` its copy, in
 /// accept order: durable ones are written to the store, with the message once. The
 /// connections in `live` (sorted) have it already (a file streamed to them as it
-/// arrived).
-/// Returns how many copies were made, and how many of them are durable.
+/// arrived). `matched` is scratch space kept between calls (no list allocated per
+/// message). Returns how many copies were made, and how many of them are durable.
 pub(super) fn fan_out(
-    subscribers: &mut FastMap<ClientId, Subscriber>,
-    message: &Arc<Message>,
+    session: &mut Session,
     matched: &mut Vec<(ClientId, bool)>,
+    limits: &Limits,
+    fx: &mut Effects,
+    message: &Arc<Message>,
     live: &[ConnId],
     now: Millis,
-    ctx: &mut Ctx,
 ) -> (usize, usize) {
+    session.match_subscribers(&message.topic, matched);
+    let ctx = &mut Ctx {
+        settings: &session.settings,
+        limits,
+        fx,
+    };
     let (mut copies, mut durable_copies) = (0usize, 0usize);
     for (client, durable) in matched.drain(..) {
-        let Some(sub) = subscribers.get_mut(&client) else {
+        let Some(sub) = session.subscribers.get_mut(&client) else {
             continue;
         };
         if sub.legacy_only && message.format != PayloadFormat::LegacyJson {
