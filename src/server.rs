@@ -61,8 +61,13 @@ pub struct Server {
     driver: DriverHandle,
     endpoint: quinn::Endpoint,
     stop_http: watch::Sender<bool>,
+    links: Arc<LinkContext>,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// How long shutting down waits for WebSocket clients to be told (each writer gives
+/// its close frame 1 s to be taken).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 impl Server {
     /// Binds the listeners, opens the store and starts serving.
@@ -114,8 +119,10 @@ impl Server {
             auth: Arc::new(Authenticator::new(store.clone())),
             store: store.clone(),
             limits: config.carrier.clone(),
+            closing: watch::channel(false).0,
         });
         let quic_task = tokio::spawn(quic::serve(endpoint.clone(), ctx.clone()));
+        let links = ctx.clone();
 
         let state = Arc::new(HttpState::new(
             store.clone(),
@@ -159,6 +166,7 @@ impl Server {
             driver,
             endpoint,
             stop_http,
+            links,
             tasks: vec![quic_task, http_task, renewal, driver_task],
         })
     }
@@ -175,6 +183,10 @@ impl Server {
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"the broker is shutting down");
         let _ = self.stop_http.send(true);
+        // WebSocket clients get their close frame while the driver still runs, so
+        // their connections end as cleanly as a client's own goodbye.
+        self.links.closing.send_replace(true);
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.links.closing.closed()).await;
         self.driver.shutdown().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         for task in self.tasks {

@@ -90,6 +90,54 @@ async fn sdk_falls_back_to_websocket_when_quic_cannot_connect() {
     );
 }
 
+/// A broker shutting down tells its WebSocket clients, native and legacy alike, with
+/// a close frame (1001, going away), instead of dropping their connections unsaid.
+#[tokio::test]
+async fn a_shutdown_tells_websocket_clients_it_is_going_away() {
+    let mut broker = Broker::start();
+    broker.create_session("bye", "secret-pass", json!({})).await;
+    let mut native = raw(&broker).await;
+    send(
+        &mut native,
+        client_frame::Kind::Hello(proto::Hello {
+            protocol_version: 1,
+            session: "bye".into(),
+            password: "secret-pass".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert!(matches!(
+        next(&mut native).await,
+        Some(server_frame::Kind::Welcome(_))
+    ));
+    let mut legacy = within(
+        "connect",
+        tokio_tungstenite::connect_async(format!("ws://{}/", broker.http)),
+    )
+    .await
+    .expect("connect")
+    .0;
+
+    broker.signal_terminate();
+    for (name, ws) in [("native", &mut native), ("legacy", &mut legacy)] {
+        let close = loop {
+            match within("the close frame", ws.next()).await {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("{name}: expected a close frame, got {other:?}"),
+            }
+        };
+        let close = close.unwrap_or_else(|| panic!("{name}: a close frame without a code"));
+        assert_eq!(u16::from(close.code), 1001, "{name}: {close:?}");
+        assert!(close.reason.contains("shutting down"), "{name}: {close:?}");
+    }
+    let status = tokio::task::spawn_blocking(move || broker.wait_exit())
+        .await
+        .expect("waited");
+    assert!(status.success(), "exit status {status}");
+}
+
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 

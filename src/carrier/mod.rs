@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use crate::auth::Authenticator;
 use crate::core::{ClientId, Command, ConnId, CoreConfig, Event, Hello, Reject, SessionName};
@@ -103,6 +103,11 @@ pub struct LinkContext {
     pub auth: Arc<Authenticator>,
     pub store: Arc<dyn Store>,
     pub limits: CarrierLimits,
+    /// Set once the broker shuts down. Each WebSocket writer holds a receiver: it says
+    /// goodbye with a close frame (1001, going away) and drops it, so the shutdown can
+    /// wait until every client has been told. (QUIC clients are told by the endpoint's
+    /// own close.)
+    pub closing: watch::Sender<bool>,
 }
 
 /// The carrier-independent half of one client connection.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::SinkExt;
 use futures::stream::{SplitSink, SplitStream, StreamExt};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -80,8 +80,8 @@ pub struct WriterTiming {
 }
 
 /// Writes the outbound queue and the file port to the socket until the queue ends, a
-/// `Close` is written, the broker kicks the connection, or a write stalls (see
-/// [`WriterTiming::stall_timeout`]). Pings every `ping_interval`.
+/// `Close` is written, the broker kicks the connection or shuts down, or a write
+/// stalls (see [`WriterTiming::stall_timeout`]). Pings every `ping_interval`.
 ///
 /// The kick is watched during writes too: a client that stopped reading leaves the
 /// writer waiting on a full socket, which is exactly when the broker kicks it. When
@@ -93,11 +93,18 @@ pub async fn write_loop<E: Encoder>(
     encoder: E,
     publish_slots: Arc<Semaphore>,
     kick: Arc<Notify>,
+    mut closing: watch::Receiver<bool>,
     timing: WriterTiming,
 ) {
     let pumped = pump(&mut sink, rx, files, encoder, &publish_slots, timing);
     tokio::select! {
         () = pumped => {}
+        // A client told "going away" reconnects (to this broker once it is back, or
+        // to another node) instead of seeing its connection drop without a word.
+        true = shutting_down(&mut closing) => {
+            let close = close_message(close::GOING_AWAY, "the broker is shutting down");
+            let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(close)).await;
+        }
         _ = kick.notified() => {
             let reject = Reject::LimitExceeded("outbound queue full: the client is not reading");
             tracing::debug!(%reject, "dropping a WebSocket connection");
@@ -107,6 +114,11 @@ pub async fn write_loop<E: Encoder>(
         }
     }
     publish_slots.close();
+}
+
+/// Completes with `true` once the broker shuts down (`false`: it can no longer).
+async fn shutting_down(closing: &mut watch::Receiver<bool>) -> bool {
+    closing.wait_for(|closing| *closing).await.is_ok()
 }
 
 /// How long a closing writer waits for its close frame to be taken.
@@ -219,6 +231,7 @@ impl Connection {
         let (sink, stream) = socket.split();
         let limits = ctx.limits.clone();
         let (tx, rx) = mpsc::channel(limits.outbound_capacity(ctx.driver.core_config()));
+        let closing = ctx.closing.subscribe();
         let (files_tx, files_rx) = mpsc::channel(FILE_PORT_CAPACITY);
         let link = Link::new(ctx, peer, legacy_only, tx, files_tx);
         let timing = WriterTiming {
@@ -232,6 +245,7 @@ impl Connection {
             encoder,
             link.publish_slots(),
             link.kick(),
+            closing,
             timing,
         ));
         let connection = Connection {

@@ -152,12 +152,22 @@ impl Broker {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let pid = child.id().to_string();
+        self.signal_terminate();
+        self.wait_exit()
+    }
+
+    /// Sends SIGTERM and returns at once (see [`Broker::wait_exit`]).
+    pub fn signal_terminate(&self) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
         Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .expect("kill -TERM");
+    }
+
+    /// Waits up to 10 s for the broker to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
         for _ in 0..100 {
             if let Some(status) = child.try_wait().expect("wait") {
                 return status;
