@@ -143,6 +143,10 @@ struct PubArgs {
     /// Publishes awaiting their PubAck at a time (1: one after another).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     in_flight: u32,
+    /// Give up, and exit non-zero, when a publish has waited this many seconds for its
+    /// PubAck (the client keeps reconnecting to a broker that went away until then).
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -597,6 +601,7 @@ async fn publish(args: PubArgs) -> Result<()> {
     // own that times it.
     let mut in_flight: VecDeque<tokio::task::JoinHandle<Acked>> = VecDeque::new();
     let mut acks = AckLog::default();
+    let limit = Duration::from_secs(args.timeout);
     while let Some(message) = source.next().await? {
         for _ in 0..args.repeat {
             if in_flight.len() >= args.in_flight as usize
@@ -606,14 +611,17 @@ async fn publish(args: PubArgs) -> Result<()> {
             }
             let sent = Instant::now();
             let pending = if args.legacy {
-                client
-                    .publish_legacy_pipelined(&args.topic, &message)
-                    .await?
+                answered(
+                    limit,
+                    client.publish_legacy_pipelined(&args.topic, &message),
+                )
+                .await?
             } else {
                 let payload = message.clone().into_bytes();
-                client.publish_pipelined(&args.topic, payload).await?
+                answered(limit, client.publish_pipelined(&args.topic, payload)).await?
             };
-            in_flight.push_back(tokio::spawn(async move { (pending.await, sent.elapsed()) }));
+            let acked = answered(limit, pending);
+            in_flight.push_back(tokio::spawn(async move { (acked.await, sent.elapsed()) }));
             while in_flight.front().is_some_and(|t| t.is_finished()) {
                 if let Some(done) = in_flight.pop_front() {
                     acks.record(done.await?)?;
@@ -646,8 +654,23 @@ impl Messages {
     }
 }
 
+/// What `answer` gives, or an error once it has taken `limit` (`pub --timeout`): the
+/// broker is gone or not answering, and the client would otherwise wait for ever.
+async fn answered<T>(
+    limit: Duration,
+    answer: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, answer).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => bail!(
+            "the broker did not acknowledge a publish within {} s (--timeout): it is unreachable or not answering",
+            limit.as_secs()
+        ),
+    }
+}
+
 /// A publish's answer, and how long after the call it came.
-type Acked = (Result<PubAck, ClientError>, Duration);
+type Acked = (Result<PubAck>, Duration);
 
 /// The answers `pub` got: the last status, and each publish's time to its `PubAck`.
 #[derive(Default)]

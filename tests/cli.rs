@@ -61,6 +61,46 @@ async fn pub_repeats_one_at_a_time_and_reports_ack_latency() {
     }
 }
 
+/// A broker that goes away mid-run does not leave `pub` waiting for ever: it gives
+/// up after `--timeout` with the reason, and exits non-zero.
+#[tokio::test]
+async fn pub_gives_up_when_the_broker_is_gone() {
+    let mut broker = Broker::start();
+    broker.create_session("cli", "secret-pass", json!({})).await;
+    let key = SessionKey::generate();
+    let reader = broker.client("cli", "secret-pass", &key).await;
+    let mut sub = reader.subscribe("jobs").await.expect("subscribe");
+    let mut child = pub_command(&broker, &key)
+        .args(["--timeout", "2", "--in-flight", "1"])
+        .args(["--repeat", "1000000000", "jobs", "work"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run fastport pub");
+    within("pub publishing", sub.next())
+        .await
+        .expect("a message");
+    broker.kill9();
+    let out = tokio::task::spawn_blocking(move || {
+        for _ in 0..150 {
+            if child.try_wait().expect("wait").is_some() {
+                return child.wait_with_output().expect("output");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        child.kill().ok();
+        panic!("pub still running 15 s after the broker went away");
+    })
+    .await
+    .expect("join");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("did not acknowledge a publish within 2 s (--timeout)"),
+        "{stderr}"
+    );
+}
+
 /// A window of no publishes is refused before connecting.
 #[tokio::test]
 async fn pub_refuses_an_empty_window() {
