@@ -114,7 +114,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS")]
     pub ws_ping_interval_ms: Option<u64>,
 
-    /// WebSocket connections silent this long are closed, in milliseconds.
+    /// WebSocket connections silent this long are closed, and file uploads on them
+    /// that get nothing for this long are dropped, in milliseconds.
     #[arg(long, value_name = "MS")]
     pub ws_idle_timeout_ms: Option<u64>,
 

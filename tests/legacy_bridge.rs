@@ -476,6 +476,34 @@ async fn a_repeated_init_file_leaves_the_upload_in_progress_alone() {
     assert_eq!(received, data);
 }
 
+/// An upload that stops half-way is dropped after the idle timeout although its
+/// connection lives on (it answers the broker's pings), and the sender is told.
+#[tokio::test]
+async fn an_upload_that_stops_is_dropped_while_its_connection_lives() {
+    let broker = fast_keep_alive().await;
+    let mut sender = Dart::connect(&broker, "/").await;
+    sender.init("dart", "secret-pass", None).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    sender
+        .send(json!({
+            "type": "init_file", "fileId": id, "fileName": "doc.txt", "fileSize": 10,
+            "totalChunks": 1, "topic": "files/doc",
+        }))
+        .await;
+    // (The broker's pings every 300 ms keep a per-frame wait from ever running out.)
+    let dropped = within("the idle upload to be dropped", sender.recv()).await;
+    assert_eq!(dropped["code"], "LIMIT_EXCEEDED", "{dropped}");
+    assert_eq!(dropped["messageId"], id.as_str(), "{dropped}");
+    // The connection is still there, and the upload is gone.
+    let mut chunk = vec![0x02];
+    chunk.extend_from_slice(id.as_bytes());
+    chunk.extend_from_slice(&0u32.to_be_bytes());
+    chunk.extend_from_slice(b"late");
+    sender.ws.send(Message::binary(chunk)).await.expect("chunk");
+    let refused = sender.recv().await;
+    assert_eq!(refused["code"], "NOT_FOUND", "{refused}");
+}
+
 /// Frames sent right behind `init` are answered after its `init_response`: the
 /// answer to an upload chunk the broker does not know is an error, not a failed login.
 #[tokio::test]

@@ -138,6 +138,95 @@ async fn a_shutdown_tells_websocket_clients_it_is_going_away() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// A file upload nothing arrives for in the idle timeout is dropped (and the client
+/// told), even while the connection itself stays busy: it would hold a spool file and
+/// its receivers for as long as the connection lasts.
+#[tokio::test]
+async fn an_idle_file_upload_is_dropped_on_a_busy_connection() {
+    let broker = Broker::start_with(&[
+        "--ws-idle-timeout-ms",
+        "1500",
+        "--ws-ping-interval-ms",
+        "1000",
+    ]);
+    broker
+        .create_session("idle", "secret-pass", json!({}))
+        .await;
+    let mut ws = raw(&broker).await;
+    send(
+        &mut ws,
+        client_frame::Kind::Hello(proto::Hello {
+            protocol_version: 1,
+            session: "idle".into(),
+            password: "secret-pass".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert!(matches!(
+        next(&mut ws).await,
+        Some(server_frame::Kind::Welcome(_))
+    ));
+    let file_id = Bytes::from_static(&[7; 16]);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    send(
+        &mut ws,
+        client_frame::Kind::FileHeader(proto::FileHeader {
+            file_id: file_id.clone(),
+            topic: "docs/a".into(),
+            name: "a.bin".into(),
+            size: 10,
+            chunk_size: 10,
+            chunk_count: 1,
+            timestamp_ms: now_ms,
+            ..Default::default()
+        }),
+    )
+    .await;
+
+    // Pings keep the connection alive; the upload gets nothing.
+    let mut dropped = None;
+    for nonce in 0..20 {
+        send(&mut ws, client_frame::Kind::Ping(proto::Ping { nonce })).await;
+        match next(&mut ws).await {
+            Some(server_frame::Kind::Pong(_)) => {}
+            Some(server_frame::Kind::Error(e)) => {
+                dropped = Some(e);
+                break;
+            }
+            other => panic!("expected Pong or Error, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let error = dropped.expect("the idle upload was never dropped");
+    assert_eq!(error.code, ErrorCode::LimitExceeded as i32, "{error:?}");
+    assert_eq!(error.message_id, file_id, "{error:?}");
+    assert!(error.message.contains("idle"), "{error:?}");
+
+    // It is gone: its chunk finds no upload.
+    send(
+        &mut ws,
+        client_frame::Kind::FileChunk(proto::FileChunk {
+            file_id,
+            index: 0,
+            payload: Bytes::from_static(b"0123456789"),
+        }),
+    )
+    .await;
+    loop {
+        match next(&mut ws).await {
+            Some(server_frame::Kind::Pong(_)) => continue,
+            other => {
+                assert_eq!(code(other), ErrorCode::NotFound);
+                break;
+            }
+        }
+    }
+}
+
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 

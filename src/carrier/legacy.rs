@@ -24,8 +24,9 @@ use crate::proto::PayloadFormat;
 
 use crate::driver::now_ms;
 
-use super::files::{FileItem, FileMeta, Upload};
+use super::files::{FileItem, FileMeta};
 use super::request::{HelloRequest, PROTOCOL_VERSION, PushTokenRequest, Refused};
+use super::uploads::OpenUploads;
 use super::websocket::{self, Encoder};
 use super::{Link, LinkContext, Outbound, Request};
 
@@ -41,8 +42,9 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     );
 
     let mut reader = Reader::default();
-    let mut uploads: HashMap<MessageId, Upload> = HashMap::new();
+    let mut uploads = OpenUploads::new(uuid_text);
     while let Some(message) = connection.next(&link).await {
+        uploads.drop_idle(&link).await;
         let parsed = match message {
             Message::Text(text) => reader.parse(text.as_str()),
             Message::Binary(bytes) => parse_chunk(bytes),
@@ -140,74 +142,31 @@ enum LegacyIn {
     },
 }
 
-/// Most file uploads one legacy connection may have open at once.
-const MAX_UPLOADS: usize = 16;
-
 /// Handles the file frames of a legacy connection.
-async fn files(
-    link: &mut Link,
-    uploads: &mut HashMap<MessageId, Upload>,
-    frame: LegacyIn,
-) -> Result<(), Refused> {
-    let with_id = Refused::for_message;
+async fn files(link: &mut Link, uploads: &mut OpenUploads, frame: LegacyIn) -> Result<(), Refused> {
     match frame {
         LegacyIn::Request(_) | LegacyIn::BadInit(_) => Ok(()),
-        LegacyIn::InitFile(meta) => {
-            let refused = with_id(meta.file_id);
-            let Some(conn) = link.conn_id() else {
-                return Err(refused(Reject::NotAuthenticated));
-            };
-            if uploads.len() >= MAX_UPLOADS {
-                return Err(refused(Reject::LimitExceeded(
-                    "too many file uploads at once",
-                )));
-            }
-            if uploads.contains_key(&meta.file_id) {
-                return Err(refused(Reject::Replayed));
-            }
-            let file_id = meta.file_id;
-            let upload = Upload::open(link.driver(), conn, meta)
-                .await
-                .map_err(refused)?;
-            uploads.insert(file_id, upload);
-            Ok(())
-        }
+        LegacyIn::InitFile(meta) => uploads.open(link, meta).await,
         LegacyIn::Chunk {
             file_id,
             index,
             payload,
         } => {
-            let refused = with_id(file_id);
-            if !link.is_attached() {
-                return Err(refused(Reject::NotAuthenticated));
-            }
-            let upload = uploads.get_mut(&file_id).ok_or_else(|| {
-                refused(Reject::NotFound(format!(
-                    "no open file {}",
-                    uuid_text(&file_id)
-                )))
-            })?;
-            if let Err(reject) = upload.chunk(index, payload).await {
-                uploads.remove(&file_id); // dropping it aborts the transfer
-                return Err(refused(reject));
-            }
-            Ok(())
+            attached(link, file_id)?;
+            uploads.chunk(file_id, index, payload).await
         }
         LegacyIn::EndFile { file_id, sha256 } => {
-            let refused = with_id(file_id);
-            if !link.is_attached() {
-                return Err(refused(Reject::NotAuthenticated));
-            }
-            let upload = uploads.remove(&file_id).ok_or_else(|| {
-                refused(Reject::NotFound(format!(
-                    "no open file {}",
-                    uuid_text(&file_id)
-                )))
-            })?;
-            upload.finish(sha256, Bytes::new()).await.map_err(refused)?;
-            link.file_accepted(file_id).await;
-            Ok(())
+            attached(link, file_id)?;
+            uploads.finish(link, file_id, sha256, Bytes::new()).await
         }
+    }
+}
+
+/// Refuses a file frame before `init`.
+fn attached(link: &Link, file_id: MessageId) -> Result<(), Refused> {
+    match link.is_attached() {
+        true => Ok(()),
+        false => Err(Refused::for_message(file_id)(Reject::NotAuthenticated)),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod legacy;
 pub mod native;
 pub mod quic;
 pub mod request;
+pub mod uploads;
 pub mod websocket;
 pub mod ws;
 

@@ -3,7 +3,6 @@
 //! networks that block UDP). Same requests, same answers as the QUIC control stream;
 //! file transfers are multiplexed on the connection by `file_id` (design §3).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,10 +11,11 @@ use bytes::BytesMut;
 use prost::Message as _;
 
 use crate::core::{MessageId, Reject};
-use crate::proto::{self, ClientFrame, ServerFrame, client_frame::Kind};
+use crate::proto::{ClientFrame, ServerFrame, client_frame::Kind};
 
-use super::files::{self, FileItem, FileMeta, Upload};
+use super::files::{self, FileItem, FileMeta};
 use super::request::Refused;
+use super::uploads::OpenUploads;
 use super::websocket::{self, Encoder};
 use super::{Link, LinkContext, Outbound, Request, native};
 
@@ -26,6 +26,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
 
     let mut uploads = Uploads::default();
     while let Some(message) = connection.next(&link).await {
+        uploads.0.drop_idle(&link).await;
         let bytes = match message {
             Message::Binary(bytes) => bytes,
             Message::Text(_) => {
@@ -64,27 +65,31 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     connection.close(link).await;
 }
 
-/// Most file uploads multiplexed on one connection at a time.
-const MAX_UPLOADS: usize = 16;
-
 /// File uploads multiplexed on this connection by `file_id`.
-#[derive(Default)]
-struct Uploads {
-    open: HashMap<MessageId, Upload>,
+struct Uploads(OpenUploads);
+
+impl Default for Uploads {
+    fn default() -> Self {
+        Self(OpenUploads::new(MessageId::to_string))
+    }
 }
 
 impl Uploads {
     /// Handles file frames; gives any other frame back.
     async fn take(&mut self, link: &mut Link, frame: ClientFrame) -> Option<ClientFrame> {
         let result = match frame.kind {
-            // A refused header leaves any upload already open under its id alone.
-            Some(Kind::FileHeader(header)) => self.open(link, header).await,
-            Some(Kind::FileChunk(chunk)) => self.chunk(chunk).await.inspect_err(|refused| {
-                if let Some(id) = refused.message_id {
-                    self.open.remove(&id); // dropping it aborts the transfer
-                }
-            }),
-            Some(Kind::FileEnd(end)) => self.end(link, end).await,
+            Some(Kind::FileHeader(header)) => match FileMeta::from_header(header) {
+                Ok(meta) => self.0.open(link, meta).await,
+                Err(refused) => Err(refused),
+            },
+            Some(Kind::FileChunk(chunk)) => match file_id(&chunk.file_id) {
+                Ok(id) => self.0.chunk(id, chunk.index, chunk.payload).await,
+                Err(refused) => Err(refused),
+            },
+            Some(Kind::FileEnd(end)) => match file_id(&end.file_id) {
+                Ok(id) => self.0.finish(link, id, end.sha256, end.mac).await,
+                Err(refused) => Err(refused),
+            },
             kind => return Some(ClientFrame { kind }),
         };
         if let Err(refused) = result {
@@ -92,58 +97,10 @@ impl Uploads {
         }
         None
     }
+}
 
-    async fn open(&mut self, link: &mut Link, header: proto::FileHeader) -> Result<(), Refused> {
-        let meta = FileMeta::from_header(header)?;
-        let file_id = meta.file_id;
-        let refused = Refused::for_message(file_id);
-        let Some(conn) = link.conn_id() else {
-            return Err(refused(Reject::NotAuthenticated));
-        };
-        if self.open.len() >= MAX_UPLOADS {
-            return Err(refused(Reject::LimitExceeded(
-                "too many file uploads at once",
-            )));
-        }
-        if self.open.contains_key(&file_id) {
-            return Err(refused(Reject::Replayed));
-        }
-        let upload = Upload::open(link.driver(), conn, meta)
-            .await
-            .map_err(refused)?;
-        self.open.insert(file_id, upload);
-        Ok(())
-    }
-
-    fn upload(&mut self, raw_id: &[u8]) -> Result<(MessageId, &mut Upload), Refused> {
-        let id = MessageId::from_slice(raw_id).map_err(|e| Refused::new(e.into()))?;
-        match self.open.get_mut(&id) {
-            Some(upload) => Ok((id, upload)),
-            None => Err(Refused::for_message(id)(Reject::NotFound(format!(
-                "no open file upload {id}"
-            )))),
-        }
-    }
-
-    async fn chunk(&mut self, chunk: proto::FileChunk) -> Result<(), Refused> {
-        let (id, upload) = self.upload(&chunk.file_id)?;
-        upload
-            .chunk(chunk.index, chunk.payload)
-            .await
-            .map_err(Refused::for_message(id))
-    }
-
-    async fn end(&mut self, link: &mut Link, end: proto::FileEnd) -> Result<(), Refused> {
-        let (id, _) = self.upload(&end.file_id)?;
-        if let Some(upload) = self.open.remove(&id) {
-            upload
-                .finish(end.sha256, end.mac)
-                .await
-                .map_err(Refused::for_message(id))?;
-            link.file_accepted(id).await;
-        }
-        Ok(())
-    }
+fn file_id(raw: &[u8]) -> Result<MessageId, Refused> {
+    MessageId::from_slice(raw).map_err(|e| Refused::new(e.into()))
 }
 
 /// One `ServerFrame` per binary message.
