@@ -512,3 +512,61 @@ async fn a_pending_publish_over_a_lowered_limit_is_refused_after_the_reconnect()
     let after = within("publish after", client.publish("t", vec![1u8; 100])).await;
     assert!(after.is_ok(), "{after:?}");
 }
+
+/// Dropping a subscription's handle ends it on the broker, for messages and files
+/// alike: the broker stops sending what nobody here reads (and would only retry). A
+/// durable one is kept for the client id's next connection.
+#[tokio::test]
+async fn a_dropped_subscription_ends_on_the_broker_unless_durable() {
+    let broker = Broker::start();
+    broker
+        .create_session("drop", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let config = broker
+        .client_config("drop", "secret-pass", &key)
+        .client_id("dropper");
+    let client = within("connect", Client::connect(config))
+        .await
+        .expect("connect");
+    let publisher = broker.client("drop", "secret-pass", &key).await;
+    let status = |topic: &'static str| {
+        let publisher = &publisher;
+        async move {
+            publisher
+                .publish(topic, b"x".to_vec())
+                .await
+                .expect("publish")
+                .status
+        }
+    };
+
+    let messages = client.subscribe("m/#").await.expect("subscribe");
+    let files = client.subscribe_files("f/#").await.expect("subscribe");
+    let durable = SubscribeOptions {
+        durable: true,
+        ..SubscribeOptions::default()
+    };
+    let kept = client
+        .subscribe_with("d/#", durable)
+        .await
+        .expect("subscribe");
+    for topic in ["m/x", "f/x", "d/x"] {
+        assert_ne!(status(topic).await, PublishStatus::NoSubscribers, "{topic}");
+    }
+
+    drop((messages, files, kept));
+    for topic in ["m/x", "f/x"] {
+        let mut last = None;
+        for _ in 0..50 {
+            let now = status(topic).await;
+            last = Some(now);
+            if now == PublishStatus::NoSubscribers {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(last, Some(PublishStatus::NoSubscribers), "{topic}");
+    }
+    assert_eq!(status("d/x").await, PublishStatus::Stored);
+}

@@ -319,11 +319,23 @@ impl FileSubs {
         self.lock().push((id, filter, options, sink));
     }
 
-    /// The filters and options of the subscriptions still open.
-    pub fn filters(&self) -> Vec<(TopicFilter, SubscribeOptions)> {
+    /// Forgets subscription `id`, returning its filter and options.
+    pub fn remove(&self, id: u64) -> Option<(TopicFilter, SubscribeOptions)> {
         let mut subs = self.lock();
-        subs.retain(|(_, _, _, sink)| !sink.is_closed());
-        subs.iter().map(|(_, f, o, _)| (f.clone(), *o)).collect()
+        let at = subs.iter().position(|(sub, ..)| *sub == id)?;
+        let (_, filter, options, _) = subs.swap_remove(at);
+        Some((filter, options))
+    }
+
+    /// The filters and options of the subscriptions still open. (One whose handle was
+    /// dropped stays listed here until [`FileSubs::remove`], so that it can be ended on
+    /// the broker then, but is skipped.)
+    pub fn filters(&self) -> Vec<(TopicFilter, SubscribeOptions)> {
+        self.lock()
+            .iter()
+            .filter(|(_, _, _, sink)| !sink.is_closed())
+            .map(|(_, f, o, _)| (f.clone(), *o))
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<FileSub>> {
@@ -331,10 +343,9 @@ impl FileSubs {
     }
 
     fn sinks_for(&self, topic: &TopicName) -> Vec<mpsc::Sender<IncomingFile>> {
-        let mut subs = self.lock();
-        subs.retain(|(_, _, _, sink)| !sink.is_closed());
-        subs.iter()
-            .filter(|(_, f, _, _)| f.matches(topic))
+        self.lock()
+            .iter()
+            .filter(|(_, f, _, sink)| !sink.is_closed() && f.matches(topic))
             .map(|(_, _, _, s)| s.clone())
             .collect()
     }

@@ -263,6 +263,12 @@ enum Request {
         id: u64,
         reply: oneshot::Sender<Result<(), ClientError>>,
     },
+    /// The application dropped subscription `id` (of messages or files): it is
+    /// forgotten, and ended on the broker unless it was durable (see
+    /// [`Subscription`]'s `Drop`).
+    Dropped {
+        id: u64,
+    },
     SubscribeFiles {
         filter: String,
         options: SubscribeOptions,
@@ -526,14 +532,19 @@ impl Client {
     ) -> Result<FileSubscription, ClientError> {
         let (sink, rx) = mpsc::channel(16);
         let filter = filter.to_owned();
-        self.call(|reply| Request::SubscribeFiles {
-            filter,
-            options,
-            sink,
-            reply,
+        let id = self
+            .call(|reply| Request::SubscribeFiles {
+                filter,
+                options,
+                sink,
+                reply,
+            })
+            .await?;
+        Ok(FileSubscription {
+            id,
+            rx,
+            requests: self.requests.clone(),
         })
-        .await?;
-        Ok(FileSubscription { rx })
     }
 
     /// Why the client stopped, if it stopped by itself: taken over by another
@@ -615,19 +626,39 @@ impl Subscription {
 }
 
 impl Drop for Subscription {
-    /// Gives back what the application never took, unacknowledged.
+    /// Gives back what the application never took, unacknowledged, and ends the
+    /// subscription: on the broker too, unless it is durable (a durable subscription
+    /// outlives its handle and the client, as it outlives a connection: the broker
+    /// keeps queuing for the client id; [`Subscription::unsubscribe`] deletes it).
     fn drop(&mut self) {
         self.rx.close();
         while let Ok(message) = self.rx.try_recv() {
             self.handbacks
                 .push(session::Handback::Returned(message.message_id));
         }
+        dropped(&self.requests, self.id);
     }
+}
+
+/// Tells the session task a subscription handle is gone. Without a free place in its
+/// queue (or a task left) this says nothing: the task finds the handle closed at its
+/// next delivery to it and forgets it then, without ending it on the broker.
+fn dropped(requests: &mpsc::Sender<Request>, id: u64) {
+    let _ = requests.try_send(Request::Dropped { id });
 }
 
 /// Incoming files for one filter.
 pub struct FileSubscription {
+    id: u64,
     rx: mpsc::Receiver<IncomingFile>,
+    requests: mpsc::Sender<Request>,
+}
+
+impl Drop for FileSubscription {
+    /// Ends the subscription as a dropped [`Subscription`] does.
+    fn drop(&mut self) {
+        dropped(&self.requests, self.id);
+    }
 }
 
 impl FileSubscription {

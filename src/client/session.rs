@@ -208,6 +208,9 @@ struct State {
     unsubscribing: HashMap<u64, oneshot::Sender<Result<(), ClientError>>>,
     /// Filters to unsubscribe from once connected again.
     unsubscribe_later: Vec<TopicFilter>,
+    /// Subscriptions found closed while handing a message over (their handle was
+    /// dropped), to forget once the hand-over is done.
+    dropped: Vec<u64>,
     publishes: FastMap<[u8; 16], PendingPublish>,
     publish_order: VecDeque<[u8; 16]>,
     seen: FastSet<[u8; 16]>,
@@ -310,6 +313,7 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
         subscribing: HashMap::new(),
         unsubscribing: HashMap::new(),
         unsubscribe_later: Vec::new(),
+        dropped: Vec::new(),
         publishes: FastMap::default(),
         publish_order: VecDeque::new(),
         seen: FastSet::default(),
@@ -711,6 +715,54 @@ impl State {
             .map(|(_, options)| options)
     }
 
+    /// Forgets subscription `id` whose handle the application dropped, and ends it on
+    /// the broker unless it is durable (kept for the client's next connection).
+    fn forget(&mut self, id: u64, writer: Option<&mut ControlWriter>) {
+        let removed = match self.subs.remove(&id) {
+            Some(sub) => Some((sub.filter, sub.options)),
+            None => self.file_subs.remove(id),
+        };
+        match removed {
+            Some((_, options)) if options.durable => {}
+            Some((filter, _)) => self.unsubscribe(filter, writer, None),
+            None => {}
+        }
+    }
+
+    /// Ends `filter` on the broker once no subscription here uses it any more
+    /// (messages' or files'); `reply` gets the broker's answer.
+    fn unsubscribe(
+        &mut self,
+        filter: TopicFilter,
+        writer: Option<&mut ControlWriter>,
+        reply: Option<oneshot::Sender<Result<(), ClientError>>>,
+    ) {
+        if self.merged_options(&filter).is_some() {
+            // Another subscription here (messages' or files') still uses it.
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+            return;
+        }
+        let Some(w) = writer else {
+            self.unsubscribe_later.push(filter);
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+            return;
+        };
+        let request_id = self.request_id();
+        if let Some(reply) = reply {
+            self.unsubscribing.insert(request_id, reply);
+        }
+        w.push(&frame(client_frame::Kind::Unsubscribe(
+            proto::Unsubscribe {
+                request_id,
+                topic: filter.to_string(),
+            },
+        )));
+    }
+
     fn request_id(&mut self) -> u64 {
         self.next_request_id += 1;
         self.next_request_id
@@ -784,33 +836,13 @@ impl State {
                 }
                 self.adopt_orphans();
             }
-            Request::Unsubscribe { id, reply } => {
-                let Some(sub) = self.subs.remove(&id) else {
+            Request::Unsubscribe { id, reply } => match self.subs.remove(&id) {
+                Some(sub) => self.unsubscribe(sub.filter, writer, Some(reply)),
+                None => {
                     let _ = reply.send(Ok(()));
-                    return;
-                };
-                if self.merged_options(&sub.filter).is_some() {
-                    // Another subscription here (messages' or files') still uses it.
-                    let _ = reply.send(Ok(()));
-                    return;
                 }
-                match writer {
-                    Some(w) => {
-                        let request_id = self.request_id();
-                        self.unsubscribing.insert(request_id, reply);
-                        w.push(&frame(client_frame::Kind::Unsubscribe(
-                            proto::Unsubscribe {
-                                request_id,
-                                topic: sub.filter.to_string(),
-                            },
-                        )));
-                    }
-                    None => {
-                        self.unsubscribe_later.push(sub.filter);
-                        let _ = reply.send(Ok(()));
-                    }
-                }
-            }
+            },
+            Request::Dropped { id } => self.forget(id, writer),
             Request::SubscribeFiles {
                 filter,
                 options,
@@ -889,17 +921,19 @@ impl State {
                 frame,
                 file_id,
                 reply,
-            } => match writer {
-                Some(w) => {
-                    w.push(&frame);
-                    self.uploads.insert(file_id, reply);
+            } => {
+                match writer {
+                    Some(w) => {
+                        w.push(&frame);
+                        self.uploads.insert(file_id, reply);
+                    }
+                    None => {
+                        let _ = reply.send(Err(ClientError::Connect(
+                            "connection lost during the upload".into(),
+                        )));
+                    }
                 }
-                None => {
-                    let _ = reply.send(Err(ClientError::Connect(
-                        "connection lost during the upload".into(),
-                    )));
-                }
-            },
+            }
             Request::AckFile(id) => {
                 if let Some(w) = writer {
                     w.push(&frame(client_frame::Kind::Ack(proto::Ack {
@@ -1095,7 +1129,11 @@ impl State {
             format,
             attempt: d.attempt,
         };
-        match self.hand_over(message).await {
+        let handed = self.hand_over(message).await;
+        for gone in std::mem::take(&mut self.dropped) {
+            self.forget(gone, Some(&mut *writer));
+        }
+        match handed {
             Ok(copies) => {
                 self.remember(id);
                 self.untaken(id, copies);
@@ -1146,9 +1184,7 @@ impl State {
                 }
             }
         }
-        for id in gone {
-            self.subs.remove(&id);
-        }
+        self.dropped.extend(gone);
         match message {
             Some(message) if delivered == 0 => Err(message),
             _ => Ok(delivered),
