@@ -11,6 +11,7 @@ use fastport::client::{Client, ClientConfig, ClientError, SessionKey};
 use fastport::proto::{ErrorCode, PayloadFormat};
 use futures::SinkExt;
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 fn data(len: usize) -> Vec<u8> {
@@ -330,10 +331,22 @@ async fn a_file_over_the_size_limit_is_refused_with_the_reason() {
     // Larger than the stream's flow-control window, so the sender is still writing
     // when the refusal comes.
     let content = data(8_000_000);
-    for sender in [&over_quic, &over_ws] {
+    let size = content.len() as u64;
+    // The last sender stops half-way for a moment, so the refusal is back before the
+    // rest of its file and its `FileEnd` go out (they are answered NOT_FOUND).
+    let paused = paused_reader(content.clone(), 300_000, Duration::from_millis(500));
+    let uploads = [
+        (
+            &over_quic,
+            Box::new(&content[..]) as Box<dyn AsyncRead + Unpin + Send>,
+        ),
+        (&over_ws, Box::new(&content[..])),
+        (&over_ws, Box::new(paused)),
+    ];
+    for (sender, reader) in uploads {
         let refused = within(
             "upload",
-            sender.send_file("docs/big", "big.bin", &content[..], content.len() as u64),
+            sender.send_file("docs/big", "big.bin", reader, size),
         )
         .await;
         match refused {
@@ -344,4 +357,15 @@ async fn a_file_over_the_size_limit_is_refused_with_the_reason() {
             other => panic!("expected PAYLOAD_TOO_LARGE, got {other:?}"),
         }
     }
+}
+
+/// Reads `content`, stopping for `pause` after its first `first` bytes.
+fn paused_reader(content: Vec<u8>, first: usize, pause: Duration) -> impl AsyncRead + Unpin {
+    let (mut writer, reader) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let _ = writer.write_all(&content[..first]).await;
+        tokio::time::sleep(pause).await;
+        let _ = writer.write_all(&content[first..]).await;
+    });
+    reader
 }

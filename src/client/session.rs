@@ -237,6 +237,10 @@ struct State {
     received_files: ReceivedFiles,
     /// Multiplexed (WebSocket) uploads waiting for `FileAccepted`.
     uploads: HashMap<[u8; 16], oneshot::Sender<Result<(), ClientError>>>,
+    /// Multiplexed uploads still being sent (no `FileEnd` yet), with the broker's
+    /// refusal if one came: it refuses mid-file (too large, spool full) and answers
+    /// every later frame of the file `NOT_FOUND`, so the first answer is the reason.
+    sending: HashMap<[u8; 16], Option<ClientError>>,
     /// Multiplexed (WebSocket) incoming files, by id.
     incoming: HashMap<[u8; 16], mpsc::Sender<FilePart>>,
     /// This task's own request queue, for the pieces it spawns (weak, so the task
@@ -329,6 +333,7 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
         file_subs: FileSubs::default(),
         received_files: ReceivedFiles::default(),
         uploads: HashMap::new(),
+        sending: HashMap::new(),
         incoming: HashMap::new(),
         requests: mpsc::channel(1).0.downgrade(),
         stopped: Stopped::default(),
@@ -471,6 +476,8 @@ impl State {
         // messages again and they are acknowledged as duplicates.
         self.acks_held = 0;
         self.acks_since = None;
+        // Uploads multiplexed on the lost connection went with it.
+        self.sending.clear();
         let mut ack_timer = LoopTimer::new();
         loop {
             // A request's frames are written at the end of this turn; acks alone may
@@ -913,6 +920,11 @@ impl State {
                 }
             }
             Request::FileFrame(frame) => {
+                if let Some(client_frame::Kind::FileHeader(h)) = &frame.kind
+                    && let Ok(id) = <[u8; 16]>::try_from(&h.file_id[..])
+                {
+                    self.sending.insert(id, None);
+                }
                 if let Some(w) = writer {
                     w.push(&frame);
                 }
@@ -922,6 +934,10 @@ impl State {
                 file_id,
                 reply,
             } => {
+                if let Some(Some(refusal)) = self.sending.remove(&file_id) {
+                    let _ = reply.send(Err(refusal));
+                    return;
+                }
                 match writer {
                     Some(w) => {
                         w.push(&frame);
@@ -1029,6 +1045,10 @@ impl State {
         if let Ok(id) = <[u8; 16]>::try_from(&e.message_id[..]) {
             if let Some(reply) = self.uploads.remove(&id) {
                 let _ = reply.send(Err(refused(&e)));
+                return Ok(());
+            }
+            if let Some(refusal) = self.sending.get_mut(&id) {
+                refusal.get_or_insert_with(|| refused(&e));
                 return Ok(());
             }
             if let Some(tx) = self.incoming.remove(&id) {
