@@ -584,16 +584,15 @@ impl Client {
     }
 }
 
-/// A stream of messages for one subscription. Dropping it stops local delivery but
-/// keeps the broker-side subscription (a durable one keeps queuing);
-/// [`Subscription::unsubscribe`] ends it on the broker too.
+/// A stream of messages for one subscription. Dropping it ends the subscription, on
+/// the broker too unless it is durable: a durable one keeps queuing for the client id
+/// (as across a disconnect) until [`Subscription::unsubscribe`] deletes it.
 ///
 /// A message is acknowledged to the broker once the application takes it from here
 /// (written with other acknowledgements, or at the latest when the client closes),
-/// not when it reaches this buffer: messages still
-/// buffered when the `Subscription` is dropped or the client closes are not
-/// acknowledged, so the broker delivers them again (a durable subscription's on its
-/// next connection) instead of losing them.
+/// not when it reaches this buffer: messages still buffered when a durable
+/// `Subscription` is dropped or the client closes are not acknowledged, so the broker
+/// delivers them again (on the client id's next connection) instead of losing them.
 pub struct Subscription {
     id: u64,
     rx: mpsc::Receiver<Message>,
@@ -641,8 +640,9 @@ impl Drop for Subscription {
 }
 
 /// Tells the session task a subscription handle is gone. Without a free place in its
-/// queue (or a task left) this says nothing: the task finds the handle closed at its
-/// next delivery to it and forgets it then, without ending it on the broker.
+/// queue (or a task left) this says nothing: a message subscription is then found
+/// closed at its next delivery and ended then; a file subscription is only skipped,
+/// and its broker subscription ends with the connection.
 fn dropped(requests: &mpsc::Sender<Request>, id: u64) {
     let _ = requests.try_send(Request::Dropped { id });
 }
@@ -665,6 +665,16 @@ impl FileSubscription {
     /// The next file; read its chunks before (or while) waiting for the next one.
     pub async fn next(&mut self) -> Option<IncomingFile> {
         self.rx.recv().await
+    }
+
+    /// Ends the subscription on the broker (a durable one and its queue are deleted).
+    pub async fn unsubscribe(self) -> Result<(), ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Unsubscribe { id: self.id, reply })
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
     }
 }
 

@@ -211,6 +211,14 @@ struct State {
     /// Subscriptions found closed while handing a message over (their handle was
     /// dropped), to forget once the hand-over is done.
     dropped: Vec<u64>,
+    /// Filters of durable subscriptions whose handle was dropped: kept on the broker
+    /// (it queues for the client id while nobody here reads), so a sibling on the same
+    /// filter, dropped or re-subscribed after a reconnect, does not end or downgrade
+    /// them. An explicit unsubscribe on the filter ends them.
+    kept_durable: FastSet<TopicFilter>,
+    /// A `Subscribe` or `Unsubscribe` was queued while handling a frame: written at
+    /// the end of the turn, not with the next acks.
+    control_pending: bool,
     publishes: FastMap<[u8; 16], PendingPublish>,
     publish_order: VecDeque<[u8; 16]>,
     seen: FastSet<[u8; 16]>,
@@ -318,6 +326,8 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
         unsubscribing: HashMap::new(),
         unsubscribe_later: Vec::new(),
         dropped: Vec::new(),
+        kept_durable: Default::default(),
+        control_pending: false,
         publishes: FastMap::default(),
         publish_order: VecDeque::new(),
         seen: FastSet::default(),
@@ -476,8 +486,13 @@ impl State {
         // messages again and they are acknowledged as duplicates.
         self.acks_held = 0;
         self.acks_since = None;
-        // Uploads multiplexed on the lost connection went with it.
-        self.sending.clear();
+        // Uploads multiplexed on the lost connection went with it: what is left of
+        // them reaches a broker that never saw their start.
+        for refusal in self.sending.values_mut() {
+            refusal.get_or_insert_with(|| {
+                ClientError::Connect("connection lost during the upload".into())
+            });
+        }
         let mut ack_timer = LoopTimer::new();
         loop {
             // A request's frames are written at the end of this turn; acks alone may
@@ -531,7 +546,8 @@ impl State {
                 }
             }
             self.take_reports(&mut live.writer);
-            if !urgent && !self.acks_due() {
+            let control = std::mem::take(&mut self.control_pending);
+            if !urgent && !control && !self.acks_due() {
                 continue;
             }
             self.acks_held = 0;
@@ -704,7 +720,14 @@ impl State {
     fn subscriptions(&self) -> Vec<(TopicFilter, SubscribeOptions)> {
         let mut all: Vec<(TopicFilter, SubscribeOptions)> = Vec::new();
         let local = self.subs.values().map(|s| (s.filter.clone(), s.options));
-        for (filter, options) in local.chain(self.file_subs.filters()) {
+        let kept = self.kept_durable.iter().map(|f| {
+            let durable = SubscribeOptions {
+                durable: true,
+                ..SubscribeOptions::default()
+            };
+            (f.clone(), durable)
+        });
+        for (filter, options) in local.chain(self.file_subs.filters()).chain(kept) {
             match all.iter_mut().find(|(f, _)| *f == filter) {
                 Some((_, merged)) => *merged = merge(*merged, options),
                 None => all.push((filter, options)),
@@ -722,52 +745,74 @@ impl State {
             .map(|(_, options)| options)
     }
 
-    /// Forgets subscription `id` whose handle the application dropped, and ends it on
-    /// the broker unless it is durable (kept for the client's next connection).
-    fn forget(&mut self, id: u64, writer: Option<&mut ControlWriter>) {
+    /// Removes local subscription `id` (of messages or files) and brings the broker's
+    /// subscription on its filter in line with what is left here: the same, other
+    /// options (a `Subscribe` with them; the broker deletes a durable queue a
+    /// non-durable `Subscribe` replaces), or nothing (`Unsubscribe`). `dropped`: the
+    /// application dropped the handle, so a durable subscription is kept on the broker
+    /// for the client id's next connection ([`State::kept_durable`]); an explicit
+    /// unsubscribe ends the filter's kept one too. `reply` gets the broker's answer.
+    fn remove_subscription(
+        &mut self,
+        id: u64,
+        dropped: bool,
+        writer: Option<&mut ControlWriter>,
+        reply: Option<oneshot::Sender<Result<(), ClientError>>>,
+    ) {
+        let answered = |reply: Option<oneshot::Sender<_>>| {
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+        };
         let removed = match self.subs.remove(&id) {
             Some(sub) => Some((sub.filter, sub.options)),
             None => self.file_subs.remove(id),
         };
-        match removed {
-            Some((_, options)) if options.durable => {}
-            Some((filter, _)) => self.unsubscribe(filter, writer, None),
-            None => {}
+        let Some((filter, options)) = removed else {
+            return answered(reply);
+        };
+        // What the broker has: this one merged with the rest (a dropped handle is no
+        // longer counted among the rest).
+        let before = Some(
+            self.merged_options(&filter)
+                .map_or(options, |rest| merge(rest, options)),
+        );
+        if dropped && options.durable {
+            self.kept_durable.insert(filter.clone());
+        } else if !dropped {
+            self.kept_durable.remove(&filter);
         }
-    }
-
-    /// Ends `filter` on the broker once no subscription here uses it any more
-    /// (messages' or files'); `reply` gets the broker's answer.
-    fn unsubscribe(
-        &mut self,
-        filter: TopicFilter,
-        writer: Option<&mut ControlWriter>,
-        reply: Option<oneshot::Sender<Result<(), ClientError>>>,
-    ) {
-        if self.merged_options(&filter).is_some() {
-            // Another subscription here (messages' or files') still uses it.
-            if let Some(reply) = reply {
-                let _ = reply.send(Ok(()));
-            }
-            return;
+        let after = self.merged_options(&filter);
+        if after == before {
+            return answered(reply);
         }
         let Some(w) = writer else {
-            self.unsubscribe_later.push(filter);
-            if let Some(reply) = reply {
-                let _ = reply.send(Ok(()));
+            // A reconnect subscribes with what is left; only an end must be sent.
+            if after.is_none() {
+                self.unsubscribe_later.push(filter);
             }
-            return;
+            return answered(reply);
         };
         let request_id = self.request_id();
-        if let Some(reply) = reply {
-            self.unsubscribing.insert(request_id, reply);
+        self.control_pending = true;
+        match after {
+            Some(options) => {
+                self.subscribing.insert(request_id, (0, None));
+                w.push(&subscribe_frame(request_id, &filter, options));
+                answered(reply);
+            }
+            None => {
+                if let Some(reply) = reply {
+                    self.unsubscribing.insert(request_id, reply);
+                }
+                w.push(&frame(client_frame::Kind::Unsubscribe(
+                    proto::Unsubscribe {
+                        request_id,
+                        topic: filter.to_string(),
+                    },
+                )));
+            }
         }
-        w.push(&frame(client_frame::Kind::Unsubscribe(
-            proto::Unsubscribe {
-                request_id,
-                topic: filter.to_string(),
-            },
-        )));
     }
 
     fn request_id(&mut self) -> u64 {
@@ -843,13 +888,10 @@ impl State {
                 }
                 self.adopt_orphans();
             }
-            Request::Unsubscribe { id, reply } => match self.subs.remove(&id) {
-                Some(sub) => self.unsubscribe(sub.filter, writer, Some(reply)),
-                None => {
-                    let _ = reply.send(Ok(()));
-                }
-            },
-            Request::Dropped { id } => self.forget(id, writer),
+            Request::Unsubscribe { id, reply } => {
+                self.remove_subscription(id, false, writer, Some(reply));
+            }
+            Request::Dropped { id } => self.remove_subscription(id, true, writer, None),
             Request::SubscribeFiles {
                 filter,
                 options,
@@ -1151,7 +1193,7 @@ impl State {
         };
         let handed = self.hand_over(message).await;
         for gone in std::mem::take(&mut self.dropped) {
-            self.forget(gone, Some(&mut *writer));
+            self.remove_subscription(gone, true, Some(&mut *writer), None);
         }
         match handed {
             Ok(copies) => {
