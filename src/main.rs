@@ -228,9 +228,18 @@ fn main() -> Result<()> {
         Some(Command::Serve(args)) => args.worker_threads()?,
         Some(_) => None,
     };
+    let serving = matches!(cli.command, None | Some(Command::Serve(_)));
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.worker_threads(threads.filter(|n| *n > 0).unwrap_or_else(default_workers));
-    runtime.enable_all().build()?.block_on(run(cli))
+    let runtime = runtime.enable_all().build()?;
+    let result = runtime.block_on(run(cli));
+    if !serving {
+        // `pub` reading stdin leaves a read blocked on a thread of its own when it
+        // stops early (a failed publish while `tail -f` is quiet): dropping the runtime
+        // would wait for that read, that is for ever.
+        runtime.shutdown_background();
+    }
+    result
 }
 
 /// One async worker per core but one: the store's writer thread, the kernel's network
@@ -602,7 +611,20 @@ async fn publish(args: PubArgs) -> Result<()> {
     let mut in_flight: VecDeque<tokio::task::JoinHandle<Acked>> = VecDeque::new();
     let mut acks = AckLog::default();
     let limit = Duration::from_secs(args.timeout);
-    while let Some(message) = source.next().await? {
+    loop {
+        // A publish that fails or times out ends `pub` even while its input is quiet
+        // (`tail -f`), not only when the next line comes.
+        let message = tokio::select! {
+            message = source.next() => match message? {
+                Some(message) => message,
+                None => break,
+            },
+            Some(done) = oldest(&mut in_flight) => {
+                in_flight.pop_front();
+                acks.record(done?)?;
+                continue;
+            }
+        };
         for _ in 0..args.repeat {
             if in_flight.len() >= args.in_flight as usize
                 && let Some(oldest) = in_flight.pop_front()
@@ -610,16 +632,22 @@ async fn publish(args: PubArgs) -> Result<()> {
                 acks.record(oldest.await?)?;
             }
             let sent = Instant::now();
-            let pending = if args.legacy {
-                answered(
-                    limit,
-                    client.publish_legacy_pipelined(&args.topic, &message),
-                )
-                .await?
+            // The client takes a publish once its queue has room: a client stuck
+            // reconnecting stops taking them.
+            let handed = if args.legacy {
+                let publish = client.publish_legacy_pipelined(&args.topic, &message);
+                tokio::time::timeout(limit, publish).await
             } else {
                 let payload = message.clone().into_bytes();
-                answered(limit, client.publish_pipelined(&args.topic, payload)).await?
+                tokio::time::timeout(limit, client.publish_pipelined(&args.topic, payload)).await
             };
+            let Ok(pending) = handed else {
+                bail!(
+                    "the client took no publish for {} s (--timeout): the broker is unreachable",
+                    limit.as_secs()
+                );
+            };
+            let pending = pending?;
             let acked = answered(limit, pending);
             in_flight.push_back(tokio::spawn(async move { (acked.await, sent.elapsed()) }));
             while in_flight.front().is_some_and(|t| t.is_finished()) {
@@ -667,6 +695,14 @@ async fn answered<T>(
             limit.as_secs()
         ),
     }
+}
+
+/// The answer of the oldest publish in flight, once it has one; `None` if there is
+/// none in flight.
+async fn oldest(
+    in_flight: &mut VecDeque<tokio::task::JoinHandle<Acked>>,
+) -> Option<Result<Acked, tokio::task::JoinError>> {
+    Some(in_flight.front_mut()?.await)
 }
 
 /// A publish's answer, and how long after the call it came.

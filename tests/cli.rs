@@ -101,6 +101,48 @@ async fn pub_gives_up_when_the_broker_is_gone() {
     );
 }
 
+/// `pub` reading a quiet stdin (`tail -f`) gives up too: a publish whose `PubAck`
+/// never comes ends it without waiting for another line.
+#[tokio::test]
+async fn pub_on_a_quiet_stdin_gives_up_when_the_broker_is_gone() {
+    let mut broker = Broker::start();
+    broker.create_session("cli", "secret-pass", json!({})).await;
+    let key = SessionKey::generate();
+    let reader = broker.client("cli", "secret-pass", &key).await;
+    let mut sub = reader.subscribe("jobs").await.expect("subscribe");
+    let mut child = pub_command(&broker, &key)
+        .args(["--timeout", "2", "jobs"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run fastport pub");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "first").expect("write");
+    within("the first line", sub.next())
+        .await
+        .expect("a message");
+    broker.kill9();
+    writeln!(stdin, "second").expect("write");
+    // stdin stays open: no more lines, no end of input.
+    let out = tokio::task::spawn_blocking(move || {
+        for _ in 0..150 {
+            if child.try_wait().expect("wait").is_some() {
+                return child.wait_with_output().expect("output");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        child.kill().ok();
+        panic!("pub still running 15 s after the broker went away");
+    })
+    .await
+    .expect("join");
+    drop(stdin);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("(--timeout)"), "{stderr}");
+}
+
 /// A window of no publishes is refused before connecting.
 #[tokio::test]
 async fn pub_refuses_an_empty_window() {

@@ -44,7 +44,11 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     let mut reader = Reader::default();
     let mut uploads = OpenUploads::new(uuid_text);
     while let Some(message) = connection.next(&link).await {
-        uploads.drop_idle(&link).await;
+        if !uploads.is_empty() {
+            // Boxed, as the file frames below: rare paths that would otherwise make
+            // every connection's reader task larger.
+            Box::pin(uploads.drop_idle(&link)).await;
+        }
         let parsed = match message {
             Message::Text(text) => reader.parse(text.as_str()),
             Message::Binary(bytes) => parse_chunk(bytes),
@@ -61,7 +65,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
                 Ok(())
             }
             Ok(file) => {
-                if let Err(refused) = files(&mut link, &mut uploads, file).await {
+                if let Err(refused) = Box::pin(files(&mut link, &mut uploads, file)).await {
                     link.refuse(refused).await;
                 }
                 Ok(())

@@ -71,11 +71,12 @@ impl OpenUploads {
         let Some((upload, last)) = self.open.get_mut(&id) else {
             return Err(refused(self.missing(&id)));
         };
-        *last = Instant::now();
         if let Err(reject) = upload.chunk(index, payload).await {
             self.open.remove(&id); // dropping it aborts the transfer
             return Err(refused(reject));
         }
+        // From when it was taken: a receiver or the spool may have made it wait.
+        *last = Instant::now();
         Ok(())
     }
 
@@ -94,6 +95,10 @@ impl OpenUploads {
         upload.finish(sha256, mac).await.map_err(refused)?;
         link.file_accepted(id).await;
         Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
     }
 
     /// Drops the uploads nothing has arrived for in the connection's idle timeout

@@ -67,6 +67,13 @@ pub trait Encoder: Send + 'static {
     fn encode_file(&mut self, item: &FileItem) -> Vec<Message>;
 }
 
+/// What ends a writer from outside: the broker kicking its connection, or shutting
+/// down.
+pub struct WriterStops {
+    pub kick: Arc<Notify>,
+    pub closing: watch::Receiver<bool>,
+}
+
 /// How the writer paces itself.
 #[derive(Debug, Clone, Copy)]
 pub struct WriterTiming {
@@ -92,10 +99,10 @@ pub async fn write_loop<E: Encoder>(
     files: mpsc::Receiver<FileItem>,
     encoder: E,
     publish_slots: Arc<Semaphore>,
-    kick: Arc<Notify>,
-    mut closing: watch::Receiver<bool>,
+    stops: WriterStops,
     timing: WriterTiming,
 ) {
+    let WriterStops { kick, mut closing } = stops;
     let pumped = pump(&mut sink, rx, files, encoder, &publish_slots, timing);
     tokio::select! {
         () = pumped => {}
@@ -244,8 +251,10 @@ impl Connection {
             files_rx,
             encoder,
             link.publish_slots(),
-            link.kick(),
-            closing,
+            WriterStops {
+                kick: link.kick(),
+                closing,
+            },
             timing,
         ));
         let connection = Connection {

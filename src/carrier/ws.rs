@@ -24,9 +24,13 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     let (mut connection, mut link) =
         websocket::Connection::open(socket, peer.ip(), ctx, false, NativeEncoder, "Hello");
 
-    let mut uploads = Uploads::default();
+    let mut uploads = OpenUploads::new(MessageId::to_string);
     while let Some(message) = connection.next(&link).await {
-        uploads.0.drop_idle(&link).await;
+        if !uploads.is_empty() {
+            // Boxed, as the file frames below: rare paths that would otherwise make
+            // every connection's reader task larger.
+            Box::pin(uploads.drop_idle(&link)).await;
+        }
         let bytes = match message {
             Message::Binary(bytes) => bytes,
             Message::Text(_) => {
@@ -45,10 +49,10 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
                 break;
             }
         };
-        let frame = match uploads.take(&mut link, frame).await {
-            Some(frame) => frame,
-            None => continue,
-        };
+        if let Some(Kind::FileHeader(_) | Kind::FileChunk(_) | Kind::FileEnd(_)) = frame.kind {
+            Box::pin(file_frame(&mut uploads, &mut link, frame)).await;
+            continue;
+        }
         let outcome = match Request::try_from(frame) {
             Ok(request) => link.handle(request).await,
             Err(refused) => {
@@ -65,37 +69,25 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
     connection.close(link).await;
 }
 
-/// File uploads multiplexed on this connection by `file_id`.
-struct Uploads(OpenUploads);
-
-impl Default for Uploads {
-    fn default() -> Self {
-        Self(OpenUploads::new(MessageId::to_string))
-    }
-}
-
-impl Uploads {
-    /// Handles file frames; gives any other frame back.
-    async fn take(&mut self, link: &mut Link, frame: ClientFrame) -> Option<ClientFrame> {
-        let result = match frame.kind {
-            Some(Kind::FileHeader(header)) => match FileMeta::from_header(header) {
-                Ok(meta) => self.0.open(link, meta).await,
-                Err(refused) => Err(refused),
-            },
-            Some(Kind::FileChunk(chunk)) => match file_id(&chunk.file_id) {
-                Ok(id) => self.0.chunk(id, chunk.index, chunk.payload).await,
-                Err(refused) => Err(refused),
-            },
-            Some(Kind::FileEnd(end)) => match file_id(&end.file_id) {
-                Ok(id) => self.0.finish(link, id, end.sha256, end.mac).await,
-                Err(refused) => Err(refused),
-            },
-            kind => return Some(ClientFrame { kind }),
-        };
-        if let Err(refused) = result {
-            link.refuse(refused).await;
-        }
-        None
+/// Handles a file frame of the uploads multiplexed on this connection by `file_id`.
+async fn file_frame(uploads: &mut OpenUploads, link: &mut Link, frame: ClientFrame) {
+    let result = match frame.kind {
+        Some(Kind::FileHeader(header)) => match FileMeta::from_header(header) {
+            Ok(meta) => uploads.open(link, meta).await,
+            Err(refused) => Err(refused),
+        },
+        Some(Kind::FileChunk(chunk)) => match file_id(&chunk.file_id) {
+            Ok(id) => uploads.chunk(id, chunk.index, chunk.payload).await,
+            Err(refused) => Err(refused),
+        },
+        Some(Kind::FileEnd(end)) => match file_id(&end.file_id) {
+            Ok(id) => uploads.finish(link, id, end.sha256, end.mac).await,
+            Err(refused) => Err(refused),
+        },
+        _ => return,
+    };
+    if let Err(refused) = result {
+        link.refuse(refused).await;
     }
 }
 
