@@ -20,6 +20,42 @@ fn client_command(command: &str, broker: &Broker, key: &SessionKey) -> Command {
     cmd
 }
 
+/// Waits until `child`'s first line on stderr says `started`, then sends it SIGINT
+/// (Ctrl-C).
+async fn started_then_interrupted(child: &mut std::process::Child, started: &'static str) {
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let said = tokio::task::spawn_blocking(move || lines.next())
+        .await
+        .expect("join");
+    assert!(
+        said.is_some_and(|l| l.is_ok_and(|l| l.contains(started))),
+        "no {started:?}: the command did not start"
+    );
+    let interrupted = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(interrupted.success());
+}
+
+/// `child`'s output once it exits; panics if it is still running after 15 s.
+async fn exit_within_15s(mut child: std::process::Child, when: &str) -> std::process::Output {
+    let when = when.to_owned();
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..150 {
+            if child.try_wait().expect("wait").is_some() {
+                return child.wait_with_output().expect("output");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        child.kill().ok();
+        panic!("still running 15 s {when}");
+    })
+    .await
+    .expect("join")
+}
+
 /// `fastport pub` for `broker`'s session `cli`.
 fn pub_command(broker: &Broker, key: &SessionKey) -> Command {
     client_command("pub", broker, key)
@@ -70,7 +106,7 @@ async fn pub_gives_up_when_the_broker_is_gone() {
     let key = SessionKey::generate();
     let reader = broker.client("cli", "secret-pass", &key).await;
     let mut sub = reader.subscribe("jobs").await.expect("subscribe");
-    let mut child = pub_command(&broker, &key)
+    let child = pub_command(&broker, &key)
         .args(["--timeout", "2", "--in-flight", "1"])
         .args(["--repeat", "1000000000", "jobs", "work"])
         .stdout(Stdio::null())
@@ -81,18 +117,7 @@ async fn pub_gives_up_when_the_broker_is_gone() {
         .await
         .expect("a message");
     broker.kill9();
-    let out = tokio::task::spawn_blocking(move || {
-        for _ in 0..150 {
-            if child.try_wait().expect("wait").is_some() {
-                return child.wait_with_output().expect("output");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        child.kill().ok();
-        panic!("pub still running 15 s after the broker went away");
-    })
-    .await
-    .expect("join");
+    let out = exit_within_15s(child, "after the broker went away").await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -125,18 +150,7 @@ async fn pub_on_a_quiet_stdin_gives_up_when_the_broker_is_gone() {
     broker.kill9();
     writeln!(stdin, "second").expect("write");
     // stdin stays open: no more lines, no end of input.
-    let out = tokio::task::spawn_blocking(move || {
-        for _ in 0..150 {
-            if child.try_wait().expect("wait").is_some() {
-                return child.wait_with_output().expect("output");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        child.kill().ok();
-        panic!("pub still running 15 s after the broker went away");
-    })
-    .await
-    .expect("join");
+    let out = exit_within_15s(child, "after the broker went away").await;
     drop(stdin);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -299,20 +313,7 @@ async fn an_interrupted_sub_closes_its_connection() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = sub.spawn().expect("run fastport sub");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let said = tokio::task::spawn_blocking(move || lines.next())
-        .await
-        .expect("join");
-    assert!(
-        said.is_some_and(|l| l.is_ok_and(|l| l.contains("subscribed"))),
-        "sub did not start"
-    );
-    let interrupted = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(interrupted.success());
+    started_then_interrupted(&mut child, "subscribed").await;
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .expect("join")
@@ -418,20 +419,7 @@ async fn recv_durable_gets_the_files_sent_while_it_was_away() {
 
     // The first run subscribes durably, then is interrupted.
     let mut first = recv(None).spawn().expect("run fastport recv");
-    let stderr = first.stderr.take().expect("stderr");
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let said = tokio::task::spawn_blocking(move || lines.next())
-        .await
-        .expect("join");
-    assert!(
-        said.is_some_and(|l| l.is_ok_and(|l| l.contains("waiting for files"))),
-        "recv did not start"
-    );
-    let interrupted = Command::new("kill")
-        .args(["-INT", &first.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(interrupted.success());
+    started_then_interrupted(&mut first, "waiting for files").await;
     tokio::task::spawn_blocking(move || first.wait())
         .await
         .expect("join")

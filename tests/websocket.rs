@@ -97,20 +97,7 @@ async fn a_shutdown_tells_websocket_clients_it_is_going_away() {
     let mut broker = Broker::start();
     broker.create_session("bye", "secret-pass", json!({})).await;
     let mut native = raw(&broker).await;
-    send(
-        &mut native,
-        client_frame::Kind::Hello(proto::Hello {
-            protocol_version: 1,
-            session: "bye".into(),
-            password: "secret-pass".into(),
-            ..Default::default()
-        }),
-    )
-    .await;
-    assert!(matches!(
-        next(&mut native).await,
-        Some(server_frame::Kind::Welcome(_))
-    ));
+    hello(&mut native, "bye").await;
     let mut legacy = within(
         "connect",
         tokio_tungstenite::connect_async(format!("ws://{}/", broker.http)),
@@ -153,20 +140,7 @@ async fn an_idle_file_upload_is_dropped_on_a_busy_connection() {
         .create_session("idle", "secret-pass", json!({}))
         .await;
     let mut ws = raw(&broker).await;
-    send(
-        &mut ws,
-        client_frame::Kind::Hello(proto::Hello {
-            protocol_version: 1,
-            session: "idle".into(),
-            password: "secret-pass".into(),
-            ..Default::default()
-        }),
-    )
-    .await;
-    assert!(matches!(
-        next(&mut ws).await,
-        Some(server_frame::Kind::Welcome(_))
-    ));
+    hello(&mut ws, "idle").await;
     let file_id = Bytes::from_static(&[7; 16]);
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -252,6 +226,24 @@ async fn next(ws: &mut Ws) -> Option<server_frame::Kind> {
             _ => return None,
         }
     }
+}
+
+/// Logs in to `session` (password `secret-pass`) and reads the `Welcome`.
+async fn hello(ws: &mut Ws, session: &str) {
+    send(
+        ws,
+        client_frame::Kind::Hello(proto::Hello {
+            protocol_version: 1,
+            session: session.into(),
+            password: "secret-pass".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert!(matches!(
+        next(ws).await,
+        Some(server_frame::Kind::Welcome(_))
+    ));
 }
 
 fn code(kind: Option<server_frame::Kind>) -> ErrorCode {

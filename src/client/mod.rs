@@ -615,12 +615,7 @@ impl Subscription {
 
     /// Ends the subscription on the broker (a durable one and its queue are deleted).
     pub async fn unsubscribe(self) -> Result<(), ClientError> {
-        let (reply, rx) = oneshot::channel();
-        self.requests
-            .send(Request::Unsubscribe { id: self.id, reply })
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        rx.await.map_err(|_| ClientError::Closed)?
+        unsubscribe(&self.requests, self.id).await
     }
 }
 
@@ -637,6 +632,16 @@ impl Drop for Subscription {
         }
         dropped(&self.requests, self.id);
     }
+}
+
+/// Ends subscription `id` on the broker and waits for its answer.
+async fn unsubscribe(requests: &mpsc::Sender<Request>, id: u64) -> Result<(), ClientError> {
+    let (reply, rx) = oneshot::channel();
+    requests
+        .send(Request::Unsubscribe { id, reply })
+        .await
+        .map_err(|_| ClientError::Closed)?;
+    rx.await.map_err(|_| ClientError::Closed)?
 }
 
 /// Tells the session task a subscription handle is gone. Without a free place in its
@@ -669,12 +674,7 @@ impl FileSubscription {
 
     /// Ends the subscription on the broker (a durable one and its queue are deleted).
     pub async fn unsubscribe(self) -> Result<(), ClientError> {
-        let (reply, rx) = oneshot::channel();
-        self.requests
-            .send(Request::Unsubscribe { id: self.id, reply })
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        rx.await.map_err(|_| ClientError::Closed)?
+        unsubscribe(&self.requests, self.id).await
     }
 }
 
