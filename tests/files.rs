@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::dart::{Dart, key_b64};
@@ -318,7 +320,8 @@ async fn a_file_subscription_is_restored_after_a_reconnect() {
 /// A file over the broker's `--max-file-size` is refused with the reason, over QUIC as
 /// over WebSocket. Over QUIC the broker answers on the upload stream and stops reading
 /// it, so the SDK's next write fails; it used to report that write ("cannot connect:
-/// sending stopped by peer") instead of the broker's answer.
+/// sending stopped by peer") instead of the broker's answer. Over WebSocket the SDK
+/// stops reading the file once the refusal is back; it used to stream all of it.
 #[tokio::test]
 async fn a_file_over_the_size_limit_is_refused_with_the_reason() {
     let broker = Broker::start_with(&["--max-file-size", "100000"]);
@@ -334,7 +337,7 @@ async fn a_file_over_the_size_limit_is_refused_with_the_reason() {
     let size = content.len() as u64;
     // The last sender stops half-way for a moment, so the refusal is back before the
     // rest of its file and its `FileEnd` go out (they are answered NOT_FOUND).
-    let paused = paused_reader(content.clone(), 300_000, Duration::from_millis(500));
+    let (paused, handed_over) = paused_reader(content.clone(), 300_000, Duration::from_millis(500));
     let uploads = [
         (
             &over_quic,
@@ -357,15 +360,35 @@ async fn a_file_over_the_size_limit_is_refused_with_the_reason() {
             other => panic!("expected PAYLOAD_TOO_LARGE, got {other:?}"),
         }
     }
+    // What the paused sender read: what it had before the pause, a chunk, and what
+    // the pipe holds; not the 8 MB.
+    let read = handed_over.load(Ordering::Relaxed);
+    assert!(
+        read < 1_000_000,
+        "the refused upload read {read} bytes of {size}"
+    );
 }
 
-/// Reads `content`, stopping for `pause` after its first `first` bytes.
-fn paused_reader(content: Vec<u8>, first: usize, pause: Duration) -> impl AsyncRead + Unpin {
+/// Reads `content`, stopping for `pause` after its first `first` bytes; counts the
+/// bytes handed to the pipe (at most 64 KiB more than were read from it).
+fn paused_reader(
+    content: Vec<u8>,
+    first: usize,
+    pause: Duration,
+) -> (impl AsyncRead + Unpin, Arc<AtomicUsize>) {
     let (mut writer, reader) = tokio::io::duplex(64 * 1024);
+    let handed_over = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&handed_over);
     tokio::spawn(async move {
         let _ = writer.write_all(&content[..first]).await;
+        count.store(first, Ordering::Relaxed);
         tokio::time::sleep(pause).await;
-        let _ = writer.write_all(&content[first..]).await;
+        for piece in content[first..].chunks(16 * 1024) {
+            if writer.write_all(piece).await.is_err() {
+                return;
+            }
+            count.fetch_add(piece.len(), Ordering::Relaxed);
+        }
     });
-    reader
+    (reader, handed_over)
 }

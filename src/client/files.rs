@@ -8,7 +8,7 @@
 //! raw key, and the hash only.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
@@ -48,11 +48,20 @@ pub(super) enum FileSink {
         recv: quinn::RecvStream,
     },
     /// Multiplexed on the WebSocket control channel, through the session task.
-    Multiplexed { requests: mpsc::Sender<Request> },
+    Multiplexed {
+        requests: mpsc::Sender<Request>,
+        refusal: Refusal,
+    },
 }
+
+/// Where the session task puts the broker's refusal of a multiplexed upload (or the
+/// loss of its connection) as soon as it comes, so the uploader stops sending a file
+/// that can no longer arrive instead of streaming the rest of it for nothing.
+pub(super) type Refusal = Arc<OnceLock<ClientError>>;
 
 /// What the session task hands out for one upload.
 pub(super) struct FileStart {
+    pub file_id: [u8; 16],
     pub sink: FileSink,
     pub session: SessionName,
     pub keys: SealingKeys,
@@ -70,10 +79,19 @@ impl FileSink {
                     Err(e) => Err(refusal_or(recv, e).await),
                 }
             }
-            FileSink::Multiplexed { requests } => requests
+            FileSink::Multiplexed { requests, .. } => requests
                 .send(Request::FileFrame(frame))
                 .await
                 .map_err(|_| ClientError::Closed),
+        }
+    }
+
+    /// The reason the upload can no longer succeed, if one is known before its end.
+    /// (A QUIC upload learns it from its stream: the broker stops reading it.)
+    fn refused(&self) -> Option<ClientError> {
+        match self {
+            FileSink::Quic { .. } => None,
+            FileSink::Multiplexed { refusal, .. } => refusal.get().cloned(),
         }
     }
 
@@ -90,7 +108,7 @@ impl FileSink {
                 let answer = read_answer(&mut recv).await?;
                 upload_answer(answer)
             }
-            FileSink::Multiplexed { requests } => {
+            FileSink::Multiplexed { requests, .. } => {
                 let (reply, answer) = oneshot::channel();
                 requests
                     .send(Request::FileEnd {
@@ -170,12 +188,12 @@ pub(super) async fn upload(
 ) -> Result<FileReceipt, ClientError> {
     TopicName::check(topic)?;
     let FileStart {
+        file_id,
         mut sink,
         session,
         keys,
         timestamp_ms,
     } = start;
-    let file_id: [u8; 16] = rand::random();
     let ctx = MessageContext {
         session: session.as_str(),
         topic,
@@ -207,6 +225,9 @@ pub(super) async fn upload(
     let mut buf = vec![0u8; CHUNK_SIZE];
     let mut sent = 0u64;
     for index in 0..chunk_count {
+        if let Some(refusal) = sink.refused() {
+            return Err(refusal);
+        }
         let want = (size - sent).min(CHUNK_SIZE as u64) as usize;
         data.read_exact(&mut buf[..want])
             .await

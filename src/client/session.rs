@@ -245,10 +245,12 @@ struct State {
     received_files: ReceivedFiles,
     /// Multiplexed (WebSocket) uploads waiting for `FileAccepted`.
     uploads: HashMap<[u8; 16], oneshot::Sender<Result<(), ClientError>>>,
-    /// Multiplexed uploads still being sent (no `FileEnd` yet), with the broker's
-    /// refusal if one came: it refuses mid-file (too large, spool full) and answers
-    /// every later frame of the file `NOT_FOUND`, so the first answer is the reason.
-    sending: HashMap<[u8; 16], Option<ClientError>>,
+    /// Multiplexed uploads still being sent (no `FileEnd` yet), each with the slot
+    /// for its refusal, shared with its uploader: the broker refuses mid-file (too
+    /// large, spool full) and answers every later frame of the file `NOT_FOUND`, so
+    /// the first answer is the reason. An entry whose uploader gave up (the slot's
+    /// last holder is this map) is swept at the next upload or reconnect.
+    sending: HashMap<[u8; 16], files::Refusal>,
     /// Multiplexed (WebSocket) incoming files, by id.
     incoming: HashMap<[u8; 16], mpsc::Sender<FilePart>>,
     /// This task's own request queue, for the pieces it spawns (weak, so the task
@@ -488,10 +490,12 @@ impl State {
         self.acks_since = None;
         // Uploads multiplexed on the lost connection went with it: what is left of
         // them reaches a broker that never saw their start.
-        for refusal in self.sending.values_mut() {
-            refusal.get_or_insert_with(|| {
-                ClientError::Connect("connection lost during the upload".into())
-            });
+        self.sending
+            .retain(|_, refusal| Arc::strong_count(refusal) > 1);
+        for refusal in self.sending.values() {
+            let _ = refusal.set(ClientError::Connect(
+                "connection lost during the upload".into(),
+            ));
         }
         let mut ack_timer = LoopTimer::new();
         loop {
@@ -923,6 +927,7 @@ impl State {
             }
             Request::BeginFile { reply } => {
                 let start = |sink| FileStart {
+                    file_id: rand::random(),
                     sink,
                     session: self.sealer.session.clone(),
                     keys: self.sealer.keys.clone(),
@@ -940,6 +945,7 @@ impl State {
                         let conn = conn.clone();
                         let pending = start(files::FileSink::Multiplexed {
                             requests: mpsc::channel(1).0,
+                            refusal: files::Refusal::default(),
                         });
                         tokio::spawn(async move {
                             let answer = match conn.open_bi().await {
@@ -954,7 +960,17 @@ impl State {
                     }
                     Some(None) => {
                         let answer = match self.requests.upgrade() {
-                            Some(requests) => Ok(start(files::FileSink::Multiplexed { requests })),
+                            Some(requests) => {
+                                let refusal = files::Refusal::default();
+                                let upload = start(files::FileSink::Multiplexed {
+                                    requests,
+                                    refusal: refusal.clone(),
+                                });
+                                self.sending
+                                    .retain(|_, refusal| Arc::strong_count(refusal) > 1);
+                                self.sending.insert(upload.file_id, refusal);
+                                Ok(upload)
+                            }
                             None => Err(ClientError::Closed),
                         };
                         let _ = reply.send(answer);
@@ -962,11 +978,6 @@ impl State {
                 }
             }
             Request::FileFrame(frame) => {
-                if let Some(client_frame::Kind::FileHeader(h)) = &frame.kind
-                    && let Ok(id) = <[u8; 16]>::try_from(&h.file_id[..])
-                {
-                    self.sending.insert(id, None);
-                }
                 if let Some(w) = writer {
                     w.push(&frame);
                 }
@@ -976,8 +987,10 @@ impl State {
                 file_id,
                 reply,
             } => {
-                if let Some(Some(refusal)) = self.sending.remove(&file_id) {
-                    let _ = reply.send(Err(refusal));
+                if let Some(refusal) = self.sending.remove(&file_id)
+                    && let Some(refusal) = refusal.get()
+                {
+                    let _ = reply.send(Err(refusal.clone()));
                     return;
                 }
                 match writer {
@@ -1089,8 +1102,8 @@ impl State {
                 let _ = reply.send(Err(refused(&e)));
                 return Ok(());
             }
-            if let Some(refusal) = self.sending.get_mut(&id) {
-                refusal.get_or_insert_with(|| refused(&e));
+            if let Some(refusal) = self.sending.get(&id) {
+                let _ = refusal.set(refused(&e));
                 return Ok(());
             }
             if let Some(tx) = self.incoming.remove(&id) {
