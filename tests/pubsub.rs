@@ -576,3 +576,47 @@ async fn a_dropped_subscription_ends_on_the_broker_unless_durable() {
         assert_eq!(status(topic).await, PublishStatus::Stored, "{topic}");
     }
 }
+
+/// Dropping more subscriptions at once than the client's request queue holds ends
+/// every one of them on the broker: `Drop` cannot wait for room in the queue, and the
+/// notices that did not fit used to be lost (a file subscription then lived on the
+/// broker until the connection ended). The test's runtime has one thread, so the
+/// client's task cannot take anything from its queue while the handles are dropped.
+#[tokio::test]
+async fn dropping_many_subscriptions_at_once_ends_them_all() {
+    const COUNT: usize = 300;
+    let broker = Broker::start();
+    broker
+        .create_session("drops", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let client = broker.client("drops", "secret-pass", &key).await;
+    let publisher = broker.client("drops", "secret-pass", &key).await;
+    let mut subscriptions = Vec::with_capacity(COUNT);
+    for i in 0..COUNT {
+        let filter = format!("f/{i}");
+        subscriptions.push(client.subscribe_files(&filter).await.expect("subscribe"));
+    }
+    let status = |topic: String| {
+        let publisher = &publisher;
+        async move {
+            publisher
+                .publish(&topic, b"x".to_vec())
+                .await
+                .expect("publish")
+                .status
+        }
+    };
+    assert_ne!(status("f/0".into()).await, PublishStatus::NoSubscribers);
+
+    drop(subscriptions);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for i in 0..COUNT {
+        let topic = format!("f/{i}");
+        assert_eq!(
+            status(topic.clone()).await,
+            PublishStatus::NoSubscribers,
+            "{topic}"
+        );
+    }
+}

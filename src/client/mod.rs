@@ -541,6 +541,7 @@ impl Client {
             })
             .await?;
         Ok(FileSubscription {
+            handbacks: Arc::clone(&self.handbacks),
             id,
             rx,
             requests: self.requests.clone(),
@@ -630,7 +631,7 @@ impl Drop for Subscription {
             self.handbacks
                 .push(session::Handback::Returned(message.message_id));
         }
-        dropped(&self.requests, self.id);
+        dropped(&self.requests, &self.handbacks, self.id);
     }
 }
 
@@ -644,12 +645,13 @@ async fn unsubscribe(requests: &mpsc::Sender<Request>, id: u64) -> Result<(), Cl
     rx.await.map_err(|_| ClientError::Closed)?
 }
 
-/// Tells the session task a subscription handle is gone. Without a free place in its
-/// queue (or a task left) this says nothing: a message subscription is then found
-/// closed at its next delivery and ended then; a file subscription is only skipped,
-/// and its broker subscription ends with the connection.
-fn dropped(requests: &mpsc::Sender<Request>, id: u64) {
-    let _ = requests.try_send(Request::Dropped { id });
+/// Tells the session task a subscription handle is gone. `Drop` cannot wait for room
+/// in its queue: when the queue is full the notice goes with the handbacks, which the
+/// task looks at on its next turn (a full queue means one is coming).
+fn dropped(requests: &mpsc::Sender<Request>, handbacks: &session::Handbacks, id: u64) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = requests.try_send(Request::Dropped { id }) {
+        handbacks.push(session::Handback::Dropped(id));
+    }
 }
 
 /// Incoming files for one filter.
@@ -657,12 +659,13 @@ pub struct FileSubscription {
     id: u64,
     rx: mpsc::Receiver<IncomingFile>,
     requests: mpsc::Sender<Request>,
+    handbacks: Arc<session::Handbacks>,
 }
 
 impl Drop for FileSubscription {
     /// Ends the subscription as a dropped [`Subscription`] does.
     fn drop(&mut self) {
-        dropped(&self.requests, self.id);
+        dropped(&self.requests, &self.handbacks, self.id);
     }
 }
 

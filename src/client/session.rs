@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -277,19 +277,32 @@ pub(super) type Stopped = Arc<std::sync::Mutex<Option<ClientError>>>;
 /// [`State::taken_check`] is due. A wake-up per report would cost the client a task
 /// switch, often a thread's, for every batch of messages the application takes.
 #[derive(Debug, Default)]
-pub(super) struct Handbacks(std::sync::Mutex<Vec<Handback>>);
+pub(super) struct Handbacks {
+    reports: std::sync::Mutex<Vec<Handback>>,
+    /// A [`Handback::Dropped`] is among the reports: they are looked at even while
+    /// no message is untaken.
+    dropped: AtomicBool,
+}
 
 impl Handbacks {
     pub(super) fn push(&self, handback: Handback) {
         // Nothing panics while the lock is held, so it is never poisoned.
-        let mut reports = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(handback, Handback::Dropped(_)) {
+            self.dropped.store(true, Ordering::Relaxed);
+        }
         reports.push(handback);
     }
 
     /// Moves every report so far into `into` (empty), keeping both allocations.
     fn take(&self, into: &mut Vec<Handback>) {
-        let mut reports = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        self.dropped.store(false, Ordering::Relaxed);
         std::mem::swap(&mut *reports, into);
+    }
+
+    fn any_dropped(&self) -> bool {
+        self.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -302,6 +315,9 @@ pub(super) enum Handback {
     /// The subscription was dropped with it unread: it stays unacknowledged, and a
     /// redelivery of it is handed over again.
     Returned([u8; 16]),
+    /// Subscription `id` was dropped while the request queue was full (see
+    /// [`Request::Dropped`]).
+    Dropped(u64),
 }
 
 pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> {
@@ -571,9 +587,10 @@ impl State {
     }
 
     /// Handles what subscriptions reported: a message taken is acknowledged, one given
-    /// back unread is forgotten. Then decides when to look again.
+    /// back unread is forgotten, a dropped subscription is removed. Then decides when
+    /// to look again.
     fn take_reports(&mut self, writer: &mut ControlWriter) {
-        if self.untaken.is_empty() {
+        if self.untaken.is_empty() && !self.handbacks.any_dropped() {
             return;
         }
         let mut reports = std::mem::take(&mut self.reports);
@@ -598,6 +615,7 @@ impl State {
                         }
                     }
                 }
+                Handback::Dropped(id) => self.remove_subscription(id, true, Some(writer), None),
             }
         }
         self.reports = reports;
