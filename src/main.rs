@@ -66,9 +66,13 @@ enum SessionCommand {
 
 #[derive(Args)]
 struct CreateArgs {
-    /// Broker URL: http://HOST:PORT (a quic:// URL maps to the same host and port).
+    /// Broker URL: http[s]://HOST:PORT, or the URL the other client commands take
+    /// (quic://HOST:PORT → http://, ws[s]://HOST:PORT/… → http[s]://, same host and port).
     #[arg(long, env = "FASTPORT_URL", default_value = "http://127.0.0.1:3000")]
     url: String,
+    /// CA certificate to trust for https:// [default: system roots].
+    #[arg(long, env = "FASTPORT_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
     #[arg(long, env = "FASTPORT_SESSION")]
     session: String,
     #[arg(long, env = "FASTPORT_PASSWORD", hide_env_values = true)]
@@ -556,11 +560,26 @@ fn on_signal() -> impl Future<Output = ()> {
     }
 }
 
-async fn create_session(args: CreateArgs) -> Result<()> {
-    let base = match args.url.strip_prefix("quic://") {
-        Some(rest) => format!("http://{rest}"),
-        None => args.url.clone(),
+/// The HTTP base (`scheme://HOST:PORT`) of the broker a client URL points at: fastPort
+/// serves HTTP, WebSocket and QUIC on one port number.
+fn http_base(url: &str) -> Result<String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .with_context(|| format!("{url}: expected http[s]://, quic:// or ws[s]://HOST:PORT"))?;
+    let scheme = match scheme {
+        "http" | "quic" | "ws" => "http",
+        "https" | "wss" => "https",
+        other => bail!("{url}: unknown scheme {other}://"),
     };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        bail!("{url}: missing host");
+    }
+    Ok(format!("{scheme}://{authority}"))
+}
+
+async fn create_session(args: CreateArgs) -> Result<()> {
+    let base = http_base(&args.url)?;
     let mut body = serde_json::json!({
         "sessionName": args.session,
         "password": args.password,
@@ -575,8 +594,14 @@ async fn create_session(args: CreateArgs) -> Result<()> {
             body[field] = v.into();
         }
     }
-    let url = format!("{}/api/createSession", base.trim_end_matches('/'));
-    let response = reqwest::Client::new()
+    let url = format!("{base}/api/createSession");
+    let mut http = reqwest::Client::builder();
+    if base.starts_with("https://") {
+        http = http.use_preconfigured_tls(fastport::tls::client_config(args.ca.as_deref(), None)?);
+    }
+    let response = http
+        .build()
+        .context("setting up the HTTP client")?
         .post(&url)
         .json(&body)
         .send()

@@ -394,6 +394,23 @@ impl Certs {
     }
 }
 
+/// A TLS client configuration that trusts [`client_roots`]`(ca)`, offering `alpn` if given:
+/// what the SDK uses for QUIC and WSS, and the CLI for HTTPS.
+pub fn client_config(
+    ca: Option<&Path>,
+    alpn: Option<&[u8]>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(client_roots(ca)?)
+        .with_no_client_auth();
+    if let Some(alpn) = alpn {
+        tls.alpn_protocols = vec![alpn.to_vec()];
+    }
+    Ok(tls)
+}
+
 /// Trust anchors for clients: the certificates in the given CA PEM file (one or more), or the
 /// operating system's root certificates when `None`.
 pub fn client_roots(ca: Option<&Path>) -> Result<rustls::RootCertStore, TlsError> {

@@ -492,3 +492,59 @@ async fn a_sub_taken_over_says_so_and_fails() {
         "the reason is given: {rest:?}"
     );
 }
+
+/// `fastport session create --session NAME --password PASS --url URL`.
+fn session_create(url: &str, name: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fastport"));
+    cmd.args(["session", "create", "--url", url, "--session", name])
+        .args(["--password", "secret-pass"])
+        .env_remove("FASTPORT_URL")
+        .env_remove("FASTPORT_CA");
+    cmd
+}
+
+/// `session create` takes the URL every client command takes (`quic://` or
+/// `ws://…/v1/ws`: HTTP is served on the same port number) as well as `http://`, and
+/// says why when the broker refuses. A `ws://` URL used to be refused outright.
+#[tokio::test]
+async fn session_create_takes_any_client_url() {
+    let broker = Broker::start();
+    let key = SessionKey::generate();
+    let urls = [
+        ("by-http", broker.http_url("")),
+        ("by-quic", format!("quic://{}", broker.http)),
+        ("by-ws", format!("ws://{}/v1/ws", broker.http)),
+    ];
+    for (name, url) in urls {
+        let out = session_create(&url, name).output().expect("run");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("session {name} created")),
+            "{stdout}"
+        );
+        // It exists, with that password.
+        broker.client(name, "secret-pass", &key).await;
+    }
+
+    let again = session_create(&broker.http_url(""), "by-ws")
+        .output()
+        .expect("run");
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("409") && stderr.contains("already exists"),
+        "{stderr}"
+    );
+
+    let wrong = session_create("mqtt://127.0.0.1:1883", "x")
+        .output()
+        .expect("run");
+    assert!(!wrong.status.success());
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(stderr.contains("unknown scheme mqtt://"), "{stderr}");
+}

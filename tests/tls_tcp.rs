@@ -67,11 +67,38 @@ async fn a_real_certificate_serves_https_wss_and_quic() {
     let response = https(&broker, &ca, &request).await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 
+    // The CLI over HTTPS, given the WSS URL and the CA; without the CA it does not
+    // trust the broker.
+    let create = |ca: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fastport"));
+        cmd.args(["session", "create", "--session", "tls-cli"])
+            .args(["--password", "secret-pass", "--url"])
+            .arg(format!("wss://{}/v1/ws", broker.http))
+            .env_remove("FASTPORT_URL")
+            .env_remove("FASTPORT_CA");
+        if let Some(ca) = ca {
+            cmd.arg("--ca").arg(ca);
+        }
+        cmd.output().expect("run")
+    };
+    let untrusted = create(None);
+    let refused = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(
+        !untrusted.status.success() && refused.contains("UnknownIssuer"),
+        "{refused}"
+    );
+    let created = create(Some(&ca));
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+
     // WSS and QUIC, both verified against the same CA.
     let key = SessionKey::generate();
     let wss = ClientConfig::new(
         format!("wss://{}/v1/ws", broker.http),
-        "tls",
+        "tls-cli",
         "secret-pass",
         key.clone(),
     )
@@ -79,7 +106,7 @@ async fn a_real_certificate_serves_https_wss_and_quic() {
     let over_wss = within("wss connect", Client::connect(wss))
         .await
         .expect("wss");
-    let quic = ClientConfig::new(broker.quic_url(), "tls", "secret-pass", key).ca_file(&ca);
+    let quic = ClientConfig::new(broker.quic_url(), "tls-cli", "secret-pass", key).ca_file(&ca);
     let over_quic = within("quic connect", Client::connect(quic))
         .await
         .expect("quic");

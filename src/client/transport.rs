@@ -145,17 +145,7 @@ impl std::fmt::Display for BrokerUrl {
 
 /// TLS trust for the broker: a CA file (the broker's `certs/ca.pem`) or the system roots.
 fn client_tls(ca: Option<&Path>, alpn: Option<&[u8]>) -> Result<rustls::ClientConfig, ClientError> {
-    let roots = crate::tls::client_roots(ca).map_err(|e| ClientError::Tls(e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    if let Some(alpn) = alpn {
-        tls.alpn_protocols = vec![alpn.to_vec()];
-    }
-    Ok(tls)
+    crate::tls::client_config(ca, alpn).map_err(|e| ClientError::Tls(e.to_string()))
 }
 
 /// Kernel buffer asked for each direction of a client's UDP socket: room for a burst of
