@@ -208,6 +208,12 @@ async fn bad_legacy_input_gets_error_frames() {
         (json!({"type": "publish", "topic": "t", "data": "x", "hash": "y", "timestamp": 1, "messageId": "not-a-uuid"}).to_string(), "INVALID_FRAME"),
         (json!({"type": "publish", "topic": "t", "data": "x", "hash": "y", "timestamp": 1, "messageId": uuid::Uuid::new_v4().to_string()}).to_string(), "STALE_TIMESTAMP"),
         (json!({"type": "ack", "messageId": 12}).to_string(), "INVALID_FRAME"),
+        // The limits native clients have: no field of a push token over 4096 bytes, a
+        // user id and a token required, no file name over 4096 bytes.
+        (json!({"type": "register_fcm_token", "userId": "amy", "fcmToken": "t".repeat(4097)}).to_string(), "INVALID_FRAME"),
+        (json!({"type": "register_fcm_token", "userId": "amy", "fcmToken": "t", "deviceId": "d".repeat(4097)}).to_string(), "INVALID_FRAME"),
+        (json!({"type": "register_fcm_token", "userId": "", "fcmToken": "t"}).to_string(), "INVALID_FRAME"),
+        (json!({"type": "init_file", "fileId": uuid::Uuid::new_v4().to_string(), "fileName": "n".repeat(4097), "fileSize": 1, "topic": "t"}).to_string(), "INVALID_FRAME"),
     ];
     for (frame, code) in cases {
         dart.ws

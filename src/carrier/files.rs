@@ -57,6 +57,14 @@ pub struct FileMeta {
 }
 
 impl FileMeta {
+    /// Longest file name (sealed or, for legacy files, plain) the broker keeps.
+    pub const MAX_NAME: usize = 4096;
+
+    /// Why a name over [`Self::MAX_NAME`] is refused.
+    pub fn name_too_long() -> String {
+        format!("file name is longer than {} bytes", Self::MAX_NAME)
+    }
+
     /// Validates a `FileHeader` from a client.
     pub fn from_header(h: proto::FileHeader) -> Result<Self, Refused> {
         let file_id = MessageId::from_slice(&h.file_id).map_err(|e| Refused::new(e.into()))?;
@@ -65,10 +73,8 @@ impl FileMeta {
             0 => PayloadFormat::NativeV1,
             raw => parse_format(raw).map_err(refused)?,
         };
-        if h.name.len() > 4096 {
-            return Err(refused(Reject::InvalidFrame(
-                "file name is longer than 4096 bytes".into(),
-            )));
+        if h.name.len() > Self::MAX_NAME {
+            return Err(refused(Reject::InvalidFrame(Self::name_too_long())));
         }
         Ok(Self {
             file_id,

@@ -284,19 +284,19 @@ impl Reader {
                 "messageId",
                 string(&frame, kind, "messageId")?,
             )?))),
-            "register_fcm_token" => Ok(Parsed::Request(Request::RegisterPushToken(
-                PushTokenRequest {
-                    request_id: 0,
-                    user_id: string(&frame, kind, "userId")?.to_owned(),
-                    token: string(&frame, kind, "fcmToken")?.to_owned(),
-                    device_id: optional_string(&frame, kind, "deviceId")?
-                        .unwrap_or_default()
-                        .to_owned(),
-                    platform: optional_string(&frame, kind, "platform")?
-                        .unwrap_or_default()
-                        .to_owned(),
-                },
-            ))),
+            "register_fcm_token" => PushTokenRequest::new(
+                0,
+                string(&frame, kind, "userId")?.to_owned(),
+                string(&frame, kind, "fcmToken")?.to_owned(),
+                optional_string(&frame, kind, "deviceId")?
+                    .unwrap_or_default()
+                    .to_owned(),
+                optional_string(&frame, kind, "platform")?
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .map(|r| Parsed::Request(Request::RegisterPushToken(r)))
+            .map_err(Refused::new),
             "init_file" => {
                 let file_id = parse_uuid(kind, "fileId", string(&frame, kind, "fileId")?)?;
                 let refused = |why: String| Refused {
@@ -307,6 +307,9 @@ impl Reader {
                 let topic = TopicName::parse(string(&frame, kind, "topic")?)
                     .map_err(|e| refused(format!("init_file: topic: {e}")))?;
                 let name = string(&frame, kind, "fileName")?;
+                if name.len() > FileMeta::MAX_NAME {
+                    return Err(refused(format!("init_file: {}", FileMeta::name_too_long())));
+                }
                 let size = frame
                     .get("fileSize")
                     .and_then(Value::as_u64)

@@ -44,6 +44,29 @@ pub struct PushTokenRequest {
     pub platform: String,
 }
 
+impl PushTokenRequest {
+    /// Checks the fields, the same from every carrier: a user id and a token are
+    /// required, and no field is longer than 4096 bytes (an FCM token is ~200).
+    pub fn new(
+        request_id: u64,
+        user_id: String,
+        token: String,
+        device_id: String,
+        platform: String,
+    ) -> Result<Self, Reject> {
+        if token.is_empty() || user_id.is_empty() {
+            return Err(invalid("user_id and token are required"));
+        }
+        Ok(Self {
+            request_id,
+            user_id: text("user_id", user_id)?,
+            token: text("token", token)?,
+            device_id: text("device_id", device_id)?,
+            platform: text("platform", platform)?,
+        })
+    }
+}
+
 impl std::fmt::Debug for PushTokenRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PushTokenRequest")
@@ -202,17 +225,9 @@ impl TryFrom<proto::ClientFrame> for Request {
             )),
             Kind::Ping(p) => Ok(Request::Ping(p.nonce)),
             Kind::RegisterPushToken(r) => {
-                let refused = Refused::for_request(r.request_id);
-                if r.token.is_empty() || r.user_id.is_empty() {
-                    return Err(refused(invalid("user_id and token are required")));
-                }
-                Ok(Request::RegisterPushToken(PushTokenRequest {
-                    request_id: r.request_id,
-                    user_id: text("user_id", r.user_id).map_err(&refused)?,
-                    token: text("token", r.token).map_err(&refused)?,
-                    device_id: text("device_id", r.device_id).map_err(&refused)?,
-                    platform: text("platform", r.platform).map_err(&refused)?,
-                }))
+                PushTokenRequest::new(r.request_id, r.user_id, r.token, r.device_id, r.platform)
+                    .map(Request::RegisterPushToken)
+                    .map_err(Refused::for_request(r.request_id))
             }
             Kind::PublishKey(k) => Ok(Request::PublishKey {
                 request_id: k.request_id,
