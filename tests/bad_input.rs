@@ -147,6 +147,23 @@ async fn refused_frames_leave_the_connection_open() {
     }))
     .await;
     assert_eq!(error_code(&raw.next().await), ErrorCode::InvalidFrame);
+    // LEGACY_JSON that is not the legacy {"data","hash"} JSON: legacy subscribers
+    // could not read it.
+    for payload in [
+        &b"not json"[..],
+        br#"{"data":"ZW5j"}"#,
+        br#"{"data":1,"hash":"h"}"#,
+    ] {
+        raw.send(client_frame::Kind::Publish(proto::Publish {
+            message_id: Bytes::copy_from_slice(&[8; 16]),
+            topic: "t".into(),
+            payload: Bytes::from_static(payload),
+            timestamp_ms: now_ms(),
+            format: PayloadFormat::LegacyJson as i32,
+        }))
+        .await;
+        assert_eq!(error_code(&raw.next().await), ErrorCode::InvalidFrame);
+    }
 
     // Still alive.
     raw.send(client_frame::Kind::Ping(proto::Ping { nonce: 77 }))

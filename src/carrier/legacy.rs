@@ -390,7 +390,8 @@ impl Encoder for LegacyEncoder {
             }
             Outbound::Event(Event::Deliver { message, .. }) => {
                 // Only LEGACY_JSON reaches legacy connections; its payload is the
-                // {"data","hash"} object the publisher sent.
+                // {"data","hash"} object the publisher sent (checked on the way in;
+                // `null` only for one stored by a broker before that check).
                 let body: Value = serde_json::from_slice(&message.payload).unwrap_or(Value::Null);
                 json!({
                     "type": "message",

@@ -162,6 +162,26 @@ pub fn parse_format(raw: i32) -> Result<PayloadFormat, Reject> {
     }
 }
 
+/// A `LEGACY_JSON` payload is the JSON `{"data":…,"hash":…}` a Dart client sends
+/// (design §5): legacy subscribers get those two strings, and could do nothing with a
+/// message without them, so a native publish of anything else is refused here. (The
+/// strings are ciphertext and a hash: nothing in them is read.)
+fn check_legacy_json(payload: &[u8]) -> Result<(), Reject> {
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow, rename = "data")]
+        _data: std::borrow::Cow<'a, str>,
+        #[serde(borrow, rename = "hash")]
+        _hash: std::borrow::Cow<'a, str>,
+    }
+    match serde_json::from_slice::<Envelope<'_>>(payload) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(invalid(
+            r#"a LEGACY_JSON payload is the JSON {"data":"<base64>","hash":"<hex>"}"#,
+        )),
+    }
+}
+
 impl TryFrom<proto::ClientFrame> for Request {
     type Error = Refused;
 
@@ -212,12 +232,16 @@ impl TryFrom<proto::ClientFrame> for Request {
                     request_id: 0,
                     message_id: Some(message_id),
                 };
+                let format = parse_format(p.format).map_err(refused)?;
+                if format == PayloadFormat::LegacyJson {
+                    check_legacy_json(&p.payload).map_err(refused)?;
+                }
                 Ok(Request::Publish(Publish {
                     message_id,
                     topic: TopicName::parse(&p.topic).map_err(|e| refused(e.into()))?,
                     payload: p.payload,
                     timestamp_ms: p.timestamp_ms,
-                    format: parse_format(p.format).map_err(refused)?,
+                    format,
                 }))
             }
             Kind::Ack(a) => Ok(Request::Ack(
