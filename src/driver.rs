@@ -148,9 +148,18 @@ impl DriverHandle {
     /// core's refusal) is queued on `tx`: whatever the carrier answers after this,
     /// the client reads after its `Welcome`.
     pub async fn attach(&self, hello: Hello, tx: ConnTx) -> Result<(), DriverGone> {
-        let (queued, answer) = oneshot::channel();
+        self.ask(|queued| Inbound::Attach { hello, tx, queued })
+            .await
+    }
+
+    /// Sends the driver a request made with a reply channel, and waits for the reply.
+    async fn ask<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<T>) -> Inbound,
+    ) -> Result<T, DriverGone> {
+        let (reply, answer) = oneshot::channel();
         self.inbox
-            .send(Inbound::Attach { hello, tx, queued })
+            .send(request(reply))
             .await
             .map_err(|_| DriverGone)?;
         answer.await.map_err(|_| DriverGone)
@@ -180,12 +189,8 @@ impl DriverHandle {
         conn: ConnId,
         offer: FileOffer,
     ) -> Result<Result<OpenedFile, Reject>, DriverGone> {
-        let (reply, rx) = oneshot::channel();
-        self.inbox
-            .send(Inbound::OpenFile { conn, offer, reply })
+        self.ask(|reply| Inbound::OpenFile { conn, offer, reply })
             .await
-            .map_err(|_| DriverGone)?;
-        rx.await.map_err(|_| DriverGone)
     }
 
     /// A file sent by `conn` is whole and in the spool: the core queues its copies.
@@ -196,29 +201,18 @@ impl DriverHandle {
         conn: ConnId,
         done: FileDone,
     ) -> Result<Result<bool, Reject>, DriverGone> {
-        let (reply, rx) = oneshot::channel();
-        self.inbox
-            .send(Inbound::CompleteFile { conn, done, reply })
+        self.ask(|reply| Inbound::CompleteFile { conn, done, reply })
             .await
-            .map_err(|_| DriverGone)?;
-        rx.await.map_err(|_| DriverGone)
     }
 
+    /// The core's counters, for `/health`.
     pub async fn stats(&self) -> Result<Stats, DriverGone> {
-        let (tx, rx) = oneshot::channel();
-        self.inbox
-            .send(Inbound::Stats(tx))
-            .await
-            .map_err(|_| DriverGone)?;
-        rx.await.map_err(|_| DriverGone)
+        self.ask(Inbound::Stats).await
     }
 
     /// Flushes pending writes, stops the store worker and closes the store.
     pub async fn shutdown(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.inbox.send(Inbound::Shutdown(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
+        let _ = self.ask(Inbound::Shutdown).await;
     }
 }
 
