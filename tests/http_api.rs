@@ -25,16 +25,27 @@ async fn get(broker: &Broker, path: &str) -> (u16, Value, reqwest::header::Heade
 }
 
 #[tokio::test]
-async fn health_reports_status_uptime_and_sessions() {
+async fn health_reports_status_uptime_sessions_and_connections() {
     let broker = Broker::start();
     let (status, body, _) = get(&broker, "/health").await;
     assert_eq!(status, 200);
     assert_eq!(body["status"], "ok");
     assert!(body["uptime"].is_u64());
     assert_eq!(body["activeSessions"], 0);
+    assert_eq!(body["connections"], 0);
     broker.create_session("one", "secret-pass", json!({})).await;
     let (_, body, _) = get(&broker, "/health").await;
     assert_eq!(body["activeSessions"], 1);
+
+    // The router's counters: connections and clients with subscriptions.
+    let key = SessionKey::generate();
+    let client = broker.client("one", "secret-pass", &key).await;
+    let _other = broker.client("one", "secret-pass", &key).await;
+    let _sub = client.subscribe("t/#").await.expect("subscribe");
+    let (status, body, _) = get(&broker, "/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["connections"], 2, "{body}");
+    assert_eq!(body["subscribers"], 1, "{body}");
 }
 
 #[tokio::test]

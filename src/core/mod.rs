@@ -109,11 +109,14 @@ impl Default for CoreConfig {
     }
 }
 
-/// Counters for `/health`, the admin API and metrics.
+/// Counters for `/health`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Sessions loaded in the router.
     pub sessions: usize,
+    /// Authenticated connections, on every carrier.
     pub connections: usize,
+    /// Clients with subscriptions, online or (durable) offline.
     pub subscribers: usize,
 }
 

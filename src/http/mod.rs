@@ -96,24 +96,43 @@ where
 /// `{"status":"ok","uptime":seconds,"activeSessions":n}`, or 503 when the store is down.
 async fn health(State(state): State<Arc<HttpState>>) -> Response {
     let uptime = state.started.elapsed().as_secs();
+    let unhealthy = |error: &str| {
+        let body = json!({"status": "error", "uptime": uptime, "error": error});
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    };
     let store = async {
         state.store.ping().await?;
         state.store.count_sessions().await
     };
-    match store.await {
-        Ok(sessions) => Json(json!({
-            "status": "ok",
-            "uptime": uptime,
-            "activeSessions": sessions,
-        }))
-        .into_response(),
+    let sessions = match store.await {
+        Ok(sessions) => sessions,
         Err(e) => {
             tracing::error!(error = %e, "health check: store unavailable");
-            let body = json!({"status": "error", "uptime": uptime, "error": "store unavailable"});
-            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+            return unhealthy("store unavailable");
         }
-    }
+    };
+    // The router answers between two batches of messages: in microseconds when it
+    // is well, so a router that does not answer in time is reported, not waited for.
+    let stats = match tokio::time::timeout(ROUTER_ANSWER, state.driver.stats()).await {
+        Ok(Ok(stats)) => stats,
+        Ok(Err(_)) => return unhealthy("router stopped"),
+        Err(_) => {
+            tracing::error!(wait = ?ROUTER_ANSWER, "health check: the router did not answer");
+            return unhealthy("router not answering");
+        }
+    };
+    Json(json!({
+        "status": "ok",
+        "uptime": uptime,
+        "activeSessions": sessions,
+        "connections": stats.connections,
+        "subscribers": stats.subscribers,
+    }))
+    .into_response()
 }
+
+/// How long `/health` waits for the router's counters.
+const ROUTER_ANSWER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The leaf certificate's SHA-256, for WebTransport's `serverCertificateHashes`.
 async fn cert_hash(State(state): State<Arc<HttpState>>) -> Json<serde_json::Value> {
