@@ -392,3 +392,59 @@ fn paused_reader(
     });
     (reader, handed_over)
 }
+
+/// A lost WebSocket connection ends the files it carried with an error, both ways: an
+/// upload waiting for the broker's answer used to wait for ever, and a file arriving
+/// stopped in the middle, for ever too.
+#[tokio::test]
+async fn a_lost_websocket_connection_ends_its_files_with_an_error() {
+    let (mut broker, _, key) = setup().await;
+    let receiver = ws_client(&broker, &key).await;
+    let mut files = receiver.subscribe_files("docs/#").await.expect("subscribe");
+    let uploader = ws_client(&broker, &key).await;
+    let sender = broker.client("files", "secret-pass", &key).await;
+
+    // A file arrives over WebSocket, half of it before its sender pauses.
+    let content = data(1_000_000);
+    let size = content.len() as u64;
+    let (paused, _) = paused_reader(content, 300_000, Duration::from_secs(30));
+    tokio::spawn(async move { sender.send_file("docs/big", "big.bin", paused, size).await });
+    let mut arriving = within("the file", files.next()).await.expect("a file");
+    let first = within("its first chunk", arriving.next_chunk()).await;
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
+
+    // An upload that is all sent, its FileEnd too, while the broker cannot answer.
+    broker.signal("STOP");
+    let small = data(100_000);
+    let upload = tokio::spawn(async move {
+        let len = small.len() as u64;
+        uploader
+            .send_file("docs/small", "small.bin", &small[..], len)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !upload.is_finished(),
+        "the broker is stopped: nothing can answer"
+    );
+
+    broker.kill9();
+    let answer = within("the upload's answer", upload).await.expect("join");
+    match answer {
+        Err(ClientError::Connect(why)) => assert!(why.contains("connection lost"), "{why}"),
+        other => panic!("expected a lost connection, got {other:?}"),
+    }
+    let end = within("the arriving file's end", async {
+        loop {
+            match arriving.next_chunk().await {
+                Some(Ok(_)) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await;
+    match end {
+        Some(Err(ClientError::Transfer(why))) => assert!(why.contains("lost"), "{why}"),
+        other => panic!("expected the file to fail, got {other:?}"),
+    }
+}

@@ -647,10 +647,16 @@ async fn unsubscribe(requests: &mpsc::Sender<Request>, id: u64) -> Result<(), Cl
 
 /// Tells the session task a subscription handle is gone. `Drop` cannot wait for room
 /// in its queue: when the queue is full the notice goes with the handbacks, which the
-/// task looks at on its next turn (a full queue means one is coming).
+/// task reads on each turn while connected and before it subscribes again after a
+/// reconnect.
 fn dropped(requests: &mpsc::Sender<Request>, handbacks: &session::Handbacks, id: u64) {
-    if let Err(mpsc::error::TrySendError::Full(_)) = requests.try_send(Request::Dropped { id }) {
+    let notice = || Request::Dropped { id };
+    if let Err(mpsc::error::TrySendError::Full(_)) = requests.try_send(notice()) {
         handbacks.push(session::Handback::Dropped(id));
+        // The task may have emptied its queue and gone to sleep in between: a second
+        // notice (a no-op once the first is handled) or a still full queue means it
+        // takes another turn.
+        let _ = requests.try_send(notice());
     }
 }
 

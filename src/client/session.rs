@@ -304,6 +304,24 @@ impl Handbacks {
     fn any_dropped(&self) -> bool {
         self.dropped.load(Ordering::Relaxed)
     }
+
+    /// Takes the [`Handback::Dropped`] reports only, leaving the others.
+    fn take_dropped(&self) -> Vec<u64> {
+        if !self.any_dropped() {
+            return Vec::new();
+        }
+        let mut reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        self.dropped.store(false, Ordering::Relaxed);
+        let mut dropped = Vec::new();
+        reports.retain(|report| match report {
+            Handback::Dropped(id) => {
+                dropped.push(*id);
+                false
+            }
+            _ => true,
+        });
+        dropped
+    }
 }
 
 /// What a [`Subscription`](super::Subscription) tells the session task about a message
@@ -445,7 +463,11 @@ impl State {
         let mut backoff = Duration::from_millis(100);
         let fatal = loop {
             if let Some(mut l) = live.take() {
-                match self.serve(&mut l, &mut requests).await {
+                let outcome = self.serve(&mut l, &mut requests).await;
+                if let Outcome::Lost = outcome {
+                    self.connection_lost();
+                }
+                match outcome {
                     Outcome::Closed => {
                         l.writer.close().await;
                         break ClientError::Closed;
@@ -498,14 +520,13 @@ impl State {
         self.fail_all(fatal);
     }
 
-    /// Serves one live connection until it ends.
-    async fn serve(&mut self, live: &mut Live, requests: &mut mpsc::Receiver<Request>) -> Outcome {
-        // Acks held for a connection that was lost went with it: the broker sends those
-        // messages again and they are acknowledged as duplicates.
-        self.acks_held = 0;
-        self.acks_since = None;
-        // Uploads multiplexed on the lost connection went with it: what is left of
-        // them reaches a broker that never saw their start.
+    /// Ends what a lost connection carried that the next one cannot take up:
+    /// multiplexed files, both ways. (Publishes are sent again and subscriptions
+    /// renewed by [`Self::resume`]; QUIC uploads and incoming files fail on their
+    /// own streams.)
+    fn connection_lost(&mut self) {
+        // Uploads being sent stop at their next chunk: the rest would reach a broker
+        // that never saw their start.
         self.sending
             .retain(|_, refusal| Arc::strong_count(refusal) > 1);
         for refusal in self.sending.values() {
@@ -513,6 +534,25 @@ impl State {
                 "connection lost during the upload".into(),
             ));
         }
+        // Whether the broker kept a file whose answer was lost cannot be known here.
+        for (_, reply) in self.uploads.drain() {
+            let _ = reply.send(Err(ClientError::Connect(
+                "connection lost before the broker answered for the file".into(),
+            )));
+        }
+        // A file arriving is sent again (from the start, to a durable subscriber or
+        // one that did not acknowledge it) or not at all; this copy has ended.
+        for (_, part) in self.incoming.drain() {
+            let _ = part.try_send(FilePart::Aborted("connection to the broker lost".into()));
+        }
+    }
+
+    /// Serves one live connection until it ends.
+    async fn serve(&mut self, live: &mut Live, requests: &mut mpsc::Receiver<Request>) -> Outcome {
+        // Acks held for a connection that was lost went with it: the broker sends those
+        // messages again and they are acknowledged as duplicates.
+        self.acks_held = 0;
+        self.acks_since = None;
         let mut ack_timer = LoopTimer::new();
         loop {
             // A request's frames are written at the end of this turn; acks alone may
@@ -659,6 +699,10 @@ impl State {
 
     /// After a reconnect: subscriptions and unanswered publishes go out again.
     async fn resume(&mut self, live: &mut Live) -> Result<(), ClientError> {
+        // Handles dropped while the queue was full are not subscribed again.
+        for id in self.handbacks.take_dropped() {
+            self.remove_subscription(id, true, None, None);
+        }
         for filter in std::mem::take(&mut self.unsubscribe_later) {
             let request_id = self.request_id();
             live.writer.push(&frame(client_frame::Kind::Unsubscribe(

@@ -158,11 +158,17 @@ impl Broker {
 
     /// Sends SIGTERM and returns at once (see [`Broker::wait_exit`]).
     pub fn signal_terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the broker signal `name` (`TERM`, `STOP`…) and returns at once.
+    pub fn signal(&self, name: &str) {
         let pid = self.child.as_ref().expect("running").id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
             .status()
-            .expect("kill -TERM");
+            .expect("kill");
+        assert!(sent.success(), "kill -{name} {pid}");
     }
 
     /// Waits up to 10 s for the broker to exit.
