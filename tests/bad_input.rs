@@ -153,6 +153,7 @@ async fn refused_frames_leave_the_connection_open() {
         &b"not json"[..],
         br#"{"data":"ZW5j"}"#,
         br#"{"data":1,"hash":"h"}"#,
+        br#"["ZW5j","h"]"#,
     ] {
         raw.send(client_frame::Kind::Publish(proto::Publish {
             message_id: Bytes::copy_from_slice(&[8; 16]),

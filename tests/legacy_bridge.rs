@@ -321,6 +321,18 @@ async fn fcm_tokens_are_registered_and_never_logged() {
         "INVALID_FRAME",
         "fcmToken is required"
     );
+    // Errors name the fields as the legacy client sent them.
+    dart.send(
+        json!({"type": "register_fcm_token", "userId": "alice", "fcmToken": "t".repeat(4097)}),
+    )
+    .await;
+    let too_long = dart.recv().await;
+    assert!(
+        too_long["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("fcmToken is longer than 4096 bytes")),
+        "{too_long}"
+    );
     assert!(!broker.logs().contains("FCM-SECRET-TOKEN-123"));
     assert!(
         common::contains(&common::db_bytes(&broker.db_path()), b"pixel-7"),

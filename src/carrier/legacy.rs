@@ -25,7 +25,7 @@ use crate::proto::PayloadFormat;
 use crate::driver::now_ms;
 
 use super::files::{FileItem, FileMeta};
-use super::request::{HelloRequest, PROTOCOL_VERSION, PushTokenRequest, Refused};
+use super::request::{HelloRequest, PROTOCOL_VERSION, PushTokenFields, PushTokenRequest, Refused};
 use super::uploads::OpenUploads;
 use super::websocket::{self, Encoder};
 use super::{Link, LinkContext, Outbound, Request};
@@ -286,6 +286,7 @@ impl Reader {
             )?))),
             "register_fcm_token" => PushTokenRequest::new(
                 0,
+                &PushTokenFields::LEGACY,
                 string(&frame, kind, "userId")?.to_owned(),
                 string(&frame, kind, "fcmToken")?.to_owned(),
                 optional_string(&frame, kind, "deviceId")?

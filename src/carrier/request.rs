@@ -44,25 +44,54 @@ pub struct PushTokenRequest {
     pub platform: String,
 }
 
+/// What a carrier calls the fields of a push-token registration, for its errors.
+pub struct PushTokenFields {
+    pub user_id: &'static str,
+    pub token: &'static str,
+    pub device_id: &'static str,
+    pub platform: &'static str,
+}
+
+impl PushTokenFields {
+    /// `RegisterPushToken`'s.
+    pub const NATIVE: Self = Self {
+        user_id: "user_id",
+        token: "token",
+        device_id: "device_id",
+        platform: "platform",
+    };
+    /// The legacy bridge's `register_fcm_token`'s.
+    pub const LEGACY: Self = Self {
+        user_id: "userId",
+        token: "fcmToken",
+        device_id: "deviceId",
+        platform: "platform",
+    };
+}
+
 impl PushTokenRequest {
     /// Checks the fields, the same from every carrier: a user id and a token are
     /// required, and no field is longer than 4096 bytes (an FCM token is ~200).
     pub fn new(
         request_id: u64,
+        names: &PushTokenFields,
         user_id: String,
         token: String,
         device_id: String,
         platform: String,
     ) -> Result<Self, Reject> {
         if token.is_empty() || user_id.is_empty() {
-            return Err(invalid("user_id and token are required"));
+            return Err(invalid(format!(
+                "{} and {} are required",
+                names.user_id, names.token
+            )));
         }
         Ok(Self {
             request_id,
-            user_id: text("user_id", user_id)?,
-            token: text("token", token)?,
-            device_id: text("device_id", device_id)?,
-            platform: text("platform", platform)?,
+            user_id: text(names.user_id, user_id)?,
+            token: text(names.token, token)?,
+            device_id: text(names.device_id, device_id)?,
+            platform: text(names.platform, platform)?,
         })
     }
 }
@@ -174,9 +203,11 @@ fn check_legacy_json(payload: &[u8]) -> Result<(), Reject> {
         #[serde(borrow, rename = "hash")]
         _hash: std::borrow::Cow<'a, str>,
     }
+    // A derived struct also reads a JSON array (`["…","…"]`): only an object will do.
+    let object = payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
     match serde_json::from_slice::<Envelope<'_>>(payload) {
-        Ok(_) => Ok(()),
-        Err(_) => Err(invalid(
+        Ok(_) if object => Ok(()),
+        _ => Err(invalid(
             r#"a LEGACY_JSON payload is the JSON {"data":"<base64>","hash":"<hex>"}"#,
         )),
     }
@@ -249,9 +280,17 @@ impl TryFrom<proto::ClientFrame> for Request {
             )),
             Kind::Ping(p) => Ok(Request::Ping(p.nonce)),
             Kind::RegisterPushToken(r) => {
-                PushTokenRequest::new(r.request_id, r.user_id, r.token, r.device_id, r.platform)
-                    .map(Request::RegisterPushToken)
-                    .map_err(Refused::for_request(r.request_id))
+                let names = &PushTokenFields::NATIVE;
+                PushTokenRequest::new(
+                    r.request_id,
+                    names,
+                    r.user_id,
+                    r.token,
+                    r.device_id,
+                    r.platform,
+                )
+                .map(Request::RegisterPushToken)
+                .map_err(Refused::for_request(r.request_id))
             }
             Kind::PublishKey(k) => Ok(Request::PublishKey {
                 request_id: k.request_id,

@@ -93,7 +93,8 @@ where
     .await
 }
 
-/// `{"status":"ok","uptime":seconds,"activeSessions":n}`, or 503 when the store is down.
+/// `{"status":"ok","uptime":seconds,"activeSessions":n,"connections":n,"subscribers":n}`,
+/// or 503 with the reason when the store is down or the router does not answer.
 async fn health(State(state): State<Arc<HttpState>>) -> Response {
     let uptime = state.started.elapsed().as_secs();
     let unhealthy = |error: &str| {
@@ -111,8 +112,9 @@ async fn health(State(state): State<Arc<HttpState>>) -> Response {
             return unhealthy("store unavailable");
         }
     };
-    // The router answers between two batches of messages: in microseconds when it
-    // is well, so a router that does not answer in time is reported, not waited for.
+    // The router answers between two batches of messages, after the commands already
+    // in its inbox (4,096 at most, milliseconds of work) and once the store took its
+    // last batch: 2 s without an answer means it or the store is stuck.
     let stats = match tokio::time::timeout(ROUTER_ANSWER, state.driver.stats()).await {
         Ok(Ok(stats)) => stats,
         Ok(Err(_)) => return unhealthy("router stopped"),
