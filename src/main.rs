@@ -66,8 +66,8 @@ enum SessionCommand {
 
 #[derive(Args)]
 struct CreateArgs {
-    /// Broker URL: http[s]://HOST:PORT, or the URL the other client commands take
-    /// (quic://HOST:PORT → http://, ws[s]://HOST:PORT/… → http[s]://, same host and port).
+    /// Broker URL: http[s]://HOST:PORT, or the URL the other client commands take (the
+    /// same host and port; https for wss://, and for quic:// beyond loopback).
     #[arg(long, env = "FASTPORT_URL", default_value = "http://127.0.0.1:3000")]
     url: String,
     /// CA certificate to trust for https:// [default: system roots].
@@ -560,22 +560,15 @@ fn on_signal() -> impl Future<Output = ()> {
     }
 }
 
-/// The HTTP base (`scheme://HOST:PORT`) of the broker a client URL points at: fastPort
-/// serves HTTP, WebSocket and QUIC on one port number.
+/// Where the broker's HTTP API is: an `http[s]://` URL as given (a proxy may add a
+/// path), or the HTTP base of the URL the other client commands take.
 fn http_base(url: &str) -> Result<String> {
-    let (scheme, rest) = url
-        .split_once("://")
-        .with_context(|| format!("{url}: expected http[s]://, quic:// or ws[s]://HOST:PORT"))?;
-    let scheme = match scheme {
-        "http" | "quic" | "ws" => "http",
-        "https" | "wss" => "https",
-        other => bail!("{url}: unknown scheme {other}://"),
-    };
-    let authority = rest.split('/').next().unwrap_or_default();
-    if authority.is_empty() {
-        bail!("{url}: missing host");
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Ok(url.trim_end_matches('/').to_owned());
     }
-    Ok(format!("{scheme}://{authority}"))
+    let broker = fastport::client::BrokerUrl::parse(url)
+        .map_err(|_| anyhow::anyhow!("{url}: expected http[s]://, quic:// or ws[s]://HOST:PORT"))?;
+    Ok(broker.http_base())
 }
 
 async fn create_session(args: CreateArgs) -> Result<()> {
@@ -606,7 +599,14 @@ async fn create_session(args: CreateArgs) -> Result<()> {
         .json(&body)
         .send()
         .await
-        .with_context(|| format!("POST {url}"))?;
+        .with_context(|| {
+            if args.url.starts_with("quic://") && base.starts_with("https://") {
+                // A plain-HTTP broker beyond loopback can be reached, in the clear.
+                format!("POST {url} (a broker beyond loopback is asked over HTTPS; --url http://… sends the password unencrypted)")
+            } else {
+                format!("POST {url}")
+            }
+        })?;
     let status = response.status();
     let answer: serde_json::Value = response.json().await.context("reading the answer")?;
     if !status.is_success() {

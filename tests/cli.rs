@@ -546,5 +546,8 @@ async fn session_create_takes_any_client_url() {
         .expect("run");
     assert!(!wrong.status.success());
     let stderr = String::from_utf8_lossy(&wrong.stderr);
-    assert!(stderr.contains("unknown scheme mqtt://"), "{stderr}");
+    assert!(
+        stderr.contains("expected http[s]://, quic:// or ws[s]://"),
+        "{stderr}"
+    );
 }

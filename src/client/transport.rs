@@ -119,18 +119,39 @@ impl BrokerUrl {
         }
     }
 
+    /// The broker's HTTP API base, `http[s]://HOST:PORT`: the same host and port (one
+    /// port number for everything), with TLS where the WebSocket URL has it (for
+    /// `quic://`, the one [`Self::websocket_fallback`] would try).
+    pub fn http_base(&self) -> String {
+        let tls = match self.scheme {
+            Scheme::Quic => self.websocket_fallback().scheme == Scheme::Wss,
+            scheme => scheme == Scheme::Wss,
+        };
+        let scheme = if tls { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.host_in_url(), self.port)
+    }
+
     fn websocket_url(&self) -> String {
         let scheme = if self.scheme == Scheme::Wss {
             "wss"
         } else {
             "ws"
         };
-        let host = if self.host.contains(':') {
+        format!(
+            "{scheme}://{}:{}{}",
+            self.host_in_url(),
+            self.port,
+            self.path
+        )
+    }
+
+    /// The host as a URL writes it (an IPv6 literal in brackets).
+    fn host_in_url(&self) -> String {
+        if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
             self.host.clone()
-        };
-        format!("{scheme}://{host}:{}{}", self.port, self.path)
+        }
     }
 }
 
@@ -629,6 +650,24 @@ mod tests {
             "quic://x/path",
         ] {
             assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_http_api_is_on_the_same_host_and_port() {
+        for (url, base) in [
+            ("quic://127.0.0.1:3000", "http://127.0.0.1:3000"),
+            ("quic://localhost", "http://localhost:3000"),
+            ("quic://broker.example:4000", "https://broker.example:4000"),
+            ("quic://[::1]:5000", "http://[::1]:5000"),
+            (
+                "ws://broker.example:3000/v1/ws",
+                "http://broker.example:3000",
+            ),
+            ("wss://broker.example/v1/ws", "https://broker.example:443"),
+        ] {
+            let parsed = BrokerUrl::parse(url).expect("valid");
+            assert_eq!(parsed.http_base(), base, "{url}");
         }
     }
 
