@@ -335,9 +335,10 @@ async fn a_file_over_the_size_limit_is_refused_with_the_reason() {
     // when the refusal comes.
     let content = data(8_000_000);
     let size = content.len() as u64;
-    // The last sender stops half-way for a moment, so the refusal is back before the
-    // rest of its file and its `FileEnd` go out (they are answered NOT_FOUND).
-    let (paused, handed_over) = paused_reader(content.clone(), 300_000, Duration::from_millis(500));
+    // The last sender stops early for a moment, so the refusal is back before the
+    // rest of its file: the SDK must answer with the refusal and read no further.
+    let (paused, handed_over) =
+        paused_reader(content.clone(), 300_000, Duration::from_millis(1000));
     let uploads = [
         (
             &over_quic,
