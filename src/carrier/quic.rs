@@ -148,10 +148,10 @@ pub fn endpoint(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    Endpoint::new(
+    Endpoint::new_with_abstract_socket(
         endpoint_config,
         Some(config),
-        socket,
+        crate::udp::QuicSocket::new(socket)?,
         Arc::new(quinn::TokioRuntime),
     )
 }

@@ -182,10 +182,10 @@ fn client_endpoint(bind: SocketAddr) -> std::io::Result<Endpoint> {
         send = buffers.send,
         "QUIC client socket buffers"
     );
-    Endpoint::new(
+    Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
         None,
-        socket,
+        crate::udp::QuicSocket::new(socket)?,
         Arc::new(quinn::TokioRuntime),
     )
 }
