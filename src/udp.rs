@@ -10,6 +10,7 @@
 //! what it got and decides whether that is worth a warning (the broker: yes; an
 //! application embedding the SDK on a stock host: no).
 
+use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::pin::Pin;
@@ -111,7 +112,10 @@ const SHORT_READ_DRAINS: bool = cfg!(any(target_os = "linux", target_os = "andro
 
 impl quinn::AsyncUdpSocket for QuicSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
-        Box::pin(Writable(self))
+        Box::pin(Writable {
+            socket: self,
+            waiting: None,
+        })
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
@@ -159,13 +163,35 @@ impl quinn::AsyncUdpSocket for QuicSocket {
     }
 }
 
-/// Wakes a sender that found the socket's buffer full once it has room.
-#[derive(Debug)]
-struct Writable(Arc<QuicSocket>);
+/// Wakes one connection's sender, which found the socket's buffer full, once it has
+/// room. quinn makes one per connection, and every connection of the broker shares its
+/// socket: each waits on a future of its own, as the reactor wakes all of those, but
+/// keeps a single waker per socket for `poll_write_ready` (the last caller's).
+struct Writable {
+    socket: Arc<QuicSocket>,
+    waiting: Option<Pin<Box<dyn Future<Output = io::Result<()>> + Send + Sync>>>,
+}
 
 impl quinn::UdpPoller for Writable {
-    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        self.0.io.poll_write_ready(cx).map_ok(|_| ())
+    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let waiting = this.waiting.get_or_insert_with(|| {
+            let socket = Arc::clone(&this.socket);
+            Box::pin(async move { socket.io.writable().await.map(|_| ()) })
+        });
+        let writable = waiting.as_mut().poll(cx);
+        if writable.is_ready() {
+            this.waiting = None;
+        }
+        writable
+    }
+}
+
+impl std::fmt::Debug for Writable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writable")
+            .field("waiting", &self.waiting.is_some())
+            .finish()
     }
 }
 
