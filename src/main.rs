@@ -567,7 +567,7 @@ fn http_base(url: &str) -> Result<String> {
         return Ok(url.trim_end_matches('/').to_owned());
     }
     let broker = fastport::client::BrokerUrl::parse(url)
-        .map_err(|_| anyhow::anyhow!("{url}: expected http[s]://, quic:// or ws[s]://HOST:PORT"))?;
+        .map_err(|e| anyhow::anyhow!("{e}; session create also takes http[s]://HOST:PORT"))?;
     Ok(broker.http_base())
 }
 

@@ -547,7 +547,7 @@ async fn session_create_takes_any_client_url() {
     assert!(!wrong.status.success());
     let stderr = String::from_utf8_lossy(&wrong.stderr);
     assert!(
-        stderr.contains("expected http[s]://, quic:// or ws[s]://"),
+        stderr.contains("expected quic://, ws:// or wss://; session create also takes http"),
         "{stderr}"
     );
 }

@@ -432,7 +432,7 @@ async fn a_lost_websocket_connection_ends_its_files_with_an_error() {
     broker.kill9();
     let answer = within("the upload's answer", upload).await.expect("join");
     match answer {
-        Err(ClientError::Connect(why)) => assert!(why.contains("connection lost"), "{why}"),
+        Err(ClientError::Transfer(why)) => assert!(why.contains("may have been accepted"), "{why}"),
         other => panic!("expected a lost connection, got {other:?}"),
     }
     let end = within("the arriving file's end", async {
@@ -444,8 +444,9 @@ async fn a_lost_websocket_connection_ends_its_files_with_an_error() {
         }
     })
     .await;
-    match end {
-        Some(Err(ClientError::Transfer(why))) => assert!(why.contains("lost"), "{why}"),
-        other => panic!("expected the file to fail, got {other:?}"),
-    }
+    // "connection to the broker lost", or, had its buffer been full, "ended early".
+    assert!(
+        matches!(end, Some(Err(ClientError::Transfer(_)))),
+        "expected the file to fail, got {end:?}"
+    );
 }

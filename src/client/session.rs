@@ -536,8 +536,9 @@ impl State {
         }
         // Whether the broker kept a file whose answer was lost cannot be known here.
         for (_, reply) in self.uploads.drain() {
-            let _ = reply.send(Err(ClientError::Connect(
-                "connection lost before the broker answered for the file".into(),
+            let _ = reply.send(Err(ClientError::Transfer(
+                "connection lost before the broker answered: the file may have been accepted"
+                    .into(),
             )));
         }
         // A file arriving is sent again (from the start, to a durable subscriber or
@@ -703,7 +704,8 @@ impl State {
         for id in self.handbacks.take_dropped() {
             self.remove_subscription(id, true, None, None);
         }
-        for filter in std::mem::take(&mut self.unsubscribe_later) {
+        // Kept until they are written: a connection lost at once takes them to the next.
+        for filter in self.unsubscribe_later.clone() {
             let request_id = self.request_id();
             live.writer.push(&frame(client_frame::Kind::Unsubscribe(
                 proto::Unsubscribe {
@@ -768,7 +770,9 @@ impl State {
                 live.writer.push_publish(&publish_frame(&p.sealed));
             }
         }
-        live.writer.flush().await
+        live.writer.flush().await?;
+        self.unsubscribe_later.clear();
+        Ok(())
     }
 
     fn opener(&self) -> Opener {
