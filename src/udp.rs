@@ -83,8 +83,8 @@ fn from_reported(reported: usize) -> usize {
 /// a read returning fewer datagrams than it had room for ends the wake-up.
 ///
 /// quinn reads until a read finds nothing, so every wake-up of a socket cost one
-/// more `recvmmsg` that returned `EAGAIN`. At 10,000 msg/s in bursts of ten that was
-/// one system call in three on the broker's socket, and as many on each client's.
+/// more `recvmmsg` that returned `EAGAIN`: half of the broker's reads at 10,000 msg/s
+/// in bursts of ten (BENCHMARKS.md), and as many of each client's.
 /// On Linux, `recvmmsg` on a non-blocking socket fills as many slots as there are
 /// datagrams queued, so a short read means the queue was empty; the socket is then
 /// marked not ready. Tokio clears that mark only if no readiness event came since
