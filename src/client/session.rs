@@ -520,6 +520,13 @@ impl State {
         self.fail_all(fatal);
     }
 
+    /// Drops the entries of uploads whose uploader gave up (the map holds the last
+    /// reference to their slot).
+    fn forget_abandoned_uploads(&mut self) {
+        self.sending
+            .retain(|_, refusal| Arc::strong_count(refusal) > 1);
+    }
+
     /// Ends what a lost connection carried that the next one cannot take up:
     /// multiplexed files, both ways. (Publishes are sent again and subscriptions
     /// renewed by [`Self::resume`]; QUIC uploads and incoming files fail on their
@@ -527,12 +534,9 @@ impl State {
     fn connection_lost(&mut self) {
         // Uploads being sent stop at their next chunk: the rest would reach a broker
         // that never saw their start.
-        self.sending
-            .retain(|_, refusal| Arc::strong_count(refusal) > 1);
+        self.forget_abandoned_uploads();
         for refusal in self.sending.values() {
-            let _ = refusal.set(ClientError::Connect(
-                "connection lost during the upload".into(),
-            ));
+            let _ = refusal.set(upload_cut_off());
         }
         // Whether the broker kept a file whose answer was lost cannot be known here.
         for (_, reply) in self.uploads.drain() {
@@ -1032,8 +1036,7 @@ impl State {
                                     requests,
                                     refusal: refusal.clone(),
                                 });
-                                self.sending
-                                    .retain(|_, refusal| Arc::strong_count(refusal) > 1);
+                                self.forget_abandoned_uploads();
                                 self.sending.insert(upload.file_id, refusal);
                                 Ok(upload)
                             }
@@ -1044,7 +1047,18 @@ impl State {
                 }
             }
             Request::FileFrame(frame) => {
-                if let Some(w) = writer {
+                // Frames of an upload already refused or cut off, queued before its
+                // uploader saw that, would only be answered NOT_FOUND.
+                let ended = match &frame.kind {
+                    Some(client_frame::Kind::FileChunk(c)) => <[u8; 16]>::try_from(&c.file_id[..])
+                        .ok()
+                        .and_then(|id| self.sending.get(&id))
+                        .is_some_and(|refusal| refusal.get().is_some()),
+                    _ => false,
+                };
+                if let Some(w) = writer
+                    && !ended
+                {
                     w.push(&frame);
                 }
             }
@@ -1065,9 +1079,7 @@ impl State {
                         self.uploads.insert(file_id, reply);
                     }
                     None => {
-                        let _ = reply.send(Err(ClientError::Connect(
-                            "connection lost during the upload".into(),
-                        )));
+                        let _ = reply.send(Err(upload_cut_off()));
                     }
                 }
             }
@@ -1391,6 +1403,11 @@ impl State {
         }
         self.subs.clear();
     }
+}
+
+/// Why a multiplexed upload ended early: its connection was lost while it was sent.
+fn upload_cut_off() -> ClientError {
+    ClientError::Connect("connection lost during the upload".into())
 }
 
 /// One broker subscription serves every local one on its filter: durable or with
