@@ -79,14 +79,26 @@ async fn refused_frames_leave_the_connection_open() {
         .await;
     let mut raw = broker.raw().await;
 
-    // Before Hello.
+    // Before Hello: each refusal names the request it answers.
     raw.send(client_frame::Kind::Subscribe(proto::Subscribe {
         request_id: 3,
         topic: "t".into(),
         ..Default::default()
     }))
     .await;
-    assert_eq!(error_code(&raw.next().await), ErrorCode::Unauthenticated);
+    raw.send(client_frame::Kind::GetKeys(proto::GetKeys {
+        request_id: 4,
+    }))
+    .await;
+    for request_id in [3, 4] {
+        match raw.next().await {
+            server_frame::Kind::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Unauthenticated as i32);
+                assert_eq!(e.request_id, request_id, "{e:?}");
+            }
+            other => panic!("expected Error, got {other:?}"),
+        }
+    }
     // Wrong password, then the right one on the same connection.
     assert_eq!(
         error_code(&raw.hello("strict", "nope", "").await),

@@ -234,15 +234,7 @@ impl Link {
                 return Ok(());
             }
             (_, None) => {
-                let refused = match &request {
-                    Request::Publish(p) => Refused {
-                        reject: Reject::NotAuthenticated,
-                        request_id: 0,
-                        message_id: Some(p.message_id),
-                    },
-                    _ => Refused::new(Reject::NotAuthenticated),
-                };
-                self.refuse(refused).await;
+                self.refuse(request.refused(Reject::NotAuthenticated)).await;
                 return Ok(());
             }
             (_, Some(conn)) => conn,

@@ -134,6 +134,23 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// `reject` as the answer to this request: the `Error` echoes its `request_id`,
+    /// or the `message_id` of a publish, so a client can tell which request failed.
+    pub fn refused(&self, reject: Reject) -> Refused {
+        let request_id = match self {
+            Request::Subscribe { request_id, .. }
+            | Request::Unsubscribe { request_id, .. }
+            | Request::PublishKey { request_id, .. }
+            | Request::GetKeys { request_id } => *request_id,
+            Request::RegisterPushToken(r) => r.request_id,
+            Request::Publish(p) => return Refused::for_message(p.message_id)(reject),
+            Request::Hello(_) | Request::Ack(_) | Request::Ping(_) => 0,
+        };
+        Refused::for_request(request_id)(reject)
+    }
+}
+
 /// A refused request, with what the `Error` frame should echo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
