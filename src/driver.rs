@@ -25,8 +25,8 @@ use crate::carrier::files::FilePort;
 use crate::carrier::{ConnTx, Outbound};
 use crate::core::{
     BacklogRequest, Command, ConnId, Core, CoreConfig, Event, FastMap, FileDone, FileOffer, Hello,
-    MessageKind, Millis, Output, Reject, SessionName, SessionSettings, Stats, StoreBatch,
-    StoredCopy,
+    MessageId, MessageKind, Millis, Output, Reject, SessionName, SessionSettings, Stats,
+    StoreBatch, StoredCopy,
 };
 use crate::spool::{Spool, SpoolError};
 use crate::store::{Store, StoreError};
@@ -193,9 +193,9 @@ impl DriverHandle {
             .await
     }
 
-    /// A file sent by `conn` is whole and in the spool: the core queues its copies.
-    /// Answers once that is done and the durable copies are committed, with whether
-    /// there are any.
+    /// A file sent by `conn` is whole (and in the spool if `done.spooled`): the core
+    /// records its id and queues its copies. Answers once those are committed, with
+    /// whether any copy is durable.
     pub async fn complete_file(
         &self,
         conn: ConnId,
@@ -203,6 +203,20 @@ impl DriverHandle {
     ) -> Result<Result<bool, Reject>, DriverGone> {
         self.ask(|reply| Inbound::CompleteFile { conn, done, reply })
             .await
+    }
+
+    /// An upload ended before its file was accepted: the core frees its id. Called
+    /// from `Drop`, so it does not wait: if the inbox is full, a task delivers it.
+    pub fn abandon_file(&self, session: SessionName, file_id: MessageId, timestamp_ms: Millis) {
+        let notice = Inbound::Command(Command::FileAbandoned {
+            session,
+            file_id,
+            timestamp_ms,
+        });
+        if let Err(mpsc::error::TrySendError::Full(notice)) = self.inbox.try_send(notice) {
+            let inbox = self.inbox.clone();
+            tokio::spawn(async move { inbox.send(notice).await });
+        }
     }
 
     /// The core's counters, for `/health`.
@@ -279,7 +293,15 @@ struct Driver {
     overflowed: Vec<ConnId>,
     spool: Arc<Spool>,
     /// Completed files waiting for the batch holding their durable copies, in order.
-    files_committing: VecDeque<(u64, oneshot::Sender<Result<bool, Reject>>)>,
+    files_committing: VecDeque<FileCommitting>,
+}
+
+/// A file that is whole, waiting for the batch holding its id to be committed.
+struct FileCommitting {
+    batch: u64,
+    /// Whether durable copies were written (the spool file must be synced).
+    durable: bool,
+    reply: oneshot::Sender<Result<bool, Reject>>,
 }
 
 impl Driver {
@@ -389,12 +411,12 @@ impl Driver {
             }
             Inbound::CompleteFile { conn, done, reply } => {
                 match self.core.complete_file(now, conn, done) {
-                    Ok(true) => self
-                        .files_committing
-                        .push_back((self.core.current_batch(), reply)),
-                    Ok(false) => {
-                        let _ = reply.send(Ok(false));
-                    }
+                    // Accepted once its id (and any durable copies) are committed.
+                    Ok(durable) => self.files_committing.push_back(FileCommitting {
+                        batch: self.core.current_batch(),
+                        durable,
+                        reply,
+                    }),
                     Err(reject) => {
                         let _ = reply.send(Err(reject));
                     }
@@ -411,7 +433,7 @@ impl Driver {
         match done {
             StoreDone::Committed(id) => {
                 self.core.handle_committed(id);
-                self.files_committed(id, Ok(true));
+                self.files_committed(id, Ok(()));
             }
             StoreDone::Failed(id) => {
                 self.core.handle_commit_failed(id);
@@ -474,14 +496,14 @@ impl Driver {
     }
 
     /// Answers the completed files whose batch (up to `batch_id`) is done.
-    fn files_committed(&mut self, batch_id: u64, result: Result<bool, Reject>) {
+    fn files_committed(&mut self, batch_id: u64, result: Result<(), Reject>) {
         while self
             .files_committing
             .front()
-            .is_some_and(|(id, _)| *id <= batch_id)
+            .is_some_and(|f| f.batch <= batch_id)
         {
-            if let Some((_, reply)) = self.files_committing.pop_front() {
-                let _ = reply.send(result.clone());
+            if let Some(file) = self.files_committing.pop_front() {
+                let _ = file.reply.send(result.clone().map(|()| file.durable));
             }
         }
     }

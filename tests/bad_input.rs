@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Broker, error_code, now_ms, within};
+use common::{Broker, error_code, now_ms, stream_frames, within};
 use fastport::client::SessionKey;
 use fastport::proto::{self, ErrorCode, PayloadFormat, client_frame, server_frame};
 use serde_json::json;
@@ -68,6 +68,32 @@ async fn broken_framing_gets_invalid_frame_and_a_closed_connection() {
     assert_eq!(error_code(&raw.next().await), ErrorCode::InvalidFrame);
     assert!(raw.closed_within(Duration::from_secs(3)).await);
 
+    still_serving(&broker, "bad").await;
+}
+
+/// Design §10 holds on file streams too: bytes that do not decode close the
+/// connection, a well-formed frame out of place only ends its upload.
+#[tokio::test]
+async fn a_file_stream_that_does_not_decode_closes_the_connection() {
+    let broker = Broker::start();
+    broker.create_session("bad", "secret-pass", json!({})).await;
+    let mut raw = broker.raw().await;
+    assert!(matches!(
+        raw.hello("bad", "secret-pass", "").await,
+        server_frame::Kind::Welcome(_)
+    ));
+
+    let publish = client_frame::Kind::Publish(proto::Publish::default());
+    let answer = raw.upload(&stream_frames([publish])).await;
+    assert_eq!(error_code(&answer), ErrorCode::InvalidFrame);
+    assert!(!raw.closed_within(Duration::from_millis(500)).await);
+
+    let answer = raw.upload(&[0x05, 0xff, 0xff, 0xff, 0xff, 0xff]).await;
+    assert_eq!(error_code(&answer), ErrorCode::InvalidFrame);
+    assert!(
+        raw.closed_within(Duration::from_secs(3)).await,
+        "connection must be closed"
+    );
     still_serving(&broker, "bad").await;
 }
 

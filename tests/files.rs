@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::dart::{Dart, key_b64};
-use common::{Broker, within};
+use common::{Broker, error_code, now_ms, stream_frames, within};
 use fastport::client::{Client, ClientConfig, ClientError, SessionKey};
-use fastport::proto::{ErrorCode, PayloadFormat};
+use fastport::proto::{
+    self, ErrorCode, FileChunk, FileEnd, FileHeader, PayloadFormat, client_frame, server_frame,
+};
 use futures::SinkExt;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWriteExt};
@@ -448,5 +450,71 @@ async fn a_lost_websocket_connection_ends_its_files_with_an_error() {
     assert!(
         matches!(end, Some(Err(ClientError::Transfer(_)))),
         "expected the file to fail, got {end:?}"
+    );
+}
+
+/// A file's id is recorded once the file is accepted (design §4 and §10): an upload
+/// the broker refused gives its id back, so the file can be sent again under it, and
+/// only then is the id `REPLAYED`.
+#[tokio::test]
+async fn a_refused_upload_gives_its_file_id_back() {
+    let (broker, _, _) = setup().await;
+    let mut raw = broker.raw().await;
+    assert!(matches!(
+        raw.hello("files", "secret-pass", "").await,
+        server_frame::Kind::Welcome(_)
+    ));
+    // A receiver, so the file goes through the spool and a live stream.
+    let mut receiver = broker.raw().await;
+    receiver.hello("files", "secret-pass", "").await;
+    receiver
+        .send(client_frame::Kind::Subscribe(proto::Subscribe {
+            request_id: 1,
+            topic: "f/#".into(),
+            ..Default::default()
+        }))
+        .await;
+    assert!(matches!(
+        receiver.next().await,
+        server_frame::Kind::Subscribed(_)
+    ));
+
+    let header = client_frame::Kind::FileHeader(FileHeader {
+        file_id: vec![9; 16].into(),
+        topic: "f/a".into(),
+        name: vec![1; 48].into(),
+        size: 64,
+        chunk_size: 64,
+        timestamp_ms: now_ms(),
+        ..Default::default()
+    });
+    let chunk = |index| {
+        client_frame::Kind::FileChunk(FileChunk {
+            index,
+            payload: vec![7; 64].into(),
+            ..Default::default()
+        })
+    };
+    let end = client_frame::Kind::FileEnd(FileEnd {
+        sha256: vec![0; 32].into(),
+        mac: vec![0; 32].into(),
+        ..Default::default()
+    });
+
+    let out_of_order = stream_frames([header.clone(), chunk(1)]);
+    assert_eq!(
+        error_code(&raw.upload(&out_of_order).await),
+        ErrorCode::InvalidFrame
+    );
+    let whole = stream_frames([header, chunk(0), end]);
+    let answer = raw.upload(&whole).await;
+    assert!(
+        matches!(answer, server_frame::Kind::FileAccepted(_)),
+        "sent again after the refusal: {answer:?}"
+    );
+    assert_eq!(
+        error_code(&raw.upload(&whole).await),
+        ErrorCode::Replayed,
+        "accepted once"
     );
 }

@@ -182,10 +182,7 @@ impl Upload {
             .open_file(conn, meta.offer())
             .await
             .map_err(|_| Reject::Internal("the broker is shutting down"))??;
-        let spool = match opened.spool {
-            true => Some(driver.spool().create(&opened.session, &meta.file_id)?),
-            false => None,
-        };
+        // Made before anything can fail, so that dropping it gives the file's id back.
         let mut upload = Upload {
             meta: Arc::new(meta),
             driver: driver.clone(),
@@ -196,13 +193,19 @@ impl Upload {
                 .into_iter()
                 .map(|(conn, port)| Receiver { conn, port })
                 .collect(),
-            spool,
+            spool: None,
             durable: opened.durable,
             next_index: 0,
             received: 0,
             max_bytes: driver.core_config().max_file_bytes,
             done: false,
         };
+        if opened.spool {
+            let spool = driver
+                .spool()
+                .create(&upload.session, &upload.meta.file_id)?;
+            upload.spool = Some(spool);
+        }
         let meta = upload.meta.clone();
         upload.forward(|| FileItem::Header(meta.clone())).await;
         Ok(upload)
@@ -254,11 +257,11 @@ impl Upload {
     pub async fn finish(mut self, sha256: Bytes, mac: Bytes) -> Result<(), Reject> {
         let file_id = self.meta.file_id;
         let trailer = Arc::new(FileTrailer { sha256, mac });
-        let Some(spool) = self.spool.take() else {
-            self.done = true;
-            return Ok(()); // nobody subscribed when it was offered: nothing to keep
-        };
-        spool.finish(&trailer, self.durable).await?;
+        // Nobody subscribed when it was offered: nothing is kept but its id.
+        let spooled = self.spool.is_some();
+        if let Some(spool) = self.spool.take() {
+            spool.finish(&trailer, self.durable).await?;
+        }
         let done = FileDone {
             file_id,
             topic: self.meta.topic.clone(),
@@ -270,6 +273,7 @@ impl Upload {
                 live.sort_unstable();
                 live
             },
+            spooled,
         };
         let durable = self
             .driver
@@ -340,6 +344,11 @@ impl Drop for Upload {
             for receiver in self.receivers.drain(..) {
                 abort_later(receiver.port, self.meta.file_id);
             }
+            self.driver.abandon_file(
+                self.session.clone(),
+                self.meta.file_id,
+                self.meta.timestamp_ms,
+            );
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::proto::{self, ClientFrame, ServerFrame, client_frame, server_frame};
 
 use super::files::{self, FILE_PORT_CAPACITY, FileItem, FileMeta, Upload};
 use super::framing::{self, FrameDecoder, WriteQueue};
-use super::{Link, LinkContext, Outbound, Request, native};
+use super::{Link, LinkContext, Outbound, Refused, Request, native};
 
 /// ALPN of the native protocol.
 pub const ALPN_NATIVE: &[u8] = b"fastport/1";
@@ -394,6 +394,7 @@ async fn accept_uploads(
 ) {
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio::spawn(serve_upload(
+            conn.clone(),
             send,
             StreamFrames::new(recv, max_frame),
             driver.clone(),
@@ -408,74 +409,117 @@ async fn reply(send: &mut SendStream, kind: server_frame::Kind) {
     let _ = send.finish();
 }
 
-async fn refuse_upload(send: &mut SendStream, reject: Reject, file_id: Option<MessageId>) {
-    let item = Outbound::Event(Event::error(reject, 0, file_id));
+async fn refuse_upload(send: &mut SendStream, refused: Refused) {
+    let item = Outbound::Event(Event::error(refused.reject, 0, refused.message_id));
     if let Some(kind) = native::server_frame(&item).kind {
         reply(send, kind).await;
     }
 }
 
+/// How an upload stream ended.
+enum UploadEnd {
+    /// The file is accepted: `FileAccepted` is owed.
+    Accepted(MessageId),
+    /// The sender went away before the file's end.
+    Gone,
+    /// A well-formed frame was refused: an `Error` on the stream; the connection
+    /// lives on.
+    Refused(Refused),
+    /// Bytes that do not decode: `INVALID_FRAME`, and the connection is closed
+    /// (design §10), as on the control stream.
+    Broken(Refused),
+}
+
 /// One file upload: `FileHeader`, chunks, `FileEnd` in; `FileAccepted` or `Error` out.
 async fn serve_upload(
+    conn: Connection,
     mut send: SendStream,
     mut frames: StreamFrames,
     driver: DriverHandle,
     conn_id: Arc<OnceLock<ConnId>>,
 ) {
-    let Some(conn) = conn_id.get().copied() else {
-        return refuse_upload(&mut send, Reject::NotAuthenticated, None).await;
+    // The upload is over (and, unless accepted, its file id given back) before the
+    // client hears how it ended, so a resend under the same id is not `REPLAYED`.
+    let end = match conn_id.get().copied() {
+        Some(id) => receive_upload(&mut frames, &driver, id).await,
+        None => UploadEnd::Refused(Refused::new(Reject::NotAuthenticated)),
     };
+    match end {
+        UploadEnd::Accepted(file_id) => {
+            let accepted = proto::FileAccepted {
+                file_id: bytes::Bytes::copy_from_slice(file_id.as_bytes()),
+            };
+            reply(&mut send, server_frame::Kind::FileAccepted(accepted)).await;
+        }
+        UploadEnd::Gone => {}
+        UploadEnd::Refused(refused) => refuse_upload(&mut send, refused).await,
+        UploadEnd::Broken(refused) => {
+            let code = VarInt::from_u32(refused.reject.code() as u32);
+            let reason = refused.reject.to_string();
+            refuse_upload(&mut send, refused).await;
+            // Give the Error frame a moment to reach the client before closing.
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            conn.close(code, reason.as_bytes());
+        }
+    }
+}
+
+/// Reads one upload into the broker; the [`Upload`] is dropped (aborting the file)
+/// on any end but acceptance.
+async fn receive_upload(
+    frames: &mut StreamFrames,
+    driver: &DriverHandle,
+    conn: ConnId,
+) -> UploadEnd {
     let header = match tokio::time::timeout(Duration::from_secs(10), frames.next()).await {
         Ok(Ok(Some(ClientFrame {
             kind: Some(client_frame::Kind::FileHeader(h)),
         }))) => h,
-        Ok(Ok(None)) => return,
-        _ => {
+        Ok(Ok(None)) => return UploadEnd::Gone,
+        Ok(Err(reject)) => return UploadEnd::Broken(Refused::new(reject)),
+        Ok(Ok(Some(_))) | Err(_) => {
             let reject = Reject::InvalidFrame("a file stream starts with FileHeader".into());
-            return refuse_upload(&mut send, reject, None).await;
+            return UploadEnd::Refused(Refused::new(reject));
         }
     };
     let meta = match FileMeta::from_header(header) {
         Ok(meta) => meta,
-        Err(refused) => return refuse_upload(&mut send, refused.reject, refused.message_id).await,
+        Err(refused) => return UploadEnd::Refused(refused),
     };
     let file_id = meta.file_id;
-    let mut upload = match Upload::open(&driver, conn, meta).await {
+    let refused = Refused::for_message(file_id);
+    let mut upload = match Upload::open(driver, conn, meta).await {
         Ok(upload) => upload,
-        Err(reject) => return refuse_upload(&mut send, reject, Some(file_id)).await,
+        Err(reject) => return UploadEnd::Refused(refused(reject)),
     };
     loop {
         let Ok(next) = tokio::time::timeout(UPLOAD_IDLE, frames.next()).await else {
             let reject = Reject::LimitExceeded("the upload sent nothing for 60 s; dropped");
-            return refuse_upload(&mut send, reject, Some(file_id)).await;
+            return UploadEnd::Refused(refused(reject));
         };
         match next {
             Ok(Some(ClientFrame {
                 kind: Some(client_frame::Kind::FileChunk(chunk)),
             })) => {
                 if let Err(reject) = upload.chunk(chunk.index, chunk.payload).await {
-                    return refuse_upload(&mut send, reject, Some(file_id)).await;
+                    return UploadEnd::Refused(refused(reject));
                 }
             }
             Ok(Some(ClientFrame {
                 kind: Some(client_frame::Kind::FileEnd(end)),
             })) => {
-                if let Err(reject) = upload.finish(end.sha256, end.mac).await {
-                    return refuse_upload(&mut send, reject, Some(file_id)).await;
-                }
-                let accepted = proto::FileAccepted {
-                    file_id: bytes::Bytes::copy_from_slice(file_id.as_bytes()),
+                return match upload.finish(end.sha256, end.mac).await {
+                    Ok(()) => UploadEnd::Accepted(file_id),
+                    Err(reject) => UploadEnd::Refused(refused(reject)),
                 };
-                return reply(&mut send, server_frame::Kind::FileAccepted(accepted)).await;
             }
             Ok(Some(_)) => {
                 let reject =
                     Reject::InvalidFrame("expected FileChunk or FileEnd on a file stream".into());
-                return refuse_upload(&mut send, reject, Some(file_id)).await;
+                return UploadEnd::Refused(refused(reject));
             }
-            // The sender went away before FileEnd: dropping the upload aborts it.
-            Ok(None) => return,
-            Err(reject) => return refuse_upload(&mut send, reject, Some(file_id)).await,
+            Ok(None) => return UploadEnd::Gone,
+            Err(reject) => return UploadEnd::Broken(refused(reject)),
         }
     }
 }

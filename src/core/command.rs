@@ -122,6 +122,9 @@ pub struct FileDone {
     /// The connections that got every chunk as it arrived, sorted; they get the
     /// file's end next, so their copies count as sent.
     pub live: Vec<ConnId>,
+    /// The file is in the spool. If not (nobody subscribed when it was offered),
+    /// only its id is recorded: there is nothing to deliver.
+    pub spooled: bool,
 }
 
 /// What the broker decided about a file when it was offered.
@@ -182,6 +185,13 @@ pub enum Command {
     FileStreamed {
         conn: ConnId,
         file_id: MessageId,
+    },
+    /// A file upload ended before the file was accepted (refused, cut off, or the
+    /// sender went away): its id may be sent again.
+    FileAbandoned {
+        session: SessionName,
+        file_id: MessageId,
+        timestamp_ms: Millis,
     },
     /// A session was created or changed (HTTP API, admin).
     SessionUpdated(SessionSettings),

@@ -2,6 +2,11 @@
 //! file has arrived whole, queues it like a message. The bytes never pass through it:
 //! carriers stream them under transport flow control and keep them in the spool
 //! (design §3), and a copy of a file stands for the spool file when it is sent again.
+//!
+//! A file's id is held in the replay set from its offer, so the same file cannot be
+//! uploaded twice at once, but it is committed only with the file (design §4: an id is
+//! recorded once the broker has accepted what it names). An upload that ends short
+//! gives its id back, so `REPLAYED` keeps meaning "already accepted".
 
 use std::sync::Arc;
 
@@ -11,7 +16,7 @@ use super::Core;
 use super::command::{FileDone, FileOffer, FileRoute, Message, MessageKind, StoreOp};
 use super::error::Reject;
 use super::router::fan_out;
-use super::types::{ConnId, Millis};
+use super::types::{ConnId, MessageId, Millis, SessionName};
 
 impl Core {
     /// Admits a file offered by `conn` (auth, size, replay of its id) and says where it
@@ -41,11 +46,6 @@ impl Core {
         session
             .replay
             .admit(now, offer.file_id, offer.timestamp_ms)?;
-        self.fx.ops.push(StoreOp::PutReplayId {
-            session: session.settings.name.clone(),
-            id: offer.file_id,
-            expires_at: session.replay.expiry_of(offer.timestamp_ms),
-        });
         let legacy = offer.format == PayloadFormat::LegacyJson;
         let mut route = FileRoute {
             session: session.settings.name.clone(),
@@ -73,11 +73,12 @@ impl Core {
         Ok(route)
     }
 
-    /// A file sent by `conn` has arrived whole and is in the spool: every subscriber
-    /// whose filters match gets a copy, queued and retried like a message's. The
-    /// connections in `done.live` already have every chunk, so theirs count as sent.
-    /// Returns whether durable copies were written: the file is accepted once their
-    /// batch ([`Core::current_batch`]) is committed.
+    /// A file sent by `conn` has arrived whole: its id is recorded and, if it is in
+    /// the spool, every subscriber whose filters match gets a copy, queued and retried
+    /// like a message's. The connections in `done.live` already have every chunk, so
+    /// theirs count as sent. Returns whether durable copies were written; either way
+    /// the file is accepted once the current batch ([`Core::current_batch`]) is
+    /// committed.
     pub fn complete_file(
         &mut self,
         now: Millis,
@@ -90,6 +91,14 @@ impl Core {
             .get_mut(&c.session)
             .ok_or(Reject::Internal("session vanished"))?;
         let settings = &session.settings;
+        self.fx.ops.push(StoreOp::PutReplayId {
+            session: settings.name.clone(),
+            id: done.file_id,
+            expires_at: session.replay.expiry_of(done.timestamp_ms),
+        });
+        if !done.spooled {
+            return Ok(false);
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         let message = Arc::new(Message {
@@ -118,5 +127,18 @@ impl Core {
         self.fx.hold_file(&message);
         self.fx.release_file(&message);
         Ok(durable_copies > 0)
+    }
+
+    /// An upload of `session` ended before its file was accepted: the id is free
+    /// again, so the sender can send the file again under it.
+    pub(super) fn abandon_file(
+        &mut self,
+        session: &SessionName,
+        file_id: &MessageId,
+        timestamp_ms: Millis,
+    ) {
+        if let Some(session) = self.sessions.get_mut(session) {
+            session.replay.forget(file_id, timestamp_ms);
+        }
     }
 }

@@ -841,6 +841,80 @@ fn files_go_to_online_subscribers_once_and_legacy_only_to_legacy() {
     );
 }
 
+/// A file's id is committed with the file, not with its offer (design §4): while an
+/// upload runs its id is taken, an upload that ends short gives it back, and only an
+/// accepted file's id is refused as a replay, after a restart too.
+#[test]
+fn a_file_id_is_recorded_when_the_file_is_accepted() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let sender = p.connect(&s, "sender");
+    let offer = |id: u8| FileOffer {
+        file_id: MessageId([id; 16]),
+        topic: TopicName::parse("files/a").expect("valid"),
+        timestamp_ms: T0,
+        format: PayloadFormat::NativeV1,
+        size: 10,
+    };
+    let recorded = |p: &mut Pair, id: u8| {
+        let restore = p.store.restore(p.now);
+        restore
+            .replay_ids
+            .iter()
+            .any(|(_, i, _)| *i == MessageId([id; 16]))
+    };
+    let done = |id: u8| FileDone {
+        file_id: MessageId([id; 16]),
+        topic: TopicName::parse("files/a").expect("valid"),
+        timestamp_ms: T0,
+        format: PayloadFormat::NativeV1,
+        header: Bytes::from_static(b"header"),
+        live: Vec::new(),
+        spooled: false, // nobody subscribes
+    };
+
+    p.core
+        .open_file(p.now, sender, &offer(1))
+        .expect("admitted");
+    p.drive();
+    assert!(!recorded(&mut p, 1), "not committed while it streams");
+    assert_eq!(
+        p.core.open_file(p.now, sender, &offer(1)),
+        Err(Reject::Replayed),
+        "one upload of a file id at a time"
+    );
+    p.cmd(Command::FileAbandoned {
+        session: s.name.clone(),
+        file_id: MessageId([1; 16]),
+        timestamp_ms: T0,
+    });
+    p.core
+        .open_file(p.now, sender, &offer(1))
+        .expect("free again once the first upload ended short");
+    assert!(
+        !p.core
+            .complete_file(p.now, sender, done(1))
+            .expect("accepted")
+    );
+    p.drive();
+    assert!(recorded(&mut p, 1), "committed with the file");
+    assert!(p.take(sender).is_empty(), "nothing was delivered");
+    assert_eq!(
+        p.core.open_file(p.now, sender, &offer(1)),
+        Err(Reject::Replayed)
+    );
+
+    let mut q = Pair::new();
+    q.now = p.now;
+    q.core.restore(p.store.restore(p.now));
+    let sender = q.connect(&s, "sender");
+    assert_eq!(
+        q.core.open_file(q.now, sender, &offer(1)),
+        Err(Reject::Replayed),
+        "after a restart"
+    );
+}
+
 /// Completes a file `id` on "files/a" sent by `sender`, streamed live to `live`.
 fn complete(p: &mut Pair, sender: ConnId, id: u8, live: Vec<ConnId>) -> bool {
     let offer = FileOffer {
@@ -858,6 +932,7 @@ fn complete(p: &mut Pair, sender: ConnId, id: u8, live: Vec<ConnId>) -> bool {
         format: offer.format,
         header: Bytes::from_static(b"header"),
         live,
+        spooled: true,
     };
     let durable = p
         .core

@@ -347,10 +347,40 @@ impl Raw {
         self.next().await
     }
 
+    /// Opens a file stream, writes `bytes` on it (leaving it open) and returns the
+    /// broker's answer on that stream.
+    pub async fn upload(&self, bytes: &[u8]) -> server_frame::Kind {
+        let (mut send, mut recv) = within("open a file stream", self.conn.open_bi())
+            .await
+            .expect("open_bi");
+        within("write", send.write_all(bytes)).await.expect("write");
+        let mut decoder = FrameDecoder::new(1 << 20);
+        loop {
+            if let Some(bytes) = decoder.next_frame().expect("broker framing") {
+                let frame: ServerFrame = framing::decode(bytes).expect("broker frame decodes");
+                return frame.kind.expect("a kind");
+            }
+            let chunk = within("the answer", recv.read_chunk(65536, true))
+                .await
+                .expect("read")
+                .expect("an answer before the stream ends");
+            decoder.extend(&chunk.bytes);
+        }
+    }
+
     /// Whether the broker closed the connection within `wait`.
     pub async fn closed_within(&self, wait: Duration) -> bool {
         tokio::time::timeout(wait, self.conn.closed()).await.is_ok()
     }
+}
+
+/// Frames as they go on a QUIC stream, each after its length.
+pub fn stream_frames(kinds: impl IntoIterator<Item = client_frame::Kind>) -> BytesMut {
+    let mut buf = BytesMut::new();
+    for kind in kinds {
+        framing::encode_frame(&ClientFrame { kind: Some(kind) }, &mut buf);
+    }
+    buf
 }
 
 /// Unwraps an `Error` frame's code.
