@@ -1,16 +1,23 @@
 //! Session passwords: argon2id at rest, verified off the async threads, with a cache so a
 //! reconnect storm costs a hash lookup instead of an argon2 run per client, and a per-IP
-//! budget of full verifications so nobody can guess passwords or burn the CPU.
+//! budget of failed logins (design §10) so nobody can guess passwords. Logins that
+//! succeed spend nothing: many clients behind one address (a NAT, a test harness,
+//! everyone reconnecting after a restart) are never held back, and argon2 runs at most
+//! one per core at a time, so it cannot starve the broker either way.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use argon2::password_hash::SaltString;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
@@ -52,22 +59,25 @@ pub struct Authenticator {
     /// Verifications under way, by digest: concurrent logins with the same password
     /// (a reconnect storm) wait for one argon2 run instead of each starting one.
     inflight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<bool>>>>,
-    /// Full (argon2) verifications allowed per client IP.
-    budget: DefaultKeyedRateLimiter<IpAddr>,
+    /// Failed logins allowed per client IP.
+    failures: FailedLogins,
     /// Concurrent argon2 runs: one per core, so logins cannot starve the broker.
     slots: Semaphore,
+    /// argon2 runs so far.
+    #[cfg(test)]
+    verifications: std::sync::atomic::AtomicUsize,
 }
 
 impl Authenticator {
-    /// An authenticator allowing each IP bursts of 30 full verifications, refilled at
-    /// 2 per second.
+    /// An authenticator allowing each IP bursts of 30 failed logins, refilled at 2 per
+    /// second.
     pub fn new(store: Arc<dyn Store>) -> Self {
         let burst = NonZeroU32::new(30).unwrap_or(NonZeroU32::MIN);
         let per_second = NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN);
         Self::with_budget(store, Quota::per_second(per_second).allow_burst(burst))
     }
 
-    /// An authenticator with a custom per-IP budget of full verifications.
+    /// An authenticator with a custom per-IP budget of failed logins.
     pub fn with_budget(store: Arc<dyn Store>, budget: Quota) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
@@ -75,8 +85,10 @@ impl Authenticator {
             secret: rand::random(),
             cache: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
-            budget: RateLimiter::keyed(budget),
+            failures: FailedLogins::new(budget),
             slots: Semaphore::new(cores),
+            #[cfg(test)]
+            verifications: Default::default(),
         }
     }
 
@@ -116,13 +128,14 @@ impl Authenticator {
             }
         }
 
+        if self.failures.is_blocked(peer) {
+            return Err(Reject::RateLimited(
+                "too many failed logins from this address",
+            ));
+        }
         let Some(record) = record else {
-            // Unknown sessions cost a budget slot too, so they cannot be enumerated.
-            if self.budget.check_key(&peer).is_err() {
-                return Err(Reject::RateLimited(
-                    "too many login attempts from this address",
-                ));
-            }
+            // An unknown session is a failed login too, so names cannot be enumerated.
+            self.failures.record(peer);
             return Err(Reject::BadCredentials);
         };
         let cell = self
@@ -134,22 +147,16 @@ impl Authenticator {
             .clone();
         let outcome = cell
             .get_or_try_init(|| async {
-                // Only the login that actually runs argon2 spends the budget.
-                if self.budget.check_key(&peer).is_err() {
-                    return Err(Reject::RateLimited(
-                        "too many login attempts from this address",
-                    ));
-                }
-                if self.budget.len() > 100_000 {
-                    self.budget.retain_recent();
-                }
                 let _slot = self
                     .slots
                     .acquire()
                     .await
                     .map_err(|_| Reject::Internal("shutting down"))?;
+                #[cfg(test)]
+                self.verifications
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let (password, phc) = (password.to_owned(), record.password_hash.clone());
-                Ok(
+                Ok::<_, Reject>(
                     tokio::task::spawn_blocking(move || verify_password(&password, &phc))
                         .await
                         .unwrap_or(false),
@@ -161,8 +168,8 @@ impl Authenticator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&digest);
-        let ok = outcome?;
-        if !ok {
+        if !outcome? {
+            self.failures.record(peer);
             return Err(Reject::BadCredentials);
         }
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(
@@ -183,6 +190,64 @@ impl Authenticator {
     }
 }
 
+/// A budget of failed logins per client IP: each failure spends one; an address whose
+/// budget is spent is refused before any check until one failure's worth has come back.
+struct FailedLogins {
+    budget: RateLimiter<
+        IpAddr,
+        DefaultKeyedStateStore<IpAddr>,
+        DefaultClock,
+        StateInformationMiddleware,
+    >,
+    /// Addresses whose budget is spent, and until when.
+    blocked: Mutex<HashMap<IpAddr, Instant>>,
+    /// How long one failure's worth of budget takes to come back.
+    refill: Duration,
+}
+
+impl FailedLogins {
+    /// Entries kept before the expired ones are swept (each is a few dozen bytes).
+    const SWEEP_AT: usize = 100_000;
+
+    fn new(quota: Quota) -> Self {
+        Self {
+            budget: RateLimiter::keyed(quota).with_middleware(),
+            blocked: Mutex::new(HashMap::new()),
+            refill: quota.replenish_interval(),
+        }
+    }
+
+    fn is_blocked(&self, peer: IpAddr) -> bool {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        match blocked.get(&peer) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                blocked.remove(&peer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// A login from `peer` failed.
+    fn record(&self, peer: IpAddr) {
+        let wait = match self.budget.check_key(&peer) {
+            Ok(state) if state.remaining_burst_capacity() > 0 => return,
+            Ok(_) => self.refill,
+            Err(not_until) => not_until.wait_time_from(self.budget.clock().now()),
+        };
+        if self.budget.len() > Self::SWEEP_AT {
+            self.budget.retain_recent();
+        }
+        let now = Instant::now();
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        if blocked.len() > Self::SWEEP_AT {
+            blocked.retain(|_, until| *until > now);
+        }
+        blocked.insert(peer, now + wait);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,7 +261,13 @@ mod tests {
 
     async fn setup_with(budget: Quota) -> (Authenticator, SessionName) {
         let store = Arc::new(MemoryStore::default());
-        let name = SessionName::parse("s").expect("valid");
+        let name = create(&store, "s").await;
+        (Authenticator::with_budget(store, budget), name)
+    }
+
+    /// Creates session `name` with the password "right".
+    async fn create(store: &MemoryStore, name: &str) -> SessionName {
+        let name = SessionName::parse(name).expect("valid");
         let hash = tokio::task::spawn_blocking(|| hash_password("right"))
             .await
             .expect("join")
@@ -209,8 +280,10 @@ mod tests {
             })
             .await
             .expect("create");
-        (Authenticator::with_budget(store, budget), name)
+        name
     }
+
+    const LIMITED: Reject = Reject::RateLimited("too many failed logins from this address");
 
     const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
@@ -233,7 +306,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reconnect_storm_runs_argon2_once() {
-        let (auth, name) = setup().await; // budget: 5 verifications per IP
+        let (auth, name) = setup().await;
         let auth = Arc::new(auth);
         let logins: Vec<_> = (0..50)
             .map(|_| {
@@ -247,6 +320,31 @@ mod tests {
                 "concurrent logins share one verification"
             );
         }
+        let runs = auth
+            .verifications
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(runs, 1);
+    }
+
+    /// Design §10 limits failed logins: logins that succeed, each needing its own
+    /// argon2 run, spend nothing (many clients behind one address, a test harness).
+    #[tokio::test]
+    async fn successful_logins_spend_no_budget() {
+        let store = Arc::new(MemoryStore::default());
+        let mut names = Vec::new();
+        for name in ["a", "b", "c", "d"] {
+            names.push(create(&store, name).await);
+        }
+        let burst = NonZeroU32::new(2).expect("non-zero");
+        let auth = Authenticator::with_budget(store, Quota::per_hour(burst));
+        for name in &names {
+            assert!(auth.authenticate(IP, name, "right").await.is_ok(), "{name}");
+        }
+        assert_eq!(
+            auth.verifications
+                .load(std::sync::atomic::Ordering::Relaxed),
+            4
+        );
     }
 
     #[tokio::test]
@@ -255,18 +353,30 @@ mod tests {
         auth.authenticate(IP, &name, "right")
             .await
             .expect("first login");
-        let mut limited = false;
-        for _ in 0..40 {
-            if auth.authenticate(IP, &name, "guess").await
-                == Err(Reject::RateLimited(
-                    "too many login attempts from this address",
-                ))
-            {
-                limited = true;
-                break;
-            }
+        // Budget: 5 failures per hour. Unknown sessions count too.
+        let unknown = SessionName::parse("nope").expect("valid");
+        assert_eq!(
+            auth.authenticate(IP, &unknown, "guess").await,
+            Err(Reject::BadCredentials)
+        );
+        for guess in 1..5 {
+            assert_eq!(
+                auth.authenticate(IP, &name, "guess").await,
+                Err(Reject::BadCredentials),
+                "guess {guess}"
+            );
         }
-        assert!(limited, "40 wrong guesses in a row must hit the budget");
+        let runs = auth
+            .verifications
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(auth.authenticate(IP, &name, "guess").await, Err(LIMITED));
+        assert_eq!(auth.authenticate(IP, &unknown, "x").await, Err(LIMITED));
+        assert_eq!(
+            auth.verifications
+                .load(std::sync::atomic::Ordering::Relaxed),
+            runs,
+            "refused before any check"
+        );
         assert!(
             auth.authenticate(IP, &name, "right").await.is_ok(),
             "cache still admits"
