@@ -5,9 +5,10 @@ use crate::proto::ErrorCode;
 use super::types::NameError;
 
 /// A refusal of a well-formed request, or a broken frame. Carriers turn it into an
-/// `Error` frame (or the legacy bridge's `{"type":"error"}`, or an HTTP status); only
-/// [`Reject::InvalidFrame`] from undecodable bytes, [`Reject::TakenOver`] and
-/// [`Reject::Unauthenticated`] on `Hello` end the connection.
+/// `Error` frame (or the legacy bridge's `{"type":"error"}`, or an HTTP status). Only
+/// undecodable bytes ([`Reject::InvalidFrame`] from the framing), [`Reject::TakenOver`],
+/// no `Hello` by the deadline and, on the legacy bridge, a failed `init` (close code
+/// 1008) end the connection; a refused `Hello` may be tried again on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Reject {
     /// A frame arrived before `Hello` succeeded.
