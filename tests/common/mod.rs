@@ -161,6 +161,29 @@ impl Broker {
         self.signal("TERM");
     }
 
+    /// Stops the broker (`SIGSTOP`) and waits until every thread of it has stopped: the
+    /// signal is sent at once, but on a busy machine a thread can run on for a while.
+    pub fn stop(&self) {
+        self.signal("STOP");
+        let pid = self.child.as_ref().expect("running").id();
+        let stopped = || {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+            tasks.flatten().all(|task| {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                // The state follows the command name, which is in parentheses.
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                state.starts_with('T') || state.is_empty()
+            })
+        };
+        for _ in 0..500 {
+            if stopped() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the broker did not stop within 5 s");
+    }
+
     /// Sends the broker signal `name` (`TERM`, `STOP`…) and returns at once.
     pub fn signal(&self, name: &str) {
         let pid = self.child.as_ref().expect("running").id().to_string();
