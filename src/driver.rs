@@ -92,7 +92,7 @@ enum Inbound {
     CompleteFile {
         conn: ConnId,
         done: FileDone,
-        reply: oneshot::Sender<Result<bool, Reject>>,
+        reply: oneshot::Sender<Result<bool, NotAccepted>>,
     },
     Stats(oneshot::Sender<Stats>),
     Shutdown(oneshot::Sender<()>),
@@ -124,10 +124,19 @@ pub struct OpenedFile {
     pub durable: bool,
 }
 
+/// A file upload that ended before its file was accepted. At most one per upload, so
+/// their channel is bounded by the uploads under way.
+struct Abandoned {
+    session: SessionName,
+    file_id: MessageId,
+    timestamp_ms: Millis,
+}
+
 /// A cheap, cloneable handle for carriers and the HTTP API.
 #[derive(Clone)]
 pub struct DriverHandle {
     inbox: mpsc::Sender<Inbound>,
+    abandoned: mpsc::UnboundedSender<Abandoned>,
     next_conn: Arc<AtomicU64>,
     config: Arc<CoreConfig>,
     spool: Arc<Spool>,
@@ -200,23 +209,21 @@ impl DriverHandle {
         &self,
         conn: ConnId,
         done: FileDone,
-    ) -> Result<Result<bool, Reject>, DriverGone> {
+    ) -> Result<Result<bool, NotAccepted>, DriverGone> {
         self.ask(|reply| Inbound::CompleteFile { conn, done, reply })
             .await
     }
 
     /// An upload ended before its file was accepted: the core frees its id. Called
-    /// from `Drop`, so it does not wait: if the inbox is full, a task delivers it.
+    /// from `Drop`, so it does not wait. The notice goes on a channel of its own, which
+    /// the driver reads before any file offer: a client that sends the file again
+    /// after hearing of the failure finds its id free even with the inbox full.
     pub fn abandon_file(&self, session: SessionName, file_id: MessageId, timestamp_ms: Millis) {
-        let notice = Inbound::Command(Command::FileAbandoned {
+        let _ = self.abandoned.send(Abandoned {
             session,
             file_id,
             timestamp_ms,
         });
-        if let Err(mpsc::error::TrySendError::Full(notice)) = self.inbox.try_send(notice) {
-            let inbox = self.inbox.clone();
-            tokio::spawn(async move { inbox.send(notice).await });
-        }
     }
 
     /// The core's counters, for `/health`.
@@ -258,11 +265,13 @@ pub async fn start(
     // could otherwise deadlock against a driver waiting to queue a job).
     let (jobs_tx, jobs_rx) = mpsc::channel(1024);
     let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let (abandoned_tx, abandoned_rx) = mpsc::unbounded_channel();
     let worker = tokio::spawn(store_worker(store.clone(), jobs_rx, done_tx));
 
     let driver = Driver {
         core,
         inbox: inbox_rx,
+        abandoned: abandoned_rx,
         myself: inbox_tx.downgrade(),
         conns: FastMap::default(),
         jobs: jobs_tx,
@@ -273,6 +282,7 @@ pub async fn start(
     };
     let handle = DriverHandle {
         inbox: inbox_tx,
+        abandoned: abandoned_tx,
         next_conn: Arc::new(AtomicU64::new(1)),
         config: Arc::new(config.core),
         spool,
@@ -284,6 +294,7 @@ pub async fn start(
 struct Driver {
     core: Core,
     inbox: mpsc::Receiver<Inbound>,
+    abandoned: mpsc::UnboundedReceiver<Abandoned>,
     /// The inbox's sending side, for the driver's own tasks (spool streams).
     myself: mpsc::WeakSender<Inbound>,
     conns: FastMap<ConnId, ConnTx>,
@@ -292,7 +303,8 @@ struct Driver {
     /// Connections whose outbound queue was full during the last flush.
     overflowed: Vec<ConnId>,
     spool: Arc<Spool>,
-    /// Completed files waiting for the batch holding their durable copies, in order.
+    /// Completed files waiting for the batch holding their ids (and any durable
+    /// copies), in order.
     files_committing: VecDeque<FileCommitting>,
 }
 
@@ -301,7 +313,25 @@ struct FileCommitting {
     batch: u64,
     /// Whether durable copies were written (the spool file must be synced).
     durable: bool,
-    reply: oneshot::Sender<Result<bool, Reject>>,
+    reply: oneshot::Sender<Result<bool, NotAccepted>>,
+}
+
+/// Why a whole file was not accepted.
+#[derive(Debug, Clone)]
+pub enum NotAccepted {
+    /// The core refused it (its sender is gone, say): nothing was queued.
+    Refused(Reject),
+    /// Its batch could not be committed. Its copies were queued in memory and go out
+    /// from the spool; its id stays taken, as for any file whose copies are queued.
+    NotCommitted(Reject),
+}
+
+impl NotAccepted {
+    pub fn reject(self) -> Reject {
+        match self {
+            NotAccepted::Refused(reject) | NotAccepted::NotCommitted(reject) => reject,
+        }
+    }
 }
 
 impl Driver {
@@ -324,6 +354,7 @@ impl Driver {
             tokio::select! {
                 biased;
                 Some(done) = self.done.recv() => self.on_store(done),
+                Some(upload) = self.abandoned.recv() => self.on_abandoned(upload),
                 inbound = self.inbox.recv() => match inbound {
                     Some(Inbound::Shutdown(tx)) => {
                         shutdown = Some(tx);
@@ -394,6 +425,10 @@ impl Driver {
                 self.core.handle(now, command);
             }
             Inbound::OpenFile { conn, offer, reply } => {
+                // An upload given up before this offer was made frees its id first.
+                while let Ok(upload) = self.abandoned.try_recv() {
+                    self.on_abandoned(upload);
+                }
                 let opened = self.core.open_file(now, conn, &offer).map(|route| {
                     let receivers = route
                         .live
@@ -418,7 +453,7 @@ impl Driver {
                         reply,
                     }),
                     Err(reject) => {
-                        let _ = reply.send(Err(reject));
+                        let _ = reply.send(Err(NotAccepted::Refused(reject)));
                     }
                 }
             }
@@ -427,6 +462,11 @@ impl Driver {
             }
             Inbound::Shutdown(_) => {}
         }
+    }
+
+    fn on_abandoned(&mut self, upload: Abandoned) {
+        self.core
+            .abandon_file(&upload.session, &upload.file_id, upload.timestamp_ms);
     }
 
     fn on_store(&mut self, done: StoreDone) {
@@ -438,7 +478,7 @@ impl Driver {
             StoreDone::Failed(id) => {
                 self.core.handle_commit_failed(id);
                 let reject = Reject::Internal("the store could not commit; retry");
-                self.files_committed(id, Err(reject));
+                self.files_committed(id, Err(NotAccepted::NotCommitted(reject)));
             }
             StoreDone::Loaded(request, rows, exhausted) => {
                 self.core
@@ -496,7 +536,7 @@ impl Driver {
     }
 
     /// Answers the completed files whose batch (up to `batch_id`) is done.
-    fn files_committed(&mut self, batch_id: u64, result: Result<(), Reject>) {
+    fn files_committed(&mut self, batch_id: u64, result: Result<(), NotAccepted>) {
         while self
             .files_committing
             .front()

@@ -73,7 +73,11 @@ impl From<SpoolError> for Reject {
     fn from(e: SpoolError) -> Self {
         match e {
             SpoolError::Full => Reject::LimitExceeded("the broker's file spool is full"),
-            SpoolError::Exists => Reject::Replayed,
+            // Not a replay (the replay guard answers those first): copies of an
+            // earlier upload of this file that was not accepted still need it.
+            SpoolError::Exists => {
+                Reject::Internal("a copy of this file is still in the spool; send it again later")
+            }
             other => {
                 tracing::error!(error = %other, "file spool failed");
                 Reject::Internal("the broker could not spool the file")

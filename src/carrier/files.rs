@@ -24,7 +24,7 @@ use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{ConnId, FileDone, FileOffer, MessageId, Millis, Reject, SessionName, TopicName};
-use crate::driver::DriverHandle;
+use crate::driver::{DriverGone, DriverHandle, NotAccepted};
 use crate::proto::{self, PayloadFormat, ServerFrame, server_frame};
 use crate::spool::SpoolWriter;
 
@@ -275,11 +275,24 @@ impl Upload {
             },
             spooled,
         };
-        let durable = self
-            .driver
-            .complete_file(self.conn, done)
-            .await
-            .map_err(|_| Reject::Internal("the broker is shutting down"))??;
+        let completed = self.driver.complete_file(self.conn, done).await;
+        let durable = match completed {
+            Ok(Ok(durable)) => durable,
+            Ok(Err(NotAccepted::Refused(reject))) => {
+                // Nothing refers to the spool file: it goes before the id is given
+                // back (when `self` drops), so a resend finds neither.
+                if spooled {
+                    self.driver.spool().remove(&self.session, &file_id);
+                }
+                return Err(reject);
+            }
+            Ok(Err(not_committed)) => {
+                self.done = true; // its copies are queued: its id stays taken
+                return Err(not_committed.reject());
+            }
+            // Shutting down: nothing was queued, and the next start removes the file.
+            Err(DriverGone) => return Err(Reject::Internal("the broker is shutting down")),
+        };
         self.done = true;
         if durable && !self.durable {
             // A durable subscription matched only after the file was offered, so the
@@ -344,6 +357,8 @@ impl Drop for Upload {
             for receiver in self.receivers.drain(..) {
                 abort_later(receiver.port, self.meta.file_id);
             }
+            // Its partial spool file goes first, so a resend can make a new one.
+            drop(self.spool.take());
             self.driver.abandon_file(
                 self.session.clone(),
                 self.meta.file_id,

@@ -66,6 +66,8 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
             break;
         }
     }
+    // Uploads cut short give their ids back before the close's linger.
+    drop(uploads);
     connection.close(link).await;
 }
 

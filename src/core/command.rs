@@ -186,13 +186,6 @@ pub enum Command {
         conn: ConnId,
         file_id: MessageId,
     },
-    /// A file upload ended before the file was accepted (refused, cut off, or the
-    /// sender went away): its id may be sent again.
-    FileAbandoned {
-        session: SessionName,
-        file_id: MessageId,
-        timestamp_ms: Millis,
-    },
     /// A session was created or changed (HTTP API, admin).
     SessionUpdated(SessionSettings),
 }

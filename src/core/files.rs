@@ -3,10 +3,12 @@
 //! carriers stream them under transport flow control and keep them in the spool
 //! (design §3), and a copy of a file stands for the spool file when it is sent again.
 //!
-//! A file's id is held in the replay set from its offer, so the same file cannot be
-//! uploaded twice at once, but it is committed only with the file (design §4: an id is
-//! recorded once the broker has accepted what it names). An upload that ends short
-//! gives its id back, so `REPLAYED` keeps meaning "already accepted".
+//! A file's id is held in the replay set from its offer, but committed only with the
+//! file (design §4: an id is recorded once the broker has accepted what it names), and
+//! an upload that ends short gives it back. While an upload runs, another offer of its
+//! id is refused `RATE_LIMITED` ("send it again once that upload ends"), not
+//! `REPLAYED`: the first upload may yet fail (its sender may be gone without the broker
+//! knowing yet), so `REPLAYED` keeps meaning "already accepted".
 
 use std::sync::Arc;
 
@@ -43,9 +45,15 @@ impl Core {
                 limit: self.config.max_file_bytes,
             });
         }
+        if session.uploading.contains(&offer.file_id) {
+            return Err(Reject::RateLimited(
+                "this file is being uploaded on another stream; send it again once that upload ends",
+            ));
+        }
         session
             .replay
             .admit(now, offer.file_id, offer.timestamp_ms)?;
+        session.uploading.insert(offer.file_id);
         let legacy = offer.format == PayloadFormat::LegacyJson;
         let mut route = FileRoute {
             session: session.settings.name.clone(),
@@ -90,6 +98,10 @@ impl Core {
             .sessions
             .get_mut(&c.session)
             .ok_or(Reject::Internal("session vanished"))?;
+        if !session.uploading.remove(&done.file_id) {
+            // Its upload was given up first (the sender went away meanwhile).
+            return Err(Reject::NotFound("the file's upload has ended".into()));
+        }
         let settings = &session.settings;
         self.fx.ops.push(StoreOp::PutReplayId {
             session: settings.name.clone(),
@@ -130,14 +142,17 @@ impl Core {
     }
 
     /// An upload of `session` ended before its file was accepted: the id is free
-    /// again, so the sender can send the file again under it.
-    pub(super) fn abandon_file(
+    /// again, so the sender can send the file again under it. An upload that was
+    /// completed meanwhile keeps its id.
+    pub fn abandon_file(
         &mut self,
         session: &SessionName,
         file_id: &MessageId,
         timestamp_ms: Millis,
     ) {
-        if let Some(session) = self.sessions.get_mut(session) {
+        if let Some(session) = self.sessions.get_mut(session)
+            && session.uploading.remove(file_id)
+        {
             session.replay.forget(file_id, timestamp_ms);
         }
     }

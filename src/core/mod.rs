@@ -344,11 +344,6 @@ impl Core {
             Command::GetKeys { conn, request_id } => self.get_keys(conn, request_id),
             Command::Disconnected { conn } => self.disconnect(conn),
             Command::FileStreamed { conn, file_id } => self.file_streamed(now, conn, file_id),
-            Command::FileAbandoned {
-                session,
-                file_id,
-                timestamp_ms,
-            } => self.abandon_file(&session, &file_id, timestamp_ms),
             Command::SessionUpdated(settings) => self.session_updated(settings),
         }
     }

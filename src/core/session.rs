@@ -9,7 +9,7 @@ use super::command::Message;
 use super::delivery::Subscriber;
 use super::replay::ReplayGuard;
 use super::topic::{TopicFilter, TopicName, TopicTree};
-use super::types::{ClientId, ConnId, FastMap, SessionName};
+use super::types::{ClientId, ConnId, FastMap, FastSet, MessageId, SessionName};
 
 /// Defaults of the seeds' `createSession`.
 pub const DEFAULT_RETRY_INTERVAL_MS: u64 = 5_000;
@@ -80,6 +80,9 @@ pub struct Session {
     /// Who is connected, by client id (a second connection takes over).
     pub clients: FastMap<ClientId, ConnId>,
     pub replay: ReplayGuard,
+    /// Files being uploaded: their ids are held in `replay` until the file is accepted
+    /// or its upload given up (see `core::files`).
+    pub uploading: FastSet<MessageId>,
     /// Filters that somebody watches for presence → who watches.
     pub presence: BTreeMap<TopicFilter, Vec<ClientId>>,
     /// The X25519 key directory.
@@ -96,6 +99,7 @@ impl Session {
             subscribers: FastMap::default(),
             clients: FastMap::default(),
             replay,
+            uploading: FastSet::default(),
             presence: BTreeMap::new(),
             keys: BTreeMap::new(),
             history: FastMap::default(),

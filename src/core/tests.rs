@@ -823,10 +823,13 @@ fn files_go_to_online_subscribers_once_and_legacy_only_to_legacy() {
         .expect("admitted");
     assert_eq!(receivers.live, vec![native, dart]);
 
-    assert_eq!(
-        p.core
-            .open_file(p.now, sender, &offer(1, PayloadFormat::NativeV1)),
-        Err(Reject::Replayed)
+    assert!(
+        matches!(
+            p.core
+                .open_file(p.now, sender, &offer(1, PayloadFormat::NativeV1)),
+            Err(Reject::RateLimited(_))
+        ),
+        "its upload is under way"
     );
     let mut big = offer(3, PayloadFormat::NativeV1);
     big.size = p.core.config().max_file_bytes + 1;
@@ -878,16 +881,14 @@ fn a_file_id_is_recorded_when_the_file_is_accepted() {
         .expect("admitted");
     p.drive();
     assert!(!recorded(&mut p, 1), "not committed while it streams");
-    assert_eq!(
-        p.core.open_file(p.now, sender, &offer(1)),
-        Err(Reject::Replayed),
-        "one upload of a file id at a time"
+    assert!(
+        matches!(
+            p.core.open_file(p.now, sender, &offer(1)),
+            Err(Reject::RateLimited(_))
+        ),
+        "one upload of a file id at a time, and not yet a replay"
     );
-    p.cmd(Command::FileAbandoned {
-        session: s.name.clone(),
-        file_id: MessageId([1; 16]),
-        timestamp_ms: T0,
-    });
+    p.core.abandon_file(&s.name, &MessageId([1; 16]), T0);
     p.core
         .open_file(p.now, sender, &offer(1))
         .expect("free again once the first upload ended short");
@@ -899,9 +900,11 @@ fn a_file_id_is_recorded_when_the_file_is_accepted() {
     p.drive();
     assert!(recorded(&mut p, 1), "committed with the file");
     assert!(p.take(sender).is_empty(), "nothing was delivered");
+    p.core.abandon_file(&s.name, &MessageId([1; 16]), T0);
     assert_eq!(
         p.core.open_file(p.now, sender, &offer(1)),
-        Err(Reject::Replayed)
+        Err(Reject::Replayed),
+        "a late notice of the accepted upload's end frees nothing"
     );
 
     let mut q = Pair::new();
