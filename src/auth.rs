@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -129,9 +130,7 @@ impl Authenticator {
         }
 
         if self.failures.is_blocked(peer) {
-            return Err(Reject::RateLimited(
-                "too many failed logins from this address",
-            ));
+            return Err(LIMITED);
         }
         let Some(record) = record else {
             // An unknown session is a failed login too, so names cannot be enumerated.
@@ -145,8 +144,17 @@ impl Authenticator {
             .entry(digest)
             .or_default()
             .clone();
+        // Whether this login ran the check (and so counted its own failure).
+        let checked = AtomicBool::new(false);
         let outcome = cell
             .get_or_try_init(|| async {
+                checked.store(true, Ordering::Relaxed);
+                // One full check per address at a time, each counted before the next
+                // starts: guesses sent side by side cannot outrun the budget.
+                let _turn = self.failures.turn(peer).await;
+                if self.failures.is_blocked(peer) {
+                    return Err(LIMITED);
+                }
                 let _slot = self
                     .slots
                     .acquire()
@@ -156,11 +164,13 @@ impl Authenticator {
                 self.verifications
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let (password, phc) = (password.to_owned(), record.password_hash.clone());
-                Ok::<_, Reject>(
-                    tokio::task::spawn_blocking(move || verify_password(&password, &phc))
-                        .await
-                        .unwrap_or(false),
-                )
+                let right = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+                    .await
+                    .unwrap_or(false);
+                if !right {
+                    self.failures.record(peer);
+                }
+                Ok(right)
             })
             .await
             .copied();
@@ -169,7 +179,9 @@ impl Authenticator {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&digest);
         if !outcome? {
-            self.failures.record(peer);
+            if !checked.load(Ordering::Relaxed) {
+                self.failures.record(peer); // it shared another login's check
+            }
             return Err(Reject::BadCredentials);
         }
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(
@@ -190,6 +202,9 @@ impl Authenticator {
     }
 }
 
+/// The refusal of a login from an address past its budget of failures.
+const LIMITED: Reject = Reject::RateLimited("too many failed logins from this address");
+
 /// A budget of failed logins per client IP: each failure spends one; an address whose
 /// budget is spent is refused before any check until one failure's worth has come back.
 struct FailedLogins {
@@ -203,6 +218,28 @@ struct FailedLogins {
     blocked: Mutex<HashMap<IpAddr, Instant>>,
     /// How long one failure's worth of budget takes to come back.
     refill: Duration,
+    /// Addresses with a full check under way, and who waits for its turn.
+    turns: Mutex<HashMap<IpAddr, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// An address's turn to run a full check; dropping it ends the turn.
+struct Turn<'a> {
+    logins: &'a FailedLogins,
+    peer: IpAddr,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut turns = self.logins.turns.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's and this turn's references only: nobody waits, the entry goes.
+        if turns
+            .get(&self.peer)
+            .is_some_and(|turn| Arc::strong_count(turn) <= 2)
+        {
+            turns.remove(&self.peer);
+        }
+    }
 }
 
 impl FailedLogins {
@@ -214,6 +251,23 @@ impl FailedLogins {
             budget: RateLimiter::keyed(quota).with_middleware(),
             blocked: Mutex::new(HashMap::new()),
             refill: quota.replenish_interval(),
+            turns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for `peer`'s turn to run a full check.
+    async fn turn(&self, peer: IpAddr) -> Turn<'_> {
+        let turn = self
+            .turns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer)
+            .or_default()
+            .clone();
+        Turn {
+            logins: self,
+            peer,
+            _held: turn.lock_owned().await,
         }
     }
 
@@ -231,14 +285,14 @@ impl FailedLogins {
 
     /// A login from `peer` failed.
     fn record(&self, peer: IpAddr) {
+        if self.budget.len() > Self::SWEEP_AT {
+            self.budget.retain_recent();
+        }
         let wait = match self.budget.check_key(&peer) {
             Ok(state) if state.remaining_burst_capacity() > 0 => return,
             Ok(_) => self.refill,
             Err(not_until) => not_until.wait_time_from(self.budget.clock().now()),
         };
-        if self.budget.len() > Self::SWEEP_AT {
-            self.budget.retain_recent();
-        }
         let now = Instant::now();
         let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
         if blocked.len() > Self::SWEEP_AT {
@@ -283,8 +337,6 @@ mod tests {
         name
     }
 
-    const LIMITED: Reject = Reject::RateLimited("too many failed logins from this address");
-
     const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     #[tokio::test]
@@ -324,6 +376,40 @@ mod tests {
             .verifications
             .load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(runs, 1);
+    }
+
+    /// Guesses sent side by side are checked one at a time per address, each failure
+    /// counted before the next check, so they cannot outrun the budget.
+    #[tokio::test]
+    async fn concurrent_guesses_cannot_outrun_the_budget() {
+        let burst = NonZeroU32::new(3).expect("non-zero");
+        let (auth, name) = setup_with(Quota::per_hour(burst)).await;
+        let auth = Arc::new(auth);
+        let guesses: Vec<_> = (0..20)
+            .map(|i| {
+                let (auth, name) = (auth.clone(), name.clone());
+                tokio::spawn(
+                    async move { auth.authenticate(IP, &name, &format!("guess {i}")).await },
+                )
+            })
+            .collect();
+        let mut refused = 0;
+        for guess in guesses {
+            match guess.await.expect("join") {
+                Err(Reject::BadCredentials) => {}
+                Err(LIMITED) => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(refused, 17);
+        let runs = auth
+            .verifications
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(runs, 3);
+        assert!(
+            auth.failures.turns.lock().expect("lock").is_empty(),
+            "turns are cleaned up"
+        );
     }
 
     /// Design §10 limits failed logins: logins that succeed, each needing its own
