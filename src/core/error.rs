@@ -5,10 +5,12 @@ use crate::proto::ErrorCode;
 use super::types::NameError;
 
 /// A refusal of a well-formed request, or a broken frame. Carriers turn it into an
-/// `Error` frame (or the legacy bridge's `{"type":"error"}`, or an HTTP status). Only
-/// undecodable bytes ([`Reject::InvalidFrame`] from the framing), [`Reject::TakenOver`],
-/// no `Hello` by the deadline and, on the legacy bridge, a failed `init` (close code
-/// 1008) end the connection; a refused `Hello` may be tried again on it.
+/// `Error` frame (or the legacy bridge's `{"type":"error"}`, or an HTTP status). Most
+/// leave the connection open (a refused `Hello` may be tried again on it); those that
+/// end it are undecodable bytes ([`Reject::InvalidFrame`] from the framing), no `Hello`
+/// by the deadline, a failed legacy `init` (close code 1008), [`Reject::TakenOver`],
+/// the session being suspended, a client that stops reading or goes silent
+/// ([`Reject::LimitExceeded`]) and the broker shutting down ([`Reject::Internal`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Reject {
     /// A frame arrived before `Hello` succeeded.
