@@ -146,20 +146,17 @@ async fn an_idle_file_upload_is_dropped_on_a_busy_connection() {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as u64;
-    send(
-        &mut ws,
-        client_frame::Kind::FileHeader(proto::FileHeader {
-            file_id: file_id.clone(),
-            topic: "docs/a".into(),
-            name: "a.bin".into(),
-            size: 10,
-            chunk_size: 10,
-            chunk_count: 1,
-            timestamp_ms: now_ms,
-            ..Default::default()
-        }),
-    )
-    .await;
+    let header = client_frame::Kind::FileHeader(proto::FileHeader {
+        file_id: file_id.clone(),
+        topic: "docs/a".into(),
+        name: "a.bin".into(),
+        size: 10,
+        chunk_size: 10,
+        chunk_count: 1,
+        timestamp_ms: now_ms,
+        ..Default::default()
+    });
+    send(&mut ws, header.clone()).await;
 
     // Pings keep the connection alive; the upload gets nothing.
     let mut dropped = None;
@@ -181,15 +178,12 @@ async fn an_idle_file_upload_is_dropped_on_a_busy_connection() {
     assert!(error.message.contains("idle"), "{error:?}");
 
     // It is gone: its chunk finds no upload.
-    send(
-        &mut ws,
-        client_frame::Kind::FileChunk(proto::FileChunk {
-            file_id,
-            index: 0,
-            payload: Bytes::from_static(b"0123456789"),
-        }),
-    )
-    .await;
+    let chunk = client_frame::Kind::FileChunk(proto::FileChunk {
+        file_id: file_id.clone(),
+        index: 0,
+        payload: Bytes::from_static(b"0123456789"),
+    });
+    send(&mut ws, chunk.clone()).await;
     loop {
         match next(&mut ws).await {
             Some(server_frame::Kind::Pong(_)) => continue,
@@ -198,6 +192,23 @@ async fn an_idle_file_upload_is_dropped_on_a_busy_connection() {
                 break;
             }
         }
+    }
+
+    // And its id was given back: the file can be sent again under it, and while that
+    // upload is under way, a second offer is refused as such (not as a replay).
+    send(&mut ws, header.clone()).await;
+    send(&mut ws, header).await;
+    assert_eq!(code(next(&mut ws).await), ErrorCode::RateLimited);
+    send(&mut ws, chunk).await;
+    let end = client_frame::Kind::FileEnd(proto::FileEnd {
+        file_id: file_id.clone(),
+        sha256: Bytes::from_static(&[0; 32]),
+        mac: Bytes::from_static(&[0; 32]),
+    });
+    send(&mut ws, end).await;
+    match next(&mut ws).await {
+        Some(server_frame::Kind::FileAccepted(a)) => assert_eq!(a.file_id, file_id),
+        other => panic!("expected FileAccepted, got {other:?}"),
     }
 }
 

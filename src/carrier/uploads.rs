@@ -51,7 +51,7 @@ impl OpenUploads {
         }
         // A repeated header leaves the upload already open under its id alone.
         if self.open.contains_key(&file_id) {
-            return Err(refused(Reject::Replayed));
+            return Err(refused(Reject::UPLOAD_UNDER_WAY));
         }
         let upload = Upload::open(link.driver(), conn, meta)
             .await

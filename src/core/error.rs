@@ -55,6 +55,12 @@ pub enum Reject {
 }
 
 impl Reject {
+    /// An offer of a file whose upload is still under way. Not `Replayed`: that upload
+    /// may yet fail, and `REPLAYED` means "already accepted" (design §4).
+    pub const UPLOAD_UNDER_WAY: Reject = Reject::RateLimited(
+        "this file is being uploaded on another stream; send it again once that upload ends",
+    );
+
     /// The protocol's code for this refusal.
     pub fn code(&self) -> ErrorCode {
         match self {

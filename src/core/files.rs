@@ -46,9 +46,7 @@ impl Core {
             });
         }
         if session.uploading.contains(&offer.file_id) {
-            return Err(Reject::RateLimited(
-                "this file is being uploaded on another stream; send it again once that upload ends",
-            ));
+            return Err(Reject::UPLOAD_UNDER_WAY);
         }
         session
             .replay
