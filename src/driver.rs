@@ -354,7 +354,6 @@ impl Driver {
             tokio::select! {
                 biased;
                 Some(done) = self.done.recv() => self.on_store(done),
-                Some(upload) = self.abandoned.recv() => self.on_abandoned(upload),
                 inbound = self.inbox.recv() => match inbound {
                     Some(Inbound::Shutdown(tx)) => {
                         shutdown = Some(tx);
@@ -367,6 +366,7 @@ impl Driver {
                     self.core.handle_timeout(now_ms());
                 }
                 _ = purge.tick() => {
+                    self.take_abandoned();
                     if self.jobs.send(StoreJob::Purge).await.is_err() {
                         break;
                     }
@@ -426,9 +426,7 @@ impl Driver {
             }
             Inbound::OpenFile { conn, offer, reply } => {
                 // An upload given up before this offer was made frees its id first.
-                while let Ok(upload) = self.abandoned.try_recv() {
-                    self.on_abandoned(upload);
-                }
+                self.take_abandoned();
                 let opened = self.core.open_file(now, conn, &offer).map(|route| {
                     let receivers = route
                         .live
@@ -464,9 +462,14 @@ impl Driver {
         }
     }
 
-    fn on_abandoned(&mut self, upload: Abandoned) {
-        self.core
-            .abandon_file(&upload.session, &upload.file_id, upload.timestamp_ms);
+    /// Frees the ids of the uploads given up so far. Read before each file offer
+    /// (which is when a free id matters) and with the purge, not on every turn of the
+    /// hot loop.
+    fn take_abandoned(&mut self) {
+        while let Ok(upload) = self.abandoned.try_recv() {
+            self.core
+                .abandon_file(&upload.session, &upload.file_id, upload.timestamp_ms);
+        }
     }
 
     fn on_store(&mut self, done: StoreDone) {
