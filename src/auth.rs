@@ -1,9 +1,11 @@
 //! Session passwords: argon2id at rest, verified off the async threads, with a cache so a
 //! reconnect storm costs a hash lookup instead of an argon2 run per client, and a per-IP
 //! budget of failed logins (design §10) so nobody can guess passwords. Logins that
-//! succeed spend nothing: many clients behind one address (a NAT, a test harness,
-//! everyone reconnecting after a restart) are never held back, and argon2 runs at most
-//! one per core at a time, so it cannot starve the broker either way.
+//! succeed spend nothing, so many clients behind one address (a NAT, a test harness,
+//! everyone reconnecting after a restart) are not refused. Full checks from one address
+//! run one after another, each failure counted before the next starts (side-by-side
+//! guesses cannot outrun the budget), and argon2 runs at most one per core at a time,
+//! so it cannot starve the broker either way.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -440,7 +440,11 @@ impl Driver {
                         durable: route.durable,
                     }
                 });
-                let _ = reply.send(opened);
+                if let Err(Ok(opened)) = reply.send(opened) {
+                    // The upload went away while it was admitted: nothing will end it.
+                    self.core
+                        .abandon_file(&opened.session, &offer.file_id, offer.timestamp_ms);
+                }
             }
             Inbound::CompleteFile { conn, done, reply } => {
                 match self.core.complete_file(now, conn, done) {

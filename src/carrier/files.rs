@@ -287,7 +287,12 @@ impl Upload {
                 return Err(reject);
             }
             Ok(Err(not_committed)) => {
-                self.done = true; // its copies are queued: its id stays taken
+                // Its copies are queued, so its id stays taken; the live receivers get
+                // theirs from the spool, as the streams they have are not ended here.
+                for receiver in self.receivers.drain(..) {
+                    abort_later(receiver.port, file_id);
+                }
+                self.done = true;
                 return Err(not_committed.reject());
             }
             // Shutting down: nothing was queued, and the next start removes the file.
