@@ -206,6 +206,9 @@ async fn bad_legacy_input_gets_error_frames() {
         (json!({"type": "subscribe"}).to_string(), "INVALID_FRAME"),
         (json!({"type": "subscribe", "topic": 7}).to_string(), "INVALID_FRAME"),
         (json!({"type": "publish", "topic": "t", "data": "x", "hash": "y", "timestamp": 1, "messageId": "not-a-uuid"}).to_string(), "INVALID_FRAME"),
+        // UUID text is the hyphenated form only, as binary chunks carry it.
+        (json!({"type": "publish", "topic": "t", "data": "x", "hash": "y", "timestamp": 1, "messageId": uuid::Uuid::new_v4().simple().to_string()}).to_string(), "INVALID_FRAME"),
+        (json!({"type": "ack", "messageId": uuid::Uuid::new_v4().braced().to_string()}).to_string(), "INVALID_FRAME"),
         (json!({"type": "publish", "topic": "t", "data": "x", "hash": "y", "timestamp": 1, "messageId": uuid::Uuid::new_v4().to_string()}).to_string(), "STALE_TIMESTAMP"),
         (json!({"type": "ack", "messageId": 12}).to_string(), "INVALID_FRAME"),
         // The limits native clients have: no field of a push token over 4096 bytes, a

@@ -120,9 +120,19 @@ fn optional_string<'a>(
 
 /// A legacy UUID id as a 16-byte id.
 pub fn parse_uuid(kind: &str, field: &str, text: &str) -> Result<MessageId, Refused> {
+    // Only the 36-character hyphenated form, the one binary chunks carry (design §10:
+    // "UUID text … anything else: INVALID_FRAME"); `Uuid::parse_str` alone would
+    // take the simple, braced and URN forms too.
+    let hyphenated = text.len() == 36;
     Uuid::parse_str(text)
+        .ok()
+        .filter(|_| hyphenated)
         .map(|u| MessageId(*u.as_bytes()))
-        .map_err(|_| invalid(format!("{kind}: {field} must be a UUID")))
+        .ok_or_else(|| {
+            invalid(format!(
+                "{kind}: {field} must be a UUID (8-4-4-4-12 hex digits)"
+            ))
+        })
 }
 
 /// A 16-byte id as legacy UUID text.
