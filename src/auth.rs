@@ -8,10 +8,11 @@
 //! so it cannot starve the broker either way.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::SaltString;
@@ -118,14 +119,9 @@ impl Authenticator {
         })?;
         let digest = self.digest(session, password);
         if let Some(record) = &record {
-            let cached = self
-                .cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(session)
-                .is_some_and(|v| {
-                    v.password_hash == record.password_hash && bool::from(v.digest.ct_eq(&digest))
-                });
+            let cached = lock(&self.cache).get(session).is_some_and(|v| {
+                v.password_hash == record.password_hash && bool::from(v.digest.ct_eq(&digest))
+            });
             if cached {
                 return Self::admit(&record.settings);
             }
@@ -139,13 +135,7 @@ impl Authenticator {
             self.failures.record(peer);
             return Err(Reject::BadCredentials);
         };
-        let cell = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(digest)
-            .or_default()
-            .clone();
+        let cell = shared(&self.inflight, digest);
         // Whether this login ran the check (and so counted its own failure).
         let checked = AtomicBool::new(false);
         let outcome = cell
@@ -176,17 +166,14 @@ impl Authenticator {
             })
             .await
             .copied();
-        self.inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&digest);
+        lock(&self.inflight).remove(&digest);
         if !outcome? {
             if !checked.load(Ordering::Relaxed) {
                 self.failures.record(peer); // it shared another login's check
             }
             return Err(Reject::BadCredentials);
         }
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        lock(&self.cache).insert(
             session.clone(),
             Verified {
                 password_hash: record.password_hash.clone(),
@@ -202,6 +189,17 @@ impl Authenticator {
         }
         Ok(settings.clone())
     }
+}
+
+/// Locks `mutex`, through poisoning: every map here stays valid if a holder panicked.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The value shared under `key`, made on first use: what concurrent logins with the
+/// same key wait on together.
+fn shared<K: Eq + Hash, V: Default>(map: &Mutex<HashMap<K, Arc<V>>>, key: K) -> Arc<V> {
+    lock(map).entry(key).or_default().clone()
 }
 
 /// The refusal of a login from an address past its budget of failures.
@@ -233,7 +231,7 @@ struct Turn<'a> {
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        let mut turns = self.logins.turns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut turns = lock(&self.logins.turns);
         // The map's and this turn's references only: nobody waits, the entry goes.
         if turns
             .get(&self.peer)
@@ -259,13 +257,7 @@ impl FailedLogins {
 
     /// Waits for `peer`'s turn to run a full check.
     async fn turn(&self, peer: IpAddr) -> Turn<'_> {
-        let turn = self
-            .turns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(peer)
-            .or_default()
-            .clone();
+        let turn = shared(&self.turns, peer);
         Turn {
             logins: self,
             peer,
@@ -274,7 +266,7 @@ impl FailedLogins {
     }
 
     fn is_blocked(&self, peer: IpAddr) -> bool {
-        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut blocked = lock(&self.blocked);
         match blocked.get(&peer) {
             Some(until) if *until > Instant::now() => true,
             Some(_) => {
@@ -296,7 +288,7 @@ impl FailedLogins {
             Err(not_until) => not_until.wait_time_from(self.budget.clock().now()),
         };
         let now = Instant::now();
-        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut blocked = lock(&self.blocked);
         if blocked.len() > Self::SWEEP_AT {
             blocked.retain(|_, until| *until > now);
         }
