@@ -326,14 +326,6 @@ pub enum NotAccepted {
     NotCommitted(Reject),
 }
 
-impl NotAccepted {
-    pub fn reject(self) -> Reject {
-        match self {
-            NotAccepted::Refused(reject) | NotAccepted::NotCommitted(reject) => reject,
-        }
-    }
-}
-
 impl Driver {
     async fn run(
         mut self,

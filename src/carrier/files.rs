@@ -286,14 +286,14 @@ impl Upload {
                 }
                 return Err(reject);
             }
-            Ok(Err(not_committed)) => {
+            Ok(Err(NotAccepted::NotCommitted(reject))) => {
                 // Its copies are queued, so its id stays taken; the live receivers get
                 // theirs from the spool, as the streams they have are not ended here.
                 for receiver in self.receivers.drain(..) {
                     abort_later(receiver.port, file_id);
                 }
                 self.done = true;
-                return Err(not_committed.reject());
+                return Err(reject);
             }
             // Shutting down: nothing was queued, and the next start removes the file.
             Err(DriverGone) => return Err(Reject::Internal("the broker is shutting down")),
