@@ -53,10 +53,7 @@ async fn broken_framing_gets_invalid_frame_and_a_closed_connection() {
 
     // A whole frame over the broker's limit, after a successful Hello.
     let mut raw = broker.raw().await;
-    assert!(matches!(
-        raw.hello("bad", "secret-pass", "").await,
-        server_frame::Kind::Welcome(_)
-    ));
+    raw.login("bad", "secret-pass", "").await;
     raw.send(client_frame::Kind::Publish(proto::Publish {
         message_id: Bytes::copy_from_slice(&[1; 16]),
         topic: "t".into(),
@@ -78,10 +75,7 @@ async fn a_file_stream_that_does_not_decode_closes_the_connection() {
     let broker = Broker::start();
     broker.create_session("bad", "secret-pass", json!({})).await;
     let mut raw = broker.raw().await;
-    assert!(matches!(
-        raw.hello("bad", "secret-pass", "").await,
-        server_frame::Kind::Welcome(_)
-    ));
+    raw.login("bad", "secret-pass", "").await;
 
     let publish = client_frame::Kind::Publish(proto::Publish::default());
     let answer = raw.upload(&stream_frames([publish])).await;
@@ -130,10 +124,7 @@ async fn refused_frames_leave_the_connection_open() {
         error_code(&raw.hello("strict", "nope", "").await),
         ErrorCode::Unauthenticated
     );
-    assert!(matches!(
-        raw.hello("strict", "secret-pass", "").await,
-        server_frame::Kind::Welcome(_)
-    ));
+    raw.login("strict", "secret-pass", "").await;
 
     // A frame with only an unknown field: well-formed, but no kind.
     raw.send_bytes(&[0x03, 0xf8, 0x06, 0x01]).await; // field 111, varint 1
@@ -243,15 +234,9 @@ async fn a_second_connection_with_the_same_client_id_takes_over() {
     let broker = Broker::start();
     broker.create_session("dup", "secret-pass", json!({})).await;
     let mut first = broker.raw().await;
-    assert!(matches!(
-        first.hello("dup", "secret-pass", "device-1").await,
-        server_frame::Kind::Welcome(_)
-    ));
+    first.login("dup", "secret-pass", "device-1").await;
     let mut second = broker.raw().await;
-    assert!(matches!(
-        second.hello("dup", "secret-pass", "device-1").await,
-        server_frame::Kind::Welcome(_)
-    ));
+    second.login("dup", "secret-pass", "device-1").await;
     assert_eq!(error_code(&first.next().await), ErrorCode::TakenOver);
     assert!(first.closed_within(Duration::from_secs(3)).await);
     second

@@ -51,10 +51,7 @@ fn publish(id: [u8; 16], topic: &str, timestamp_ms: u64) -> client_frame::Kind {
 
 async fn subscriber(broker: &Broker, session: &str, topic: &str) -> Raw {
     let mut raw = broker.raw().await;
-    assert!(matches!(
-        raw.hello(session, PASSWORD, "").await,
-        server_frame::Kind::Welcome(_)
-    ));
+    raw.login(session, PASSWORD, "").await;
     raw.send(subscribe(topic, false)).await;
     assert!(matches!(
         raw.next().await,

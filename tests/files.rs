@@ -460,10 +460,7 @@ async fn a_lost_websocket_connection_ends_its_files_with_an_error() {
 async fn a_refused_upload_gives_its_file_id_back() {
     let (broker, _, _) = setup().await;
     let mut raw = broker.raw().await;
-    assert!(matches!(
-        raw.hello("files", "secret-pass", "").await,
-        server_frame::Kind::Welcome(_)
-    ));
+    raw.login("files", "secret-pass", "").await;
     // A receiver, so the file goes through the spool and a live stream.
     let mut receiver = broker.raw().await;
     receiver.hello("files", "secret-pass", "").await;

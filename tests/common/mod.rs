@@ -391,6 +391,15 @@ impl Raw {
         }
     }
 
+    /// Sends `Hello` and checks that the answer is `Welcome`.
+    pub async fn login(&mut self, session: &str, password: &str, client_id: &str) {
+        let answer = self.hello(session, password, client_id).await;
+        assert!(
+            matches!(answer, server_frame::Kind::Welcome(_)),
+            "expected Welcome, got {answer:?}"
+        );
+    }
+
     /// Whether the broker closed the connection within `wait`.
     pub async fn closed_within(&self, wait: Duration) -> bool {
         tokio::time::timeout(wait, self.conn.closed()).await.is_ok()
