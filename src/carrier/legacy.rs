@@ -123,16 +123,17 @@ pub fn parse_uuid(kind: &str, field: &str, text: &str) -> Result<MessageId, Refu
     // Only the 36-character hyphenated form, the one binary chunks carry (design §10:
     // "UUID text … anything else: INVALID_FRAME"); `Uuid::parse_str` alone would
     // take the simple, braced and URN forms too.
-    let hyphenated = text.len() == 36;
+    let refused = || {
+        invalid(format!(
+            "{kind}: {field} must be a UUID (8-4-4-4-12 hex digits)"
+        ))
+    };
+    if text.len() != 36 {
+        return Err(refused());
+    }
     Uuid::parse_str(text)
-        .ok()
-        .filter(|_| hyphenated)
         .map(|u| MessageId(*u.as_bytes()))
-        .ok_or_else(|| {
-            invalid(format!(
-                "{kind}: {field} must be a UUID (8-4-4-4-12 hex digits)"
-            ))
-        })
+        .map_err(|_| refused())
 }
 
 /// A 16-byte id as legacy UUID text.

@@ -305,12 +305,7 @@ async fn write_control(
     publish_slots.close();
     let _ = send.finish();
     match closing {
-        Some(reject) => {
-            // Give the Error frame a moment to reach the client before closing.
-            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-            let reason = reject.to_string();
-            conn.close(VarInt::from_u32(reject.code() as u32), reason.as_bytes());
-        }
+        Some(reject) => close_after(&conn, &mut send, &reject).await,
         None => conn.close(VarInt::from_u32(CLOSE_NORMAL), b"bye"),
     }
 }
@@ -454,14 +449,19 @@ async fn serve_upload(
         UploadEnd::Gone => {}
         UploadEnd::Refused(refused) => refuse_upload(&mut send, refused).await,
         UploadEnd::Broken(refused) => {
-            let code = VarInt::from_u32(refused.reject.code() as u32);
-            let reason = refused.reject.to_string();
+            let reject = refused.reject.clone();
             refuse_upload(&mut send, refused).await;
-            // Give the Error frame a moment to reach the client before closing.
-            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-            conn.close(code, reason.as_bytes());
+            close_after(&conn, &mut send, &reject).await;
         }
     }
+}
+
+/// Closes the connection with `reject` once the `Error` frame just written on `send`
+/// has had a moment to reach the client.
+async fn close_after(conn: &Connection, send: &mut SendStream, reject: &Reject) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    let reason = reject.to_string();
+    conn.close(VarInt::from_u32(reject.code() as u32), reason.as_bytes());
 }
 
 /// Reads one upload into the broker; the [`Upload`] is dropped (aborting the file)
