@@ -223,6 +223,58 @@ fn core_benches(c: &mut Criterion) {
             })
         });
     }
+
+    // W1's shape: a window of copies in flight, each ack making room for the next
+    // publish. Work that grows with the window (a walk over it per ack) shows here and
+    // not above, where each copy is acknowledged before the next is sent.
+    const WINDOW: u128 = 256;
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("publish + ack, 1->1, 256 in flight", |b| {
+        let mut core = core_with(1);
+        let topic = TopicName::parse("t").expect("valid");
+        let payload = Bytes::from(vec![0u8; 128]);
+        let publish = |core: &mut Core, n: u128| {
+            core.handle(
+                T0,
+                Command::Publish {
+                    conn: ConnId(0),
+                    publish: Publish {
+                        message_id: MessageId(n.to_be_bytes()),
+                        topic: topic.clone(),
+                        payload: payload.clone(),
+                        timestamp_ms: T0,
+                        format: PayloadFormat::NativeV1,
+                    },
+                },
+            );
+        };
+        let mut n: u128 = 0;
+        while n < WINDOW {
+            n += 1;
+            publish(&mut core, n);
+        }
+        if let Some(batch) = core.take_batch() {
+            core.handle_committed(batch.id);
+        }
+        while core.poll_output().is_some() {}
+        b.iter(|| {
+            n += 1;
+            publish(&mut core, n);
+            core.handle(
+                T0,
+                Command::Ack {
+                    conn: ConnId(1),
+                    message_id: MessageId((n - WINDOW).to_be_bytes()),
+                },
+            );
+            if let Some(batch) = core.take_batch() {
+                core.handle_committed(batch.id);
+            }
+            while let Some(out) = core.poll_output() {
+                black_box(out);
+            }
+        })
+    });
     group.finish();
 
     let mut group = c.benchmark_group("replay");
