@@ -17,6 +17,10 @@ use crate::core::{CoreConfig, DEFAULT_MAX_PAYLOAD_BYTES};
 use crate::driver::DriverConfig;
 use crate::http::CreateSessionLimit;
 use crate::server::ServerConfig;
+
+/// Most ids `--max-replay-ids` may allow a session: 4-7 GiB of memory for one busy
+/// session, beyond which a typo is likelier than a plan.
+const MAX_REPLAY_IDS: usize = 100_000_000;
 use crate::store::StoreKind;
 use crate::tls::CertSource;
 
@@ -96,6 +100,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS")]
     pub replay_window_ms: Option<u64>,
 
+    /// Most message ids one session's replay guard remembers (each for the window
+    /// after its timestamp, 40-70 bytes apiece); past it the session's publishes are
+    /// refused RATE_LIMITED. It caps a session's sustained rate at this / the window:
+    /// 133,000 msg/s at the defaults [default: 4,000,000].
+    #[arg(long, value_name = "N")]
+    pub max_replay_ids: Option<usize>,
+
     /// Largest payload any session may allow, in bytes.
     #[arg(long, value_name = "BYTES")]
     pub max_payload: Option<u64>,
@@ -151,6 +162,7 @@ pub struct FileConfig {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub replay_window_ms: Option<u64>,
+    pub max_replay_ids: Option<usize>,
     pub max_payload: Option<u64>,
     pub max_file_size: Option<u64>,
     pub max_spool_size: Option<u64>,
@@ -275,6 +287,15 @@ impl ServeArgs {
                 "--replay-window-ms must be 1000 to 600000".into(),
             ));
         }
+        let replay_capacity = self
+            .max_replay_ids
+            .or(file.max_replay_ids)
+            .unwrap_or(CoreConfig::default().replay_capacity);
+        if !(1..=MAX_REPLAY_IDS).contains(&replay_capacity) {
+            return Err(ConfigError::Invalid(format!(
+                "--max-replay-ids must be 1 to {MAX_REPLAY_IDS}"
+            )));
+        }
         let max_file_bytes = self
             .max_file_size
             .or(file.max_file_size)
@@ -286,6 +307,7 @@ impl ServeArgs {
         let driver = DriverConfig {
             core: CoreConfig {
                 replay_window_ms,
+                replay_capacity,
                 max_file_bytes,
                 max_payload_bytes: max_payload,
                 ..CoreConfig::default()
@@ -401,6 +423,36 @@ mod tests {
         let c = args.resolve().expect("valid");
         assert_eq!(c.http, "0.0.0.0:5000".parse().expect("addr"));
         assert_eq!(c.store, StoreKind::Memory);
+    }
+
+    #[test]
+    fn the_replay_guard_cap_comes_from_the_flag_or_the_file_within_bounds() {
+        assert_eq!(
+            ServeArgs::default()
+                .resolve()
+                .expect("valid")
+                .driver
+                .core
+                .replay_capacity,
+            4_000_000
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fastport.toml");
+        std::fs::write(&path, "max_replay_ids = 5000\n").expect("write");
+        let mut args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        let c = args.clone().resolve().expect("valid");
+        assert_eq!(c.driver.core.replay_capacity, 5000);
+        args.max_replay_ids = Some(7);
+        let c = args.clone().resolve().expect("valid");
+        assert_eq!(c.driver.core.replay_capacity, 7, "the flag wins");
+        args.max_replay_ids = Some(0);
+        let e = args.clone().resolve().unwrap_err().to_string();
+        assert!(e.contains("--max-replay-ids must be 1 to"), "{e}");
+        args.max_replay_ids = Some(MAX_REPLAY_IDS + 1);
+        assert!(args.resolve().is_err());
     }
 
     #[test]

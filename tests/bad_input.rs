@@ -244,3 +244,45 @@ async fn a_second_connection_with_the_same_client_id_takes_over() {
         .await;
     assert!(matches!(second.next().await, server_frame::Kind::Pong(_)));
 }
+
+/// `--max-replay-ids` caps the ids a session's replay guard holds: a fresh id past
+/// it is refused `RATE_LIMITED` (not dropped, and nothing is forgotten early), a
+/// repeated one is still `REPLAYED`, and the connection stays open.
+#[tokio::test]
+async fn a_full_replay_guard_refuses_fresh_ids_with_rate_limited() {
+    let broker = Broker::start_with(&["--max-replay-ids", "3"]);
+    broker
+        .create_session("capped", "secret-pass", json!({}))
+        .await;
+    let mut raw = broker.raw().await;
+    raw.login("capped", "secret-pass", "").await;
+    let publish = |id: u8| {
+        client_frame::Kind::Publish(proto::Publish {
+            message_id: Bytes::copy_from_slice(&[id; 16]),
+            topic: "t".into(),
+            payload: Bytes::from_static(b"sealed elsewhere"),
+            timestamp_ms: now_ms(),
+            format: PayloadFormat::NativeV1 as i32,
+        })
+    };
+    for id in 1..=3 {
+        raw.send(publish(id)).await;
+        assert!(
+            matches!(raw.next().await, server_frame::Kind::PubAck(_)),
+            "publish {id} fits"
+        );
+    }
+    raw.send(publish(4)).await;
+    let answer = raw.next().await;
+    assert_eq!(error_code(&answer), ErrorCode::RateLimited);
+    if let server_frame::Kind::Error(e) = &answer {
+        assert_eq!(&e.message_id[..], &[4; 16], "the refusal names the publish");
+        assert!(e.message.contains("replay window is full"), "{}", e.message);
+    }
+    raw.send(publish(2)).await;
+    assert_eq!(error_code(&raw.next().await), ErrorCode::Replayed);
+    assert!(
+        !raw.closed_within(Duration::from_millis(300)).await,
+        "refusals leave the connection open"
+    );
+}
