@@ -278,7 +278,7 @@ fn core_benches(c: &mut Criterion) {
         if let Some(batch) = core.take_batch() {
             core.handle_committed(batch.id);
         }
-        while core.poll_output().is_some() {}
+        drain(&mut core);
         b.iter(|| {
             n += 1;
             publish(&mut core, n);

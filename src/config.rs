@@ -17,12 +17,12 @@ use crate::core::{CoreConfig, DEFAULT_MAX_PAYLOAD_BYTES};
 use crate::driver::DriverConfig;
 use crate::http::CreateSessionLimit;
 use crate::server::ServerConfig;
+use crate::store::StoreKind;
+use crate::tls::CertSource;
 
 /// Most ids `--max-replay-ids` may allow a session: 4-7 GiB of memory for one busy
 /// session, beyond which a typo is likelier than a plan.
 const MAX_REPLAY_IDS: usize = 100_000_000;
-use crate::store::StoreKind;
-use crate::tls::CertSource;
 
 /// The default port, for TCP (HTTP) and UDP (QUIC) alike.
 pub const DEFAULT_PORT: u16 = 3000;
