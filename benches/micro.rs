@@ -203,45 +203,58 @@ fn drain(core: &mut Core) {
     }
 }
 
+/// Publishes message `n` (id `n`, 128 B on `t`) at its time on the [`clock`].
+fn publish_nth(core: &mut Core, topic: &TopicName, payload: &Bytes, n: u128) {
+    core.handle(
+        clock(n),
+        Command::Publish {
+            conn: ConnId(0),
+            publish: Publish {
+                message_id: MessageId(n.to_be_bytes()),
+                topic: topic.clone(),
+                payload: payload.clone(),
+                timestamp_ms: clock(n),
+                format: PayloadFormat::NativeV1,
+            },
+        },
+    );
+}
+
+/// Subscriber `conn` acknowledges message `acked`, at message `n`'s time.
+fn ack_nth(core: &mut Core, conn: u64, acked: u128, n: u128) {
+    core.handle(
+        clock(n),
+        Command::Ack {
+            conn: ConnId(conn),
+            message_id: MessageId(acked.to_be_bytes()),
+        },
+    );
+}
+
+/// Commits what the store would, and takes the outputs.
+fn commit_and_drain(core: &mut Core) {
+    if let Some(batch) = core.take_batch() {
+        core.handle_committed(batch.id);
+    }
+    drain(core);
+}
+
 fn core_benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("core");
+    let topic = TopicName::parse("t").expect("valid");
+    let payload = Bytes::from(vec![0u8; 128]);
     for subscribers in [1u64, 16] {
         group.throughput(Throughput::Elements(subscribers));
         group.bench_function(format!("publish + ack, fan-out 1->{subscribers}"), |b| {
             let mut core = core_with(subscribers);
-            let topic = TopicName::parse("t").expect("valid");
-            let payload = Bytes::from(vec![0u8; 128]);
             let mut n: u128 = 0;
             b.iter(|| {
                 n += 1;
-                let id = MessageId(n.to_be_bytes());
-                let now = clock(n);
-                core.handle(
-                    now,
-                    Command::Publish {
-                        conn: ConnId(0),
-                        publish: Publish {
-                            message_id: id,
-                            topic: topic.clone(),
-                            payload: payload.clone(),
-                            timestamp_ms: now,
-                            format: PayloadFormat::NativeV1,
-                        },
-                    },
-                );
+                publish_nth(&mut core, &topic, &payload, n);
                 for conn in 1..=subscribers {
-                    core.handle(
-                        now,
-                        Command::Ack {
-                            conn: ConnId(conn),
-                            message_id: id,
-                        },
-                    );
+                    ack_nth(&mut core, conn, n, n);
                 }
-                if let Some(batch) = core.take_batch() {
-                    core.handle_committed(batch.id);
-                }
-                drain(&mut core);
+                commit_and_drain(&mut core);
             })
         });
     }
@@ -253,46 +266,17 @@ fn core_benches(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("publish + ack, 1->1, 256 in flight", |b| {
         let mut core = core_with(1);
-        let topic = TopicName::parse("t").expect("valid");
-        let payload = Bytes::from(vec![0u8; 128]);
-        let publish = |core: &mut Core, n: u128| {
-            core.handle(
-                clock(n),
-                Command::Publish {
-                    conn: ConnId(0),
-                    publish: Publish {
-                        message_id: MessageId(n.to_be_bytes()),
-                        topic: topic.clone(),
-                        payload: payload.clone(),
-                        timestamp_ms: clock(n),
-                        format: PayloadFormat::NativeV1,
-                    },
-                },
-            );
-        };
         let mut n: u128 = 0;
         while n < WINDOW {
             n += 1;
-            publish(&mut core, n);
+            publish_nth(&mut core, &topic, &payload, n);
         }
-        if let Some(batch) = core.take_batch() {
-            core.handle_committed(batch.id);
-        }
-        drain(&mut core);
+        commit_and_drain(&mut core);
         b.iter(|| {
             n += 1;
-            publish(&mut core, n);
-            core.handle(
-                clock(n),
-                Command::Ack {
-                    conn: ConnId(1),
-                    message_id: MessageId((n - WINDOW).to_be_bytes()),
-                },
-            );
-            if let Some(batch) = core.take_batch() {
-                core.handle_committed(batch.id);
-            }
-            drain(&mut core);
+            publish_nth(&mut core, &topic, &payload, n);
+            ack_nth(&mut core, 1, n - WINDOW, n);
+            commit_and_drain(&mut core);
         })
     });
     group.finish();

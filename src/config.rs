@@ -368,6 +368,19 @@ impl ServeArgs {
 mod tests {
     use super::*;
 
+    /// Flags naming a config file holding `toml` (the directory lives as long as the
+    /// returned guard).
+    fn with_file(toml: &str) -> (tempfile::TempDir, ServeArgs) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fastport.toml");
+        std::fs::write(&path, toml).expect("write");
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        (dir, args)
+    }
+
     #[test]
     fn defaults_are_local_port_3000_sqlite() {
         let c = ServeArgs::default().resolve().expect("valid");
@@ -393,13 +406,7 @@ mod tests {
 
     #[test]
     fn threads_come_from_the_flag_or_the_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("fastport.toml");
-        std::fs::write(&path, "threads = 3\n").expect("write");
-        let mut args = ServeArgs {
-            config: Some(path),
-            ..ServeArgs::default()
-        };
+        let (_dir, mut args) = with_file("threads = 3\n");
         assert_eq!(args.worker_threads().expect("valid"), Some(3));
         args.threads = Some(1);
         assert_eq!(args.worker_threads().expect("valid"), Some(1));
@@ -408,18 +415,8 @@ mod tests {
 
     #[test]
     fn flags_win_over_the_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("fastport.toml");
-        std::fs::write(
-            &path,
-            "port = 4000\nstore = \"memory\"\nlisten = \"0.0.0.0\"\n",
-        )
-        .expect("write");
-        let args = ServeArgs {
-            config: Some(path),
-            port: Some(5000),
-            ..ServeArgs::default()
-        };
+        let (_dir, mut args) = with_file("port = 4000\nstore = \"memory\"\nlisten = \"0.0.0.0\"\n");
+        args.port = Some(5000);
         let c = args.resolve().expect("valid");
         assert_eq!(c.http, "0.0.0.0:5000".parse().expect("addr"));
         assert_eq!(c.store, StoreKind::Memory);
@@ -436,13 +433,7 @@ mod tests {
                 .replay_capacity,
             4_000_000
         );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("fastport.toml");
-        std::fs::write(&path, "max_replay_ids = 5000\n").expect("write");
-        let mut args = ServeArgs {
-            config: Some(path),
-            ..ServeArgs::default()
-        };
+        let (_dir, mut args) = with_file("max_replay_ids = 5000\n");
         let c = args.clone().resolve().expect("valid");
         assert_eq!(c.driver.core.replay_capacity, 5000);
         args.max_replay_ids = Some(7);
@@ -467,13 +458,7 @@ mod tests {
                 .to_string()
                 .contains("unknown store")
         );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("x.toml");
-        std::fs::write(&path, "prot = 1\n").expect("write");
-        let args = ServeArgs {
-            config: Some(path),
-            ..ServeArgs::default()
-        };
+        let (_dir, args) = with_file("prot = 1\n");
         assert!(args.resolve().is_err(), "unknown keys are refused");
     }
 }
