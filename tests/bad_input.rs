@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Broker, error_code, now_ms, stream_frames, within};
+use common::{Broker, error_code, now_ms, publish, stream_frames, within};
 use fastport::client::SessionKey;
 use fastport::proto::{self, ErrorCode, PayloadFormat, client_frame, server_frame};
 use serde_json::json;
@@ -256,30 +256,22 @@ async fn a_full_replay_guard_refuses_fresh_ids_with_rate_limited() {
         .await;
     let mut raw = broker.raw().await;
     raw.login("capped", "secret-pass", "").await;
-    let publish = |id: u8| {
-        client_frame::Kind::Publish(proto::Publish {
-            message_id: Bytes::copy_from_slice(&[id; 16]),
-            topic: "t".into(),
-            payload: Bytes::from_static(b"sealed elsewhere"),
-            timestamp_ms: now_ms(),
-            format: PayloadFormat::NativeV1 as i32,
-        })
-    };
+    let nth = |id: u8| publish([id; 16], "t", now_ms());
     for id in 1..=3 {
-        raw.send(publish(id)).await;
+        raw.send(nth(id)).await;
         assert!(
             matches!(raw.next().await, server_frame::Kind::PubAck(_)),
             "publish {id} fits"
         );
     }
-    raw.send(publish(4)).await;
+    raw.send(nth(4)).await;
     let answer = raw.next().await;
     assert_eq!(error_code(&answer), ErrorCode::RateLimited);
     if let server_frame::Kind::Error(e) = &answer {
         assert_eq!(&e.message_id[..], &[4; 16], "the refusal names the publish");
         assert!(e.message.contains("replay window is full"), "{}", e.message);
     }
-    raw.send(publish(2)).await;
+    raw.send(nth(2)).await;
     assert_eq!(error_code(&raw.next().await), ErrorCode::Replayed);
     assert!(
         !raw.closed_within(Duration::from_millis(300)).await,

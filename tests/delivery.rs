@@ -5,11 +5,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Broker, Raw, error_code, now_ms, within};
+use common::{Broker, Raw, error_code, now_ms, publish, within};
 use fastport::client::{
     Client, ClientConfig, PublishStatus, SessionKey, SubscribeOptions, Subscription,
 };
-use fastport::proto::{self, ErrorCode, PayloadFormat, client_frame, server_frame};
+use fastport::proto::{self, ErrorCode, client_frame, server_frame};
 use serde_json::{Value, json};
 
 /// The password of every session these tests create.
@@ -36,16 +36,6 @@ fn subscribe(topic: &str, durable: bool) -> client_frame::Kind {
         durable,
         history: 0,
         presence: false,
-    })
-}
-
-fn publish(id: [u8; 16], topic: &str, timestamp_ms: u64) -> client_frame::Kind {
-    client_frame::Kind::Publish(proto::Publish {
-        message_id: bytes::Bytes::copy_from_slice(&id),
-        topic: topic.into(),
-        payload: bytes::Bytes::from_static(b"opaque ciphertext"),
-        timestamp_ms,
-        format: PayloadFormat::NativeV1 as i32,
     })
 }
 

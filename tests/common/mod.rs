@@ -416,6 +416,18 @@ pub fn stream_frames(kinds: impl IntoIterator<Item = client_frame::Kind>) -> Byt
 }
 
 /// Unwraps an `Error` frame's code.
+/// A `Publish` of `id` on `topic` stamped `timestamp_ms`, with a stand-in payload: the
+/// broker routes ciphertext it never opens.
+pub fn publish(id: [u8; 16], topic: &str, timestamp_ms: u64) -> client_frame::Kind {
+    client_frame::Kind::Publish(fastport::proto::Publish {
+        message_id: Bytes::copy_from_slice(&id),
+        topic: topic.into(),
+        payload: Bytes::from_static(b"opaque ciphertext"),
+        timestamp_ms,
+        format: fastport::proto::PayloadFormat::NativeV1 as i32,
+    })
+}
+
 pub fn error_code(kind: &server_frame::Kind) -> fastport::proto::ErrorCode {
     match kind {
         server_frame::Kind::Error(e) => {
