@@ -315,6 +315,7 @@ impl Subscriber {
     /// The subscriber acknowledged `id`. Unknown ids (duplicates, expired) are ignored.
     pub fn ack(&mut self, id: &MessageId, now: Millis, ctx: &mut Ctx) {
         if let Some(f) = self.inflight.remove(id) {
+            ctx.fx.acked(f.copy.message.seq);
             self.release(f.copy, ctx);
             self.drop_stale_retries();
             self.refill(now, ctx);

@@ -131,6 +131,11 @@ pub struct Effects {
     /// Copies still held of each spooled file, by `seq` (those in the store when the
     /// broker started, then every one made since).
     files: FastMap<u64, SpooledFile>,
+    /// Copies not yet acknowledged of each message whose `PubAck` waits for its batch,
+    /// by `seq`. None left when the batch commits means every subscriber acknowledged
+    /// it first, and the publisher is told `DELIVERED` (design §10). Copies released
+    /// otherwise (expired, given up, unsubscribed) are not acknowledgements.
+    unacked: FastMap<u64, usize>,
 }
 
 #[derive(Debug)]
@@ -154,6 +159,13 @@ impl Effects {
                 copies: 0,
             })
             .copies += 1;
+    }
+
+    /// A subscriber acknowledged its copy of message `seq`.
+    fn acked(&mut self, seq: u64) {
+        if let Some(left) = self.unacked.get_mut(&seq) {
+            *left = left.saturating_sub(1);
+        }
     }
 
     /// A copy of a file is done with; the last one lets its spool file go.
@@ -191,6 +203,7 @@ enum Waiter {
     PubAck {
         conn: ConnId,
         session: SessionName,
+        seq: u64,
         message_id: MessageId,
         timestamp_ms: Millis,
         status: PubAckStatus,
@@ -801,10 +814,17 @@ impl Core {
             match waiter {
                 Waiter::PubAck {
                     conn,
+                    seq,
                     message_id,
                     status,
                     ..
-                } => self.fx.send(conn, Event::PubAck { message_id, status }),
+                } => {
+                    let status = match self.fx.unacked.remove(&seq) {
+                        Some(0) => PubAckStatus::Delivered,
+                        _ => status,
+                    };
+                    self.fx.send(conn, Event::PubAck { message_id, status })
+                }
                 Waiter::Subscribed { conn, request_id } => {
                     self.fx.send(conn, Event::Subscribed { request_id })
                 }
@@ -827,10 +847,12 @@ impl Core {
                 Waiter::PubAck {
                     conn,
                     session,
+                    seq,
                     message_id,
                     timestamp_ms,
                     ..
                 } => {
+                    self.fx.unacked.remove(&seq);
                     if let Some(s) = self.sessions.get_mut(&session) {
                         s.replay.forget(&message_id, timestamp_ms);
                     }

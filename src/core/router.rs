@@ -70,12 +70,17 @@ impl Core {
             (_, 0) => PubAckStatus::Accepted,
             _ => PubAckStatus::Stored,
         };
+        if copies > 0 {
+            // Acks that come before the batch commits make the answer `DELIVERED`.
+            self.fx.unacked.insert(seq, copies);
+        }
         // The answer waits for the batch holding the replay id (and durable copies).
         self.waiters.push_back((
             self.batch_id,
             Waiter::PubAck {
                 conn,
                 session: message.session.clone(),
+                seq,
                 message_id: id,
                 timestamp_ms: message.timestamp_ms,
                 status,

@@ -21,6 +21,10 @@ struct Pair {
     next_id: u8,
     /// When set, the next batch fails instead of committing.
     fail_next_commit: bool,
+    /// When set, batches wait in `held` until [`Pair::commit_held`], as they do while
+    /// the store thread writes them.
+    hold_commits: bool,
+    held: Vec<StoreBatch>,
     /// Files whose spool the core let go of.
     dropped_spools: Vec<MessageId>,
 }
@@ -53,6 +57,8 @@ impl Pair {
             next_conn: 1,
             next_id: 1,
             fail_next_commit: false,
+            hold_commits: false,
+            held: Vec::new(),
             dropped_spools: Vec::new(),
         }
     }
@@ -73,7 +79,9 @@ impl Pair {
             }
             if let Some(batch) = self.core.take_batch() {
                 busy = true;
-                if std::mem::take(&mut self.fail_next_commit) {
+                if self.hold_commits {
+                    self.held.push(batch);
+                } else if std::mem::take(&mut self.fail_next_commit) {
                     self.core.handle_commit_failed(batch.id);
                 } else {
                     self.store.apply(&batch);
@@ -89,6 +97,15 @@ impl Pair {
                 break;
             }
         }
+    }
+
+    /// Commits the batches held so far, in order.
+    fn commit_held(&mut self) {
+        for batch in std::mem::take(&mut self.held) {
+            self.store.apply(&batch);
+            self.core.handle_committed(batch.id);
+        }
+        self.drive();
     }
 
     fn cmd(&mut self, command: Command) {
@@ -262,6 +279,64 @@ fn publish_reaches_subscriber_and_puback_reports_status() {
     p.publish(publisher, "chat/1", b"kept");
     assert_eq!(p.puback(publisher), PubAckStatus::Stored);
     assert_eq!(p.store.copy_count(), 1);
+}
+
+/// The answer waits for the publish's batch; when every copy was acknowledged before
+/// that batch committed, it is `DELIVERED`. A copy still unacknowledged, or given up
+/// without an ack, leaves it as it was.
+#[test]
+fn puback_is_delivered_when_every_subscriber_acked_before_the_commit() {
+    let mut p = Pair::new();
+    let s = settings("s"); // retry every 1 s, 3 retries
+    let publisher = p.connect(&s, "pub");
+    let fleeting = p.connect(&s, "fleeting");
+    let durable = p.connect(&s, "durable");
+    p.subscribe(fleeting, "t", false);
+    p.subscribe(durable, "t", true);
+    p.hold_commits = true;
+
+    let one = p.publish(publisher, "t", b"one");
+    assert!(p.take(publisher).is_empty(), "no answer before the commit");
+    p.ack(fleeting, one);
+    p.commit_held();
+    assert_eq!(
+        p.puback(publisher),
+        PubAckStatus::Stored,
+        "the durable subscriber has not acknowledged"
+    );
+
+    let two = p.publish(publisher, "t", b"two");
+    p.ack(fleeting, two);
+    p.ack(durable, two);
+    p.ack(durable, two); // a duplicate counts once
+    p.commit_held();
+    assert_eq!(p.puback(publisher), PubAckStatus::Delivered);
+    p.ack(durable, one);
+    p.commit_held();
+    assert!(p.take(publisher).is_empty(), "one answer per publish");
+
+    // A copy given up unacknowledged was not delivered.
+    p.cmd(Command::Unsubscribe {
+        conn: durable,
+        request_id: 8,
+        filter: filter("t"),
+    });
+    p.commit_held();
+    p.take(durable);
+    p.take(fleeting);
+    let three = p.publish(publisher, "t", b"three");
+    p.advance(10_000);
+    assert_eq!(p.delivers(fleeting).len(), 4, "sent, retried, given up");
+    p.ack(fleeting, three);
+    p.commit_held();
+    assert_eq!(p.puback(publisher), PubAckStatus::Accepted);
+
+    // A refused publish leaves nothing behind either.
+    p.fail_next_commit = true;
+    p.hold_commits = false;
+    p.publish(publisher, "t", b"four");
+    assert!(matches!(p.error(publisher), Reject::Internal(_)));
+    assert!(p.core.fx.unacked.is_empty(), "no count outlives its answer");
 }
 
 #[test]
