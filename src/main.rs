@@ -496,6 +496,17 @@ fn print_banner(server: &Server, store: &str) -> std::io::Result<()> {
         "  {scheme:<6} {scheme}://{}   (/health, /api/createSession, /v1/cert-hash)",
         server.http_addr
     )?;
+    let ws = if server.https { "wss" } else { "ws" };
+    writeln!(
+        out,
+        "  ws     {ws}://{}/v1/ws   (native clients without QUIC)",
+        server.http_addr
+    )?;
+    writeln!(
+        out,
+        "  legacy {ws}://{}/   (the seeds' JSON clients; also /ws)",
+        server.http_addr
+    )?;
     writeln!(
         out,
         "  cert   sha-256 {}  (valid until {})",

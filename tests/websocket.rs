@@ -19,7 +19,9 @@ async fn sdk_over_websocket_talks_with_sdk_over_quic() {
     let broker = Broker::start();
     broker.create_session("web", "secret-pass", json!({})).await;
     let key = SessionKey::generate();
-    let url = format!("ws://{}/v1/ws", broker.http);
+    // The URL the broker prints for this carrier.
+    let url = broker.banner_url("ws");
+    assert_eq!(url, format!("ws://{}/v1/ws", broker.http));
     let over_ws = within(
         "ws connect",
         Client::connect(ClientConfig::new(url, "web", "secret-pass", key.clone())),

@@ -43,7 +43,12 @@ pub struct Dart {
 
 impl Dart {
     pub async fn connect(broker: &Broker, path: &str) -> Dart {
-        let url = format!("ws://{}{path}", broker.http);
+        // From the root the broker's banner prints for legacy clients.
+        let url = format!(
+            "{}{}",
+            broker.banner_url("legacy"),
+            path.trim_start_matches('/')
+        );
         let (ws, _) = within("ws connect", tokio_tungstenite::connect_async(url))
             .await
             .expect("connect");

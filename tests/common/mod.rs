@@ -35,6 +35,8 @@ pub struct Broker {
     pub dir: tempfile::TempDir,
     pub http: SocketAddr,
     pub quic: SocketAddr,
+    /// What the broker printed at its last start, up to its certificate's line.
+    pub banner: Vec<String>,
     extra: Vec<String>,
 }
 
@@ -53,6 +55,7 @@ impl Broker {
             dir,
             http: zero,
             quic: zero,
+            banner: Vec::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         broker.spawn();
@@ -95,10 +98,17 @@ impl Broker {
             }
         });
         let (mut http, mut quic) = (None, None);
-        while http.is_none() || quic.is_none() {
+        self.banner.clear();
+        // The certificate's line follows every address.
+        while !self
+            .banner
+            .last()
+            .is_some_and(|l| l.trim().starts_with("cert "))
+        {
             let line = rx
                 .recv_timeout(WAIT)
                 .unwrap_or_else(|_| panic!("broker did not start; log:\n{}", self.logs()));
+            self.banner.push(line.clone());
             let addr = |prefix: &str| {
                 line.trim()
                     .strip_prefix(prefix)
@@ -115,6 +125,20 @@ impl Broker {
         self.http = http.expect("http address");
         self.quic = quic.expect("quic address");
         self.child = Some(child);
+    }
+
+    /// The URL the banner prints on its `label` line (`quic`, `http`, `ws`, `legacy`…).
+    pub fn banner_url(&self, label: &str) -> String {
+        self.banner
+            .iter()
+            .find_map(|line| {
+                let rest = line.trim().strip_prefix(label)?;
+                rest.starts_with(' ')
+                    .then(|| rest.split_whitespace().next())
+                    .flatten()
+            })
+            .unwrap_or_else(|| panic!("no {label} line in the banner: {:#?}", self.banner))
+            .to_string()
     }
 
     pub fn log_path(&self) -> PathBuf {
