@@ -52,19 +52,20 @@ pub struct ServeArgs {
     #[arg(long, env = "FASTPORT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Address to bind both listeners to (127.0.0.1 keeps the broker local).
-    #[arg(long, env = "HOST", value_name = "IP")]
+    /// Address to bind both listeners to (127.0.0.1 keeps the broker local): an IP, or
+    /// a host name resolved at start, IPv4 first.
+    #[arg(long, env = "HOST", value_name = "HOST", value_parser = parse_listen)]
     pub listen: Option<IpAddr>,
 
     /// Port for both TCP (HTTP, WebSocket) and UDP (QUIC).
     #[arg(long, env = "PORT")]
     pub port: Option<u16>,
 
-    /// TCP address for HTTP, overriding --listen/--port.
+    /// TCP address for HTTP, overriding --listen/--port (and the file's address).
     #[arg(long, value_name = "ADDR")]
     pub http: Option<SocketAddr>,
 
-    /// UDP address for QUIC, overriding --listen/--port.
+    /// UDP address for QUIC, overriding --listen/--port (and the file's address).
     #[arg(long, value_name = "ADDR")]
     pub quic: Option<SocketAddr>,
 
@@ -206,19 +207,26 @@ impl ServeArgs {
 
     pub fn resolve(self) -> Result<ServerConfig, ConfigError> {
         let file = FileConfig::load(self.config.as_deref())?;
-        let listen = self
-            .listen
-            .or(file.listen)
-            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let port = self.port.or(file.port).unwrap_or(DEFAULT_PORT);
-        let http = self
-            .http
-            .or(file.http)
-            .unwrap_or(SocketAddr::new(listen, port));
-        let quic = self
-            .quic
-            .or(file.quic)
-            .unwrap_or(SocketAddr::new(listen, port));
+        // Flag > environment > file (design §8): `--listen`/`HOST` and `--port`/`PORT`
+        // replace their part of an address the file gives, and `--http`/`--quic`
+        // replace the whole of it.
+        let from_file = |addr: Option<SocketAddr>| {
+            addr.unwrap_or(SocketAddr::new(
+                file.listen.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                file.port.unwrap_or(DEFAULT_PORT),
+            ))
+        };
+        let bind = |explicit: Option<SocketAddr>, file_addr: Option<SocketAddr>| {
+            explicit.unwrap_or_else(|| {
+                let base = from_file(file_addr);
+                SocketAddr::new(
+                    self.listen.unwrap_or(base.ip()),
+                    self.port.unwrap_or(base.port()),
+                )
+            })
+        };
+        let http = bind(self.http, file.http);
+        let quic = bind(self.quic, file.quic);
         let data_dir = self
             .data_dir
             .or(file.data_dir)
@@ -364,6 +372,23 @@ impl ServeArgs {
     }
 }
 
+/// `--listen`/`HOST`: an IP address, or a host name (`HOST=localhost`, as a Node
+/// server would take it) resolved once, preferring IPv4.
+fn parse_listen(host: &str) -> Result<IpAddr, String> {
+    if let Ok(ip) = host.parse() {
+        return Ok(ip);
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, 0))
+        .map_err(|e| format!("not an IP address, and the name does not resolve: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .map(|a| a.ip())
+        .ok_or_else(|| "the name resolves to no address".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,6 +436,39 @@ mod tests {
         args.threads = Some(1);
         assert_eq!(args.worker_threads().expect("valid"), Some(1));
         assert!(args.resolve().is_ok(), "the file's threads key is known");
+    }
+
+    #[test]
+    fn listen_takes_an_ip_or_a_host_name() {
+        assert_eq!(
+            parse_listen("0.0.0.0"),
+            Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        );
+        assert_eq!(parse_listen("::1"), Ok("::1".parse().expect("ip")));
+        assert_eq!(
+            parse_listen("localhost"),
+            Ok(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        );
+        let e = parse_listen("no-such-host.invalid").unwrap_err();
+        assert!(e.contains("does not resolve"), "{e}");
+    }
+
+    /// `PORT` or `HOST` (here as the fields clap fills from them) replace their part of
+    /// an address the file gives; `--http` replaces all of it.
+    #[test]
+    fn the_environment_wins_over_the_file_s_addresses() {
+        let (_dir, mut args) = with_file("http = \"0.0.0.0:4000\"\nquic = \"0.0.0.0:4001\"\n");
+        let c = args.clone().resolve().expect("valid");
+        assert_eq!(c.http, "0.0.0.0:4000".parse().expect("addr"));
+        args.port = Some(5000);
+        let c = args.clone().resolve().expect("valid");
+        assert_eq!(c.http, "0.0.0.0:5000".parse().expect("addr"));
+        assert_eq!(c.quic, "0.0.0.0:5000".parse().expect("addr"));
+        args.listen = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        args.http = Some("127.0.0.1:6000".parse().expect("addr"));
+        let c = args.resolve().expect("valid");
+        assert_eq!(c.http, "127.0.0.1:6000".parse().expect("addr"));
+        assert_eq!(c.quic, "127.0.0.1:5000".parse().expect("addr"));
     }
 
     #[test]

@@ -396,6 +396,55 @@ fn serve_says_once_why_it_cannot_start() {
     );
 }
 
+/// `HOST` may name the host (`HOST=localhost`, as a Node server takes it): the broker
+/// binds to what it resolves to, IPv4 first, and says so. A name that does not
+/// resolve is refused with the reason.
+#[test]
+fn serve_binds_to_the_host_named_in_host() {
+    use std::io::{BufRead, BufReader};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let serve = |host: &str| {
+        let mut serve = Command::new(env!("CARGO_BIN_EXE_fastport"));
+        serve
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--certs-dir")
+            .arg(dir.path().join("certs"))
+            .env("HOST", host)
+            .env("PORT", "0")
+            .env_remove("DB_TYPE")
+            .env_remove("SQLITE_PATH")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        serve
+    };
+
+    let mut child = serve("localhost").spawn().expect("run fastport serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let banner: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|line| !line.trim().starts_with("cert "))
+        .collect();
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    for label in ["quic   quic://127.0.0.1:", "http   http://127.0.0.1:"] {
+        assert!(
+            banner.iter().any(|l| l.trim().starts_with(label)),
+            "{label} in {banner:#?}"
+        );
+    }
+
+    let out = serve("no-such-host.invalid")
+        .output()
+        .expect("run fastport serve");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not resolve"), "{stderr}");
+}
+
 /// `recv --durable --client-id` keeps receiving across runs: a file sent while no
 /// `recv` runs waits in the broker's spool and is saved by the next run.
 #[tokio::test]
