@@ -39,6 +39,23 @@ async fn init_with_right_and_wrong_password() {
     assert_eq!(answer["success"], false);
     assert!(answer["error"].as_str().is_some());
     assert_eq!(bad.close_code().await, Some(CloseCode::Policy));
+
+    // A session that does not exist, or cannot (no name has a space, or none), fails
+    // the same way: nothing tells the names apart.
+    for name in ["no-such-session", "no such session", ""] {
+        let mut unknown = Dart::connect(&broker, "/").await;
+        let answer = unknown.init(name, "secret-pass", None).await;
+        assert_eq!(answer["success"], false, "{name:?}: {answer}");
+        assert_eq!(
+            answer["error"], "unknown session or wrong password",
+            "{name:?}"
+        );
+        assert_eq!(
+            unknown.close_code().await,
+            Some(CloseCode::Policy),
+            "{name:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -575,7 +592,7 @@ async fn a_malformed_init_fails_the_login() {
     assert_eq!(early.recv().await["code"], "UNAUTHENTICATED");
 
     for init in [
-        json!({"type": "init", "sessionName": "", "password": "secret-pass"}),
+        json!({"type": "init", "sessionName": 7, "password": "secret-pass"}),
         json!({"type": "init", "sessionName": "dart"}),
         json!({"type": "init", "sessionName": "dart", "password": 7}),
     ] {

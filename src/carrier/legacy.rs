@@ -216,8 +216,10 @@ impl Reader {
 
     fn init(&mut self, frame: &Map<String, Value>) -> Result<Request, Refused> {
         let kind = "init";
+        // No session can have a name that does not parse: that is a failed login, as
+        // for an unknown session (close code 1008, and nothing told about names).
         let session = SessionName::parse(string(frame, kind, "sessionName")?)
-            .map_err(|e| invalid(format!("init: sessionName: {e}")))?;
+            .map_err(|_| Refused::new(Reject::BadCredentials))?;
         let password = string(frame, kind, "password")?.to_owned();
         let client_id = optional_string(frame, kind, "userId")?
             .filter(|u| !u.is_empty())
