@@ -17,6 +17,7 @@ use futures::SinkExt;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 fn data(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
@@ -222,12 +223,16 @@ async fn broken_file_transfers_are_refused() {
     chunk.extend_from_slice(b"orphan");
     dart.ws.send(Message::binary(chunk)).await.expect("send");
     assert_eq!(dart.recv().await["code"], "NOT_FOUND");
-    // A binary frame that is not a chunk.
-    dart.ws
+    // A binary frame that is not a chunk is not a frame at all: it ends its connection.
+    let mut other = Dart::connect(&broker, "/").await;
+    other.init("files", "secret-pass", None).await;
+    other
+        .ws
         .send(Message::binary(vec![0x07; 8]))
         .await
         .expect("send");
-    assert_eq!(dart.recv().await["code"], "INVALID_FRAME");
+    assert_eq!(other.recv().await["code"], "INVALID_FRAME");
+    assert_eq!(other.close_code().await, Some(CloseCode::Protocol));
     // Chunks out of order abort the transfer.
     let id = uuid::Uuid::new_v4().to_string();
     dart.send(json!({"type": "init_file", "fileId": id, "fileName": "x", "fileSize": 10, "totalChunks": 2, "topic": "t"}))

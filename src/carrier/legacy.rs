@@ -60,6 +60,10 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
                 link.fail(reject).await;
                 break;
             }
+            Ok(LegacyIn::Undecodable(reject)) => {
+                link.fail(reject).await;
+                break;
+            }
             Ok(LegacyIn::BadInit(reject)) => {
                 link.refuse(Refused::new(reject)).await;
                 Ok(())
@@ -96,6 +100,10 @@ struct Reader {
 
 fn invalid(why: impl Into<String>) -> Refused {
     Refused::new(Reject::InvalidFrame(why.into()))
+}
+
+fn undecodable(why: String) -> Parsed {
+    Parsed::File(LegacyIn::Undecodable(Reject::InvalidFrame(why)))
 }
 
 fn string<'a>(frame: &'a Map<String, Value>, kind: &str, field: &str) -> Result<&'a str, Refused> {
@@ -147,6 +155,10 @@ enum LegacyIn {
     /// An `init` that could not be read. Before login it fails the login (a failed
     /// `init_response` and a close), as the seed's client waits for that answer.
     BadInit(Reject),
+    /// Bytes that are not a frame at all (not a JSON object, a binary message that is
+    /// not a file chunk): `INVALID_FRAME`, and the connection closes, as on every
+    /// carrier (design §10). A frame whose fields are wrong is refused, and it lives on.
+    Undecodable(Reject),
     InitFile(FileMeta),
     Chunk {
         file_id: MessageId,
@@ -162,7 +174,7 @@ enum LegacyIn {
 /// Handles the file frames of a legacy connection.
 async fn files(link: &mut Link, uploads: &mut OpenUploads, frame: LegacyIn) -> Result<(), Refused> {
     match frame {
-        LegacyIn::Request(_) | LegacyIn::BadInit(_) => Ok(()),
+        LegacyIn::Request(_) | LegacyIn::BadInit(_) | LegacyIn::Undecodable(_) => Ok(()),
         LegacyIn::InitFile(meta) => uploads.open(link, meta).await,
         LegacyIn::Chunk {
             file_id,
@@ -191,9 +203,9 @@ fn attached(link: &Link, file_id: MessageId) -> Result<(), Refused> {
 fn parse_chunk(bytes: Bytes) -> Result<LegacyIn, Refused> {
     const HEADER: usize = 1 + 36 + 4;
     if bytes.len() < HEADER || bytes[0] != 0x02 {
-        return Err(invalid(
-            "binary frames are file chunks: [0x02][36-byte fileId][4-byte index][payload]",
-        ));
+        return Ok(LegacyIn::Undecodable(Reject::InvalidFrame(
+            "binary frames are file chunks: [0x02][36-byte fileId][4-byte index][payload]".into(),
+        )));
     }
     let id =
         std::str::from_utf8(&bytes[1..37]).map_err(|_| invalid("chunk: fileId must be a UUID"))?;
@@ -239,8 +251,8 @@ impl Reader {
     fn parse_frame(&mut self, text: &str) -> Result<Parsed, Refused> {
         let frame: Map<String, Value> = match serde_json::from_str(text) {
             Ok(Value::Object(map)) => map,
-            Ok(_) => return Err(invalid("expected a JSON object")),
-            Err(e) => return Err(invalid(format!("invalid JSON: {e}"))),
+            Ok(_) => return Ok(undecodable("expected a JSON object".into())),
+            Err(e) => return Ok(undecodable(format!("invalid JSON: {e}"))),
         };
         let kind = string(&frame, "frame", "type")?;
         match kind {
@@ -575,14 +587,21 @@ mod tests {
         assert!(
             matches!(parsed, Ok(LegacyIn::Chunk { index: 7, payload, .. }) if payload == b"payload"[..])
         );
-        assert!(parse_chunk(Bytes::from_static(&[0x01; 50])).is_err());
+        assert!(matches!(
+            parse_chunk(Bytes::from_static(&[0x01; 50])),
+            Ok(LegacyIn::Undecodable(Reject::InvalidFrame(_)))
+        ));
     }
 
     #[test]
     fn bad_frames_are_explained() {
+        for (text, needle) in [("not json", "invalid JSON"), ("[1,2]", "JSON object")] {
+            let Ok(LegacyIn::Undecodable(reject)) = Reader::default().parse(text) else {
+                panic!("{text} is not a frame")
+            };
+            assert!(reject.to_string().contains(needle), "{text}: {reject}");
+        }
         for (text, needle) in [
-            ("not json", "invalid JSON"),
-            ("[1,2]", "JSON object"),
             (r#"{"type":"launch"}"#, "unknown type"),
             (r#"{"topic":"x"}"#, "type is required"),
             (r#"{"type":"subscribe"}"#, "topic is required"),
