@@ -30,6 +30,9 @@ pub struct Copy {
     pub persisted: bool,
     /// Sends to a live connection so far.
     pub attempts: u32,
+    /// Made by its message's publish (not a history replay, nor read back from the
+    /// store): its ack counts towards the publisher's `DELIVERED`.
+    pub counted: bool,
 }
 
 #[derive(Debug)]
@@ -315,7 +318,9 @@ impl Subscriber {
     /// The subscriber acknowledged `id`. Unknown ids (duplicates, expired) are ignored.
     pub fn ack(&mut self, id: &MessageId, now: Millis, ctx: &mut Ctx) {
         if let Some(f) = self.inflight.remove(id) {
-            ctx.fx.acked(f.copy.message.seq);
+            if f.copy.counted {
+                ctx.fx.acked(f.copy.message.seq);
+            }
             self.release(f.copy, ctx);
             self.drop_stale_retries();
             self.refill(now, ctx);
@@ -438,6 +443,7 @@ impl Subscriber {
                 durable: !row.ephemeral,
                 persisted: true,
                 attempts: row.attempts,
+                counted: false,
             });
         }
         if exhausted && !self.backlog.spilled_while_loading {

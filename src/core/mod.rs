@@ -526,6 +526,7 @@ impl Core {
                         durable: false,
                         persisted: false,
                         attempts: 0,
+                        counted: false,
                     };
                     sub.offer(copy, now, &mut ctx);
                 }

@@ -135,6 +135,7 @@ pub(super) fn fan_out(
             durable,
             persisted: durable,
             attempts: 0,
+            counted: true,
         };
         ctx.fx.hold_file(message);
         if sub.conn.is_some_and(|c| live.binary_search(&c).is_ok()) {

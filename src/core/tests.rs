@@ -339,6 +339,38 @@ fn puback_is_delivered_when_every_subscriber_acked_before_the_commit() {
     assert!(p.core.fx.unacked.is_empty(), "no count outlives its answer");
 }
 
+/// A copy replayed from history to a subscription made meanwhile is not one the
+/// publish made: its ack says nothing of the subscriber that has not acknowledged.
+#[test]
+fn a_history_replay_is_not_counted_as_delivering_the_publish() {
+    let mut p = Pair::new();
+    let mut s = settings("s");
+    s.history_size = 10;
+    let publisher = p.connect(&s, "pub");
+    let slow = p.connect(&s, "slow");
+    let late = p.connect(&s, "late");
+    p.subscribe(slow, "t", false);
+    p.hold_commits = true;
+
+    let id = p.publish(publisher, "t", b"m");
+    p.cmd(Command::Subscribe {
+        conn: late,
+        request_id: 9,
+        filter: filter("t"),
+        durable: false,
+        presence: false,
+        history: 10,
+    });
+    assert_eq!(p.delivers(late).len(), 1, "replayed from history");
+    p.ack(late, id);
+    p.commit_held();
+    assert_eq!(
+        p.puback(publisher),
+        PubAckStatus::Accepted,
+        "the subscriber the publish reached has not acknowledged"
+    );
+}
+
 #[test]
 fn unacked_delivery_is_retried_up_to_the_limit_then_dropped() {
     let mut p = Pair::new();
