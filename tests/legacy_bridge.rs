@@ -32,6 +32,10 @@ async fn init_with_right_and_wrong_password() {
         answer,
         json!({"type": "init_response", "success": true, "sessionName": "dart"})
     );
+    // A second init is refused whatever it names, and the first stays in force.
+    ok.send(json!({"type": "init", "sessionName": "no such session", "password": "x"}))
+        .await;
+    assert_eq!(ok.recv().await["code"], "INVALID_FRAME");
 
     let mut bad = Dart::connect(&broker, "/ws").await;
     let answer = bad.init("dart", "wrong", None).await;
@@ -289,6 +293,16 @@ async fn bad_legacy_input_gets_error_frames() {
             "{garbage:?}"
         );
     }
+    // Before init too: the error, then the failed login the seed's client waits for.
+    let mut early = Dart::connect(&broker, "/").await;
+    early
+        .ws
+        .send(Message::text("{not json"))
+        .await
+        .expect("send");
+    assert_eq!(early.recv().await["code"], "INVALID_FRAME");
+    assert_eq!(early.recv().await["type"], "init_response");
+    assert_eq!(early.close_code().await, Some(CloseCode::Protocol));
 }
 
 /// A broker that pings every 300 ms and closes connections silent for 1.5 s, with

@@ -61,10 +61,17 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
                 break;
             }
             Ok(LegacyIn::Undecodable(reject)) => {
+                if !link.is_attached() {
+                    // Closing before login answers with the failed `init_response` the
+                    // seed's client waits for; the error itself comes first.
+                    link.refuse(Refused::new(reject.clone())).await;
+                }
                 link.fail(reject).await;
                 break;
             }
-            Ok(LegacyIn::BadInit(reject)) => {
+            Ok(LegacyIn::BadInit(_)) => {
+                // As a well-formed second init is answered.
+                let reject = Reject::InvalidFrame("already authenticated".into());
                 link.refuse(Refused::new(reject)).await;
                 Ok(())
             }
@@ -100,10 +107,6 @@ struct Reader {
 
 fn invalid(why: impl Into<String>) -> Refused {
     Refused::new(Reject::InvalidFrame(why.into()))
-}
-
-fn undecodable(why: String) -> Parsed {
-    Parsed::File(LegacyIn::Undecodable(Reject::InvalidFrame(why)))
 }
 
 fn string<'a>(frame: &'a Map<String, Value>, kind: &str, field: &str) -> Result<&'a str, Refused> {
@@ -249,10 +252,15 @@ impl Reader {
     }
 
     fn parse_frame(&mut self, text: &str) -> Result<Parsed, Refused> {
+        let not_a_frame = |why: String| {
+            Ok(Parsed::File(LegacyIn::Undecodable(Reject::InvalidFrame(
+                why,
+            ))))
+        };
         let frame: Map<String, Value> = match serde_json::from_str(text) {
             Ok(Value::Object(map)) => map,
-            Ok(_) => return Ok(undecodable("expected a JSON object".into())),
-            Err(e) => return Ok(undecodable(format!("invalid JSON: {e}"))),
+            Ok(_) => return not_a_frame("expected a JSON object".into()),
+            Err(e) => return not_a_frame(format!("invalid JSON: {e}")),
         };
         let kind = string(&frame, "frame", "type")?;
         match kind {
