@@ -378,6 +378,15 @@ fn parse_listen(host: &str) -> Result<IpAddr, String> {
     if let Ok(ip) = host.parse() {
         return Ok(ip);
     }
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.len() > 253 || !host.trim_end_matches('.').split('.').all(label_ok) {
+        return Err("neither an IP address nor a host name".into());
+    }
     let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, 0))
         .map_err(|e| format!("not an IP address, and the name does not resolve: {e}"))?
         .collect();
@@ -449,8 +458,13 @@ mod tests {
             parse_listen("localhost"),
             Ok(IpAddr::V4(Ipv4Addr::LOCALHOST))
         );
-        let e = parse_listen("no-such-host.invalid").unwrap_err();
-        assert!(e.contains("does not resolve"), "{e}");
+        for bad in ["bad host!", "", "-x.example", "a..b"] {
+            let e = parse_listen(bad).unwrap_err();
+            assert!(
+                e.contains("neither an IP address nor a host name"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     /// `PORT` or `HOST` (here as the fields clap fills from them) replace their part of
