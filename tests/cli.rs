@@ -401,9 +401,6 @@ fn serve_says_once_why_it_cannot_start() {
 /// name is refused with the reason.
 #[test]
 fn serve_binds_to_the_host_named_in_host() {
-    use std::io::{BufRead, BufReader};
-    use std::sync::mpsc;
-
     let dir = tempfile::tempdir().expect("tempdir");
     let serve = |host: &str| {
         let mut serve = Command::new(env!("CARGO_BIN_EXE_fastport"));
@@ -425,23 +422,8 @@ fn serve_binds_to_the_host_named_in_host() {
         .stderr(Stdio::null())
         .spawn()
         .expect("run fastport serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut banner = Vec::new();
-    while !banner
-        .last()
-        .is_some_and(|l: &String| l.trim().starts_with("cert "))
-    {
-        match rx.recv_timeout(common::WAIT) {
-            Ok(line) => banner.push(line),
-            Err(e) => panic!("no banner ({e}); so far {banner:#?}"),
-        }
-    }
+    let banner = common::read_banner(&mut child)
+        .unwrap_or_else(|so_far| panic!("no banner in time; so far {so_far:#?}"));
     child.kill().expect("kill");
     child.wait().expect("wait");
     for label in ["quic   quic://127.0.0.1:", "http   http://127.0.0.1:"] {

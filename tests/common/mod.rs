@@ -29,6 +29,27 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     }
 }
 
+/// What a broker process prints at start, up to its certificate's line (which follows
+/// every address), read within [`WAIT`]; on a timeout, what came so far. Its stdout is
+/// drained on a thread of its own from then on, so the pipe never fills.
+pub fn read_banner(child: &mut Child) -> Result<Vec<String>, Vec<String>> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std_mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut banner: Vec<String> = Vec::new();
+    while !banner.last().is_some_and(|l| l.trim().starts_with("cert ")) {
+        match rx.recv_timeout(WAIT) {
+            Ok(line) => banner.push(line),
+            Err(_) => return Err(banner),
+        }
+    }
+    Ok(banner)
+}
+
 /// A broker process started from the built binary.
 pub struct Broker {
     child: Option<Child>,
@@ -89,41 +110,16 @@ impl Broker {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn the fastport binary");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std_mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep draining after the addresses are known, so the pipe never fills.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let (mut http, mut quic) = (None, None);
-        self.banner.clear();
-        // The certificate's line follows every address.
-        while !self
-            .banner
-            .last()
-            .is_some_and(|l| l.trim().starts_with("cert "))
-        {
-            let line = rx
-                .recv_timeout(WAIT)
-                .unwrap_or_else(|_| panic!("broker did not start; log:\n{}", self.logs()));
-            self.banner.push(line.clone());
-            let addr = |prefix: &str| {
-                line.trim()
-                    .strip_prefix(prefix)
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .and_then(|a| a.parse::<SocketAddr>().ok())
-            };
-            if let Some(a) = addr("quic   quic://") {
-                quic = Some(a);
-            }
-            if let Some(a) = addr("http   http://").or_else(|| addr("https  https://")) {
-                http = Some(a);
-            }
-        }
-        self.http = http.expect("http address");
-        self.quic = quic.expect("quic address");
+        self.banner = read_banner(&mut child)
+            .unwrap_or_else(|_| panic!("broker did not start; log:\n{}", self.logs()));
+        let addr = |url: String| -> SocketAddr {
+            url.split_once("://")
+                .and_then(|(_, addr)| addr.parse().ok())
+                .unwrap_or_else(|| panic!("not an address: {url}"))
+        };
+        let https = self.banner.iter().any(|l| l.trim().starts_with("https "));
+        self.http = addr(self.banner_url(if https { "https" } else { "http" }));
+        self.quic = addr(self.banner_url("quic"));
         self.child = Some(child);
     }
 
