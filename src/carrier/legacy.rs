@@ -75,7 +75,7 @@ pub async fn serve(socket: WebSocket, peer: SocketAddr, ctx: Arc<LinkContext>) {
                 link.refuse(Refused::new(reject)).await;
                 Ok(())
             }
-            Ok(file) => {
+            Ok(LegacyIn::File(file)) => {
                 if let Err(refused) = Box::pin(files(&mut link, &mut uploads, file)).await {
                     link.refuse(refused).await;
                 }
@@ -162,6 +162,11 @@ enum LegacyIn {
     /// not a file chunk): `INVALID_FRAME`, and the connection closes, as on every
     /// carrier (design §10). A frame whose fields are wrong is refused, and it lives on.
     Undecodable(Reject),
+    File(FileFrame),
+}
+
+/// A frame of a legacy file transfer.
+enum FileFrame {
     InitFile(FileMeta),
     Chunk {
         file_id: MessageId,
@@ -175,11 +180,14 @@ enum LegacyIn {
 }
 
 /// Handles the file frames of a legacy connection.
-async fn files(link: &mut Link, uploads: &mut OpenUploads, frame: LegacyIn) -> Result<(), Refused> {
+async fn files(
+    link: &mut Link,
+    uploads: &mut OpenUploads,
+    frame: FileFrame,
+) -> Result<(), Refused> {
     match frame {
-        LegacyIn::Request(_) | LegacyIn::BadInit(_) | LegacyIn::Undecodable(_) => Ok(()),
-        LegacyIn::InitFile(meta) => uploads.open(link, meta).await,
-        LegacyIn::Chunk {
+        FileFrame::InitFile(meta) => uploads.open(link, meta).await,
+        FileFrame::Chunk {
             file_id,
             index,
             payload,
@@ -187,7 +195,7 @@ async fn files(link: &mut Link, uploads: &mut OpenUploads, frame: LegacyIn) -> R
             attached(link, file_id)?;
             uploads.chunk(file_id, index, payload).await
         }
-        LegacyIn::EndFile { file_id, sha256 } => {
+        FileFrame::EndFile { file_id, sha256 } => {
             attached(link, file_id)?;
             uploads.finish(link, file_id, sha256, Bytes::new()).await
         }
@@ -214,21 +222,14 @@ fn parse_chunk(bytes: Bytes) -> Result<LegacyIn, Refused> {
         std::str::from_utf8(&bytes[1..37]).map_err(|_| invalid("chunk: fileId must be a UUID"))?;
     let file_id = parse_uuid("chunk", "fileId", id)?;
     let index = u32::from_be_bytes([bytes[37], bytes[38], bytes[39], bytes[40]]);
-    Ok(LegacyIn::Chunk {
+    Ok(LegacyIn::File(FileFrame::Chunk {
         file_id,
         index,
         payload: bytes.slice(HEADER..),
-    })
+    }))
 }
 
 impl Reader {
-    fn parse(&mut self, text: &str) -> Result<LegacyIn, Refused> {
-        self.parse_frame(text).map(|parsed| match parsed {
-            Parsed::Request(r) => LegacyIn::Request(r),
-            Parsed::File(f) => f,
-        })
-    }
-
     fn init(&mut self, frame: &Map<String, Value>) -> Result<Request, Refused> {
         let kind = "init";
         // No session can have a name that does not parse: that is a failed login, as
@@ -251,12 +252,8 @@ impl Reader {
         }))
     }
 
-    fn parse_frame(&mut self, text: &str) -> Result<Parsed, Refused> {
-        let not_a_frame = |why: String| {
-            Ok(Parsed::File(LegacyIn::Undecodable(Reject::InvalidFrame(
-                why,
-            ))))
-        };
+    fn parse(&mut self, text: &str) -> Result<LegacyIn, Refused> {
+        let not_a_frame = |why: String| Ok(LegacyIn::Undecodable(Reject::InvalidFrame(why)));
         let frame: Map<String, Value> = match serde_json::from_str(text) {
             Ok(Value::Object(map)) => map,
             Ok(_) => return not_a_frame("expected a JSON object".into()),
@@ -266,13 +263,13 @@ impl Reader {
         match kind {
             // A malformed init is the init's answer (see `LegacyIn::BadInit`).
             "init" => Ok(match self.init(&frame) {
-                Ok(hello) => Parsed::Request(hello),
-                Err(refused) => Parsed::File(LegacyIn::BadInit(refused.reject)),
+                Ok(hello) => LegacyIn::Request(hello),
+                Err(refused) => LegacyIn::BadInit(refused.reject),
             }),
             "subscribe" | "unsubscribe" => {
                 let filter = TopicFilter::parse(string(&frame, kind, "topic")?)
                     .map_err(|e| invalid(format!("{kind}: topic: {e}")))?;
-                Ok(Parsed::Request(if kind == "subscribe" {
+                Ok(LegacyIn::Request(if kind == "subscribe" {
                     Request::Subscribe {
                         request_id: 0,
                         filter,
@@ -306,7 +303,7 @@ impl Reader {
                             refused("publish: timestamp must be Unix milliseconds".into())
                         })?;
                 let payload = json!({"data": data, "hash": hash}).to_string();
-                Ok(Parsed::Request(Request::Publish(Publish {
+                Ok(LegacyIn::Request(Request::Publish(Publish {
                     message_id,
                     topic,
                     payload: Bytes::from(payload),
@@ -314,7 +311,7 @@ impl Reader {
                     format: PayloadFormat::LegacyJson,
                 })))
             }
-            "ack" => Ok(Parsed::Request(Request::Ack(parse_uuid(
+            "ack" => Ok(LegacyIn::Request(Request::Ack(parse_uuid(
                 kind,
                 "messageId",
                 string(&frame, kind, "messageId")?,
@@ -331,7 +328,7 @@ impl Reader {
                     .unwrap_or_default()
                     .to_owned(),
             )
-            .map(|r| Parsed::Request(Request::RegisterPushToken(r)))
+            .map(|r| LegacyIn::Request(Request::RegisterPushToken(r)))
             .map_err(Refused::new),
             "init_file" => {
                 let file_id = parse_uuid(kind, "fileId", string(&frame, kind, "fileId")?)?;
@@ -363,7 +360,7 @@ impl Reader {
                     .get("timestamp")
                     .and_then(Value::as_u64)
                     .unwrap_or_else(now_ms);
-                Ok(Parsed::File(LegacyIn::InitFile(FileMeta {
+                Ok(LegacyIn::File(FileFrame::InitFile(FileMeta {
                     file_id,
                     topic,
                     name: Bytes::copy_from_slice(name.as_bytes()),
@@ -380,16 +377,11 @@ impl Reader {
                 // The seed sends the hex SHA-256 of the file; anything else is kept as is.
                 let sha256 = hex::decode(hash)
                     .map_or_else(|_| Bytes::copy_from_slice(hash.as_bytes()), Bytes::from);
-                Ok(Parsed::File(LegacyIn::EndFile { file_id, sha256 }))
+                Ok(LegacyIn::File(FileFrame::EndFile { file_id, sha256 }))
             }
             other => Err(invalid(format!("unknown type {other:?}"))),
         }
     }
-}
-
-enum Parsed {
-    Request(Request),
-    File(LegacyIn),
 }
 
 /// Writes core events as the seed's JSON frames.
@@ -576,24 +568,26 @@ mod tests {
         ));
         assert!(matches!(
             r,
-            Ok(LegacyIn::InitFile(FileMeta {
+            Ok(LegacyIn::File(FileFrame::InitFile(FileMeta {
                 chunk_count: 1,
                 size: 10,
                 ..
-            }))
+            })))
         ));
         let hash = "ab".repeat(32);
         let r = reader.parse(&format!(
             r#"{{"type":"end_file","fileId":"{id}","hash":"{hash}","topic":"files/x"}}"#
         ));
-        assert!(matches!(r, Ok(LegacyIn::EndFile { sha256, .. }) if sha256.len() == 32));
+        assert!(
+            matches!(r, Ok(LegacyIn::File(FileFrame::EndFile { sha256, .. })) if sha256.len() == 32)
+        );
         let mut chunk = vec![0x02];
         chunk.extend_from_slice(id.as_bytes());
         chunk.extend_from_slice(&7u32.to_be_bytes());
         chunk.extend_from_slice(b"payload");
         let parsed = parse_chunk(Bytes::from(chunk));
         assert!(
-            matches!(parsed, Ok(LegacyIn::Chunk { index: 7, payload, .. }) if payload == b"payload"[..])
+            matches!(parsed, Ok(LegacyIn::File(FileFrame::Chunk { index: 7, payload, .. })) if payload == b"payload"[..])
         );
         assert!(matches!(
             parse_chunk(Bytes::from_static(&[0x01; 50])),
