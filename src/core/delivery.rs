@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use crate::proto::PresenceEvent;
+use crate::proto::{PayloadFormat, PresenceEvent};
 
 use super::command::{
     BacklogRequest, Event, Message, MessageKind, Output, Presence, StoreOp, StoredCopy,
@@ -111,6 +111,13 @@ impl Subscriber {
 
     pub fn has_durable(&self) -> bool {
         self.filters.values().any(|o| o.durable)
+    }
+
+    /// Whether this subscriber's client can read payloads of `format`: a legacy
+    /// connection reads only `LEGACY_JSON` (design §10), so nothing else is queued
+    /// for it, nor sent to it.
+    pub fn reads(&self, format: PayloadFormat) -> bool {
+        !self.legacy_only || format == PayloadFormat::LegacyJson
     }
 
     /// Whether any of this subscriber's filters still matches `topic`.
@@ -240,11 +247,14 @@ impl Subscriber {
         self.file_streamed(&id, now, ctx);
     }
 
-    /// Whether a copy is past sending: expired, out of attempts, or no longer wanted.
+    /// Whether a copy is past sending: expired, out of attempts, no longer wanted, or
+    /// unreadable by the client now connected (a backlog queued while a native
+    /// connection held the client id, or before a restart).
     fn give_up(&self, copy: &Copy, now: Millis, ctx: &Ctx) -> bool {
         now >= copy.message.expires_at
             || copy.attempts >= ctx.settings.max_attempts()
             || !self.wants(&copy.message.topic)
+            || !self.reads(copy.message.format)
     }
 
     /// Whether another file may be sent now. This walks the whole window (a file's

@@ -12,8 +12,6 @@
 
 use std::sync::Arc;
 
-use crate::proto::PayloadFormat;
-
 use super::Core;
 use super::command::{FileDone, FileOffer, FileRoute, Message, MessageKind, StoreOp};
 use super::error::Reject;
@@ -52,7 +50,6 @@ impl Core {
             .replay
             .admit(now, offer.file_id, offer.timestamp_ms)?;
         session.uploading.insert(offer.file_id);
-        let legacy = offer.format == PayloadFormat::LegacyJson;
         let mut route = FileRoute {
             session: session.settings.name.clone(),
             live: Vec::new(),
@@ -65,7 +62,7 @@ impl Core {
                 let Some(sub) = session.subscribers.get(client) else {
                     return;
                 };
-                if sub.legacy_only && !legacy {
+                if !sub.reads(offer.format) {
                     return;
                 }
                 route.spool = true;

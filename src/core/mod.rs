@@ -43,7 +43,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
-use crate::proto::{PayloadFormat, PresenceEvent, PubAckStatus};
+use crate::proto::{PresenceEvent, PubAckStatus};
 
 pub use command::{
     BacklogRequest, Command, ErrorEvent, Event, FileDone, FileOffer, FileRoute, Hello, Message,
@@ -518,7 +518,7 @@ impl Core {
                     fx: &mut self.fx,
                 };
                 for message in retained {
-                    if sub.legacy_only && message.format != PayloadFormat::LegacyJson {
+                    if !sub.reads(message.format) {
                         continue;
                     }
                     let copy = delivery::Copy {

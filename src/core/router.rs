@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::proto::{PayloadFormat, PubAckStatus};
+use crate::proto::PubAckStatus;
 
 use super::command::{Message, MessageKind, Publish, StoreOp};
 use super::delivery::{Copy, Ctx};
@@ -114,8 +114,8 @@ pub(super) fn fan_out(
         let Some(sub) = session.subscribers.get_mut(&client) else {
             continue;
         };
-        if sub.legacy_only && message.format != PayloadFormat::LegacyJson {
-            continue; // it could not read it; nothing is queued for it
+        if !sub.reads(message.format) {
+            continue; // nothing is queued for it
         }
         if durable {
             if durable_copies == 0 {

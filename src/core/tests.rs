@@ -766,15 +766,48 @@ fn legacy_connections_only_get_legacy_payloads() {
     p.publish(publisher, "t", b"native");
     assert_eq!(p.puback(publisher), PubAckStatus::NoSubscribers);
     let now = p.now;
-    p.publish_as(
-        publisher,
-        "t",
-        b"{\"data\":\"x\",\"hash\":\"y\"}",
-        PayloadFormat::LegacyJson,
-        now,
-    );
+    p.publish_as(publisher, "t", LEGACY_BODY, PayloadFormat::LegacyJson, now);
     assert_eq!(p.puback(publisher), PubAckStatus::Accepted);
     assert_eq!(p.delivers(dart).len(), 1);
+}
+
+/// A seed client's body, as the legacy bridge makes it.
+const LEGACY_BODY: &[u8] = b"{\"data\":\"x\",\"hash\":\"y\"}";
+
+/// Takes the messages delivered to `conn`, acknowledging each, and returns their
+/// payloads.
+fn take_and_ack(p: &mut Pair, conn: ConnId) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    for e in p.take(conn) {
+        if let Event::Deliver { message, .. } = e {
+            got.push(message.payload.to_vec());
+            p.ack(conn, message.id);
+        }
+    }
+    got
+}
+
+#[test]
+fn a_legacy_connection_is_not_sent_a_native_backlog() {
+    // A native connection made the client's durable subscription, and its backlog
+    // holds both formats; the seed's app then logs in under the same id.
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let native = p.connect(&s, "alice");
+    p.subscribe(native, "t", true);
+    p.cmd(Command::Disconnected { conn: native });
+    p.publish(publisher, "t", b"native");
+    assert_eq!(p.puback(publisher), PubAckStatus::Stored);
+    let now = p.now;
+    p.publish_as(publisher, "t", LEGACY_BODY, PayloadFormat::LegacyJson, now);
+    assert_eq!(p.puback(publisher), PubAckStatus::Stored);
+
+    let dart = p.connect_with(&s, "alice", false, true);
+    assert_eq!(take_and_ack(&mut p, dart), vec![LEGACY_BODY.to_vec()]);
+    // The copy it cannot read is dropped, not kept for retries.
+    assert_eq!(p.store.copy_count(), 0);
+    assert_eq!(p.store.message_count(), 0);
 }
 
 #[test]
