@@ -11,7 +11,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::dart::{Dart, dart_decrypt};
 use common::{Broker, within};
-use fastport::client::{PublishStatus, SessionKey};
+use fastport::client::{Client, PublishStatus, SessionKey, SubscribeOptions};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -178,6 +178,83 @@ async fn legacy_and_native_clients_share_a_session() {
         "only the native subscriber matched"
     );
     assert!(dart.recv_within(Duration::from_millis(500)).await.is_none());
+}
+
+/// Design §10: legacy subscribers receive only `LEGACY_JSON`, also from a backlog
+/// queued while they were away: after a restart, and when a native connection made
+/// the client's durable subscription.
+#[tokio::test]
+async fn an_offline_legacy_subscriber_is_queued_only_what_it_can_read() {
+    let (mut broker, key) = setup(json!({})).await;
+    let session_key = SessionKey::from_base64(&B64.encode(key)).expect("key");
+    let mut dart = Dart::connect(&broker, "/").await;
+    dart.init("dart", "secret-pass", Some("phone")).await;
+    dart.send(json!({"type": "subscribe", "topic": "inbox"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(dart);
+    broker.restart();
+    let native = broker.client("dart", "secret-pass", &session_key).await;
+    let ack = native
+        .publish("inbox", b"unreadable".to_vec())
+        .await
+        .expect("publish");
+    assert_eq!(
+        ack.status,
+        PublishStatus::NoSubscribers,
+        "the restarted broker knows the subscription is a legacy one"
+    );
+
+    // The same id, subscribed by the native SDK; the Dart app logs in with it later.
+    let config = broker
+        .client_config("dart", "secret-pass", &session_key)
+        .client_id("tablet");
+    let native_reader = within("connect", Client::connect(config))
+        .await
+        .expect("connect");
+    let options = SubscribeOptions {
+        durable: true,
+        ..SubscribeOptions::default()
+    };
+    native_reader
+        .subscribe_with("inbox", options)
+        .await
+        .expect("subscribe");
+    native_reader.close().await;
+
+    let ack = native
+        .publish("inbox", b"native".to_vec())
+        .await
+        .expect("publish");
+    assert_eq!(
+        ack.status,
+        PublishStatus::Stored,
+        "for the native subscription"
+    );
+    let ack = native
+        .publish_legacy("inbox", "for everyone")
+        .await
+        .expect("publish");
+    assert_eq!(ack.status, PublishStatus::Stored);
+
+    for user in ["phone", "tablet"] {
+        let mut dart = Dart::connect(&broker, "/").await;
+        dart.init("dart", "secret-pass", Some(user)).await;
+        let m = dart.recv().await;
+        assert_eq!(m["type"], "message", "{user}: {m}");
+        let text = dart_decrypt(
+            &key,
+            m["data"].as_str().expect("d"),
+            m["hash"].as_str().expect("h"),
+        );
+        assert_eq!(text, "for everyone", "{user}");
+        dart.send(json!({"type": "ack", "messageId": m["messageId"]}))
+            .await;
+        assert!(
+            dart.recv_within(Duration::from_millis(500)).await.is_none(),
+            "{user} was sent a message it cannot read"
+        );
+    }
 }
 
 #[tokio::test]

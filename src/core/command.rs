@@ -313,6 +313,8 @@ pub enum StoreOp {
         session: SessionName,
         client_id: ClientId,
         filter: TopicFilter,
+        /// Made by a legacy connection, which reads only `LEGACY_JSON`.
+        legacy_only: bool,
     },
     DeleteSubscription {
         session: SessionName,
@@ -362,13 +364,24 @@ pub struct StoredCopy {
 #[derive(Debug, Clone, Default)]
 pub struct Restore {
     pub sessions: Vec<SessionSettings>,
-    pub subscriptions: Vec<(SessionName, ClientId, TopicFilter)>,
+    pub subscriptions: Vec<RestoredSubscription>,
     pub replay_ids: Vec<(SessionName, MessageId, Millis)>,
     /// One past the highest message `seq` in the store.
     pub next_seq: u64,
     /// The files with copies still queued, and how many: their spool files are kept
     /// until those are done with (the rest are left over from before, and go).
     pub files: Vec<RestoredFile>,
+}
+
+/// A durable subscription the store holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredSubscription {
+    pub session: SessionName,
+    pub client_id: ClientId,
+    pub filter: TopicFilter,
+    /// Made by a legacy connection: until its client connects again, only
+    /// `LEGACY_JSON` messages are queued for it.
+    pub legacy_only: bool,
 }
 
 /// A file the store still holds copies of.

@@ -47,8 +47,8 @@ use crate::proto::{PresenceEvent, PubAckStatus};
 
 pub use command::{
     BacklogRequest, Command, ErrorEvent, Event, FileDone, FileOffer, FileRoute, Hello, Message,
-    MessageKind, Output, Presence, Publish, Restore, RestoredFile, StoreBatch, StoreOp, StoredCopy,
-    Welcome,
+    MessageKind, Output, Presence, Publish, Restore, RestoredFile, RestoredSubscription,
+    StoreBatch, StoreOp, StoredCopy, Welcome,
 };
 pub use error::Reject;
 pub use replay::ReplayGuard;
@@ -263,14 +263,25 @@ impl Core {
         for settings in restore.sessions {
             self.upsert_session(settings);
         }
-        for (session, client_id, filter) in restore.subscriptions {
+        for RestoredSubscription {
+            session,
+            client_id,
+            filter,
+            legacy_only,
+        } in restore.subscriptions
+        {
             let Some(s) = self.sessions.get_mut(&session) else {
                 continue;
             };
-            let sub = s
-                .subscribers
-                .entry(client_id.clone())
-                .or_insert_with(|| Subscriber::new(client_id.clone()));
+            let sub = s.subscribers.entry(client_id.clone()).or_insert_with(|| {
+                let mut sub = Subscriber::new(client_id.clone());
+                sub.legacy_only = legacy_only;
+                sub
+            });
+            // Legacy only if every row says so: a client id that a native connection
+            // also subscribed with keeps its native messages (which a legacy
+            // connection, should one log in with it, drops).
+            sub.legacy_only &= legacy_only;
             let opts = SubOpts {
                 durable: true,
                 presence: false,
@@ -539,6 +550,7 @@ impl Core {
                 session: name,
                 client_id,
                 filter,
+                legacy_only,
             });
             // Answered once the subscription is durable.
             self.waiters

@@ -811,6 +811,36 @@ fn a_legacy_connection_is_not_sent_a_native_backlog() {
 }
 
 #[test]
+fn a_legacy_subscription_stays_legacy_across_a_restart() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let dart = p.connect_with(&s, "dart", false, true);
+    p.subscribe(dart, "t", true);
+    p.cmd(Command::Disconnected { conn: dart });
+
+    let restore = p.store.restore(p.now);
+    let mut q = Pair::new();
+    q.now = p.now;
+    q.next_id = p.next_id;
+    q.store = std::mem::take(&mut p.store);
+    q.core.restore(restore);
+    let publisher = q.connect(&s, "pub");
+    q.publish(publisher, "t", b"native");
+    assert_eq!(
+        q.puback(publisher),
+        PubAckStatus::NoSubscribers,
+        "nothing the offline legacy client cannot read is queued for it"
+    );
+    let now = q.now;
+    q.publish_as(publisher, "t", LEGACY_BODY, PayloadFormat::LegacyJson, now);
+    assert_eq!(q.puback(publisher), PubAckStatus::Stored);
+
+    let dart = q.connect_with(&s, "dart", false, true);
+    assert_eq!(take_and_ack(&mut q, dart), vec![LEGACY_BODY.to_vec()]);
+    assert_eq!(q.store.copy_count(), 0);
+}
+
+#[test]
 fn failed_commit_refuses_the_publish_and_allows_a_retry() {
     let mut p = Pair::new();
     let s = settings("s");

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use crate::core::{
     BacklogRequest, ClientId, Message, MessageId, MessageKind, Millis, Restore, RestoredFile,
-    SessionName, StoreBatch, StoreOp, StoredCopy, TopicFilter,
+    RestoredSubscription, SessionName, StoreBatch, StoreOp, StoredCopy, TopicFilter,
 };
 
 use super::{BacklogPage, Purged, PushToken, SessionRecord, Store, StoreError};
@@ -29,7 +29,8 @@ pub struct MemoryState {
     /// How many copies reference each message.
     refs: HashMap<u64, usize>,
     copies: HashMap<ClientKey, BTreeMap<u64, CopyRow>>,
-    subscriptions: BTreeSet<(SessionName, ClientId, TopicFilter)>,
+    /// Durable subscriptions, and whether a legacy connection made each.
+    subscriptions: BTreeMap<(SessionName, ClientId, TopicFilter), bool>,
     replay: HashMap<(SessionName, MessageId), Millis>,
     push_tokens: BTreeMap<(SessionName, String, String), PushToken>,
 }
@@ -109,9 +110,12 @@ impl MemoryState {
                 session,
                 client_id,
                 filter,
+                legacy_only,
             } => {
-                self.subscriptions
-                    .insert((session.clone(), client_id.clone(), filter.clone()));
+                self.subscriptions.insert(
+                    (session.clone(), client_id.clone(), filter.clone()),
+                    *legacy_only,
+                );
             }
             StoreOp::DeleteSubscription {
                 session,
@@ -123,7 +127,7 @@ impl MemoryState {
             }
             StoreOp::DeleteClient { session, client_id } => {
                 self.subscriptions
-                    .retain(|(s, c, _)| !(s == session && c == client_id));
+                    .retain(|(s, c, _), _| !(s == session && c == client_id));
                 self.drop_copies(session, client_id, |_| true);
             }
             StoreOp::DeleteEphemeral { session, client_id } => {
@@ -205,7 +209,18 @@ impl MemoryState {
         }
         Restore {
             sessions: self.sessions.values().map(|r| r.settings.clone()).collect(),
-            subscriptions: self.subscriptions.iter().cloned().collect(),
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(
+                    |((session, client_id, filter), legacy_only)| RestoredSubscription {
+                        session: session.clone(),
+                        client_id: client_id.clone(),
+                        filter: filter.clone(),
+                        legacy_only: *legacy_only,
+                    },
+                )
+                .collect(),
             replay_ids: self
                 .replay
                 .iter()

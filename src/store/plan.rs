@@ -390,6 +390,7 @@ mod tests {
                 session: s(),
                 client_id: c("a"),
                 filter: TopicFilter::parse("t").expect("valid"),
+                legacy_only: false,
             },
             StoreOp::PutMessage(msg(2)),
             put(2, "a"),

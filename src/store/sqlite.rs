@@ -22,8 +22,9 @@ use sqlx::sqlite::{
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, Transaction};
 
 use crate::core::{
-    BacklogRequest, ClientId, Message, MessageId, Millis, Restore, RestoredFile, SessionName,
-    SessionSettings, StoreBatch, StoreOp, StoredCopy, TopicFilter, TopicName,
+    BacklogRequest, ClientId, Message, MessageId, Millis, Restore, RestoredFile,
+    RestoredSubscription, SessionName, SessionSettings, StoreBatch, StoreOp, StoredCopy,
+    TopicFilter, TopicName,
 };
 
 use super::journal::{self, Entry, Journal};
@@ -191,13 +192,17 @@ impl SqliteStore {
                 session,
                 client_id,
                 filter,
+                legacy_only,
             } => {
                 sqlx::query(
-                    "INSERT OR IGNORE INTO subscriptions (session, client_id, filter) VALUES (?, ?, ?)",
+                    "INSERT INTO subscriptions (session, client_id, filter, legacy_only) \
+                     VALUES (?, ?, ?, ?) \
+                     ON CONFLICT DO UPDATE SET legacy_only = excluded.legacy_only",
                 )
                 .bind(session.as_str())
                 .bind(client_id.as_str())
                 .bind(filter.as_str())
+                .bind(legacy_only)
                 .execute(&mut **tx)
                 .await?;
             }
@@ -721,21 +726,23 @@ impl Store for SqliteStore {
             .into_iter()
             .map(|r| r.settings)
             .collect();
-        let subscriptions = sqlx::query("SELECT session, client_id, filter FROM subscriptions")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|row| {
-                let s: String = row.try_get("session")?;
-                let c: String = row.try_get("client_id")?;
-                let f: String = row.try_get("filter")?;
-                Ok((
-                    SessionName::parse(&s).map_err(corrupt)?,
-                    ClientId::parse(&c).map_err(corrupt)?,
-                    TopicFilter::parse(&f).map_err(corrupt)?,
-                ))
-            })
-            .collect::<Result<_, StoreError>>()?;
+        let subscriptions =
+            sqlx::query("SELECT session, client_id, filter, legacy_only FROM subscriptions")
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|row| {
+                    let s: String = row.try_get("session")?;
+                    let c: String = row.try_get("client_id")?;
+                    let f: String = row.try_get("filter")?;
+                    Ok(RestoredSubscription {
+                        session: SessionName::parse(&s).map_err(corrupt)?,
+                        client_id: ClientId::parse(&c).map_err(corrupt)?,
+                        filter: TopicFilter::parse(&f).map_err(corrupt)?,
+                        legacy_only: row.try_get("legacy_only")?,
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?;
         let mut replay_ids = Vec::new();
         let logs: Vec<Vec<u8>> =
             sqlx::query_scalar("SELECT entries FROM replay_log WHERE expires_at > ?")

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::core::{
-    BacklogRequest, ClientId, Message, MessageId, MessageKind, SessionName, SessionSettings,
-    StoreBatch, StoreOp, TopicFilter, TopicName,
+    BacklogRequest, ClientId, Message, MessageId, MessageKind, RestoredSubscription, SessionName,
+    SessionSettings, StoreBatch, StoreOp, TopicFilter, TopicName,
 };
 use crate::proto::PayloadFormat;
 
@@ -116,6 +116,7 @@ async fn suite(store: &dyn Store) {
         session: session(),
         client_id: client("alice"),
         filter: TopicFilter::parse("a/#").expect("valid"),
+        legacy_only: true,
     });
     store
         .commit(&[StoreBatch { id: 1, ops }])
@@ -178,7 +179,16 @@ async fn suite(store: &dyn Store) {
     // Restore: ephemeral copies are gone, subscriptions and replay ids come back.
     let restore = store.restore(NOW).await.expect("restore");
     assert_eq!(restore.sessions.len(), 1);
-    assert_eq!(restore.subscriptions.len(), 1);
+    assert_eq!(
+        restore.subscriptions,
+        vec![RestoredSubscription {
+            session: session(),
+            client_id: client("alice"),
+            filter: TopicFilter::parse("a/#").expect("valid"),
+            legacy_only: true,
+        }],
+        "a legacy connection's subscription comes back as one"
+    );
     assert_eq!(
         restore.replay_ids,
         vec![(session(), MessageId([9; 16]), NOW + 30_000)]
