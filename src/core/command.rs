@@ -331,6 +331,14 @@ pub enum StoreOp {
         session: SessionName,
         client_id: ClientId,
     },
+    /// Drop a client's copies whose topic none of `keep` matches: it unsubscribed,
+    /// which discards that subscription's pending copies (design §4), also those
+    /// not yet read back from the store.
+    DiscardCopies {
+        session: SessionName,
+        client_id: ClientId,
+        keep: Vec<TopicFilter>,
+    },
 }
 
 /// A group of writes to commit together; answers wait for its commit.

@@ -462,8 +462,22 @@ impl Subscriber {
         self.refill(now, ctx);
     }
 
-    /// A filter was removed: copies no subscription wants any more are discarded.
+    /// A filter was removed: copies no subscription wants any more are discarded, in
+    /// memory and, when copies wait there, in the store (design §4: `Unsubscribe`
+    /// discards that subscription's pending copies; left there, they would come back
+    /// to a later subscription to the same topics).
     pub fn discard_unwanted(&mut self, now: Millis, ctx: &mut Ctx) {
+        if self.backlog.in_store {
+            ctx.fx.ops.push(StoreOp::DiscardCopies {
+                session: ctx.settings.name.clone(),
+                client_id: self.client_id.clone(),
+                keep: self.filters.keys().cloned().collect(),
+            });
+            // A page being read may predate the discard: its answer is ignored, and
+            // the next page is read after the discard commits (the store's jobs run
+            // in order).
+            self.backlog.loading = None;
+        }
         let unwanted: Vec<MessageId> = self
             .inflight
             .iter()

@@ -7,6 +7,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::proto::{PayloadFormat, PresenceEvent, PubAckStatus};
+use crate::store::BacklogPage;
 use crate::store::memory::MemoryState;
 
 const T0: Millis = 1_700_000_000_000;
@@ -25,6 +26,11 @@ struct Pair {
     /// the store thread writes them.
     hold_commits: bool,
     held: Vec<StoreBatch>,
+    /// When set, backlog pages are read when asked for, as the store thread reads
+    /// them in order with the commits, but reach the core only at
+    /// [`Pair::deliver_loads`].
+    hold_loads: bool,
+    held_loads: Vec<(BacklogRequest, BacklogPage)>,
     /// Files whose spool the core let go of.
     dropped_spools: Vec<MessageId>,
 }
@@ -59,6 +65,8 @@ impl Pair {
             fail_next_commit: false,
             hold_commits: false,
             held: Vec::new(),
+            hold_loads: false,
+            held_loads: Vec::new(),
             dropped_spools: Vec::new(),
         }
     }
@@ -90,13 +98,26 @@ impl Pair {
             }
             for load in self.core.take_loads() {
                 busy = true;
-                let (rows, exhausted) = self.store.backlog(&load, self.now);
+                let page = self.store.backlog(&load, self.now);
+                if self.hold_loads {
+                    self.held_loads.push((load, page));
+                    continue;
+                }
+                let (rows, exhausted) = page;
                 self.core.handle_backlog(self.now, &load, rows, exhausted);
             }
             if !busy {
                 break;
             }
         }
+    }
+
+    /// Hands the core the backlog pages read so far, in order.
+    fn deliver_loads(&mut self) {
+        for (load, (rows, exhausted)) in std::mem::take(&mut self.held_loads) {
+            self.core.handle_backlog(self.now, &load, rows, exhausted);
+        }
+        self.drive();
     }
 
     /// Commits the batches held so far, in order.
@@ -703,6 +724,51 @@ fn unsubscribe_discards_pending_copies() {
     p.advance(10_000);
     assert!(p.delivers(sub).is_empty());
     assert_eq!(p.store.copy_count(), 0);
+}
+
+#[test]
+fn unsubscribe_discards_copies_not_yet_read_back_from_the_store() {
+    let config = CoreConfig {
+        limits: Limits {
+            max_inflight: 2,
+            max_queued: 2,
+        },
+        ..CoreConfig::default()
+    };
+    let mut p = Pair::with_config(config);
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "a/#", true);
+    p.subscribe(sub, "b", true);
+    p.cmd(Command::Disconnected { conn: sub });
+    for i in 0..10u8 {
+        p.publish(publisher, "a/x", &[i]);
+    }
+    p.publish(publisher, "b", b"b");
+    p.take(publisher);
+
+    // The backlog is read a page (two copies) at a time, in order with the commits,
+    // and each page reaches the core later. The client unsubscribes, and subscribes
+    // again, while its first page is on its way.
+    p.hold_loads = true;
+    let sub = p.connect(&s, "sub");
+    p.cmd(Command::Unsubscribe {
+        conn: sub,
+        request_id: 1,
+        filter: filter("a/#"),
+    });
+    p.subscribe(sub, "a/#", true);
+    p.hold_loads = false;
+    p.deliver_loads();
+
+    assert_eq!(
+        take_and_ack(&mut p, sub),
+        vec![b"b".to_vec()],
+        "nothing published before the unsubscribe comes back"
+    );
+    assert_eq!(p.store.copy_count(), 0);
+    assert_eq!(p.store.message_count(), 0);
 }
 
 #[test]

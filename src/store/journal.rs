@@ -124,7 +124,8 @@ impl<'a> Entry<'a> {
                 StoreOp::PutSubscription { .. }
                 | StoreOp::DeleteSubscription { .. }
                 | StoreOp::DeleteClient { .. }
-                | StoreOp::DeleteEphemeral { .. } => return None,
+                | StoreOp::DeleteEphemeral { .. }
+                | StoreOp::DiscardCopies { .. } => return None,
             }
         }
         if !replay.is_empty() {
@@ -196,7 +197,8 @@ pub fn encode_ops_into<'a>(out: &mut Vec<u8>, ops: impl Iterator<Item = &'a Stor
             | StoreOp::PutSubscription { .. }
             | StoreOp::DeleteSubscription { .. }
             | StoreOp::DeleteClient { .. }
-            | StoreOp::DeleteEphemeral { .. } => {
+            | StoreOp::DeleteEphemeral { .. }
+            | StoreOp::DiscardCopies { .. } => {
                 debug_assert!(false, "not a journal op: {op:?}");
             }
         }
@@ -227,7 +229,8 @@ fn encoded_len(op: &StoreOp) -> usize {
         | StoreOp::PutSubscription { .. }
         | StoreOp::DeleteSubscription { .. }
         | StoreOp::DeleteClient { .. }
-        | StoreOp::DeleteEphemeral { .. } => 0,
+        | StoreOp::DeleteEphemeral { .. }
+        | StoreOp::DiscardCopies { .. } => 0,
     }
 }
 

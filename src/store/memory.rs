@@ -128,10 +128,19 @@ impl MemoryState {
             StoreOp::DeleteClient { session, client_id } => {
                 self.subscriptions
                     .retain(|(s, c, _), _| !(s == session && c == client_id));
-                self.drop_copies(session, client_id, |_| true);
+                self.drop_copies(session, client_id, |_, _| true);
             }
             StoreOp::DeleteEphemeral { session, client_id } => {
-                self.drop_copies(session, client_id, |row| row.ephemeral);
+                self.drop_copies(session, client_id, |_, row| row.ephemeral);
+            }
+            StoreOp::DiscardCopies {
+                session,
+                client_id,
+                keep,
+            } => {
+                self.drop_copies(session, client_id, |message, _| {
+                    !keep.iter().any(|f| f.matches(&message.topic))
+                });
             }
         }
     }
@@ -140,15 +149,16 @@ impl MemoryState {
         &mut self,
         session: &SessionName,
         client_id: &ClientId,
-        pick: impl Fn(&CopyRow) -> bool,
+        pick: impl Fn(&Message, &CopyRow) -> bool,
     ) {
         let key = (session.clone(), client_id.clone());
         let Some(rows) = self.copies.get_mut(&key) else {
             return;
         };
+        let messages = &self.messages;
         let gone: Vec<u64> = rows
             .iter()
-            .filter(|(_, r)| pick(r))
+            .filter(|(seq, r)| messages.get(seq).is_some_and(|m| pick(m, r)))
             .map(|(s, _)| *s)
             .collect();
         for seq in &gone {
@@ -205,7 +215,7 @@ impl MemoryState {
         self.purge(now);
         let keys: Vec<ClientKey> = self.copies.keys().cloned().collect();
         for (session, client_id) in keys {
-            self.drop_copies(&session, &client_id, |row| row.ephemeral);
+            self.drop_copies(&session, &client_id, |_, row| row.ephemeral);
         }
         Restore {
             sessions: self.sessions.values().map(|r| r.settings.clone()).collect(),

@@ -8,7 +8,7 @@
 //! incrementally, over every commit since the journal's last fold (`journal.rs`).
 //!
 //! Ops that change a whole client or subscription (`DeleteClient`, subscriptions,
-//! `DeleteEphemeral`) are barriers: they are not netted, and copy ops on either side of
+//! `DeleteEphemeral`, `DiscardCopies`) are barriers: they are not netted, and copy ops on either side of
 //! one land in separate nets, applied in order.
 
 use std::collections::hash_map::Entry;
@@ -140,7 +140,8 @@ impl Net {
             | StoreOp::PutSubscription { .. }
             | StoreOp::DeleteSubscription { .. }
             | StoreOp::DeleteClient { .. }
-            | StoreOp::DeleteEphemeral { .. } => return false,
+            | StoreOp::DeleteEphemeral { .. }
+            | StoreOp::DiscardCopies { .. } => return false,
         }
         true
     }

@@ -231,6 +231,11 @@ impl SqliteStore {
             StoreOp::DeleteEphemeral { session, client_id } => {
                 Self::drop_copies(tx, session, client_id, true).await?;
             }
+            StoreOp::DiscardCopies {
+                session,
+                client_id,
+                keep,
+            } => Self::discard_copies(tx, session, client_id, keep).await?,
             // plan() puts these in ReplayIds and Copies steps.
             StoreOp::PutMessage(_)
             | StoreOp::PutReplayId { .. }
@@ -348,6 +353,41 @@ impl SqliteStore {
         .fetch_all(&mut **tx)
         .await?;
         for seq in seqs {
+            Self::drop_if_orphan(tx, seq as u64).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops the client's copies whose topic no filter of `keep` matches. Topic
+    /// matching is the core's, so the rows are picked here rather than in SQL; this
+    /// runs once per unsubscribe.
+    async fn discard_copies(
+        tx: &mut Transaction<'_, Sqlite>,
+        session: &SessionName,
+        client_id: &ClientId,
+        keep: &[TopicFilter],
+    ) -> Result<(), sqlx::Error> {
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT c.seq, m.topic FROM copies c JOIN messages m ON m.seq = c.seq \
+             WHERE c.session = ? AND c.client_id = ?",
+        )
+        .bind(session.as_str())
+        .bind(client_id.as_str())
+        .fetch_all(&mut **tx)
+        .await?;
+        for (seq, topic) in rows {
+            // A topic that no longer parses is wanted by no one.
+            let wanted =
+                TopicName::parse(&topic).is_ok_and(|topic| keep.iter().any(|f| f.matches(&topic)));
+            if wanted {
+                continue;
+            }
+            sqlx::query("DELETE FROM copies WHERE session = ? AND client_id = ? AND seq = ?")
+                .bind(session.as_str())
+                .bind(client_id.as_str())
+                .bind(seq)
+                .execute(&mut **tx)
+                .await?;
             Self::drop_if_orphan(tx, seq as u64).await?;
         }
         Ok(())

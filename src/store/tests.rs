@@ -318,6 +318,74 @@ async fn backlog_across_commits(store: &dyn Store) {
     assert_eq!(seqs(store, "grace", 0, 10).await, (vec![106], true));
 }
 
+/// Copies on `topic` of message `seq` for each of `clients`, with the message.
+fn put_on(seq: u64, topic: &str, clients: &[&str]) -> Vec<StoreOp> {
+    let mut message = (*message(seq, NOW + 60_000)).clone();
+    message.topic = TopicName::parse(topic).expect("valid");
+    let mut ops = vec![StoreOp::PutMessage(Arc::new(message))];
+    for c in clients {
+        ops.push(StoreOp::PutCopy {
+            session: session(),
+            client_id: client(c),
+            seq,
+            ephemeral: false,
+        });
+    }
+    ops
+}
+
+/// An unsubscribe's discard drops the client's copies no remaining filter matches,
+/// wherever they were written (the tables, or the SQLite store's journal), and
+/// nobody else's.
+async fn discard_keeps_what_is_still_wanted(store: &dyn Store) {
+    let mut ops = put_on(301, "a/b", &["kate"]);
+    ops.extend(put_on(302, "c", &["kate", "leo"]));
+    store
+        .commit(&[StoreBatch { id: 1, ops }])
+        .await
+        .expect("commit");
+    store.purge(NOW, 100).await.expect("purge"); // the SQLite store folds here
+    let mut ops = put_on(303, "c", &["kate"]);
+    ops.extend(put_on(304, "a/c", &["kate"]));
+    store
+        .commit(&[StoreBatch { id: 2, ops }])
+        .await
+        .expect("commit");
+    let discard = StoreOp::DiscardCopies {
+        session: session(),
+        client_id: client("kate"),
+        keep: vec![TopicFilter::parse("a/#").expect("valid")],
+    };
+    store
+        .commit(&[StoreBatch {
+            id: 3,
+            ops: vec![discard],
+        }])
+        .await
+        .expect("commit");
+    assert_eq!(seqs(store, "kate", 0, 10).await, (vec![301, 304], true));
+    let (rows, _) = store
+        .backlog(&request("leo", 0, 10), NOW)
+        .await
+        .expect("backlog");
+    assert_eq!(rows.len(), 1, "another client's copy of 302 stays");
+    assert_eq!(rows[0].message.payload, Bytes::from(vec![46u8; 3]));
+
+    let discard_all = StoreOp::DiscardCopies {
+        session: session(),
+        client_id: client("kate"),
+        keep: Vec::new(),
+    };
+    store
+        .commit(&[StoreBatch {
+            id: 4,
+            ops: vec![discard_all],
+        }])
+        .await
+        .expect("commit");
+    assert_eq!(seqs(store, "kate", 0, 10).await, (vec![], true));
+}
+
 /// Expired messages, their copies and expired replay ids go, in steps of `limit` where
 /// the store takes steps (SQLite) and at once otherwise (memory); in the end exactly
 /// the expired ones are gone. Returns the number of steps.
@@ -367,6 +435,7 @@ async fn purge_in_steps(store: &dyn Store) -> usize {
 async fn memory_store() {
     suite(&MemoryStore::default()).await;
     backlog_across_commits(&MemoryStore::default()).await;
+    discard_keeps_what_is_still_wanted(&MemoryStore::default()).await;
     assert_eq!(purge_in_steps(&MemoryStore::default()).await, 1);
 }
 
@@ -374,6 +443,7 @@ async fn memory_store() {
 async fn sqlite_store_in_memory() {
     suite(&SqliteStore::open_in_memory().await.expect("open")).await;
     backlog_across_commits(&SqliteStore::open_in_memory().await.expect("open")).await;
+    discard_keeps_what_is_still_wanted(&SqliteStore::open_in_memory().await.expect("open")).await;
     // Five expired messages and five expired replay-log rows, two of each per step.
     let store = SqliteStore::open_in_memory().await.expect("open");
     assert_eq!(purge_in_steps(&store).await, 3);
