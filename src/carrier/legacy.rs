@@ -374,13 +374,34 @@ impl Reader {
             "end_file" => {
                 let file_id = parse_uuid(kind, "fileId", string(&frame, kind, "fileId")?)?;
                 let hash = optional_string(&frame, kind, "hash")?.unwrap_or_default();
-                // The seed sends the hex SHA-256 of the file; anything else is kept as is.
-                let sha256 = hex::decode(hash)
-                    .map_or_else(|_| Bytes::copy_from_slice(hash.as_bytes()), Bytes::from);
+                let sha256 = hash_bytes(hash);
                 Ok(LegacyIn::File(FileFrame::EndFile { file_id, sha256 }))
             }
             other => Err(invalid(format!("unknown type {other:?}"))),
         }
+    }
+}
+
+/// The seed's `end_file.hash` ("sha256_of_file": 64 hex digits) as the 32-byte
+/// digest native receivers check. Any other text is carried as its own bytes, so
+/// that legacy receivers get it back as it was sent ([`hash_text`]).
+fn hash_bytes(text: &str) -> Bytes {
+    let mut digest = [0u8; 32];
+    match hex::decode_to_slice(text, &mut digest) {
+        Ok(()) => Bytes::copy_from_slice(&digest),
+        Err(_) => Bytes::copy_from_slice(text.as_bytes()),
+    }
+}
+
+/// A file trailer's hash as legacy `end_file.hash` text: a digest (from a native
+/// sender, or [`hash_bytes`]) in lowercase hex, text carried as is. A digest is told
+/// from text by holding a byte that is no printable ASCII, as all but one in ~10^14
+/// digests do.
+fn hash_text(hash: &[u8]) -> String {
+    let text = hash.iter().all(u8::is_ascii_graphic);
+    match (hash.len() == 32 && !text, std::str::from_utf8(hash)) {
+        (false, Ok(text)) => text.to_owned(),
+        _ => hex::encode(hash),
     }
 }
 
@@ -504,7 +525,7 @@ impl Encoder for LegacyEncoder {
             } => json!({
                 "type": "end_file",
                 "fileId": uuid_text(file_id),
-                "hash": hex::encode(&trailer.sha256),
+                "hash": hash_text(&trailer.sha256),
                 "topic": self.file_topics.remove(file_id),
             }),
             FileItem::Abort { file_id } => {
@@ -593,6 +614,28 @@ mod tests {
             parse_chunk(Bytes::from_static(&[0x01; 50])),
             Ok(LegacyIn::Undecodable(Reject::InvalidFrame(_)))
         ));
+    }
+
+    #[test]
+    fn end_file_hashes_reach_legacy_receivers_as_sent() {
+        let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        assert_eq!(
+            hash_bytes(digest).len(),
+            32,
+            "native receivers get the digest"
+        );
+        for sent in [
+            digest,
+            "",
+            "sha256_of_file",
+            "d41d8cd98f00b204e9800998ecf8427e",
+        ] {
+            assert_eq!(hash_text(&hash_bytes(sent)), sent);
+        }
+        // Upper-case hex is the same digest; it comes back in lower case.
+        assert_eq!(hash_text(&hash_bytes(&digest.to_uppercase())), digest);
+        // A native sender's digest is hex.
+        assert_eq!(hash_text(&[0u8; 32]), "00".repeat(32));
     }
 
     #[test]
