@@ -1,5 +1,5 @@
 //! Rules of the code base that the compiler does not check: the broker never touches
-//! end-to-end crypto, and the core does no I/O.
+//! end-to-end crypto, the core does no I/O, and the wire contract is documented.
 
 use std::path::{Path, PathBuf};
 
@@ -92,4 +92,23 @@ fn the_core_does_no_io() {
         }
     }
     assert!(offenders.is_empty(), "{}", offenders.join("\n"));
+}
+
+/// Design §3: `proto/fastport.proto` is the contract independent SDKs are generated
+/// from, "every message and field commented".
+#[test]
+fn every_proto_message_field_and_enum_value_is_commented() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/fastport.proto");
+    let text = std::fs::read_to_string(path).expect("read the proto");
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let mut bare = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let declares = line.starts_with("message ") || line.starts_with("enum ");
+        let field = line.ends_with(';') && line.contains(" = ") && !line.starts_with("syntax");
+        let commented = i > 0 && lines[i - 1].starts_with("//");
+        if (declares || field) && !commented {
+            bare.push(format!("line {}: {line}", i + 1));
+        }
+    }
+    assert!(bare.is_empty(), "not commented:\n{}", bare.join("\n"));
 }
