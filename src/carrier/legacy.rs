@@ -394,13 +394,12 @@ fn hash_bytes(text: &str) -> Bytes {
 }
 
 /// A file trailer's hash as legacy `end_file.hash` text: a digest (from a native
-/// sender, or [`hash_bytes`]) in lowercase hex, text carried as is. A digest is told
-/// from text by holding a byte that is no printable ASCII, as all but one in ~10^14
-/// digests do.
+/// sender, or [`hash_bytes`]) in lowercase hex, text carried as is. A 32-byte digest
+/// is told from 32 bytes of text by not being UTF-8 free of control characters, as
+/// all but about one in 10^11 digests are not.
 fn hash_text(hash: &[u8]) -> String {
-    let text = hash.iter().all(u8::is_ascii_graphic);
-    match (hash.len() == 32 && !text, std::str::from_utf8(hash)) {
-        (false, Ok(text)) => text.to_owned(),
+    match std::str::from_utf8(hash) {
+        Ok(text) if hash.len() != 32 || !text.chars().any(char::is_control) => text.to_owned(),
         _ => hex::encode(hash),
     }
 }
@@ -629,6 +628,8 @@ mod tests {
             "",
             "sha256_of_file",
             "d41d8cd98f00b204e9800998ecf8427e",
+            "a hash of thirty-two characters.",
+            "prüfsumme der datei, 32 bytes!!",
         ] {
             assert_eq!(hash_text(&hash_bytes(sent)), sent);
         }
