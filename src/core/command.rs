@@ -316,6 +316,13 @@ pub enum StoreOp {
         /// Made by a legacy connection, which reads only `LEGACY_JSON`.
         legacy_only: bool,
     },
+    /// The client logged in over another kind of connection (legacy or native) than
+    /// its durable subscriptions were marked with: they follow it.
+    SetLegacyOnly {
+        session: SessionName,
+        client_id: ClientId,
+        legacy_only: bool,
+    },
     DeleteSubscription {
         session: SessionName,
         client_id: ClientId,
@@ -387,7 +394,7 @@ pub struct RestoredSubscription {
     pub session: SessionName,
     pub client_id: ClientId,
     pub filter: TopicFilter,
-    /// Made by a legacy connection: until its client connects again, only
+    /// The client's last connection was a legacy one: until it connects again, only
     /// `LEGACY_JSON` messages are queued for it.
     pub legacy_only: bool,
 }

@@ -48,7 +48,8 @@ struct Backlog {
     in_store: bool,
     /// Highest `seq` that has entered memory since the subscriber attached.
     cursor: u64,
-    /// Token of the outstanding load, if any.
+    /// Token of the outstanding load, if any. Cleared when its answer could be stale
+    /// (an unsubscribe's discard), so that the answer is ignored.
     loading: Option<u64>,
     /// A copy was spilled while a load was outstanding, so that load's answer cannot
     /// prove the store is drained.
@@ -134,6 +135,16 @@ impl Subscriber {
     /// A connection takes this subscriber over; its queued backlog starts at once.
     pub fn attach(&mut self, conn: ConnId, legacy_only: bool, now: Millis, ctx: &mut Ctx) {
         self.conn = Some(conn);
+        if self.legacy_only != legacy_only && self.has_durable() {
+            // The mark is the client's, and follows its last connection: in the store
+            // too, so that after a restart nothing it cannot read is queued for it,
+            // and nothing it can read is withheld.
+            ctx.fx.ops.push(StoreOp::SetLegacyOnly {
+                session: ctx.settings.name.clone(),
+                client_id: self.client_id.clone(),
+                legacy_only,
+            });
+        }
         self.legacy_only = legacy_only;
         self.backlog = Backlog {
             in_store: self.has_durable(),
@@ -430,7 +441,8 @@ impl Subscriber {
     }
 
     /// A page of the store backlog arrived. Answers to loads that are no longer
-    /// outstanding (the connection changed since) are ignored.
+    /// outstanding (the connection changed since, or a discard made them stale) are
+    /// ignored.
     pub fn backlog_loaded(
         &mut self,
         token: u64,

@@ -129,7 +129,10 @@ pub struct Effects {
     timers: BTreeSet<(Millis, ConnId)>,
     token: u64,
     /// Copies still held of each spooled file, by `seq` (those in the store when the
-    /// broker started, then every one made since).
+    /// broker started, then every one made since), counted down as the core lets go
+    /// of them. Copies the store drops by itself (a clean start's `DeleteClient`,
+    /// `DeleteEphemeral`, an unsubscribe's `DiscardCopies`) are not: their spool file
+    /// stays until the expiry sweep removes it.
     files: FastMap<u64, SpooledFile>,
     /// Copies not yet acknowledged of each message whose `PubAck` waits for its batch,
     /// by `seq`. None left when the batch commits means every subscriber acknowledged
@@ -278,9 +281,10 @@ impl Core {
                 sub.legacy_only = legacy_only;
                 sub
             });
-            // Legacy only if every row says so: a client id that a native connection
-            // also subscribed with keeps its native messages (which a legacy
-            // connection, should one log in with it, drops).
+            // The rows agree (`SetLegacyOnly` keeps them so). Where they do not (rows
+            // from before the mark was kept), the client is legacy only if every row
+            // says so: native messages are kept rather than withheld, and a legacy
+            // connection drops what it cannot read.
             sub.legacy_only &= legacy_only;
             let opts = SubOpts {
                 durable: true,

@@ -112,6 +112,18 @@ impl Pair {
         }
     }
 
+    /// The broker restarts: a new core from what the store kept, no connections.
+    fn restart(&mut self) {
+        let restore = self.store.restore(self.now);
+        let mut fresh = Pair::with_config(self.core.config().clone());
+        fresh.now = self.now;
+        fresh.next_id = self.next_id;
+        fresh.next_conn = self.next_conn;
+        fresh.store = std::mem::take(&mut self.store);
+        fresh.core.restore(restore);
+        *self = fresh;
+    }
+
     /// Hands the core the backlog pages read so far, in order.
     fn deliver_loads(&mut self) {
         for (load, (rows, exhausted)) in std::mem::take(&mut self.held_loads) {
@@ -878,18 +890,13 @@ fn a_legacy_connection_is_not_sent_a_native_backlog() {
 
 #[test]
 fn a_legacy_subscription_stays_legacy_across_a_restart() {
-    let mut p = Pair::new();
-    let s = settings("s");
-    let dart = p.connect_with(&s, "dart", false, true);
-    p.subscribe(dart, "t", true);
-    p.cmd(Command::Disconnected { conn: dart });
-
-    let restore = p.store.restore(p.now);
     let mut q = Pair::new();
-    q.now = p.now;
-    q.next_id = p.next_id;
-    q.store = std::mem::take(&mut p.store);
-    q.core.restore(restore);
+    let s = settings("s");
+    let dart = q.connect_with(&s, "dart", false, true);
+    q.subscribe(dart, "t", true);
+    q.cmd(Command::Disconnected { conn: dart });
+
+    q.restart();
     let publisher = q.connect(&s, "pub");
     q.publish(publisher, "t", b"native");
     assert_eq!(
@@ -904,6 +911,38 @@ fn a_legacy_subscription_stays_legacy_across_a_restart() {
     let dart = q.connect_with(&s, "dart", false, true);
     assert_eq!(take_and_ack(&mut q, dart), vec![LEGACY_BODY.to_vec()]);
     assert_eq!(q.store.copy_count(), 0);
+}
+
+#[test]
+fn the_legacy_mark_follows_the_client_s_last_connection_across_restarts() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let dart = p.connect_with(&s, "alice", false, true);
+    p.subscribe(dart, "t", true);
+    p.cmd(Command::Disconnected { conn: dart });
+    // The user moves to a native app under the same id; its subscription resumes.
+    let native = p.connect(&s, "alice");
+    p.cmd(Command::Disconnected { conn: native });
+
+    p.restart();
+    let publisher = p.connect(&s, "pub");
+    p.publish(publisher, "t", b"native");
+    assert_eq!(
+        p.puback(publisher),
+        PubAckStatus::Stored,
+        "queued for the native client"
+    );
+    let native = p.connect(&s, "alice");
+    assert_eq!(take_and_ack(&mut p, native), vec![b"native".to_vec()]);
+    p.cmd(Command::Disconnected { conn: native });
+
+    // And back to the Dart app.
+    let dart = p.connect_with(&s, "alice", false, true);
+    p.cmd(Command::Disconnected { conn: dart });
+    p.restart();
+    let publisher = p.connect(&s, "pub");
+    p.publish(publisher, "t", b"native");
+    assert_eq!(p.puback(publisher), PubAckStatus::NoSubscribers);
 }
 
 #[test]

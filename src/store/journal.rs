@@ -106,7 +106,8 @@ pub struct Entry<'a> {
 
 impl<'a> Entry<'a> {
     /// The journal entry of a commit's ops, or `None` if one of them changes a
-    /// subscription or a whole client: such commits go to the tables directly.
+    /// subscription or a whole client, or discards copies by topic: such commits go
+    /// to the tables directly.
     pub fn of(ops: impl IntoIterator<Item = &'a StoreOp>) -> Option<Entry<'a>> {
         let mut entry = Entry::default();
         let mut replay = Vec::new();
@@ -122,6 +123,7 @@ impl<'a> Entry<'a> {
                 | StoreOp::SetAttempts { .. }
                 | StoreOp::DeleteCopy { .. } => entry.ops.push(op),
                 StoreOp::PutSubscription { .. }
+                | StoreOp::SetLegacyOnly { .. }
                 | StoreOp::DeleteSubscription { .. }
                 | StoreOp::DeleteClient { .. }
                 | StoreOp::DeleteEphemeral { .. }
@@ -195,6 +197,7 @@ pub fn encode_ops_into<'a>(out: &mut Vec<u8>, ops: impl Iterator<Item = &'a Stor
             // Entry::of never yields these.
             StoreOp::PutReplayId { .. }
             | StoreOp::PutSubscription { .. }
+            | StoreOp::SetLegacyOnly { .. }
             | StoreOp::DeleteSubscription { .. }
             | StoreOp::DeleteClient { .. }
             | StoreOp::DeleteEphemeral { .. }
@@ -227,6 +230,7 @@ fn encoded_len(op: &StoreOp) -> usize {
         } => key(session, client_id),
         StoreOp::PutReplayId { .. }
         | StoreOp::PutSubscription { .. }
+        | StoreOp::SetLegacyOnly { .. }
         | StoreOp::DeleteSubscription { .. }
         | StoreOp::DeleteClient { .. }
         | StoreOp::DeleteEphemeral { .. }

@@ -117,6 +117,17 @@ impl MemoryState {
                     *legacy_only,
                 );
             }
+            StoreOp::SetLegacyOnly {
+                session,
+                client_id,
+                legacy_only,
+            } => {
+                for ((s, c, _), mark) in &mut self.subscriptions {
+                    if s == session && c == client_id {
+                        *mark = *legacy_only;
+                    }
+                }
+            }
             StoreOp::DeleteSubscription {
                 session,
                 client_id,
@@ -138,8 +149,9 @@ impl MemoryState {
                 client_id,
                 keep,
             } => {
+                // A copy without its message is wanted by no one.
                 self.drop_copies(session, client_id, |message, _| {
-                    !keep.iter().any(|f| f.matches(&message.topic))
+                    !message.is_some_and(|m| keep.iter().any(|f| f.matches(&m.topic)))
                 });
             }
         }
@@ -149,7 +161,7 @@ impl MemoryState {
         &mut self,
         session: &SessionName,
         client_id: &ClientId,
-        pick: impl Fn(&Message, &CopyRow) -> bool,
+        pick: impl Fn(Option<&Message>, &CopyRow) -> bool,
     ) {
         let key = (session.clone(), client_id.clone());
         let Some(rows) = self.copies.get_mut(&key) else {
@@ -158,7 +170,7 @@ impl MemoryState {
         let messages = &self.messages;
         let gone: Vec<u64> = rows
             .iter()
-            .filter(|(seq, r)| messages.get(seq).is_some_and(|m| pick(m, r)))
+            .filter(|(seq, r)| pick(messages.get(seq).map(|m| &**m), r))
             .map(|(s, _)| *s)
             .collect();
         for seq in &gone {

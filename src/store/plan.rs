@@ -138,6 +138,7 @@ impl Net {
             }
             StoreOp::PutReplayId { .. }
             | StoreOp::PutSubscription { .. }
+            | StoreOp::SetLegacyOnly { .. }
             | StoreOp::DeleteSubscription { .. }
             | StoreOp::DeleteClient { .. }
             | StoreOp::DeleteEphemeral { .. }

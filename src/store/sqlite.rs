@@ -40,7 +40,7 @@ const ROWS_PER_STATEMENT: usize = 300;
 
 /// How often the WAL is checkpointed into the database file. Group commits go to the
 /// op log, so the WAL only carries folds, purges and barrier commits (sessions, keys,
-/// subscriptions) and most checkpoints find nothing to copy; a second keeps the WAL
+/// subscriptions, discards) and most checkpoints find nothing to copy; a second keeps the WAL
 /// to what one fold wrote, and the sync of the file off the fold itself.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -203,6 +203,20 @@ impl SqliteStore {
                 .bind(client_id.as_str())
                 .bind(filter.as_str())
                 .bind(legacy_only)
+                .execute(&mut **tx)
+                .await?;
+            }
+            StoreOp::SetLegacyOnly {
+                session,
+                client_id,
+                legacy_only,
+            } => {
+                sqlx::query(
+                    "UPDATE subscriptions SET legacy_only = ? WHERE session = ? AND client_id = ?",
+                )
+                .bind(legacy_only)
+                .bind(session.as_str())
+                .bind(client_id.as_str())
                 .execute(&mut **tx)
                 .await?;
             }

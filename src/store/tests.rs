@@ -189,6 +189,21 @@ async fn suite(store: &dyn Store) {
         }],
         "a legacy connection's subscription comes back as one"
     );
+    // The client logged in natively since: the mark follows it.
+    let native = StoreOp::SetLegacyOnly {
+        session: session(),
+        client_id: client("alice"),
+        legacy_only: false,
+    };
+    store
+        .commit(&[StoreBatch {
+            id: 2,
+            ops: vec![native],
+        }])
+        .await
+        .expect("commit");
+    let restored = store.restore(NOW).await.expect("restore").subscriptions;
+    assert!(!restored[0].legacy_only, "{restored:?}");
     assert_eq!(
         restore.replay_ids,
         vec![(session(), MessageId([9; 16]), NOW + 30_000)]
