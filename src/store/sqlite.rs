@@ -32,7 +32,7 @@ use super::oplog::{OpLog, Record};
 use super::plan::{Net, Step, SubscriberNet, plan};
 use super::{BacklogPage, Purged, PushToken, SessionRecord, Store, StoreError};
 
-static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
+pub(super) static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 
 /// Rows per multi-row statement (9 columns × 100 stays far below SQLite's 32766
 /// variables).

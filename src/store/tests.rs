@@ -652,3 +652,52 @@ async fn sqlite_rows_of_the_old_journal_table_are_folded_at_open() {
         .expect("count");
     assert_eq!(left, 0);
 }
+
+/// A database made before the legacy mark (migration 0005) opens, its durable
+/// subscriptions come back as native ones, and take the mark when their client
+/// logs in over the legacy bridge.
+#[tokio::test]
+async fn sqlite_subscriptions_from_before_the_legacy_mark_take_it_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fastport.db");
+    {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options)
+            .await
+            .expect("create");
+        let before = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Borrowed(&super::sqlite::MIGRATOR.migrations[..4]),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        before.run(&pool).await.expect("migrations 0001-0004");
+        sqlx::query("INSERT INTO subscriptions (session, client_id, filter) VALUES (?, ?, ?)")
+            .bind(session().as_str())
+            .bind("dart")
+            .bind("inbox/#")
+            .execute(&pool)
+            .await
+            .expect("insert");
+        pool.close().await;
+    }
+    let store = SqliteStore::open(&path).await.expect("open and migrate");
+    let restored = store.restore(NOW).await.expect("restore").subscriptions;
+    assert_eq!(restored.len(), 1);
+    assert!(!restored[0].legacy_only);
+    let mark = StoreOp::SetLegacyOnly {
+        session: session(),
+        client_id: client("dart"),
+        legacy_only: true,
+    };
+    store
+        .commit(&[StoreBatch {
+            id: 1,
+            ops: vec![mark],
+        }])
+        .await
+        .expect("commit");
+    let restored = store.restore(NOW).await.expect("restore").subscriptions;
+    assert!(restored[0].legacy_only, "{restored:?}");
+    store.close().await;
+}
