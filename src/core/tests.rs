@@ -784,6 +784,41 @@ fn unsubscribe_discards_copies_not_yet_read_back_from_the_store() {
 }
 
 #[test]
+fn unsubscribe_discards_a_connection_bound_subscription_s_spilled_copies() {
+    let config = CoreConfig {
+        limits: Limits {
+            max_inflight: 2,
+            max_queued: 2,
+        },
+        ..CoreConfig::default()
+    };
+    let mut p = Pair::with_config(config);
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "t", false);
+    for i in 0..10u8 {
+        p.publish(publisher, "t", &[i]);
+    }
+    assert!(
+        p.store.copy_count() > 0,
+        "what memory could not hold spilled"
+    );
+
+    p.hold_loads = true;
+    p.cmd(Command::Unsubscribe {
+        conn: sub,
+        request_id: 1,
+        filter: filter("t"),
+    });
+    p.subscribe(sub, "t", false);
+    p.hold_loads = false;
+    p.deliver_loads();
+    assert_eq!(take_and_ack(&mut p, sub), Vec::<Vec<u8>>::new());
+    assert_eq!(p.store.copy_count(), 0);
+}
+
+#[test]
 fn slow_subscriber_memory_is_bounded_and_nothing_is_lost() {
     let config = CoreConfig {
         limits: Limits {
