@@ -474,13 +474,15 @@ impl Subscriber {
         self.refill(now, ctx);
     }
 
-    /// A filter was removed (`durable` if it was): copies no subscription wants any
-    /// more are discarded, in memory and, when copies it made may wait there, in the
-    /// store (design §4: `Unsubscribe` discards that subscription's pending copies;
-    /// left there, they would come back to a later subscription to the same topics).
-    /// A connection-bound filter's copies reach the store only when they spill.
-    pub fn discard_unwanted(&mut self, durable: bool, now: Millis, ctx: &mut Ctx) {
-        if self.backlog.in_store && (durable || self.ephemeral_spilled) {
+    /// A filter was removed: copies no subscription wants any more are discarded, in
+    /// memory and, when copies wait there, in the store (design §4: `Unsubscribe`
+    /// discards that subscription's pending copies; left there, they would come back
+    /// to a later subscription to the same topics). Whatever kind the removed filter
+    /// was, stored copies may be its: a message that also matched a durable filter
+    /// made a durable copy, and so did one sent before the filter was made
+    /// connection-bound.
+    pub fn discard_unwanted(&mut self, now: Millis, ctx: &mut Ctx) {
+        if self.backlog.in_store {
             ctx.fx.ops.push(StoreOp::DiscardCopies {
                 session: ctx.settings.name.clone(),
                 client_id: self.client_id.clone(),

@@ -620,7 +620,7 @@ impl Core {
             limits,
             fx,
         };
-        sub.discard_unwanted(opts.durable, now, &mut ctx);
+        sub.discard_unwanted(now, &mut ctx);
         if let Some(watchers) = session.presence.get_mut(filter) {
             watchers.retain(|w| w != client_id);
             if watchers.is_empty() {

@@ -819,6 +819,46 @@ fn unsubscribe_discards_a_connection_bound_subscription_s_spilled_copies() {
 }
 
 #[test]
+fn unsubscribe_discards_durable_copies_a_connection_bound_filter_still_wanted() {
+    // A message matching a durable and a connection-bound filter makes one durable
+    // copy; once the durable filter goes, only the other wants it.
+    let config = CoreConfig {
+        limits: Limits {
+            max_inflight: 2,
+            max_queued: 2,
+        },
+        ..CoreConfig::default()
+    };
+    let mut p = Pair::with_config(config);
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "a/#", true);
+    p.subscribe(sub, "a/b", false);
+    for i in 0..10u8 {
+        p.publish(publisher, "a/b", &[i]);
+    }
+    p.cmd(Command::Unsubscribe {
+        conn: sub,
+        request_id: 1,
+        filter: filter("a/#"),
+    });
+    assert!(p.store.copy_count() > 0, "a/b still wants them");
+
+    p.hold_loads = true;
+    p.cmd(Command::Unsubscribe {
+        conn: sub,
+        request_id: 2,
+        filter: filter("a/b"),
+    });
+    p.subscribe(sub, "a/b", false);
+    p.hold_loads = false;
+    p.deliver_loads();
+    assert_eq!(take_and_ack(&mut p, sub), Vec::<Vec<u8>>::new());
+    assert_eq!(p.store.copy_count(), 0);
+}
+
+#[test]
 fn slow_subscriber_memory_is_bounded_and_nothing_is_lost() {
     let config = CoreConfig {
         limits: Limits {

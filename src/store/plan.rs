@@ -8,8 +8,8 @@
 //! incrementally, over every commit since the journal's last fold (`journal.rs`).
 //!
 //! Ops that change a whole client or subscription (`DeleteClient`, subscriptions,
-//! `DeleteEphemeral`, `DiscardCopies`) are barriers: they are not netted, and copy ops on either side of
-//! one land in separate nets, applied in order.
+//! `DeleteEphemeral`, `DiscardCopies`) are barriers: they are not netted, and copy ops
+//! on either side of one land in separate nets, applied in order.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};

@@ -40,8 +40,8 @@ const ROWS_PER_STATEMENT: usize = 300;
 
 /// How often the WAL is checkpointed into the database file. Group commits go to the
 /// op log, so the WAL only carries folds, purges and barrier commits (sessions, keys,
-/// subscriptions, discards) and most checkpoints find nothing to copy; a second keeps the WAL
-/// to what one fold wrote, and the sync of the file off the fold itself.
+/// subscriptions, discards) and most checkpoints find nothing to copy; a second keeps
+/// the WAL to what one fold wrote, and the sync of the file off the fold itself.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Rows of each kind per purge step at start-up, where no commit waits for it.

@@ -189,7 +189,14 @@ async fn suite(store: &dyn Store) {
         }],
         "a legacy connection's subscription comes back as one"
     );
-    // The client logged in natively since: the mark follows it.
+    // The client logged in natively since: the mark follows it, on every one of its
+    // subscriptions and no one else's.
+    let legacy = |c: &str, f: &str| StoreOp::PutSubscription {
+        session: session(),
+        client_id: client(c),
+        filter: TopicFilter::parse(f).expect("valid"),
+        legacy_only: true,
+    };
     let native = StoreOp::SetLegacyOnly {
         session: session(),
         client_id: client("alice"),
@@ -197,13 +204,45 @@ async fn suite(store: &dyn Store) {
     };
     store
         .commit(&[StoreBatch {
-            id: 2,
-            ops: vec![native],
+            id: 31,
+            ops: vec![legacy("alice", "b"), legacy("bob", "a/#"), native],
         }])
         .await
         .expect("commit");
-    let restored = store.restore(NOW).await.expect("restore").subscriptions;
-    assert!(!restored[0].legacy_only, "{restored:?}");
+    let mut restored: Vec<(String, bool)> = store
+        .restore(NOW)
+        .await
+        .expect("restore")
+        .subscriptions
+        .into_iter()
+        .map(|r| {
+            (
+                format!("{} {}", r.client_id.as_str(), r.filter.as_str()),
+                r.legacy_only,
+            )
+        })
+        .collect();
+    restored.sort();
+    assert_eq!(
+        restored,
+        vec![
+            ("alice a/#".to_owned(), false),
+            ("alice b".to_owned(), false),
+            ("bob a/#".to_owned(), true),
+        ]
+    );
+    let forget_bob = StoreOp::DeleteSubscription {
+        session: session(),
+        client_id: client("bob"),
+        filter: TopicFilter::parse("a/#").expect("valid"),
+    };
+    store
+        .commit(&[StoreBatch {
+            id: 32,
+            ops: vec![forget_bob],
+        }])
+        .await
+        .expect("commit");
     assert_eq!(
         restore.replay_ids,
         vec![(session(), MessageId([9; 16]), NOW + 30_000)]
