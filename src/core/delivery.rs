@@ -71,6 +71,10 @@ pub struct Subscriber {
     backlog: Backlog,
     /// Ephemeral copies of this connection are in the store.
     ephemeral_spilled: bool,
+    /// Durable copies in the store may be wanted by connection-bound filters only (a
+    /// durable filter was dropped, or made connection-bound, while one was left), so
+    /// they are discarded when those filters end with the connection.
+    pub durable_rows_outlive_filters: bool,
     /// The earliest timer registered for this subscriber's connection.
     scheduled: Option<Millis>,
     /// Files due to be sent while another is (see [`FILES_IN_FLIGHT`]), in order.
@@ -105,6 +109,7 @@ impl Subscriber {
             queue: VecDeque::new(),
             backlog: Backlog::default(),
             ephemeral_spilled: false,
+            durable_rows_outlive_filters: false,
             scheduled: None,
             files_waiting: VecDeque::new(),
         }

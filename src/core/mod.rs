@@ -567,6 +567,9 @@ impl Core {
                 client_id: client_id.clone(),
                 filter,
             });
+            if let Some(sub) = session.subscribers.get_mut(&client_id) {
+                sub.durable_rows_outlive_filters = true;
+            }
         }
         self.fx.send(conn, Event::Subscribed { request_id });
     }
@@ -614,6 +617,11 @@ impl Core {
                 client_id: client_id.clone(),
                 filter: filter.clone(),
             });
+            // Its durable copies that a connection-bound filter also matched stay
+            // for that filter, as long as it lasts.
+            if sub.filters.values().any(|o| !o.durable) {
+                sub.durable_rows_outlive_filters = true;
+            }
         }
         let mut ctx = Ctx {
             settings: &session.settings,
@@ -768,6 +776,15 @@ impl Core {
                 &c.client_id,
                 PresenceEvent::Left,
             );
+        }
+        if let Some(sub) = session.subscribers.get_mut(&c.client_id)
+            && std::mem::take(&mut sub.durable_rows_outlive_filters)
+        {
+            self.fx.ops.push(StoreOp::DiscardCopies {
+                session: session.settings.name.clone(),
+                client_id: c.client_id.clone(),
+                keep: sub.filters.keys().cloned().collect(),
+            });
         }
         if session
             .subscribers

@@ -859,6 +859,49 @@ fn unsubscribe_discards_durable_copies_a_connection_bound_filter_still_wanted() 
 }
 
 #[test]
+fn durable_copies_go_with_the_connection_bound_filters_left_wanting_them() {
+    let config = CoreConfig {
+        limits: Limits {
+            max_inflight: 2,
+            max_queued: 2,
+        },
+        ..CoreConfig::default()
+    };
+    for demote in [false, true] {
+        let mut p = Pair::with_config(config.clone());
+        let s = settings("s");
+        let publisher = p.connect(&s, "pub");
+        let sub = p.connect(&s, "sub");
+        p.subscribe(sub, "a/#", true);
+        p.subscribe(sub, "keep", true);
+        if !demote {
+            p.subscribe(sub, "a/b", false);
+        }
+        for i in 0..10u8 {
+            p.publish(publisher, "a/b", &[i]);
+        }
+        if demote {
+            // a/# made connection-bound: its durable copies stay while it lasts.
+            p.subscribe(sub, "a/#", false);
+        } else {
+            // a/b still wants the durable copies a/# made.
+            p.cmd(Command::Unsubscribe {
+                conn: sub,
+                request_id: 1,
+                filter: filter("a/#"),
+            });
+        }
+        assert!(p.store.copy_count() > 0, "demote: {demote}");
+        p.cmd(Command::Disconnected { conn: sub });
+        assert_eq!(p.store.copy_count(), 0, "demote: {demote}");
+
+        let sub = p.connect(&s, "sub");
+        p.subscribe(sub, "a/#", true);
+        assert_eq!(take_and_ack(&mut p, sub), Vec::<Vec<u8>>::new());
+    }
+}
+
+#[test]
 fn slow_subscriber_memory_is_bounded_and_nothing_is_lost() {
     let config = CoreConfig {
         limits: Limits {
