@@ -234,7 +234,7 @@ fn ack_nth(core: &mut Core, conn: u64, acked: u128, n: u128) {
 /// Commits what the store would, and takes the outputs.
 fn commit_and_drain(core: &mut Core) {
     if let Some(batch) = core.take_batch() {
-        core.handle_committed(batch.id);
+        core.handle_committed(batch.id, &[]);
     }
     drain(core);
 }

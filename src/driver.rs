@@ -105,7 +105,8 @@ enum StoreJob {
 }
 
 enum StoreDone {
-    Committed(u64),
+    /// Batches up to this id are durable; with the file copies they dropped.
+    Committed(u64, Vec<u64>),
     Failed(u64),
     Loaded(BacklogRequest, Vec<StoredCopy>, bool),
     LoadFailed(BacklogRequest),
@@ -470,8 +471,8 @@ impl Driver {
 
     fn on_store(&mut self, done: StoreDone) {
         match done {
-            StoreDone::Committed(id) => {
-                self.core.handle_committed(id);
+            StoreDone::Committed(id, dropped_files) => {
+                self.core.handle_committed(id, &dropped_files);
                 self.files_committed(id, Ok(()));
             }
             StoreDone::Failed(id) => {
@@ -683,7 +684,7 @@ async fn store_worker(
                 }
                 let last = batches.last().map_or(0, |b| b.id);
                 match store.commit(&batches).await {
-                    Ok(()) => StoreDone::Committed(last),
+                    Ok(committed) => StoreDone::Committed(last, committed.dropped_files),
                     Err(e) => {
                         tracing::error!(error = %e, batches = batches.len(), "commit failed");
                         StoreDone::Failed(last)
@@ -788,7 +789,10 @@ mod tests {
         jobs.send(StoreJob::Commit(StoreBatch { id: 1, ops }))
             .await
             .expect("queued");
-        assert!(matches!(done.recv().await, Some(StoreDone::Committed(1))));
+        assert!(matches!(
+            done.recv().await,
+            Some(StoreDone::Committed(1, _))
+        ));
         assert_eq!(Instant::now(), started, "the commit waited on a timer");
         drop(jobs);
         worker.await.expect("worker ends with its queue");
@@ -814,7 +818,7 @@ mod tests {
             reports.push(report);
         }
         assert!(
-            matches!(reports[..], [StoreDone::Committed(3)]),
+            matches!(reports[..], [StoreDone::Committed(3, _)]),
             "one commit for all three"
         );
     }
@@ -842,7 +846,7 @@ mod tests {
             .expect("queued");
         let worker = tokio::spawn(store_worker(store.clone(), jobs_rx, done_tx));
         match done.recv().await {
-            Some(StoreDone::Committed(2)) => {}
+            Some(StoreDone::Committed(2, _)) => {}
             _ => panic!("expected the commit's report"),
         }
         let left = expired_left(&*store).await;

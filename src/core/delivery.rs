@@ -159,11 +159,15 @@ impl Subscriber {
     }
 
     /// The connection is gone: memory state is dropped, durable copies stay in the store
-    /// with their attempt counts, ephemeral ones are deleted.
+    /// with their attempt counts, ephemeral ones are deleted. A file copy that was
+    /// only in memory is counted off here; one read back from the store is counted
+    /// off when `DeleteEphemeral` reports its row (see `Effects::files`).
     pub fn detach(&mut self, ctx: &mut Ctx) {
         for (_, f) in self.inflight.drain() {
             if !f.copy.durable {
-                ctx.fx.release_file(&f.copy.message);
+                if !f.copy.persisted {
+                    ctx.fx.release_file(&f.copy.message);
+                }
             } else if f.copy.attempts > 0 {
                 ctx.fx.ops.push(StoreOp::SetAttempts {
                     session: ctx.settings.name.clone(),
@@ -174,7 +178,7 @@ impl Subscriber {
             }
         }
         for copy in self.queue.drain(..).chain(self.files_waiting.drain(..)) {
-            if !copy.durable {
+            if !copy.durable && !copy.persisted {
                 ctx.fx.release_file(&copy.message);
             }
         }
@@ -487,17 +491,8 @@ impl Subscriber {
     /// made a durable copy, and so did one sent before the filter was made
     /// connection-bound.
     pub fn discard_unwanted(&mut self, now: Millis, ctx: &mut Ctx) {
-        if self.backlog.in_store {
-            ctx.fx.ops.push(StoreOp::DiscardCopies {
-                session: ctx.settings.name.clone(),
-                client_id: self.client_id.clone(),
-                keep: self.filters.keys().cloned().collect(),
-            });
-            // A page being read may predate the discard: its answer is ignored, and
-            // the next page is read after the discard commits (the store's jobs run
-            // in order).
-            self.backlog.loading = None;
-        }
+        // Memory first: a persisted copy released here has its row deleted before
+        // the store's discard, which would otherwise count its file off again.
         let unwanted: Vec<MessageId> = self
             .inflight
             .iter()
@@ -513,6 +508,17 @@ impl Subscriber {
         self.queue = self.keep_wanted(queue, ctx);
         let files = std::mem::take(&mut self.files_waiting);
         self.files_waiting = self.keep_wanted(files, ctx);
+        if self.backlog.in_store {
+            ctx.fx.ops.push(StoreOp::DiscardCopies {
+                session: ctx.settings.name.clone(),
+                client_id: self.client_id.clone(),
+                keep: self.filters.keys().cloned().collect(),
+            });
+            // A page being read may predate the discard: its answer is ignored, and
+            // the next page is read after the discard commits (the store's jobs run
+            // in order).
+            self.backlog.loading = None;
+        }
         self.refill(now, ctx);
     }
 

@@ -130,9 +130,11 @@ pub struct Effects {
     token: u64,
     /// Copies still held of each spooled file, by `seq` (those in the store when the
     /// broker started, then every one made since), counted down as the core lets go
-    /// of them. Copies the store drops by itself (a clean start's `DeleteClient`,
-    /// `DeleteEphemeral`, an unsubscribe's `DiscardCopies`) are not: their spool file
-    /// stays until the expiry sweep removes it.
+    /// of them, and as the store reports the ones it dropped wholesale (a clean
+    /// start's `DeleteClient`, `DeleteEphemeral`, an unsubscribe's `DiscardCopies`).
+    /// Each copy is counted off once: by the core while it holds it in memory (a
+    /// persisted one's row deleted first), by the store's report once only the row
+    /// is left (see `Subscriber::detach` and `discard_unwanted`).
     files: FastMap<u64, SpooledFile>,
     /// Copies not yet acknowledged of each message whose `PubAck` waits for its batch,
     /// by `seq`. None left when the batch commits means every subscriber acknowledged
@@ -173,15 +175,19 @@ impl Effects {
 
     /// A copy of a file is done with; the last one lets its spool file go.
     fn release_file(&mut self, message: &Message) {
-        if message.kind != MessageKind::File {
-            return;
+        if message.kind == MessageKind::File {
+            self.release_file_seq(message.seq);
         }
-        let Some(file) = self.files.get_mut(&message.seq) else {
+    }
+
+    /// A copy of file `seq` is done with.
+    fn release_file_seq(&mut self, seq: u64) {
+        let Some(file) = self.files.get_mut(&seq) else {
             return;
         };
         file.copies = file.copies.saturating_sub(1);
         if file.copies == 0
-            && let Some(file) = self.files.remove(&message.seq)
+            && let Some(file) = self.files.remove(&seq)
         {
             self.outputs.push_back(Output::DropSpool {
                 session: file.session,
@@ -836,8 +842,13 @@ impl Core {
         }
     }
 
-    /// Every batch up to and including `batch_id` is durable: release their answers.
-    pub fn handle_committed(&mut self, batch_id: u64) {
+    /// Every batch up to and including `batch_id` is durable: release their answers,
+    /// and count off the file copies the store dropped with them (`dropped_files`,
+    /// see [`crate::store::Committed`]).
+    pub fn handle_committed(&mut self, batch_id: u64, dropped_files: &[u64]) {
+        for seq in dropped_files {
+            self.fx.release_file_seq(*seq);
+        }
         while let Some((id, _)) = self.waiters.front() {
             if *id > batch_id {
                 break;

@@ -92,8 +92,8 @@ impl Pair {
                 } else if std::mem::take(&mut self.fail_next_commit) {
                     self.core.handle_commit_failed(batch.id);
                 } else {
-                    self.store.apply(&batch);
-                    self.core.handle_committed(batch.id);
+                    let dropped_files = self.store.apply(&batch);
+                    self.core.handle_committed(batch.id, &dropped_files);
                 }
             }
             for load in self.core.take_loads() {
@@ -135,8 +135,8 @@ impl Pair {
     /// Commits the batches held so far, in order.
     fn commit_held(&mut self) {
         for batch in std::mem::take(&mut self.held) {
-            self.store.apply(&batch);
-            self.core.handle_committed(batch.id);
+            let dropped_files = self.store.apply(&batch);
+            self.core.handle_committed(batch.id, &dropped_files);
         }
         self.drive();
     }
@@ -1392,6 +1392,135 @@ fn a_completed_file_is_queued_like_a_message() {
     );
     p.ack(away, MessageId([1; 16]));
     assert_eq!(p.dropped_spools, vec![MessageId([1; 16])]);
+}
+
+/// A file copy the store drops by itself (an unsubscribe's discard, a clean start)
+/// is counted off once: the spool goes with the last copy, not before.
+#[test]
+fn a_file_s_spool_goes_when_the_store_drops_its_last_copy() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let sender = p.connect(&s, "sender");
+    for client in ["a", "b"] {
+        let conn = p.connect(&s, client);
+        p.subscribe(conn, "files/#", true);
+        p.cmd(Command::Disconnected { conn });
+    }
+    assert!(
+        complete(&mut p, sender, 1, Vec::new()),
+        "two durable copies"
+    );
+
+    // "a" comes back and unsubscribes before its backlog is read.
+    p.hold_loads = true;
+    let a = p.connect(&s, "a");
+    p.cmd(Command::Unsubscribe {
+        conn: a,
+        request_id: 1,
+        filter: filter("files/#"),
+    });
+    p.hold_loads = false;
+    p.deliver_loads();
+    assert!(files_sent(&mut p, a).is_empty());
+    assert!(p.dropped_spools.is_empty(), "b's copy still needs it");
+
+    // "b" starts clean: its copy goes in the store, and with it the spool.
+    p.connect_with(&s, "b", true, false);
+    assert_eq!(p.dropped_spools, vec![MessageId([1; 16])]);
+}
+
+/// An unsubscribe counts off a file copy it finds in memory once, although the copy
+/// was also a row in the store.
+#[test]
+fn an_unsubscribe_counts_off_a_file_copy_read_back_once() {
+    let config = CoreConfig {
+        limits: Limits {
+            max_inflight: 1,
+            max_queued: 1,
+        },
+        ..CoreConfig::default()
+    };
+    let mut p = Pair::with_config(config);
+    let s = settings("s");
+    let sender = p.connect(&s, "sender");
+    for client in ["a", "b"] {
+        let conn = p.connect(&s, client);
+        p.subscribe(conn, "files/#", true);
+        p.cmd(Command::Disconnected { conn });
+    }
+    complete(&mut p, sender, 1, Vec::new());
+    // More backlog behind the file, so that "a" is still reading it from the store.
+    for i in 0..3u8 {
+        p.publish(sender, "files/notes", &[i]);
+    }
+    let a = p.connect(&s, "a");
+    assert_eq!(files_sent(&mut p, a).len(), 1, "read back and sent");
+    p.cmd(Command::Unsubscribe {
+        conn: a,
+        request_id: 1,
+        filter: filter("files/#"),
+    });
+    assert!(p.dropped_spools.is_empty(), "b's copy still needs it");
+    let b = p.connect(&s, "b");
+    assert_eq!(files_sent(&mut p, b).len(), 1);
+    p.ack(b, MessageId([1; 16]));
+    assert_eq!(p.dropped_spools, vec![MessageId([1; 16])]);
+}
+
+/// A connection-bound receiver's file copies that spilled to the store and were read
+/// back are counted off once when it leaves, by the store's `DeleteEphemeral`.
+#[test]
+fn spilled_file_copies_are_counted_off_once_when_their_connection_ends() {
+    let config = CoreConfig {
+        limits: Limits {
+            max_inflight: 1,
+            max_queued: 1,
+        },
+        ..CoreConfig::default()
+    };
+    let mut p = Pair::with_config(config);
+    let s = settings("s");
+    let sender = p.connect(&s, "sender");
+    let keeper = p.connect(&s, "keeper");
+    p.subscribe(keeper, "files/#", true);
+    p.cmd(Command::Disconnected { conn: keeper });
+    let reader = p.connect(&s, "reader");
+    p.subscribe(reader, "files/#", false);
+    for id in 1..=4 {
+        complete(&mut p, sender, id, Vec::new());
+    }
+    assert!(
+        p.store.copy_count() > 4,
+        "some of the reader's copies spilled"
+    );
+    // The reader takes two files, so that spilled copies are read back into memory.
+    for _ in 0..2 {
+        let sent = files_sent(&mut p, reader);
+        let [(id, 1)] = sent.as_slice() else {
+            panic!("one file at a time, got {sent:?}");
+        };
+        let id = *id;
+        p.cmd(Command::FileStreamed {
+            conn: reader,
+            file_id: id,
+        });
+        p.ack(reader, id);
+    }
+    p.cmd(Command::Disconnected { conn: reader });
+    assert_eq!(
+        p.dropped_spools,
+        vec![],
+        "the durable copies still need every file"
+    );
+
+    let keeper = p.connect_with(&s, "keeper", true, false);
+    let _ = keeper;
+    let mut dropped = p.dropped_spools.clone();
+    dropped.sort();
+    assert_eq!(
+        dropped,
+        (1..=4).map(|i| MessageId([i; 16])).collect::<Vec<_>>()
+    );
 }
 
 /// The ids of the files sent to `conn` (as `Deliver`s of file messages), with their

@@ -11,7 +11,7 @@ use crate::core::{
     RestoredSubscription, SessionName, StoreBatch, StoreOp, StoredCopy, TopicFilter,
 };
 
-use super::{BacklogPage, Purged, PushToken, SessionRecord, Store, StoreError};
+use super::{BacklogPage, Committed, Purged, PushToken, SessionRecord, Store, StoreError};
 
 type ClientKey = (SessionName, ClientId);
 
@@ -47,13 +47,16 @@ impl MemoryState {
     }
 
     /// Applies one batch's ops in order.
-    pub fn apply(&mut self, batch: &StoreBatch) {
+    /// Applies a batch; returns the file copies dropped wholesale (see [`Committed`]).
+    pub fn apply(&mut self, batch: &StoreBatch) -> Vec<u64> {
+        let mut dropped_files = Vec::new();
         for op in &batch.ops {
-            self.apply_op(op);
+            self.apply_op(op, &mut dropped_files);
         }
+        dropped_files
     }
 
-    fn apply_op(&mut self, op: &StoreOp) {
+    fn apply_op(&mut self, op: &StoreOp, dropped_files: &mut Vec<u64>) {
         match op {
             StoreOp::PutMessage(m) => {
                 self.messages.entry(m.seq).or_insert_with(|| m.clone());
@@ -139,10 +142,10 @@ impl MemoryState {
             StoreOp::DeleteClient { session, client_id } => {
                 self.subscriptions
                     .retain(|(s, c, _), _| !(s == session && c == client_id));
-                self.drop_copies(session, client_id, |_, _| true);
+                dropped_files.extend(self.drop_copies(session, client_id, |_, _| true));
             }
             StoreOp::DeleteEphemeral { session, client_id } => {
-                self.drop_copies(session, client_id, |_, row| row.ephemeral);
+                dropped_files.extend(self.drop_copies(session, client_id, |_, row| row.ephemeral));
             }
             StoreOp::DiscardCopies {
                 session,
@@ -150,9 +153,9 @@ impl MemoryState {
                 keep,
             } => {
                 // A copy without its message is wanted by no one.
-                self.drop_copies(session, client_id, |message, _| {
+                dropped_files.extend(self.drop_copies(session, client_id, |message, _| {
                     !message.is_some_and(|m| keep.iter().any(|f| f.matches(&m.topic)))
-                });
+                }));
             }
         }
     }
@@ -162,10 +165,10 @@ impl MemoryState {
         session: &SessionName,
         client_id: &ClientId,
         pick: impl Fn(Option<&Message>, &CopyRow) -> bool,
-    ) {
+    ) -> Vec<u64> {
         let key = (session.clone(), client_id.clone());
         let Some(rows) = self.copies.get_mut(&key) else {
-            return;
+            return Vec::new();
         };
         let messages = &self.messages;
         let gone: Vec<u64> = rows
@@ -179,9 +182,19 @@ impl MemoryState {
         if rows.is_empty() {
             self.copies.remove(&key);
         }
+        let files = gone
+            .iter()
+            .copied()
+            .filter(|seq| {
+                messages
+                    .get(seq)
+                    .is_some_and(|m| m.kind == MessageKind::File)
+            })
+            .collect();
         for seq in gone {
             self.unref(seq);
         }
+        files
     }
 
     fn unref(&mut self, seq: u64) {
@@ -227,6 +240,7 @@ impl MemoryState {
         self.purge(now);
         let keys: Vec<ClientKey> = self.copies.keys().cloned().collect();
         for (session, client_id) in keys {
+            // Restoring: the core counts only the copies left.
             self.drop_copies(&session, &client_id, |_, row| row.ephemeral);
         }
         Restore {
@@ -343,12 +357,13 @@ impl Store for MemoryStore {
         Ok(self.state().restore(now))
     }
 
-    async fn commit(&self, batches: &[StoreBatch]) -> Result<(), StoreError> {
+    async fn commit(&self, batches: &[StoreBatch]) -> Result<Committed, StoreError> {
         let mut state = self.state();
+        let mut committed = Committed::default();
         for batch in batches {
-            state.apply(batch);
+            committed.dropped_files.extend(state.apply(batch));
         }
-        Ok(())
+        Ok(committed)
     }
 
     async fn backlog(

@@ -91,6 +91,15 @@ impl std::fmt::Debug for PushToken {
 /// A page of a subscriber's backlog and whether it was the last one.
 pub type BacklogPage = (Vec<StoredCopy>, bool);
 
+/// What a commit did that its ops do not say one by one.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The file copies that ops dropping a client's copies wholesale (`DeleteClient`,
+    /// `DeleteEphemeral`, `DiscardCopies`) found in the store, by message `seq`, one
+    /// entry per copy: the core counts them off, so the last lets the file's spool go.
+    pub dropped_files: Vec<u64>,
+}
+
 /// The broker's durable state. Implementations must apply a batch's ops in order and
 /// atomically, and apply batches in the order given.
 #[async_trait]
@@ -112,7 +121,7 @@ pub trait Store: Send + Sync + 'static {
     async fn restore(&self, now: Millis) -> Result<Restore, StoreError>;
 
     /// Applies batches in order, atomically (one transaction for all of them).
-    async fn commit(&self, batches: &[StoreBatch]) -> Result<(), StoreError>;
+    async fn commit(&self, batches: &[StoreBatch]) -> Result<Committed, StoreError>;
 
     /// The next page of a subscriber's backlog: unexpired copies with seq > `after_seq`,
     /// in seq order, at most `limit`; `true` if there are no more.

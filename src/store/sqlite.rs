@@ -30,7 +30,7 @@ use crate::core::{
 use super::journal::{self, Entry, Journal};
 use super::oplog::{OpLog, Record};
 use super::plan::{Net, Step, SubscriberNet, plan};
-use super::{BacklogPage, Purged, PushToken, SessionRecord, Store, StoreError};
+use super::{BacklogPage, Committed, Purged, PushToken, SessionRecord, Store, StoreError};
 
 pub(super) static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 
@@ -185,8 +185,12 @@ impl SqliteStore {
         })
     }
 
-    /// Applies a barrier op (see [`plan`]).
-    async fn apply(tx: &mut Transaction<'_, Sqlite>, op: &StoreOp) -> Result<(), sqlx::Error> {
+    /// Applies a barrier op (see [`plan`]), noting the file copies it drops.
+    async fn apply(
+        tx: &mut Transaction<'_, Sqlite>,
+        op: &StoreOp,
+        dropped_files: &mut Vec<u64>,
+    ) -> Result<(), sqlx::Error> {
         match op {
             StoreOp::PutSubscription {
                 session,
@@ -240,16 +244,16 @@ impl SqliteStore {
                     .bind(client_id.as_str())
                     .execute(&mut **tx)
                     .await?;
-                Self::drop_copies(tx, session, client_id, false).await?;
+                Self::drop_copies(tx, session, client_id, false, dropped_files).await?;
             }
             StoreOp::DeleteEphemeral { session, client_id } => {
-                Self::drop_copies(tx, session, client_id, true).await?;
+                Self::drop_copies(tx, session, client_id, true, dropped_files).await?;
             }
             StoreOp::DiscardCopies {
                 session,
                 client_id,
                 keep,
-            } => Self::discard_copies(tx, session, client_id, keep).await?,
+            } => Self::discard_copies(tx, session, client_id, keep, dropped_files).await?,
             // plan() puts these in ReplayIds and Copies steps.
             StoreOp::PutMessage(_)
             | StoreOp::PutReplayId { .. }
@@ -261,9 +265,13 @@ impl SqliteStore {
     }
 
     /// Runs one planned step.
-    async fn run_step(tx: &mut Transaction<'_, Sqlite>, step: Step<'_>) -> Result<(), sqlx::Error> {
+    async fn run_step(
+        tx: &mut Transaction<'_, Sqlite>,
+        step: Step<'_>,
+        dropped_files: &mut Vec<u64>,
+    ) -> Result<(), sqlx::Error> {
         match step {
-            Step::Single(op) => Self::apply(tx, op).await,
+            Step::Single(op) => Self::apply(tx, op, dropped_files).await,
             Step::Copies(net) => Self::write_copies(tx, &net).await,
             Step::ReplayIds(rows) => {
                 let (entries, expires_at) = journal::pack_replay_ids(&rows);
@@ -356,7 +364,20 @@ impl SqliteStore {
         session: &SessionName,
         client_id: &ClientId,
         ephemeral_only: bool,
+        dropped_files: &mut Vec<u64>,
     ) -> Result<(), sqlx::Error> {
+        let files: Vec<i64> = sqlx::query_scalar(
+            "SELECT c.seq FROM copies c JOIN messages m ON m.seq = c.seq \
+             WHERE c.session = ? AND c.client_id = ? AND (c.ephemeral OR NOT ?) \
+             AND m.format & ? != 0",
+        )
+        .bind(session.as_str())
+        .bind(client_id.as_str())
+        .bind(ephemeral_only)
+        .bind(Message::FILE_FLAG)
+        .fetch_all(&mut **tx)
+        .await?;
+        dropped_files.extend(files.into_iter().map(|seq| seq as u64));
         let seqs: Vec<i64> = sqlx::query_scalar(
             "DELETE FROM copies WHERE session = ? AND client_id = ? AND (ephemeral OR NOT ?) \
              RETURNING seq",
@@ -380,16 +401,17 @@ impl SqliteStore {
         session: &SessionName,
         client_id: &ClientId,
         keep: &[TopicFilter],
+        dropped_files: &mut Vec<u64>,
     ) -> Result<(), sqlx::Error> {
-        let rows: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT c.seq, m.topic FROM copies c JOIN messages m ON m.seq = c.seq \
+        let rows: Vec<(i64, String, i32)> = sqlx::query_as(
+            "SELECT c.seq, m.topic, m.format FROM copies c JOIN messages m ON m.seq = c.seq \
              WHERE c.session = ? AND c.client_id = ?",
         )
         .bind(session.as_str())
         .bind(client_id.as_str())
         .fetch_all(&mut **tx)
         .await?;
-        for (seq, topic) in rows {
+        for (seq, topic, format) in rows {
             // A topic that no longer parses is wanted by no one.
             let wanted =
                 TopicName::parse(&topic).is_ok_and(|topic| keep.iter().any(|f| f.matches(&topic)));
@@ -402,6 +424,9 @@ impl SqliteStore {
                 .bind(seq)
                 .execute(&mut **tx)
                 .await?;
+            if format & Message::FILE_FLAG != 0 {
+                dropped_files.push(seq as u64);
+            }
             Self::drop_if_orphan(tx, seq as u64).await?;
         }
         Ok(())
@@ -441,15 +466,15 @@ impl Writer {
 
     /// Folds the journal into the tables, in one transaction, then empties the op log.
     async fn fold(&mut self) -> Result<(), StoreError> {
-        self.fold_with(Vec::new()).await
+        self.fold_with(Vec::new()).await.map(drop)
     }
 
     /// Folds the journal into the tables and runs `steps` (barrier ops, after it), in
     /// one transaction, then empties the op log.
-    async fn fold_with(&mut self, steps: Vec<Step<'_>>) -> Result<(), StoreError> {
+    async fn fold_with(&mut self, steps: Vec<Step<'_>>) -> Result<Committed, StoreError> {
         let pending = self.journal.last_seq().is_some() || self.legacy_rows;
         if !pending && steps.is_empty() {
-            return Ok(());
+            return Ok(Committed::default());
         }
         let Writer {
             conn,
@@ -464,11 +489,12 @@ impl Writer {
                 .execute(&mut *conn)
                 .await?;
         }
+        let mut committed = Committed::default();
         let folded = async {
             let mut tx = conn.begin().await?;
             fold_into(&mut tx, journal, *legacy_rows).await?;
             for step in steps {
-                SqliteStore::run_step(&mut tx, step).await?;
+                SqliteStore::run_step(&mut tx, step, &mut committed.dropped_files).await?;
             }
             tx.commit().await
         }
@@ -487,7 +513,8 @@ impl Writer {
         self.legacy_rows = false;
         // Should this fail, the records stay in the file; the next open skips them, as
         // `oplog_state` says they are folded.
-        self.oplog.clear().await
+        self.oplog.clear().await?;
+        Ok(committed)
     }
 
     /// Folds, then deletes up to `limit` expired messages with their copies and up to
@@ -839,7 +866,7 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn commit(&self, batches: &[StoreBatch]) -> Result<(), StoreError> {
+    async fn commit(&self, batches: &[StoreBatch]) -> Result<Committed, StoreError> {
         let ops = || batches.iter().flat_map(|b| &b.ops);
         let mut writer = self.writer.lock().await;
         let writer = &mut *writer;
@@ -849,7 +876,7 @@ impl Store for SqliteStore {
             return writer.fold_with(plan(ops())).await;
         };
         if entry.is_empty() {
-            return Ok(());
+            return Ok(Committed::default());
         }
         writer.append(entry).await?;
         if writer.journal.wants_fold()
@@ -859,7 +886,8 @@ impl Store for SqliteStore {
             // fold tries again.
             tracing::warn!(error = %e, "folding the journal failed");
         }
-        Ok(())
+        // Journalled commits hold no op that drops copies wholesale.
+        Ok(Committed::default())
     }
 
     async fn backlog(

@@ -440,6 +440,52 @@ async fn discard_keeps_what_is_still_wanted(store: &dyn Store) {
     assert_eq!(seqs(store, "kate", 0, 10).await, (vec![], true));
 }
 
+/// Ops that drop a client's copies wholesale report the file copies among them, one
+/// entry per copy, so the core can let spool files go.
+async fn wholesale_drops_report_file_copies(store: &dyn Store) {
+    let mut file = (*message(401, NOW + 60_000)).clone();
+    file.kind = MessageKind::File;
+    let copy = |c: &str, seq, ephemeral| StoreOp::PutCopy {
+        session: session(),
+        client_id: client(c),
+        seq,
+        ephemeral,
+    };
+    let mut ops = vec![StoreOp::PutMessage(Arc::new(file))];
+    ops.extend([copy("mia", 401, false), copy("ned", 401, true)]);
+    ops.extend(put_on(402, "f/y", &["mia"]));
+    store
+        .commit(&[StoreBatch { id: 1, ops }])
+        .await
+        .expect("commit");
+    let drop = |op: StoreOp| async move {
+        store
+            .commit(&[StoreBatch {
+                id: 2,
+                ops: vec![op],
+            }])
+            .await
+            .expect("commit")
+            .dropped_files
+    };
+    let discard = StoreOp::DiscardCopies {
+        session: session(),
+        client_id: client("mia"),
+        keep: Vec::new(),
+    };
+    assert_eq!(drop(discard).await, vec![401]);
+    let ephemeral = StoreOp::DeleteEphemeral {
+        session: session(),
+        client_id: client("ned"),
+    };
+    assert_eq!(drop(ephemeral).await, vec![401]);
+    let clean = StoreOp::DeleteClient {
+        session: session(),
+        client_id: client("ned"),
+    };
+    assert_eq!(drop(clean).await, Vec::<u64>::new(), "nothing left");
+}
+
 /// Expired messages, their copies and expired replay ids go, in steps of `limit` where
 /// the store takes steps (SQLite) and at once otherwise (memory); in the end exactly
 /// the expired ones are gone. Returns the number of steps.
@@ -490,6 +536,7 @@ async fn memory_store() {
     suite(&MemoryStore::default()).await;
     backlog_across_commits(&MemoryStore::default()).await;
     discard_keeps_what_is_still_wanted(&MemoryStore::default()).await;
+    wholesale_drops_report_file_copies(&MemoryStore::default()).await;
     assert_eq!(purge_in_steps(&MemoryStore::default()).await, 1);
 }
 
@@ -498,6 +545,7 @@ async fn sqlite_store_in_memory() {
     suite(&SqliteStore::open_in_memory().await.expect("open")).await;
     backlog_across_commits(&SqliteStore::open_in_memory().await.expect("open")).await;
     discard_keeps_what_is_still_wanted(&SqliteStore::open_in_memory().await.expect("open")).await;
+    wholesale_drops_report_file_copies(&SqliteStore::open_in_memory().await.expect("open")).await;
     // Five expired messages and five expired replay-log rows, two of each per step.
     let store = SqliteStore::open_in_memory().await.expect("open");
     assert_eq!(purge_in_steps(&store).await, 3);
