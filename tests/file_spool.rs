@@ -243,6 +243,31 @@ async fn durable_file_subscriber_gets_a_file_sent_while_offline() {
     .await;
 }
 
+/// A file kept only for an offline durable subscriber leaves the spool when that
+/// client starts clean: its copy is dropped, and with the last copy goes the file.
+#[tokio::test]
+async fn a_clean_start_empties_the_spool_of_the_files_kept_for_it() {
+    let (broker, _, key) = setup("clean").await;
+    let bob_config = config_as(&broker, "clean", &key, "bob");
+    subscribe_then_leave(&bob_config, "docs/#").await;
+    let sender = broker.client("clean", PASSWORD, &key).await;
+    let content = data(256 * 1024);
+    within(
+        "upload while bob is away",
+        sender.send_file("docs/a", "a.bin", &content[..], content.len() as u64),
+    )
+    .await
+    .expect("accepted");
+    let spool = spool_dir(&broker);
+    assert_eq!(spool_files(&spool).len(), 1, "kept for bob");
+
+    let bob = within("bob starts clean", Client::connect(bob_config.clean(true)))
+        .await
+        .expect("connect");
+    wait_for_empty_spool(&spool).await;
+    drop(bob);
+}
+
 /// A file accepted for an offline durable subscriber survives `kill -9` of the
 /// broker right after the sender's receipt: the spool was on disk before the broker
 /// said "accepted", and the copy in the store points at it after the restart.
