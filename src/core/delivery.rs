@@ -161,7 +161,9 @@ impl Subscriber {
     /// The connection is gone: memory state is dropped, durable copies stay in the store
     /// with their attempt counts, ephemeral ones are deleted. A file copy that was
     /// only in memory is counted off here; one read back from the store is counted
-    /// off when `DeleteEphemeral` reports its row (see `Effects::files`).
+    /// off when `DeleteEphemeral` reports its row (see `Effects::files`). Should that
+    /// commit fail, the count stays up until a restart counts again: a spool file is
+    /// kept too long, never dropped too soon.
     pub fn detach(&mut self, ctx: &mut Ctx) {
         for (_, f) in self.inflight.drain() {
             if !f.copy.durable {

@@ -78,12 +78,17 @@ impl MemoryState {
                     .copies
                     .entry((session.clone(), client_id.clone()))
                     .or_default();
-                let row = CopyRow {
-                    attempts: 0,
-                    ephemeral: *ephemeral,
-                };
-                if rows.insert(*seq, row).is_none() {
-                    *self.refs.entry(*seq).or_default() += 1;
+                match rows.get_mut(seq) {
+                    // As the SQL stores' INSERT OR IGNORE: a durable copy stays one.
+                    Some(row) => row.ephemeral &= *ephemeral,
+                    None => {
+                        let row = CopyRow {
+                            attempts: 0,
+                            ephemeral: *ephemeral,
+                        };
+                        rows.insert(*seq, row);
+                        *self.refs.entry(*seq).or_default() += 1;
+                    }
                 }
             }
             StoreOp::DeleteCopy {

@@ -12,7 +12,7 @@
 //! on either side of one land in separate nets, applied in order.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, btree_map};
 use std::sync::Arc;
 
 use crate::core::{ClientId, FastMap, Message, MessageId, Millis, SessionName, StoreOp};
@@ -92,15 +92,23 @@ impl Net {
                 seq,
                 ephemeral,
             } => {
-                let copy = NewCopy {
-                    ephemeral: *ephemeral,
-                    attempts: 0,
-                };
                 let sub = self.subscriber_mut(session, client_id);
-                if sub.copies.insert(*seq, copy).is_none()
-                    && let Some((_, refs)) = self.bodies.get_mut(seq)
-                {
-                    *refs += 1;
+                match sub.copies.entry(*seq) {
+                    // A second put of one copy (a history replay of a message the
+                    // client's durable backlog holds, spilled): it stays durable, as
+                    // the tables' INSERT OR IGNORE keeps it.
+                    btree_map::Entry::Occupied(mut copy) => {
+                        copy.get_mut().ephemeral &= *ephemeral;
+                    }
+                    btree_map::Entry::Vacant(slot) => {
+                        slot.insert(NewCopy {
+                            ephemeral: *ephemeral,
+                            attempts: 0,
+                        });
+                        if let Some((_, refs)) = self.bodies.get_mut(seq) {
+                            *refs += 1;
+                        }
+                    }
                 }
             }
             StoreOp::SetAttempts {
@@ -346,6 +354,23 @@ mod tests {
         // (the core never sends one; if it did, it would touch no row).
         assert_eq!(net.deletes().count(), 0);
         assert!(net.orphans().is_empty());
+    }
+
+    #[test]
+    fn a_second_put_of_a_copy_never_makes_a_durable_copy_ephemeral() {
+        let ephemeral = StoreOp::PutCopy {
+            session: s(),
+            client_id: c("a"),
+            seq: 1,
+            ephemeral: true,
+        };
+        let net = net_of(&[StoreOp::PutMessage(msg(1)), put(1, "a"), ephemeral]);
+        let copies: Vec<(u64, bool)> = net.copies().map(|(_, seq, c)| (seq, c.ephemeral)).collect();
+        assert_eq!(copies, [(1, false)], "one durable copy");
+        // One copy, one reference to the body: its ack leaves nothing to write.
+        let mut net = net;
+        assert!(net.apply(&del(1, "a")));
+        assert!(net.messages().next().is_none());
     }
 
     #[test]
