@@ -151,6 +151,8 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// As `--listen`: an IP address, or a host name resolved at start.
+    #[serde(default, deserialize_with = "listen_in_file")]
     pub listen: Option<IpAddr>,
     pub port: Option<u16>,
     pub http: Option<SocketAddr>,
@@ -372,6 +374,14 @@ impl ServeArgs {
     }
 }
 
+/// `listen` in `fastport.toml`, read as `--listen` is.
+fn listen_in_file<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
+    let host = String::deserialize(d)?;
+    parse_listen(&host)
+        .map(Some)
+        .map_err(|why| serde::de::Error::custom(format!("listen = {host:?}: {why}")))
+}
+
 /// `--listen`/`HOST`: an IP address, or a host name (`HOST=localhost`, as a Node
 /// server would take it) resolved once, preferring IPv4.
 fn parse_listen(host: &str) -> Result<IpAddr, String> {
@@ -483,6 +493,16 @@ mod tests {
         let c = args.resolve().expect("valid");
         assert_eq!(c.http, "127.0.0.1:6000".parse().expect("addr"));
         assert_eq!(c.quic, "127.0.0.1:5000".parse().expect("addr"));
+    }
+
+    #[test]
+    fn the_file_s_listen_takes_a_host_name_too() {
+        let (_dir, args) = with_file("listen = \"localhost\"\n");
+        let c = args.resolve().expect("valid");
+        assert!(c.http.ip().is_loopback(), "{}", c.http);
+        let (_dir, args) = with_file("listen = \"no host!\"\n");
+        let e = args.resolve().expect_err("refused").to_string();
+        assert!(e.contains("neither an IP address nor a host name"), "{e}");
     }
 
     #[test]
