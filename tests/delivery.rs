@@ -473,6 +473,48 @@ async fn messages_the_application_never_took_are_delivered_again() {
     }
 }
 
+/// A durable backlog that arrives before the application subscribes again is held
+/// by the SDK, and reaches the subscription once, however often the broker sent it
+/// again meanwhile (design §4: SDKs drop duplicates by `message_id`).
+#[tokio::test]
+async fn a_backlog_waiting_for_its_subscription_reaches_it_once() {
+    let broker = broker_with("late", json!({"retryInterval": 300})).await;
+    let key = SessionKey::generate();
+    let config = config_as(&broker, "late", &key, "late");
+    let (reader, sub) = durable_reader(&config, "jobs").await;
+    drop(sub);
+    reader.close().await;
+    drop(reader);
+    let publisher = broker.client("late", PASSWORD, &key).await;
+    for i in 0..3 {
+        publisher
+            .publish("jobs", format!("job {i}").into_bytes())
+            .await
+            .expect("publish");
+    }
+
+    let reader = within("connect", Client::connect(config.clone()))
+        .await
+        .expect("connect");
+    // The backlog arrives at once and is sent again every 300 ms while no
+    // subscription takes it.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let options = SubscribeOptions {
+        durable: true,
+        ..SubscribeOptions::default()
+    };
+    let mut sub = reader
+        .subscribe_with("jobs", options)
+        .await
+        .expect("subscribe");
+    for i in 0..3 {
+        let m = within("a job", sub.next()).await.expect("message");
+        assert_eq!(m.payload, format!("job {i}").into_bytes());
+    }
+    let more = tokio::time::timeout(Duration::from_millis(1_000), sub.next()).await;
+    assert!(more.is_err(), "a job came twice: {more:?}");
+}
+
 /// A message handed to two subscriptions of one client is acknowledged once either
 /// takes it, even after the other was dropped unread: it is not delivered again.
 #[tokio::test]

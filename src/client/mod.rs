@@ -587,7 +587,12 @@ impl Client {
 
 /// A stream of messages for one subscription. Dropping it ends the subscription, on
 /// the broker too unless it is durable: a durable one keeps queuing for the client id
-/// (as across a disconnect) until [`Subscription::unsubscribe`] deletes it.
+/// (as across a disconnect) until [`Subscription::unsubscribe`] deletes it. While
+/// this client stays connected, the broker goes on sending that subscription's
+/// messages to it: the client holds them (up to 10,000, each once) for the next
+/// subscription that wants them, unacknowledged, and the broker's retries count
+/// each send (design §4), so a message can use up its attempts before then.
+/// Subscribe again soon, or close the client, which leaves them queued.
 ///
 /// A message is acknowledged to the broker once the application takes it from here
 /// (written with other acknowledgements, or at the latest when the client closes),

@@ -1291,8 +1291,12 @@ impl State {
                 self.remember(id);
                 self.untaken(id, copies);
             }
-            // Not acknowledged yet: held until a subscription wants it.
-            Err(message) if self.orphans.len() < ORPHAN_CAPACITY => {
+            // Not acknowledged yet: held until a subscription wants it, once (the
+            // broker sends it again until then).
+            Err(message)
+                if self.orphans.len() < ORPHAN_CAPACITY
+                    && !self.orphans.iter().any(|o| o.message_id == id) =>
+            {
                 self.orphans.push_back(message);
             }
             Err(_) => {}
@@ -1351,6 +1355,9 @@ impl State {
         }
         let orphans = std::mem::take(&mut self.orphans);
         for message in orphans {
+            if self.seen.contains(&message.message_id) {
+                continue; // handed over since it was held: a duplicate now
+            }
             let mut copies = 0;
             for sub in self.subs.values() {
                 if sub.filter.matches_str(&message.topic)
