@@ -31,6 +31,14 @@ const SEEN_CAPACITY: usize = 100_000;
 /// Deliveries held while no local subscription wants them yet (a durable backlog
 /// arrives right after connecting, before the application subscribes again).
 const ORPHAN_CAPACITY: usize = 10_000;
+
+/// Whether a publish re-sent at `now` (the broker's clock, as its Welcome says) must
+/// be stamped and sealed again: its timestamp is more than half the replay window
+/// away, either way. Behind after a long outage; ahead when the broker's clock
+/// corrected ours the other way (a clock stepped back, another node).
+fn needs_restamp(now: u64, timestamp_ms: u64, window: u64) -> bool {
+    now.abs_diff(timestamp_ms) > window / 2
+}
 /// Requests and frames handled per write at most.
 const BURST: usize = 64;
 /// How long acks may wait for company before they are written. A subscriber at a
@@ -750,8 +758,7 @@ impl State {
                 }
                 continue;
             }
-            let stale = now.saturating_sub(p.timestamp_ms) > window / 2;
-            if stale {
+            if needs_restamp(now, p.timestamp_ms, window) {
                 // Re-stamped and re-sealed under the same id (design §4).
                 match self.sealer.seal(&p.topic, &id, now, &p.plaintext, p.format) {
                     Ok(payload) => {
@@ -1448,5 +1455,26 @@ fn publish_frame(p: &SealedPublish) -> PublishFields<'_> {
         payload: &p.payload,
         timestamp_ms: p.timestamp_ms,
         format: p.format,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_restamp;
+
+    #[test]
+    fn a_resent_publish_is_restamped_when_its_time_is_far_either_way() {
+        let (now, window) = (1_000_000, 30_000);
+        assert!(!needs_restamp(now, now, window));
+        assert!(!needs_restamp(now, now - 15_000, window));
+        assert!(
+            needs_restamp(now, now - 15_001, window),
+            "behind: an outage"
+        );
+        assert!(!needs_restamp(now, now + 15_000, window));
+        assert!(
+            needs_restamp(now, now + 15_001, window),
+            "ahead: the broker's clock corrected ours back"
+        );
     }
 }
