@@ -1211,9 +1211,19 @@ impl State {
             return Ok(());
         }
         if let Some((id, reply)) = self.subscribing.remove(&e.request_id) {
-            self.subs.remove(&id);
-            if let Some(reply) = reply {
-                let _ = reply.send(Err(refused(&e)));
+            let sub = self.subs.remove(&id);
+            match reply {
+                Some(reply) => {
+                    let _ = reply.send(Err(refused(&e)));
+                }
+                // A subscription restored after a reconnect: nobody awaits the answer,
+                // and its stream just ends, so the reason goes to the log.
+                None => tracing::warn!(
+                    filter = sub.as_ref().map(|s| s.filter.as_str()),
+                    ?code,
+                    message = %e.message,
+                    "the broker refused to restore a subscription after reconnecting; it has ended"
+                ),
             }
             return Ok(());
         }
