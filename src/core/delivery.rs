@@ -511,17 +511,30 @@ impl Subscriber {
         let files = std::mem::take(&mut self.files_waiting);
         self.files_waiting = self.keep_wanted(files, ctx);
         if self.backlog.in_store {
-            ctx.fx.ops.push(StoreOp::DiscardCopies {
-                session: ctx.settings.name.clone(),
-                client_id: self.client_id.clone(),
-                keep: self.filters.keys().cloned().collect(),
-            });
+            self.discard_stored(ctx);
             // A page being read may predate the discard: its answer is ignored, and
             // the next page is read after the discard commits (the store's jobs run
             // in order).
             self.backlog.loading = None;
         }
         self.refill(now, ctx);
+    }
+
+    /// The connection ended, and its connection-bound filters with it: durable copies
+    /// that only they still wanted go from the store (`durable_rows_outlive_filters`).
+    pub fn discard_outlived_rows(&mut self, ctx: &mut Ctx) {
+        if std::mem::take(&mut self.durable_rows_outlive_filters) {
+            self.discard_stored(ctx);
+        }
+    }
+
+    /// Has the store drop this client's copies that no filter of it matches.
+    fn discard_stored(&self, ctx: &mut Ctx) {
+        ctx.fx.ops.push(StoreOp::DiscardCopies {
+            session: ctx.settings.name.clone(),
+            client_id: self.client_id.clone(),
+            keep: self.filters.keys().cloned().collect(),
+        });
     }
 
     /// The copies of `copies` some filter still wants; the others are released.

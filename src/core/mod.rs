@@ -783,14 +783,13 @@ impl Core {
                 PresenceEvent::Left,
             );
         }
-        if let Some(sub) = session.subscribers.get_mut(&c.client_id)
-            && std::mem::take(&mut sub.durable_rows_outlive_filters)
-        {
-            self.fx.ops.push(StoreOp::DiscardCopies {
-                session: session.settings.name.clone(),
-                client_id: c.client_id.clone(),
-                keep: sub.filters.keys().cloned().collect(),
-            });
+        if let Some(sub) = session.subscribers.get_mut(&c.client_id) {
+            let mut ctx = Ctx {
+                settings: &session.settings,
+                limits: &self.config.limits,
+                fx: &mut self.fx,
+            };
+            sub.discard_outlived_rows(&mut ctx);
         }
         if session
             .subscribers
