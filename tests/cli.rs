@@ -5,7 +5,7 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::{Broker, within};
+use common::{Broker, durable, within};
 use fastport::client::SessionKey;
 use serde_json::json;
 
@@ -332,10 +332,7 @@ async fn an_interrupted_sub_closes_its_connection() {
     let reader = within("connect", fastport::client::Client::connect(config))
         .await
         .expect("connect");
-    let options = fastport::client::SubscribeOptions {
-        durable: true,
-        ..Default::default()
-    };
+    let options = durable();
     let mut back = reader
         .subscribe_with("zed/#", options)
         .await

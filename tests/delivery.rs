@@ -5,10 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Broker, Raw, error_code, now_ms, publish, within};
-use fastport::client::{
-    Client, ClientConfig, PublishStatus, SessionKey, SubscribeOptions, Subscription,
-};
+use common::{Broker, Raw, durable, error_code, now_ms, publish, within};
+use fastport::client::{Client, ClientConfig, PublishStatus, SessionKey, Subscription};
 use fastport::proto::{self, ErrorCode, client_frame, server_frame};
 use serde_json::{Value, json};
 
@@ -55,11 +53,7 @@ async fn durable_reader(config: &ClientConfig, topic: &str) -> (Client, Subscrip
     let reader = within("connect", Client::connect(config.clone()))
         .await
         .expect("connect");
-    let options = SubscribeOptions {
-        durable: true,
-        presence: false,
-        ..SubscribeOptions::default()
-    };
+    let options = durable();
     let sub = reader
         .subscribe_with(topic, options)
         .await
@@ -499,10 +493,7 @@ async fn a_backlog_waiting_for_its_subscription_reaches_it_once() {
     // The backlog arrives at once and is sent again every 300 ms while no
     // subscription takes it.
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    let options = SubscribeOptions {
-        durable: true,
-        ..SubscribeOptions::default()
-    };
+    let options = durable();
     let mut sub = reader
         .subscribe_with("jobs", options)
         .await

@@ -10,10 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::dart::{Dart, key_b64};
-use common::{Broker, contains, within};
-use fastport::client::{
-    Client, ClientConfig, FileSubscription, IncomingFile, SessionKey, SubscribeOptions,
-};
+use common::{Broker, contains, durable, within};
+use fastport::client::{Client, ClientConfig, FileSubscription, IncomingFile, SessionKey};
 use fastport::proto::PayloadFormat;
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -42,13 +40,6 @@ fn config_as(broker: &Broker, session: &str, key: &SessionKey, client_id: &str) 
     broker
         .client_config(session, PASSWORD, key)
         .client_id(client_id)
-}
-
-fn durable() -> SubscribeOptions {
-    SubscribeOptions {
-        durable: true,
-        ..SubscribeOptions::default()
-    }
 }
 
 /// Bob's first visit: a durable file subscription to `filter`, then he leaves.

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use common::dart::{Dart, dart_decrypt};
-use common::{Broker, within};
-use fastport::client::{Client, PublishStatus, SessionKey, SubscribeOptions};
+use common::dart::{Dart, dart_open};
+use common::{Broker, durable, within};
+use fastport::client::{Client, PublishStatus, SessionKey};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -87,11 +87,7 @@ async fn publish_subscribe_ack_and_redelivery() {
     assert_eq!(message["topic"], "chat/general");
     assert_eq!(message["messageId"], id.as_str());
     assert!(message["timestamp"].is_u64());
-    let text = dart_decrypt(
-        &key,
-        message["data"].as_str().expect("data"),
-        message["hash"].as_str().expect("hash"),
-    );
+    let text = dart_open(&key, &message);
     assert_eq!(text, "Hello, World!");
     sub.send(json!({"type": "ack", "messageId": id})).await;
     assert!(
@@ -134,14 +130,7 @@ async fn legacy_and_native_clients_share_a_session() {
         (first["type"].as_str(), second["type"].as_str()),
         (Some("message"), Some("ack_received"))
     );
-    assert_eq!(
-        dart_decrypt(
-            &key,
-            first["data"].as_str().expect("d"),
-            first["hash"].as_str().expect("h")
-        ),
-        "from dart"
-    );
+    assert_eq!(dart_open(&key, &first), "from dart");
 
     // Native → legacy, sealed as LEGACY_JSON by the SDK.
     let ack = native
@@ -155,14 +144,7 @@ async fn legacy_and_native_clients_share_a_session() {
     );
     let m = dart.recv().await;
     assert_eq!(m["topic"], "room/2");
-    assert_eq!(
-        dart_decrypt(
-            &key,
-            m["data"].as_str().expect("d"),
-            m["hash"].as_str().expect("h")
-        ),
-        "from rust"
-    );
+    assert_eq!(dart_open(&key, &m), "from rust");
     within("native gets its own", native_sub.next())
         .await
         .expect("message");
@@ -212,10 +194,7 @@ async fn an_offline_legacy_subscriber_is_queued_only_what_it_can_read() {
     let native_reader = within("connect", Client::connect(config))
         .await
         .expect("connect");
-    let options = SubscribeOptions {
-        durable: true,
-        ..SubscribeOptions::default()
-    };
+    let options = durable();
     native_reader
         .subscribe_with("inbox", options)
         .await
@@ -242,11 +221,7 @@ async fn an_offline_legacy_subscriber_is_queued_only_what_it_can_read() {
         dart.init("dart", "secret-pass", Some(user)).await;
         let m = dart.recv().await;
         assert_eq!(m["type"], "message", "{user}: {m}");
-        let text = dart_decrypt(
-            &key,
-            m["data"].as_str().expect("d"),
-            m["hash"].as_str().expect("h"),
-        );
+        let text = dart_open(&key, &m);
         assert_eq!(text, "for everyone", "{user}");
         dart.send(json!({"type": "ack", "messageId": m["messageId"]}))
             .await;
@@ -277,11 +252,7 @@ async fn durable_legacy_subscriber_gets_its_backlog() {
     dart.init("dart", "secret-pass", Some("tablet")).await;
     for i in 0..5 {
         let m = dart.recv().await;
-        let text = dart_decrypt(
-            &key,
-            m["data"].as_str().expect("d"),
-            m["hash"].as_str().expect("h"),
-        );
+        let text = dart_open(&key, &m);
         assert_eq!(text, format!("note {i}"));
         dart.send(json!({"type": "ack", "messageId": m["messageId"]}))
             .await;

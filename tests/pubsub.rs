@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Broker, contains, db_bytes, within};
+use common::{Broker, contains, db_bytes, durable, within};
 use fastport::client::{Client, ClientError, PublishStatus, SessionKey, SubscribeOptions};
 use fastport::proto::ErrorCode;
 use serde_json::json;
@@ -25,11 +25,7 @@ async fn encrypted_round_trip_never_shows_plaintext_to_the_broker() {
     let reader = within("connect", Client::connect(durable.clone()))
         .await
         .expect("connect");
-    let options = SubscribeOptions {
-        durable: true,
-        presence: false,
-        ..SubscribeOptions::default()
-    };
+    let options = common::durable();
     drop(
         reader
             .subscribe_with("room/#", options)
@@ -163,11 +159,7 @@ async fn durable_backlog_arrives_in_order_after_reconnect() {
     let config = broker
         .client_config("orders", "secret-pass", &key)
         .client_id("warehouse");
-    let options = SubscribeOptions {
-        durable: true,
-        presence: false,
-        ..SubscribeOptions::default()
-    };
+    let options = durable();
     let sub = within("connect", Client::connect(config.clone()))
         .await
         .expect("connect");
@@ -541,10 +533,7 @@ async fn a_dropped_subscription_ends_on_the_broker_unless_durable() {
                 .status
         }
     };
-    let durable = SubscribeOptions {
-        durable: true,
-        ..SubscribeOptions::default()
-    };
+    let durable = common::durable();
 
     let messages = client.subscribe("m/#").await.expect("subscribe");
     let files = client.subscribe_files("f/#").await.expect("subscribe");

@@ -53,6 +53,18 @@ impl Pair {
         Self::with_config(CoreConfig::default())
     }
 
+    /// A core whose subscribers hold `max_inflight` copies in flight and `max_queued`
+    /// behind them, so that backlogs spill to the store and are read back in pages.
+    fn with_limits(max_inflight: usize, max_queued: usize) -> Self {
+        Self::with_config(CoreConfig {
+            limits: Limits {
+                max_inflight,
+                max_queued,
+            },
+            ..CoreConfig::default()
+        })
+    }
+
     fn with_config(config: CoreConfig) -> Self {
         Self {
             core: Core::new(config),
@@ -124,8 +136,9 @@ impl Pair {
         *self = fresh;
     }
 
-    /// Hands the core the backlog pages read so far, in order.
+    /// Hands the core the backlog pages read so far, in order, and stops holding them.
     fn deliver_loads(&mut self) {
+        self.hold_loads = false;
         for (load, (rows, exhausted)) in std::mem::take(&mut self.held_loads) {
             self.core.handle_backlog(self.now, &load, rows, exhausted);
         }
@@ -193,6 +206,15 @@ impl Pair {
         self.inbox
             .insert(conn, welcome.into_iter().skip(1).collect());
         conn
+    }
+
+    /// Unsubscribes `conn` from `f`; its events stay for the test to read.
+    fn unsubscribe(&mut self, conn: ConnId, f: &str) {
+        self.cmd(Command::Unsubscribe {
+            conn,
+            request_id: 1,
+            filter: filter(f),
+        });
     }
 
     fn connect(&mut self, s: &SessionSettings, client: &str) -> ConnId {
@@ -645,22 +667,19 @@ fn replay_ids_survive_a_restart() {
     let id = p.publish(publisher, "t", b"m");
     p.take(publisher);
 
-    let restore = p.store.restore(p.now);
-    let mut q = Pair::new();
-    q.now = p.now;
-    q.core.restore(restore);
-    let publisher = q.connect(&s, "pub");
-    q.cmd(Command::Publish {
+    p.restart();
+    let publisher = p.connect(&s, "pub");
+    p.cmd(Command::Publish {
         conn: publisher,
         publish: Publish {
             message_id: id,
             topic: TopicName::parse("t").expect("valid"),
             payload: Bytes::from_static(b"m"),
-            timestamp_ms: q.now,
+            timestamp_ms: p.now,
             format: PayloadFormat::NativeV1,
         },
     });
-    assert_eq!(q.error(publisher), Reject::Replayed);
+    assert_eq!(p.error(publisher), Reject::Replayed);
 }
 
 #[test]
@@ -740,14 +759,7 @@ fn unsubscribe_discards_pending_copies() {
 
 #[test]
 fn unsubscribe_discards_copies_not_yet_read_back_from_the_store() {
-    let config = CoreConfig {
-        limits: Limits {
-            max_inflight: 2,
-            max_queued: 2,
-        },
-        ..CoreConfig::default()
-    };
-    let mut p = Pair::with_config(config);
+    let mut p = Pair::with_limits(2, 2);
     let s = settings("s");
     let publisher = p.connect(&s, "pub");
     let sub = p.connect(&s, "sub");
@@ -765,13 +777,8 @@ fn unsubscribe_discards_copies_not_yet_read_back_from_the_store() {
     // again, while its first page is on its way.
     p.hold_loads = true;
     let sub = p.connect(&s, "sub");
-    p.cmd(Command::Unsubscribe {
-        conn: sub,
-        request_id: 1,
-        filter: filter("a/#"),
-    });
+    p.unsubscribe(sub, "a/#");
     p.subscribe(sub, "a/#", true);
-    p.hold_loads = false;
     p.deliver_loads();
 
     assert_eq!(
@@ -785,14 +792,7 @@ fn unsubscribe_discards_copies_not_yet_read_back_from_the_store() {
 
 #[test]
 fn unsubscribe_discards_a_connection_bound_subscription_s_spilled_copies() {
-    let config = CoreConfig {
-        limits: Limits {
-            max_inflight: 2,
-            max_queued: 2,
-        },
-        ..CoreConfig::default()
-    };
-    let mut p = Pair::with_config(config);
+    let mut p = Pair::with_limits(2, 2);
     let s = settings("s");
     let publisher = p.connect(&s, "pub");
     let sub = p.connect(&s, "sub");
@@ -806,13 +806,8 @@ fn unsubscribe_discards_a_connection_bound_subscription_s_spilled_copies() {
     );
 
     p.hold_loads = true;
-    p.cmd(Command::Unsubscribe {
-        conn: sub,
-        request_id: 1,
-        filter: filter("t"),
-    });
+    p.unsubscribe(sub, "t");
     p.subscribe(sub, "t", false);
-    p.hold_loads = false;
     p.deliver_loads();
     assert_eq!(take_and_ack(&mut p, sub), Vec::<Vec<u8>>::new());
     assert_eq!(p.store.copy_count(), 0);
@@ -822,14 +817,7 @@ fn unsubscribe_discards_a_connection_bound_subscription_s_spilled_copies() {
 fn unsubscribe_discards_durable_copies_a_connection_bound_filter_still_wanted() {
     // A message matching a durable and a connection-bound filter makes one durable
     // copy; once the durable filter goes, only the other wants it.
-    let config = CoreConfig {
-        limits: Limits {
-            max_inflight: 2,
-            max_queued: 2,
-        },
-        ..CoreConfig::default()
-    };
-    let mut p = Pair::with_config(config);
+    let mut p = Pair::with_limits(2, 2);
     let s = settings("s");
     let publisher = p.connect(&s, "pub");
     let sub = p.connect(&s, "sub");
@@ -838,21 +826,12 @@ fn unsubscribe_discards_durable_copies_a_connection_bound_filter_still_wanted() 
     for i in 0..10u8 {
         p.publish(publisher, "a/b", &[i]);
     }
-    p.cmd(Command::Unsubscribe {
-        conn: sub,
-        request_id: 1,
-        filter: filter("a/#"),
-    });
+    p.unsubscribe(sub, "a/#");
     assert!(p.store.copy_count() > 0, "a/b still wants them");
 
     p.hold_loads = true;
-    p.cmd(Command::Unsubscribe {
-        conn: sub,
-        request_id: 2,
-        filter: filter("a/b"),
-    });
+    p.unsubscribe(sub, "a/b");
     p.subscribe(sub, "a/b", false);
-    p.hold_loads = false;
     p.deliver_loads();
     assert_eq!(take_and_ack(&mut p, sub), Vec::<Vec<u8>>::new());
     assert_eq!(p.store.copy_count(), 0);
@@ -860,15 +839,8 @@ fn unsubscribe_discards_durable_copies_a_connection_bound_filter_still_wanted() 
 
 #[test]
 fn durable_copies_go_with_the_connection_bound_filters_left_wanting_them() {
-    let config = CoreConfig {
-        limits: Limits {
-            max_inflight: 2,
-            max_queued: 2,
-        },
-        ..CoreConfig::default()
-    };
     for demote in [false, true] {
-        let mut p = Pair::with_config(config.clone());
+        let mut p = Pair::with_limits(2, 2);
         let s = settings("s");
         let publisher = p.connect(&s, "pub");
         let sub = p.connect(&s, "sub");
@@ -885,11 +857,7 @@ fn durable_copies_go_with_the_connection_bound_filters_left_wanting_them() {
             p.subscribe(sub, "a/#", false);
         } else {
             // a/b still wants the durable copies a/# made.
-            p.cmd(Command::Unsubscribe {
-                conn: sub,
-                request_id: 1,
-                filter: filter("a/#"),
-            });
+            p.unsubscribe(sub, "a/#");
         }
         assert!(p.store.copy_count() > 0, "demote: {demote}");
         p.cmd(Command::Disconnected { conn: sub });
@@ -903,14 +871,7 @@ fn durable_copies_go_with_the_connection_bound_filters_left_wanting_them() {
 
 #[test]
 fn slow_subscriber_memory_is_bounded_and_nothing_is_lost() {
-    let config = CoreConfig {
-        limits: Limits {
-            max_inflight: 8,
-            max_queued: 16,
-        },
-        ..CoreConfig::default()
-    };
-    let mut p = Pair::with_config(config);
+    let mut p = Pair::with_limits(8, 16);
     let mut s = settings("s");
     s.retry_interval_ms = 3_600_000; // no retries during the test
     s.message_expiry_ms = 7_200_000;
@@ -1095,21 +1056,16 @@ fn durable_subscriptions_and_backlog_survive_a_restart() {
     p.publish(publisher, "t", b"one");
     p.publish(publisher, "t", b"two");
 
-    let restore = p.store.restore(p.now);
-    let mut q = Pair::new();
-    q.now = p.now;
-    q.next_id = p.next_id;
-    q.store = std::mem::take(&mut p.store);
-    q.core.restore(restore);
-    let sub = q.connect(&s, "sub");
+    p.restart();
+    let sub = p.connect(&s, "sub");
     assert_eq!(
-        payloads(&q.delivers(sub)),
+        payloads(&p.delivers(sub)),
         vec![b"one".to_vec(), b"two".to_vec()]
     );
-    let publisher = q.connect(&s, "pub");
-    q.publish(publisher, "t", b"three");
-    assert_eq!(q.puback(publisher), PubAckStatus::Stored);
-    assert_eq!(payloads(&q.delivers(sub)), vec![b"three".to_vec()]);
+    let publisher = p.connect(&s, "pub");
+    p.publish(publisher, "t", b"three");
+    assert_eq!(p.puback(publisher), PubAckStatus::Stored);
+    assert_eq!(payloads(&p.delivers(sub)), vec![b"three".to_vec()]);
 }
 
 #[test]
@@ -1414,12 +1370,7 @@ fn a_file_s_spool_goes_when_the_store_drops_its_last_copy() {
     // "a" comes back and unsubscribes before its backlog is read.
     p.hold_loads = true;
     let a = p.connect(&s, "a");
-    p.cmd(Command::Unsubscribe {
-        conn: a,
-        request_id: 1,
-        filter: filter("files/#"),
-    });
-    p.hold_loads = false;
+    p.unsubscribe(a, "files/#");
     p.deliver_loads();
     assert!(files_sent(&mut p, a).is_empty());
     assert!(p.dropped_spools.is_empty(), "b's copy still needs it");
@@ -1433,14 +1384,7 @@ fn a_file_s_spool_goes_when_the_store_drops_its_last_copy() {
 /// was also a row in the store.
 #[test]
 fn an_unsubscribe_counts_off_a_file_copy_read_back_once() {
-    let config = CoreConfig {
-        limits: Limits {
-            max_inflight: 1,
-            max_queued: 1,
-        },
-        ..CoreConfig::default()
-    };
-    let mut p = Pair::with_config(config);
+    let mut p = Pair::with_limits(1, 1);
     let s = settings("s");
     let sender = p.connect(&s, "sender");
     for client in ["a", "b"] {
@@ -1455,11 +1399,7 @@ fn an_unsubscribe_counts_off_a_file_copy_read_back_once() {
     }
     let a = p.connect(&s, "a");
     assert_eq!(files_sent(&mut p, a).len(), 1, "read back and sent");
-    p.cmd(Command::Unsubscribe {
-        conn: a,
-        request_id: 1,
-        filter: filter("files/#"),
-    });
+    p.unsubscribe(a, "files/#");
     assert!(p.dropped_spools.is_empty(), "b's copy still needs it");
     let b = p.connect(&s, "b");
     assert_eq!(files_sent(&mut p, b).len(), 1);
@@ -1471,14 +1411,7 @@ fn an_unsubscribe_counts_off_a_file_copy_read_back_once() {
 /// back are counted off once when it leaves, by the store's `DeleteEphemeral`.
 #[test]
 fn spilled_file_copies_are_counted_off_once_when_their_connection_ends() {
-    let config = CoreConfig {
-        limits: Limits {
-            max_inflight: 1,
-            max_queued: 1,
-        },
-        ..CoreConfig::default()
-    };
-    let mut p = Pair::with_config(config);
+    let mut p = Pair::with_limits(1, 1);
     let s = settings("s");
     let sender = p.connect(&s, "sender");
     let keeper = p.connect(&s, "keeper");

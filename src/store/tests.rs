@@ -12,7 +12,7 @@ use crate::proto::PayloadFormat;
 
 use super::memory::MemoryStore;
 use super::sqlite::SqliteStore;
-use super::{PushToken, SessionRecord, Store, StoreError};
+use super::{Committed, PushToken, SessionRecord, Store, StoreError};
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -76,6 +76,14 @@ fn request(client_id: &str, after_seq: u64, limit: usize) -> BacklogRequest {
     }
 }
 
+/// Commits `ops` as one batch (stores do not look at batch ids).
+async fn commit(store: &dyn Store, ops: Vec<StoreOp>) -> Committed {
+    store
+        .commit(&[StoreBatch { id: 1, ops }])
+        .await
+        .expect("commit")
+}
+
 async fn seqs(store: &dyn Store, client_id: &str, after: u64, limit: usize) -> (Vec<u64>, bool) {
     let (rows, exhausted) = store
         .backlog(&request(client_id, after, limit), NOW)
@@ -118,10 +126,7 @@ async fn suite(store: &dyn Store) {
         filter: TopicFilter::parse("a/#").expect("valid"),
         legacy_only: true,
     });
-    store
-        .commit(&[StoreBatch { id: 1, ops }])
-        .await
-        .expect("commit");
+    commit(store, ops).await;
     assert_eq!(seqs(store, "alice", 0, 3).await, (vec![1, 2, 3], false));
     assert_eq!(seqs(store, "alice", 3, 3).await, (vec![4, 5], true));
     assert_eq!(seqs(store, "bob", 0, 10).await, (vec![6], true));
@@ -202,13 +207,11 @@ async fn suite(store: &dyn Store) {
         client_id: client("alice"),
         legacy_only: false,
     };
-    store
-        .commit(&[StoreBatch {
-            id: 31,
-            ops: vec![legacy("alice", "b"), legacy("bob", "a/#"), native],
-        }])
-        .await
-        .expect("commit");
+    commit(
+        store,
+        vec![legacy("alice", "b"), legacy("bob", "a/#"), native],
+    )
+    .await;
     let mut restored: Vec<(String, bool)> = store
         .restore(NOW)
         .await
@@ -236,13 +239,7 @@ async fn suite(store: &dyn Store) {
         client_id: client("bob"),
         filter: TopicFilter::parse("a/#").expect("valid"),
     };
-    store
-        .commit(&[StoreBatch {
-            id: 32,
-            ops: vec![forget_bob],
-        }])
-        .await
-        .expect("commit");
+    commit(store, vec![forget_bob]).await;
     assert_eq!(
         restore.replay_ids,
         vec![(session(), MessageId([9; 16]), NOW + 30_000)]
@@ -282,10 +279,7 @@ async fn suite(store: &dyn Store) {
         seq: 20,
         ephemeral: false,
     });
-    store
-        .commit(&[StoreBatch { id: 5, ops }])
-        .await
-        .expect("commit");
+    commit(store, ops).await;
     let later = NOW + 40_000;
     let (rows, _) = store
         .backlog(&request("bob", 0, 10), later)
@@ -322,10 +316,7 @@ async fn backlog_across_commits(store: &dyn Store) {
     for seq in 101..=103 {
         ops.extend(put(seq, "frank", false));
     }
-    store
-        .commit(&[StoreBatch { id: 1, ops }])
-        .await
-        .expect("commit");
+    commit(store, ops).await;
     store.purge(NOW, 100).await.expect("purge"); // the SQLite store folds here
     let mut ops = vec![
         StoreOp::DeleteCopy {
@@ -343,10 +334,7 @@ async fn backlog_across_commits(store: &dyn Store) {
     ops.extend(put(104, "frank", true));
     ops.extend(put(105, "frank", false));
     ops.extend(put(106, "grace", false));
-    store
-        .commit(&[StoreBatch { id: 2, ops }])
-        .await
-        .expect("commit");
+    commit(store, ops).await;
     let page = |after, limit| async move {
         let (rows, exhausted) = store
             .backlog(&request("frank", after, limit), NOW)
@@ -394,29 +382,17 @@ fn put_on(seq: u64, topic: &str, clients: &[&str]) -> Vec<StoreOp> {
 async fn discard_keeps_what_is_still_wanted(store: &dyn Store) {
     let mut ops = put_on(301, "a/b", &["kate"]);
     ops.extend(put_on(302, "c", &["kate", "leo"]));
-    store
-        .commit(&[StoreBatch { id: 1, ops }])
-        .await
-        .expect("commit");
+    commit(store, ops).await;
     store.purge(NOW, 100).await.expect("purge"); // the SQLite store folds here
     let mut ops = put_on(303, "c", &["kate"]);
     ops.extend(put_on(304, "a/c", &["kate"]));
-    store
-        .commit(&[StoreBatch { id: 2, ops }])
-        .await
-        .expect("commit");
+    commit(store, ops).await;
     let discard = StoreOp::DiscardCopies {
         session: session(),
         client_id: client("kate"),
         keep: vec![TopicFilter::parse("a/#").expect("valid")],
     };
-    store
-        .commit(&[StoreBatch {
-            id: 3,
-            ops: vec![discard],
-        }])
-        .await
-        .expect("commit");
+    commit(store, vec![discard]).await;
     assert_eq!(seqs(store, "kate", 0, 10).await, (vec![301, 304], true));
     let (rows, _) = store
         .backlog(&request("leo", 0, 10), NOW)
@@ -430,13 +406,7 @@ async fn discard_keeps_what_is_still_wanted(store: &dyn Store) {
         client_id: client("kate"),
         keep: Vec::new(),
     };
-    store
-        .commit(&[StoreBatch {
-            id: 4,
-            ops: vec![discard_all],
-        }])
-        .await
-        .expect("commit");
+    commit(store, vec![discard_all]).await;
     assert_eq!(seqs(store, "kate", 0, 10).await, (vec![], true));
 }
 
@@ -454,36 +424,30 @@ async fn wholesale_drops_report_file_copies(store: &dyn Store) {
     let mut ops = vec![StoreOp::PutMessage(Arc::new(file))];
     ops.extend([copy("mia", 401, false), copy("ned", 401, true)]);
     ops.extend(put_on(402, "f/y", &["mia"]));
-    store
-        .commit(&[StoreBatch { id: 1, ops }])
-        .await
-        .expect("commit");
-    let drop = |op: StoreOp| async move {
-        store
-            .commit(&[StoreBatch {
-                id: 2,
-                ops: vec![op],
-            }])
-            .await
-            .expect("commit")
-            .dropped_files
-    };
+    commit(store, ops).await;
     let discard = StoreOp::DiscardCopies {
         session: session(),
         client_id: client("mia"),
         keep: Vec::new(),
     };
-    assert_eq!(drop(discard).await, vec![401]);
+    assert_eq!(commit(store, vec![discard]).await.dropped_files, vec![401]);
     let ephemeral = StoreOp::DeleteEphemeral {
         session: session(),
         client_id: client("ned"),
     };
-    assert_eq!(drop(ephemeral).await, vec![401]);
+    assert_eq!(
+        commit(store, vec![ephemeral]).await.dropped_files,
+        vec![401]
+    );
     let clean = StoreOp::DeleteClient {
         session: session(),
         client_id: client("ned"),
     };
-    assert_eq!(drop(clean).await, Vec::<u64>::new(), "nothing left");
+    assert_eq!(
+        commit(store, vec![clean]).await.dropped_files,
+        Vec::<u64>::new(),
+        "nothing left"
+    );
 }
 
 /// Expired messages, their copies and expired replay ids go, in steps of `limit` where
@@ -508,10 +472,7 @@ async fn purge_in_steps(store: &dyn Store) -> usize {
     }
     let mut ops = put(210, "ivy", false);
     ops.push(replay_id(210, NOW + 60_000));
-    store
-        .commit(&[StoreBatch { id: 210, ops }])
-        .await
-        .expect("commit");
+    commit(store, ops).await;
     let later = NOW + 20_000;
     let mut steps = 0;
     loop {
@@ -608,10 +569,7 @@ async fn sqlite_op_log_survives_a_crash_between_folds() {
         ops.extend(put(2, "erin", false));
         ops.extend(put(3, "erin", false));
         ops.push(replay_id(7, NOW + 30_000));
-        store
-            .commit(&[StoreBatch { id: 1, ops }])
-            .await
-            .expect("commit");
+        commit(&store, ops).await;
         let acked = StoreOp::DeleteCopy {
             session: session(),
             client_id: client("erin"),
@@ -623,13 +581,7 @@ async fn sqlite_op_log_survives_a_crash_between_folds() {
             seq: 3,
             attempts: 2,
         };
-        store
-            .commit(&[StoreBatch {
-                id: 2,
-                ops: vec![acked, attempts],
-            }])
-            .await
-            .expect("commit");
+        commit(&store, vec![acked, attempts]).await;
         // No close(): the ops are only in the op log, as after a kill -9.
         drop(store);
     }
@@ -671,13 +623,7 @@ async fn sqlite_records_folded_before_a_crash_are_not_applied_twice() {
             client_id: client("fay"),
             seq: 1,
         };
-        store
-            .commit(&[StoreBatch {
-                id: 2,
-                ops: vec![acked],
-            }])
-            .await
-            .expect("commit");
+        commit(&store, vec![acked]).await;
         store.purge(NOW, 100).await.expect("purge");
         drop(store);
         stale
@@ -777,13 +723,7 @@ async fn sqlite_subscriptions_from_before_the_legacy_mark_take_it_later() {
         client_id: client("dart"),
         legacy_only: true,
     };
-    store
-        .commit(&[StoreBatch {
-            id: 1,
-            ops: vec![mark],
-        }])
-        .await
-        .expect("commit");
+    commit(&store, vec![mark]).await;
     let restored = store.restore(NOW).await.expect("restore").subscriptions;
     assert!(restored[0].legacy_only, "{restored:?}");
     store.close().await;

@@ -37,6 +37,15 @@ pub fn dart_decrypt(key: &[u8; 32], data: &str, hash: &str) -> String {
     String::from_utf8(pt).expect("utf-8")
 }
 
+/// The text of a `{"type":"message"}` frame, opened as the Dart client opens it.
+pub fn dart_open(key: &[u8; 32], message: &Value) -> String {
+    dart_decrypt(
+        key,
+        message["data"].as_str().expect("data"),
+        message["hash"].as_str().expect("hash"),
+    )
+}
+
 pub struct Dart {
     pub ws: Ws,
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use fastport::carrier::framing::{self, FrameDecoder};
 use fastport::client::transport::{BrokerUrl, Dialer};
-use fastport::client::{Client, ClientConfig, SessionKey};
+use fastport::client::{Client, ClientConfig, SessionKey, SubscribeOptions};
 use fastport::proto::{ClientFrame, ServerFrame, client_frame, server_frame};
 use serde_json::{Value, json};
 
@@ -22,6 +22,14 @@ use serde_json::{Value, json};
 pub const WAIT: Duration = Duration::from_secs(15);
 
 /// Awaits `f` or panics after [`WAIT`].
+/// The options of a durable subscription.
+pub fn durable() -> SubscribeOptions {
+    SubscribeOptions {
+        durable: true,
+        ..SubscribeOptions::default()
+    }
+}
+
 pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     match tokio::time::timeout(WAIT, f).await {
         Ok(v) => v,
