@@ -55,7 +55,7 @@ pub struct ServeArgs {
     /// Address to bind both listeners to (127.0.0.1 keeps the broker local): an IP, or
     /// a host name resolved at start, IPv4 first.
     #[arg(long, env = "HOST", value_name = "HOST", value_parser = parse_listen)]
-    pub listen: Option<IpAddr>,
+    pub listen: Option<Listen>,
 
     /// Port for both TCP (HTTP, WebSocket) and UDP (QUIC).
     #[arg(long, env = "PORT")]
@@ -88,6 +88,19 @@ pub struct ServeArgs {
     /// Directory for the generated CA and leaf certificate.
     #[arg(long, env = "FASTPORT_CERTS_DIR", value_name = "DIR")]
     pub certs_dir: Option<PathBuf>,
+
+    /// More host names or IP addresses for the generated certificate, comma-separated
+    /// (clients check the name they connect to against it). It always covers
+    /// localhost, 127.0.0.1, ::1 and the --listen name or address; on 0.0.0.0 or ::,
+    /// also this machine's host name and interface addresses.
+    #[arg(
+        long,
+        env = "FASTPORT_CERT_NAMES",
+        value_name = "NAME",
+        value_delimiter = ',',
+        value_parser = parse_cert_name
+    )]
+    pub cert_name: Vec<String>,
 
     /// A real certificate chain (PEM) to use instead of generated ones.
     #[arg(long, requires = "key", value_name = "FILE")]
@@ -153,7 +166,7 @@ pub struct ServeArgs {
 pub struct FileConfig {
     /// As `--listen`: an IP address, or a host name resolved at start.
     #[serde(default, deserialize_with = "listen_in_file")]
-    pub listen: Option<IpAddr>,
+    pub listen: Option<Listen>,
     pub port: Option<u16>,
     pub http: Option<SocketAddr>,
     pub quic: Option<SocketAddr>,
@@ -162,6 +175,9 @@ pub struct FileConfig {
     pub sqlite_path: Option<PathBuf>,
     pub database_url: Option<String>,
     pub certs_dir: Option<PathBuf>,
+    /// As `--cert-name`, a list.
+    #[serde(default, deserialize_with = "cert_names_in_file")]
+    pub cert_names: Option<Vec<String>>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub replay_window_ms: Option<u64>,
@@ -212,9 +228,12 @@ impl ServeArgs {
         // Flag > environment > file (design §8): `--listen`/`HOST` and `--port`/`PORT`
         // replace their part of an address the file gives, and `--http`/`--quic`
         // replace the whole of it.
+        let listen = self.listen.clone().or(file.listen.clone());
         let from_file = |addr: Option<SocketAddr>| {
             addr.unwrap_or(SocketAddr::new(
-                file.listen.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                file.listen
+                    .as_ref()
+                    .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |l| l.ip),
                 file.port.unwrap_or(DEFAULT_PORT),
             ))
         };
@@ -222,7 +241,7 @@ impl ServeArgs {
             explicit.unwrap_or_else(|| {
                 let base = from_file(file_addr);
                 SocketAddr::new(
-                    self.listen.unwrap_or(base.ip()),
+                    self.listen.as_ref().map_or(base.ip(), |l| l.ip),
                     self.port.unwrap_or(base.port()),
                 )
             })
@@ -260,15 +279,12 @@ impl ServeArgs {
         if cert.is_some() != key.is_some() {
             return Err(ConfigError::Invalid("--cert and --key go together".into()));
         }
-        let mut hosts: Vec<String> = crate::tls::DEFAULT_HOSTS
-            .iter()
-            .map(|h| h.to_string())
-            .collect();
-        for ip in [http.ip(), quic.ip()] {
-            if !ip.is_unspecified() && !hosts.contains(&ip.to_string()) {
-                hosts.push(ip.to_string());
-            }
-        }
+        let cert_names = if self.cert_name.is_empty() {
+            file.cert_names.unwrap_or_default()
+        } else {
+            self.cert_name
+        };
+        let hosts = cert_hosts(listen.as_ref(), [http.ip(), quic.ip()], cert_names);
         let certs = CertSource {
             dir: self
                 .certs_dir
@@ -374,27 +390,131 @@ impl ServeArgs {
     }
 }
 
+/// The names and addresses the generated certificate covers (design §10: native clients
+/// check the host they dial against it): the loopback ones, the `--listen` name and the
+/// bound addresses, every local one for an unspecified bind, and `extra`.
+fn cert_hosts(listen: Option<&Listen>, bound: [IpAddr; 2], extra: Vec<String>) -> Vec<String> {
+    let mut hosts: Vec<String> = crate::tls::DEFAULT_HOSTS
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    hosts.extend(listen.and_then(|l| l.name.clone()));
+    for ip in bound {
+        if ip.is_unspecified() {
+            hosts.extend(this_machine(ip.is_ipv6()));
+        } else {
+            hosts.push(ip.to_string());
+        }
+    }
+    hosts.extend(extra);
+    let mut unique = Vec::with_capacity(hosts.len());
+    for host in hosts {
+        if !unique
+            .iter()
+            .any(|h: &String| h.eq_ignore_ascii_case(&host))
+        {
+            unique.push(host);
+        }
+    }
+    unique
+}
+
+/// This machine's host name and interface addresses (IPv6 ones too if `v6`: a `::`
+/// bind takes IPv4 as well), which other machines may dial when the broker listens on
+/// every interface. Link-local IPv6 addresses are left out: a URL needs a zone for them.
+fn this_machine(v6: bool) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Some(name) = gethostname::gethostname()
+        .to_str()
+        .filter(|n| is_host_name(n))
+    {
+        names.push(name.to_owned());
+    }
+    match if_addrs::get_if_addrs() {
+        Ok(interfaces) => names.extend(
+            interfaces
+                .iter()
+                .map(|i| i.ip())
+                .filter(|ip| match ip {
+                    IpAddr::V4(_) => true,
+                    IpAddr::V6(ip) => v6 && !ip.is_unicast_link_local(),
+                })
+                .map(|ip| ip.to_string()),
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not list this machine's addresses for the certificate; --cert-name adds them"
+        ),
+    }
+    names
+}
+
 /// `listen` in `fastport.toml`, read as `--listen` is.
-fn listen_in_file<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
+fn listen_in_file<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Listen>, D::Error> {
     let host = String::deserialize(d)?;
     parse_listen(&host)
         .map(Some)
         .map_err(|why| serde::de::Error::custom(format!("listen = {host:?}: {why}")))
 }
 
-/// `--listen`/`HOST`: an IP address, or a host name (`HOST=localhost`, as a Node
-/// server would take it) resolved once, preferring IPv4.
-fn parse_listen(host: &str) -> Result<IpAddr, String> {
-    if let Ok(ip) = host.parse() {
-        return Ok(ip);
+/// `cert_names` in `fastport.toml`, each read as `--cert-name` is.
+fn cert_names_in_file<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    names
+        .iter()
+        .map(|name| {
+            parse_cert_name(name)
+                .map_err(|why| serde::de::Error::custom(format!("cert_names: {name:?}: {why}")))
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+/// `--cert-name`: an IP address, a host name, or a wildcard name (`*.example.com`).
+fn parse_cert_name(name: &str) -> Result<String, String> {
+    let bare = name.strip_prefix("*.").unwrap_or(name);
+    if name.parse::<IpAddr>().is_ok() || is_host_name(bare) {
+        Ok(name.to_owned())
+    } else {
+        Err("neither an IP address nor a host name".into())
     }
+}
+
+/// Whether `host` is a syntactically valid DNS host name (letters, digits and hyphens
+/// in dot-separated labels of 1 to 63 characters, 253 in all).
+fn is_host_name(host: &str) -> bool {
     let label_ok = |l: &str| {
         (1..=63).contains(&l.len())
             && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
-    if host.len() > 253 || !host.trim_end_matches('.').split('.').all(label_ok) {
+    host.len() <= 253 && host.trim_end_matches('.').split('.').all(label_ok)
+}
+
+/// The `--listen`/`HOST` address, and the host name it was given as, if any (the
+/// generated certificate covers that name: clients dial it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub ip: IpAddr,
+    pub name: Option<String>,
+}
+
+impl From<IpAddr> for Listen {
+    fn from(ip: IpAddr) -> Self {
+        Self { ip, name: None }
+    }
+}
+
+/// `--listen`/`HOST`: an IP address, or a host name (`HOST=localhost`, as a Node
+/// server would take it) resolved once, preferring IPv4.
+fn parse_listen(host: &str) -> Result<Listen, String> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(ip.into());
+    }
+    if !is_host_name(host) {
         return Err("neither an IP address nor a host name".into());
     }
     let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, 0))
@@ -404,7 +524,10 @@ fn parse_listen(host: &str) -> Result<IpAddr, String> {
         .iter()
         .find(|a| a.is_ipv4())
         .or(addrs.first())
-        .map(|a| a.ip())
+        .map(|a| Listen {
+            ip: a.ip(),
+            name: Some(host.trim_end_matches('.').to_owned()),
+        })
         .ok_or_else(|| "the name resolves to no address".into())
 }
 
@@ -461,12 +584,16 @@ mod tests {
     fn listen_takes_an_ip_or_a_host_name() {
         assert_eq!(
             parse_listen("0.0.0.0"),
-            Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+            Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED).into())
         );
-        assert_eq!(parse_listen("::1"), Ok("::1".parse().expect("ip")));
+        let ip6: IpAddr = "::1".parse().expect("ip");
+        assert_eq!(parse_listen("::1"), Ok(ip6.into()));
         assert_eq!(
             parse_listen("localhost"),
-            Ok(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            Ok(Listen {
+                ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                name: Some("localhost".into()),
+            })
         );
         for bad in ["bad host!", "", "-x.example", "a..b"] {
             let e = parse_listen(bad).unwrap_err();
@@ -488,7 +615,7 @@ mod tests {
         let c = args.clone().resolve().expect("valid");
         assert_eq!(c.http, "0.0.0.0:5000".parse().expect("addr"));
         assert_eq!(c.quic, "0.0.0.0:5000".parse().expect("addr"));
-        args.listen = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        args.listen = Some(IpAddr::V4(Ipv4Addr::LOCALHOST).into());
         args.http = Some("127.0.0.1:6000".parse().expect("addr"));
         let c = args.resolve().expect("valid");
         assert_eq!(c.http, "127.0.0.1:6000".parse().expect("addr"));
@@ -501,6 +628,42 @@ mod tests {
         let c = args.resolve().expect("valid");
         assert!(c.http.ip().is_loopback(), "{}", c.http);
         let (_dir, args) = with_file("listen = \"no host!\"\n");
+        let e = args.resolve().expect_err("refused").to_string();
+        assert!(e.contains("neither an IP address nor a host name"), "{e}");
+    }
+
+    /// Clients check the host they dial against the generated certificate, so it covers
+    /// the `--listen` name and `--cert-name`s beside the loopback names, and a broker
+    /// bound to a single address covers no other.
+    #[test]
+    fn the_certificate_covers_the_names_clients_dial() {
+        let (_dir, mut args) = with_file("cert_names = [\"broker.example\", \"10.9.8.7\"]\n");
+        args.listen = Some(Listen {
+            ip: "192.0.2.77".parse().expect("ip"),
+            name: Some("fastport.example".into()),
+        });
+        let hosts = args.clone().resolve().expect("valid").certs.hosts;
+        assert_eq!(
+            hosts,
+            [
+                "localhost",
+                "127.0.0.1",
+                "::1",
+                "fastport.example",
+                "192.0.2.77",
+                "broker.example",
+                "10.9.8.7"
+            ]
+        );
+        args.cert_name = vec!["*.example.org".into()];
+        let hosts = args.resolve().expect("valid").certs.hosts;
+        assert!(hosts.contains(&"*.example.org".to_string()), "{hosts:?}");
+        assert!(
+            !hosts.contains(&"broker.example".to_string()),
+            "the flag replaces the file's list"
+        );
+
+        let (_dir, args) = with_file("cert_names = [\"no name!\"]\n");
         let e = args.resolve().expect_err("refused").to_string();
         assert!(e.contains("neither an IP address nor a host name"), "{e}");
     }

@@ -471,16 +471,22 @@ async fn serve(args: ServeArgs) -> Result<()> {
         StoreKind::Memory => "memory (nothing survives a restart)".to_owned(),
         StoreKind::Sqlite(path) => format!("sqlite  {}", path.display()),
     };
+    // The names the generated certificate covers (a given one's are its own).
+    let names = config
+        .certs
+        .cert
+        .is_none()
+        .then(|| config.certs.hosts.join(", "));
     let server = Server::start(config).await?;
     // The banner must not take the broker down if stdout is closed (`fastport | head`).
-    let _ = print_banner(&server, &store);
+    let _ = print_banner(&server, &store, names.as_deref());
 
     wait_for_signal().await;
     server.shutdown().await;
     Ok(())
 }
 
-fn print_banner(server: &Server, store: &str) -> std::io::Result<()> {
+fn print_banner(server: &Server, store: &str, names: Option<&str>) -> std::io::Result<()> {
     let cert = &server.cert;
     let mut out = std::io::stdout().lock();
     writeln!(out, "fastPort {} is running", env!("CARGO_PKG_VERSION"))?;
@@ -507,6 +513,12 @@ fn print_banner(server: &Server, store: &str) -> std::io::Result<()> {
         "  legacy {ws}://{}/   (the seeds' JSON clients; also /ws)",
         server.http_addr
     )?;
+    if let Some(names) = names {
+        writeln!(
+            out,
+            "  names  {names}   (what clients may dial; --cert-name adds more)"
+        )?;
+    }
     writeln!(
         out,
         "  cert   sha-256 {}  (valid until {})",

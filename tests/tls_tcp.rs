@@ -1,5 +1,6 @@
-//! A broker given a real certificate (`--cert/--key`) serves it on QUIC and also
-//! speaks HTTPS/WSS on the TCP port (design §10).
+//! The broker's certificates as clients meet them (design §10): the generated one
+//! covers the addresses clients dial, and a real one (`--cert/--key`) is served on QUIC
+//! and also speaks HTTPS/WSS on the TCP port.
 
 mod common;
 
@@ -151,4 +152,35 @@ async fn https(broker: &Broker, ca: &std::path::Path, request: &str) -> String {
         .await
         .ok();
     response
+}
+
+/// A broker listening on every interface is dialled by this machine's own address, as
+/// another machine would dial it, and its generated certificate covers that address:
+/// the SDK checks it against the CA the broker made (`--ca certs/ca.pem`).
+#[tokio::test]
+async fn a_broker_on_every_interface_is_dialled_by_this_machine_s_address() {
+    let ip = if_addrs::get_if_addrs()
+        .expect("list interfaces")
+        .iter()
+        .map(|i| i.ip())
+        .find(|ip| ip.is_ipv4() && !ip.is_loopback())
+        .expect("this test needs a non-loopback IPv4 address on this machine");
+    let broker = Broker::start_on(std::net::Ipv4Addr::UNSPECIFIED.into(), &[]);
+    let names = broker
+        .banner
+        .iter()
+        .find(|l| l.trim().starts_with("names "))
+        .expect("the banner names what the certificate covers");
+    assert!(names.contains(&ip.to_string()), "{names}");
+
+    broker
+        .create_session("wide", "pw", serde_json::json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let url = format!("quic://{ip}:{}", broker.quic.port());
+    let config = ClientConfig::new(url, "wide", "pw", key).ca_file(broker.ca());
+    // Over QUIC: the fallback, WSS, finds plain HTTP on this broker and fails too.
+    within("connect by this machine's address", Client::connect(config))
+        .await
+        .expect("the certificate covers the address dialled");
 }

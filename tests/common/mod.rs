@@ -77,8 +77,13 @@ impl Broker {
 
     /// Starts a broker with extra command-line arguments.
     pub fn start_with(extra: &[&str]) -> Broker {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into(), extra)
+    }
+
+    /// Starts a broker bound to `ip` (ephemeral ports) with extra arguments.
+    pub fn start_on(ip: std::net::IpAddr, extra: &[&str]) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
-        let zero: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let zero = SocketAddr::new(ip, 0);
         let mut broker = Broker {
             child: None,
             dir,
