@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::core::{ClientId, FastMap, FastSet, SessionName, TopicFilter, TopicName};
+use crate::core::{ClientId, FastMap, FastSet, SessionName, TopicFilter, TopicName, skew_ms};
 use crate::proto::{
     self, ClientFrame, ErrorCode, PayloadFormat, ServerFrame, client_frame, server_frame,
 };
@@ -79,7 +79,9 @@ pub(super) struct Sealer {
 
 impl Sealer {
     fn server_now(&self) -> u64 {
-        (local_now() as i64 + self.clock_offset_ms.load(Ordering::Relaxed)).max(0) as u64
+        (local_now() as i64)
+            .saturating_add(self.clock_offset_ms.load(Ordering::Relaxed))
+            .max(0) as u64
     }
 
     /// Refuses, before any sealing, a publish the broker would refuse for its topic or
@@ -438,7 +440,7 @@ impl State {
             })?;
         match first.kind {
             Some(server_frame::Kind::Welcome(w)) => {
-                let offset = w.server_time_ms as i64 - local_now() as i64;
+                let offset = skew_ms(w.server_time_ms, local_now());
                 self.sealer.clock_offset_ms.store(offset, Ordering::Relaxed);
                 // 0: a broker that does not say; it refuses what is too large itself.
                 let limit = Some(w.max_payload_bytes).filter(|&l| l > 0);

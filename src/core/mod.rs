@@ -58,7 +58,9 @@ pub use session::{
     RETRY_INTERVAL_RANGE, SessionSettings, SubOpts,
 };
 pub use topic::{MAX_TOPIC_LEN, TopicFilter, TopicName, TopicTree};
-pub use types::{ClientId, ConnId, FastMap, FastSet, MessageId, Millis, NameError, SessionName};
+pub use types::{
+    ClientId, ConnId, FastMap, FastSet, MessageId, Millis, NameError, SessionName, skew_ms,
+};
 
 use delivery::{Ctx, Subscriber};
 use session::Session;

@@ -90,7 +90,7 @@ impl ReplayGuard {
     ) -> Result<(), Reject> {
         if now.abs_diff(timestamp_ms) > self.window_ms {
             return Err(Reject::StaleTimestamp {
-                skew_ms: timestamp_ms as i64 - now as i64,
+                skew_ms: super::types::skew_ms(timestamp_ms, now),
                 window_ms: self.window_ms,
             });
         }
@@ -221,6 +221,13 @@ mod tests {
             g.admit(NOW, id(4), NOW + 30_001),
             Err(Reject::StaleTimestamp { .. })
         ));
+        // Timestamps past i64's range are a peer's choice too: refused, not overflowed.
+        for far in [1 << 63, u64::MAX] {
+            assert!(matches!(
+                g.admit(NOW, id(5), far),
+                Err(Reject::StaleTimestamp { skew_ms, .. }) if skew_ms > 0
+            ));
+        }
     }
 
     #[test]

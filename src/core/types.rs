@@ -7,6 +7,12 @@ use std::sync::Arc;
 /// Milliseconds since the Unix epoch. The core never reads a clock; callers pass `now`.
 pub type Millis = u64;
 
+/// `a - b`, signed, saturating at `i64`'s bounds: the skew between a timestamp a peer
+/// chose (any `u64`, where `as i64` arithmetic overflows) and a clock of ours.
+pub fn skew_ms(a: Millis, b: Millis) -> i64 {
+    (i128::from(a) - i128::from(b)).clamp(i64::MIN.into(), i64::MAX.into()) as i64
+}
+
 /// The hash maps and sets of the hot path: foldhash instead of SipHash (several times
 /// faster on 16-byte ids), still keyed at random per process, so a client cannot pick
 /// ids that collide.
