@@ -8,13 +8,16 @@
 //! with `payload` = the UTF-8 JSON `{"data":…,"hash":…}` as sent; an `init` with a
 //! `userId` makes that id the client id and the client's subscriptions durable.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket};
 use bytes::Bytes;
-use serde_json::{Map, Value, json};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::core::{
@@ -109,24 +112,97 @@ fn invalid(why: impl Into<String>) -> Refused {
     Refused::new(Reject::InvalidFrame(why.into()))
 }
 
-fn string<'a>(frame: &'a Map<String, Value>, kind: &str, field: &str) -> Result<&'a str, Refused> {
-    match frame.get(field) {
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(invalid(format!("{kind}: {field} must be a string"))),
-        None => Err(invalid(format!("{kind}: {field} is required"))),
+/// The fields of a frame the bridge reads, each kept as its JSON text until it is
+/// read. Other fields are skipped unbuilt, so a frame never takes more memory than
+/// its text: a `Value` tree of `{"x":[0,0,…]}` would take 16 times as much.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Frame<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow)]
+    session_name: Option<&'a RawValue>,
+    #[serde(borrow)]
+    password: Option<&'a RawValue>,
+    #[serde(borrow)]
+    user_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow)]
+    message_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    hash: Option<&'a RawValue>,
+    #[serde(borrow)]
+    timestamp: Option<&'a RawValue>,
+    #[serde(borrow)]
+    fcm_token: Option<&'a RawValue>,
+    #[serde(borrow)]
+    device_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    platform: Option<&'a RawValue>,
+    #[serde(borrow)]
+    file_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    file_name: Option<&'a RawValue>,
+    #[serde(borrow)]
+    file_size: Option<&'a RawValue>,
+    #[serde(borrow)]
+    total_chunks: Option<&'a RawValue>,
+}
+
+impl<'a> Frame<'a> {
+    /// The field named `field` as sent, if it was (`null` counts as absent).
+    fn get(&self, field: &str) -> Option<&'a RawValue> {
+        let raw = match field {
+            "type" => self.kind,
+            "sessionName" => self.session_name,
+            "password" => self.password,
+            "userId" => self.user_id,
+            "topic" => self.topic,
+            "messageId" => self.message_id,
+            "data" => self.data,
+            "hash" => self.hash,
+            "timestamp" => self.timestamp,
+            "fcmToken" => self.fcm_token,
+            "deviceId" => self.device_id,
+            "platform" => self.platform,
+            "fileId" => self.file_id,
+            "fileName" => self.file_name,
+            "fileSize" => self.file_size,
+            "totalChunks" => self.total_chunks,
+            _ => None,
+        };
+        raw.filter(|raw| raw.get() != "null")
+    }
+
+    /// A non-negative integer field (as `Value::as_u64` reads one).
+    fn number(&self, field: &str) -> Option<u64> {
+        self.get(field)
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
     }
 }
 
+fn string<'a>(frame: &Frame<'a>, kind: &str, field: &str) -> Result<Cow<'a, str>, Refused> {
+    optional_string(frame, kind, field)?
+        .ok_or_else(|| invalid(format!("{kind}: {field} is required")))
+}
+
 fn optional_string<'a>(
-    frame: &'a Map<String, Value>,
+    frame: &Frame<'a>,
     kind: &str,
     field: &str,
-) -> Result<Option<&'a str>, Refused> {
-    match frame.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(invalid(format!("{kind}: {field} must be a string"))),
-    }
+) -> Result<Option<Cow<'a, str>>, Refused> {
+    let Some(raw) = frame.get(field) else {
+        return Ok(None);
+    };
+    // Borrowed unless the text has escapes.
+    serde_json::from_str::<&'a str>(raw.get())
+        .map(Cow::Borrowed)
+        .or_else(|_| serde_json::from_str::<String>(raw.get()).map(Cow::Owned))
+        .map(Some)
+        .map_err(|_| invalid(format!("{kind}: {field} must be a string")))
 }
 
 /// A legacy UUID id as a 16-byte id.
@@ -230,16 +306,21 @@ fn parse_chunk(bytes: Bytes) -> Result<LegacyIn, Refused> {
 }
 
 impl Reader {
-    fn init(&mut self, frame: &Map<String, Value>) -> Result<Request, Refused> {
+    fn init(&mut self, frame: &Frame<'_>) -> Result<Request, Refused> {
         let kind = "init";
         // No session can have a name that does not parse: that is a failed login, as
         // for an unknown session (close code 1008, and nothing told about names).
-        let session = SessionName::parse(string(frame, kind, "sessionName")?)
+        let session = SessionName::parse(&string(frame, kind, "sessionName")?)
             .map_err(|_| Refused::new(Reject::BadCredentials))?;
-        let password = string(frame, kind, "password")?.to_owned();
+        // No password is that long either (createSession takes 1,024 bytes at most).
+        let password = string(frame, kind, "password")?;
+        if password.len() > super::request::MAX_TEXT {
+            return Err(Refused::new(Reject::BadCredentials));
+        }
+        let password = password.into_owned();
         let client_id = optional_string(frame, kind, "userId")?
             .filter(|u| !u.is_empty())
-            .map(ClientId::parse)
+            .map(|u| ClientId::parse(&u))
             .transpose()
             .map_err(|e| invalid(format!("init: userId: {e}")))?;
         self.identified.get_or_insert(client_id.is_some());
@@ -254,12 +335,15 @@ impl Reader {
 
     fn parse(&mut self, text: &str) -> Result<LegacyIn, Refused> {
         let not_a_frame = |why: String| Ok(LegacyIn::Undecodable(Reject::InvalidFrame(why)));
-        let frame: Map<String, Value> = match serde_json::from_str(text) {
-            Ok(Value::Object(map)) => map,
-            Ok(_) => return not_a_frame("expected a JSON object".into()),
+        let frame: Frame<'_> = match serde_json::from_str(text) {
+            Ok(frame) => frame,
+            Err(e) if e.is_data() => {
+                return not_a_frame(format!("expected a JSON object of a frame's fields: {e}"));
+            }
             Err(e) => return not_a_frame(format!("invalid JSON: {e}")),
         };
         let kind = string(&frame, "frame", "type")?;
+        let kind = &*kind;
         match kind {
             // A malformed init is the init's answer (see `LegacyIn::BadInit`).
             "init" => Ok(match self.init(&frame) {
@@ -267,7 +351,7 @@ impl Reader {
                 Err(refused) => LegacyIn::BadInit(refused.reject),
             }),
             "subscribe" | "unsubscribe" => {
-                let filter = TopicFilter::parse(string(&frame, kind, "topic")?)
+                let filter = TopicFilter::parse(&string(&frame, kind, "topic")?)
                     .map_err(|e| invalid(format!("{kind}: topic: {e}")))?;
                 Ok(LegacyIn::Request(if kind == "subscribe" {
                     Request::Subscribe {
@@ -285,23 +369,20 @@ impl Reader {
                 }))
             }
             "publish" => {
-                let message_id = parse_uuid(kind, "messageId", string(&frame, kind, "messageId")?)?;
+                let message_id =
+                    parse_uuid(kind, "messageId", &string(&frame, kind, "messageId")?)?;
                 let refused = |why: String| Refused {
                     reject: Reject::InvalidFrame(why),
                     request_id: 0,
                     message_id: Some(message_id),
                 };
-                let topic = TopicName::parse(string(&frame, kind, "topic")?)
+                let topic = TopicName::parse(&string(&frame, kind, "topic")?)
                     .map_err(|e| refused(format!("publish: topic: {e}")))?;
                 let data = string(&frame, kind, "data")?;
                 let hash = string(&frame, kind, "hash")?;
-                let timestamp_ms =
-                    frame
-                        .get("timestamp")
-                        .and_then(Value::as_u64)
-                        .ok_or_else(|| {
-                            refused("publish: timestamp must be Unix milliseconds".into())
-                        })?;
+                let timestamp_ms = frame.number("timestamp").ok_or_else(|| {
+                    refused("publish: timestamp must be Unix milliseconds".into())
+                })?;
                 let payload = json!({"data": data, "hash": hash}).to_string();
                 Ok(LegacyIn::Request(Request::Publish(Publish {
                     message_id,
@@ -314,52 +395,46 @@ impl Reader {
             "ack" => Ok(LegacyIn::Request(Request::Ack(parse_uuid(
                 kind,
                 "messageId",
-                string(&frame, kind, "messageId")?,
+                &string(&frame, kind, "messageId")?,
             )?))),
             "register_fcm_token" => PushTokenRequest::new(
                 0,
                 &PushTokenFields::LEGACY,
-                string(&frame, kind, "userId")?.to_owned(),
-                string(&frame, kind, "fcmToken")?.to_owned(),
+                string(&frame, kind, "userId")?.into_owned(),
+                string(&frame, kind, "fcmToken")?.into_owned(),
                 optional_string(&frame, kind, "deviceId")?
                     .unwrap_or_default()
-                    .to_owned(),
+                    .into_owned(),
                 optional_string(&frame, kind, "platform")?
                     .unwrap_or_default()
-                    .to_owned(),
+                    .into_owned(),
             )
             .map(|r| LegacyIn::Request(Request::RegisterPushToken(r)))
             .map_err(Refused::new),
             "init_file" => {
-                let file_id = parse_uuid(kind, "fileId", string(&frame, kind, "fileId")?)?;
+                let file_id = parse_uuid(kind, "fileId", &string(&frame, kind, "fileId")?)?;
                 let refused = |why: String| Refused {
                     reject: Reject::InvalidFrame(why),
                     request_id: 0,
                     message_id: Some(file_id),
                 };
-                let topic = TopicName::parse(string(&frame, kind, "topic")?)
+                let topic = TopicName::parse(&string(&frame, kind, "topic")?)
                     .map_err(|e| refused(format!("init_file: topic: {e}")))?;
                 let name = string(&frame, kind, "fileName")?;
                 if name.len() > FileMeta::MAX_NAME {
                     return Err(refused(format!("init_file: {}", FileMeta::name_too_long())));
                 }
-                let size = frame
-                    .get("fileSize")
-                    .and_then(Value::as_u64)
-                    .ok_or_else(|| {
-                        refused("init_file: fileSize must be a number of bytes".into())
-                    })?;
+                let size = frame.number("fileSize").ok_or_else(|| {
+                    refused("init_file: fileSize must be a number of bytes".into())
+                })?;
                 let chunk_count = match frame.get("totalChunks") {
-                    None | Some(Value::Null) => 0,
-                    Some(v) => v
-                        .as_u64()
+                    None => 0,
+                    Some(_) => frame
+                        .number("totalChunks")
                         .and_then(|n| u32::try_from(n).ok())
                         .ok_or_else(|| refused("init_file: totalChunks must be a count".into()))?,
                 };
-                let timestamp_ms = frame
-                    .get("timestamp")
-                    .and_then(Value::as_u64)
-                    .unwrap_or_else(now_ms);
+                let timestamp_ms = frame.number("timestamp").unwrap_or_else(now_ms);
                 Ok(LegacyIn::File(FileFrame::InitFile(FileMeta {
                     file_id,
                     topic,
@@ -372,9 +447,9 @@ impl Reader {
                 })))
             }
             "end_file" => {
-                let file_id = parse_uuid(kind, "fileId", string(&frame, kind, "fileId")?)?;
+                let file_id = parse_uuid(kind, "fileId", &string(&frame, kind, "fileId")?)?;
                 let hash = optional_string(&frame, kind, "hash")?.unwrap_or_default();
-                let sha256 = hash_bytes(hash);
+                let sha256 = hash_bytes(&hash);
                 Ok(LegacyIn::File(FileFrame::EndFile { file_id, sha256 }))
             }
             other => Err(invalid(format!("unknown type {other:?}"))),
@@ -673,6 +748,38 @@ mod tests {
                 refused.reject
             );
         }
+    }
+
+    /// Fields are read as JSON reads them (escapes, `null` for absent), other fields
+    /// are skipped whatever they hold, and an init no session could accept fails the
+    /// login without a check.
+    #[test]
+    fn fields_are_read_as_json_and_the_rest_skipped() {
+        let r = parse(r#"{"type":"subscribe","topic":"a\/b\u00e9","extra":{"deep":[[0,0],[0]]}}"#);
+        let Ok(Request::Subscribe { filter, .. }) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(filter.as_str(), "a/bé");
+        let r =
+            parse(r#"{"type":"register_fcm_token","userId":"u","fcmToken":"t","deviceId":null}"#);
+        assert!(
+            matches!(&r, Ok(Request::RegisterPushToken(t)) if t.device_id.is_empty()),
+            "{r:?}"
+        );
+
+        let init = |password: &str| {
+            Reader::default().parse(
+                &json!({"type": "init", "sessionName": "s", "password": password}).to_string(),
+            )
+        };
+        assert!(matches!(
+            init("p"),
+            Ok(LegacyIn::Request(Request::Hello(_)))
+        ));
+        assert!(matches!(
+            init(&"p".repeat(super::super::request::MAX_TEXT + 1)),
+            Ok(LegacyIn::BadInit(Reject::BadCredentials))
+        ));
     }
 
     #[test]

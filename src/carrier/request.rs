@@ -191,7 +191,7 @@ fn invalid(why: impl Into<String>) -> Reject {
 }
 
 /// Longest free-text field (push tokens, user and device ids, platform).
-const MAX_TEXT: usize = 4096;
+pub(super) const MAX_TEXT: usize = 4096;
 
 fn text(field: &'static str, value: String) -> Result<String, Reject> {
     if value.len() > MAX_TEXT {
