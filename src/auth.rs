@@ -96,6 +96,22 @@ impl Authenticator {
         }
     }
 
+    /// Hashes a new session's password ([`hash_password`]) in one of the slots logins
+    /// take turns in, so creating sessions takes no more cores, nor argon2's 19 MiB
+    /// apiece, than logins may.
+    pub async fn hash_new_password(&self, password: String) -> Result<String, Reject> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Reject::Internal("shutting down"))?;
+        tokio::task::spawn_blocking(move || hash_password(&password))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(Reject::Internal("could not hash the password"))
+    }
+
     fn digest(&self, session: &SessionName, password: &str) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(self.secret);
@@ -404,6 +420,28 @@ mod tests {
             auth.failures.turns.lock().expect("lock").is_empty(),
             "turns are cleaned up"
         );
+    }
+
+    /// Hashing a new session's password waits for an argon2 slot as logins do, and the
+    /// hash it makes verifies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_passwords_are_hashed_in_the_login_slots() {
+        let auth = Arc::new(Authenticator::new(Arc::new(MemoryStore::default())));
+        let held = auth
+            .slots
+            .acquire_many(auth.slots.available_permits() as u32)
+            .await
+            .expect("open");
+        let hashing = tokio::spawn({
+            let auth = auth.clone();
+            async move { auth.hash_new_password("secret".into()).await }
+        });
+        // An argon2 run takes well under this; the hash waits for a slot instead.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert!(!hashing.is_finished(), "hashed while every slot was taken");
+        drop(held);
+        let phc = hashing.await.expect("joined").expect("hashed");
+        assert!(verify_password("secret", &phc));
     }
 
     /// Design §10 limits failed logins: logins that succeed, each needing its own

@@ -21,7 +21,6 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::{Map, Value, json};
 
-use crate::auth::hash_password;
 use crate::core::{
     MAX_HISTORY_SIZE, MAX_RETRIES_LIMIT, MESSAGE_EXPIRY_RANGE, RETRY_INTERVAL_RANGE, SessionName,
     SessionSettings,
@@ -155,10 +154,10 @@ pub async fn create_session(
         Err(bad) => return bad.into_response(),
     };
 
-    let hash = match tokio::task::spawn_blocking(move || hash_password(&password)).await {
-        Ok(Ok(hash)) => hash,
-        _ => {
-            let body = json!({"success": false, "error": "could not hash the password"});
+    let hash = match state.links.auth.hash_new_password(password).await {
+        Ok(hash) => hash,
+        Err(reject) => {
+            let body = json!({"success": false, "error": reject.to_string()});
             return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
         }
     };
