@@ -53,7 +53,7 @@ impl Core {
             id,
             expires_at: session.replay.expiry_of(p.timestamp_ms),
         });
-        session.retain(&message);
+        session.retain(&message, now);
 
         let (copies, durable_copies) = fan_out(
             session,

@@ -9,7 +9,7 @@ use super::command::Message;
 use super::delivery::Subscriber;
 use super::replay::ReplayGuard;
 use super::topic::{TopicFilter, TopicName, TopicTree};
-use super::types::{ClientId, ConnId, FastMap, FastSet, MessageId, SessionName};
+use super::types::{ClientId, ConnId, FastMap, FastSet, MessageId, Millis, SessionName};
 
 /// Defaults of the seeds' `createSession`.
 pub const DEFAULT_RETRY_INTERVAL_MS: u64 = 5_000;
@@ -24,6 +24,11 @@ pub const MESSAGE_EXPIRY_RANGE: std::ops::RangeInclusive<u64> = 1_000..=30 * 86_
 pub const MAX_HISTORY_SIZE: u32 = 1_000;
 /// Topics with retained messages per session; past this, new topics retain nothing.
 pub const MAX_HISTORY_TOPICS: usize = 10_000;
+/// Payload bytes and messages one session retains in all; past either, its oldest
+/// retained messages go first (`historySize` counts per topic, so without these a
+/// session could hold 10,000 topics × 1,000 messages × 10 MiB).
+pub const MAX_HISTORY_BYTES: usize = 64 * 1024 * 1024;
+pub const MAX_HISTORY_MESSAGES: usize = 100_000;
 
 /// A session's settings: what `createSession` sets and `Welcome` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +94,10 @@ pub struct Session {
     pub keys: BTreeMap<ClientId, Bytes>,
     /// The last `history_size` messages of each topic (in memory only).
     pub history: FastMap<TopicName, VecDeque<Arc<Message>>>,
+    /// Every retained message's topic, by accept order: the oldest to drop.
+    history_order: BTreeMap<u64, TopicName>,
+    /// Payload bytes retained.
+    history_bytes: usize,
 }
 
 impl Session {
@@ -103,6 +112,8 @@ impl Session {
             presence: BTreeMap::new(),
             keys: BTreeMap::new(),
             history: FastMap::default(),
+            history_order: BTreeMap::new(),
+            history_bytes: 0,
         }
     }
 
@@ -120,35 +131,174 @@ impl Session {
         });
     }
 
-    /// Keeps `message` as the newest retained message of its topic.
-    pub fn retain(&mut self, message: &Arc<Message>) {
+    /// Keeps `message` as the newest retained message of its topic, dropping what has
+    /// expired by `now` and, past the session's bounds, the oldest.
+    pub fn retain(&mut self, message: &Arc<Message>, now: Millis) {
         let size = self.settings.history_size as usize;
         if size == 0 {
             return;
+        }
+        // Expiry follows accept order within a session: the expired are the oldest.
+        while let Some(oldest) = self.oldest_retained() {
+            if oldest.expires_at > now {
+                break;
+            }
+            self.drop_oldest_retained();
         }
         if !self.history.contains_key(&message.topic) && self.history.len() >= MAX_HISTORY_TOPICS {
             return;
         }
         let kept = self.history.entry(message.topic.clone()).or_default();
         kept.push_back(message.clone());
-        while kept.len() > size {
-            kept.pop_front();
+        let dropped = if kept.len() > size {
+            kept.pop_front()
+        } else {
+            None
+        };
+        self.history_order
+            .insert(message.seq, message.topic.clone());
+        self.history_bytes += message.payload.len();
+        if let Some(dropped) = dropped {
+            self.history_order.remove(&dropped.seq);
+            self.history_bytes -= dropped.payload.len();
+        }
+        while self.history_bytes > MAX_HISTORY_BYTES
+            || self.history_order.len() > MAX_HISTORY_MESSAGES
+        {
+            self.drop_oldest_retained();
+        }
+    }
+
+    /// The session's oldest retained message.
+    fn oldest_retained(&self) -> Option<&Arc<Message>> {
+        let (_, topic) = self.history_order.first_key_value()?;
+        self.history.get(topic)?.front()
+    }
+
+    /// Drops the session's oldest retained message (the first of its topic's).
+    fn drop_oldest_retained(&mut self) {
+        let Some((_, topic)) = self.history_order.pop_first() else {
+            return;
+        };
+        let Some(kept) = self.history.get_mut(&topic) else {
+            return;
+        };
+        if let Some(dropped) = kept.pop_front() {
+            self.history_bytes -= dropped.payload.len();
+        }
+        if kept.is_empty() {
+            self.history.remove(&topic);
         }
     }
 
     /// Up to `limit` retained messages matching `filter`, unexpired at `now`, oldest
-    /// first (the newest `limit` of them).
+    /// first (the newest `limit` of them). It reads at most `limit` of each topic.
     pub fn retained(&self, filter: &TopicFilter, limit: usize, now: u64) -> Vec<Arc<Message>> {
         let mut found: Vec<Arc<Message>> = self
             .history
             .iter()
             .filter(|(topic, _)| filter.matches(topic))
-            .flat_map(|(_, kept)| kept.iter())
+            .flat_map(|(_, kept)| kept.iter().rev().take(limit))
             .filter(|m| m.expires_at > now)
             .cloned()
             .collect();
         found.sort_unstable_by_key(|m| m.seq);
         let skip = found.len().saturating_sub(limit);
         found.split_off(skip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::command::MessageKind;
+    use crate::proto::PayloadFormat;
+
+    const EXPIRY: Millis = 60_000;
+
+    fn session(history_size: u32) -> Session {
+        let mut settings = SessionSettings::new(SessionName::parse("s").expect("name"));
+        settings.history_size = history_size;
+        settings.message_expiry_ms = EXPIRY;
+        Session::new(settings, ReplayGuard::new(30_000, 100))
+    }
+
+    fn message(seq: u64, topic: &str, len: usize, now: Millis) -> Arc<Message> {
+        Arc::new(Message {
+            session: SessionName::parse("s").expect("name"),
+            id: MessageId([0; 16]),
+            seq,
+            topic: TopicName::parse(topic).expect("topic"),
+            payload: Bytes::from(vec![0; len]),
+            timestamp_ms: now,
+            format: PayloadFormat::NativeV1,
+            kind: MessageKind::Message,
+            accepted_at: now,
+            expires_at: now + EXPIRY,
+        })
+    }
+
+    fn all(s: &Session) -> Vec<u64> {
+        let everything = TopicFilter::parse("#").expect("filter");
+        s.retained(&everything, usize::MAX, 0)
+            .iter()
+            .map(|m| m.seq)
+            .collect()
+    }
+
+    /// The session's bounds hold across topics, the oldest retained going first, and
+    /// the byte count follows every way a message leaves.
+    #[test]
+    fn a_session_retains_at_most_its_bytes_oldest_first() {
+        let mut s = session(MAX_HISTORY_SIZE);
+        let big = MAX_HISTORY_BYTES / 4;
+        for seq in 1..=4 {
+            s.retain(&message(seq, &format!("t/{seq}"), big, 0), 0);
+        }
+        assert_eq!(all(&s), [1, 2, 3, 4]);
+        s.retain(&message(5, "t/1", 1, 0), 0);
+        assert_eq!(all(&s), [2, 3, 4, 5], "the oldest, of another topic, went");
+        assert_eq!(s.history_bytes, 3 * big + 1);
+
+        // historySize drops the topic's oldest, and the count follows.
+        let mut s = session(1);
+        s.retain(&message(1, "t", 10, 0), 0);
+        s.retain(&message(2, "t", 20, 0), 0);
+        assert_eq!((all(&s), s.history_bytes), (vec![2], 20));
+    }
+
+    #[test]
+    fn a_session_retains_at_most_its_message_count() {
+        let mut s = session(MAX_HISTORY_SIZE);
+        let topics = MAX_HISTORY_MESSAGES as u64 / u64::from(MAX_HISTORY_SIZE) + 1;
+        let mut seq = 0;
+        for t in 0..topics {
+            for _ in 0..MAX_HISTORY_SIZE {
+                seq += 1;
+                s.retain(&message(seq, &format!("t/{t}"), 1, 0), 0);
+            }
+        }
+        let kept = all(&s);
+        assert_eq!(kept.len(), MAX_HISTORY_MESSAGES);
+        assert_eq!(kept.first(), Some(&(seq - MAX_HISTORY_MESSAGES as u64 + 1)));
+        assert_eq!(
+            s.history.len(),
+            MAX_HISTORY_MESSAGES / MAX_HISTORY_SIZE as usize
+        );
+    }
+
+    /// Expired messages are dropped as new ones come, not kept until pushed out.
+    #[test]
+    fn expired_messages_leave_when_the_next_is_retained() {
+        let mut s = session(10);
+        s.retain(&message(1, "a", 100, 0), 0);
+        s.retain(&message(2, "b", 100, 10), 10);
+        s.retain(&message(3, "c", 100, EXPIRY), EXPIRY);
+        assert_eq!(all(&s), [2, 3]);
+        assert_eq!(s.history_bytes, 200);
+        assert!(
+            !s.history
+                .contains_key(&TopicName::parse("a").expect("topic"))
+        );
     }
 }
