@@ -229,6 +229,36 @@ async fn silent_clients_are_closed_after_the_hello_deadline() {
     still_serving(&broker, "quiet").await;
 }
 
+/// Every request before a successful Hello is answered, so a client may make only
+/// so many: one that sends them without reading would otherwise hold its connection
+/// (and the Hello deadline) forever.
+#[tokio::test]
+async fn a_connection_makes_only_so_many_requests_before_hello() {
+    let broker = Broker::start();
+    broker
+        .create_session("busy", "secret-pass", json!({}))
+        .await;
+    let mut raw = broker.raw().await;
+    let max = fastport::carrier::MAX_BEFORE_LOGIN;
+    for nonce in 0..u64::from(max) {
+        raw.send(client_frame::Kind::Ping(proto::Ping { nonce }))
+            .await;
+    }
+    for _ in 0..max {
+        assert!(matches!(raw.next().await, server_frame::Kind::Pong(_)));
+    }
+    assert!(
+        !raw.closed_within(Duration::from_millis(300)).await,
+        "open while within the bound"
+    );
+    raw.send(client_frame::Kind::Ping(proto::Ping { nonce: 0 }))
+        .await;
+    let kind = raw.next().await;
+    assert_eq!(error_code(&kind), ErrorCode::Unauthenticated, "{kind:?}");
+    assert!(raw.closed_within(Duration::from_secs(3)).await);
+    still_serving(&broker, "busy").await;
+}
+
 #[tokio::test]
 async fn a_second_connection_with_the_same_client_id_takes_over() {
     let broker = Broker::start();

@@ -124,7 +124,15 @@ pub struct Link {
     conn: Option<ConnId>,
     session: Option<SessionName>,
     publish_slots: Arc<Semaphore>,
+    /// Requests answered before `Hello` succeeded (see [`MAX_BEFORE_LOGIN`]).
+    before_login: u32,
 }
+
+/// Requests a connection may make before its `Hello` succeeds (failed `Hello`s and
+/// pings too); the next closes it. Each is answered, so without a bound a client that
+/// never reads would fill its outbound queue and hold the reader (and the `Hello`
+/// deadline with it) forever.
+pub const MAX_BEFORE_LOGIN: u32 = 64;
 
 impl Link {
     /// `tx` is the connection's outbound queue and `files` its file port; `legacy_only`
@@ -148,6 +156,7 @@ impl Link {
             conn: None,
             session: None,
             publish_slots: slots,
+            before_login: 0,
         }
     }
 
@@ -220,6 +229,15 @@ impl Link {
 
     /// Handles one request. Errs only when the broker is shutting down.
     pub async fn handle(&mut self, request: Request) -> Result<(), DriverGone> {
+        if self.conn.is_none() {
+            self.before_login += 1;
+            if self.before_login > MAX_BEFORE_LOGIN {
+                if self.before_login == MAX_BEFORE_LOGIN + 1 {
+                    self.fail(Reject::NotAuthenticated).await;
+                }
+                return Ok(()); // closing
+            }
+        }
         let conn = match (&request, self.conn) {
             // Boxed: authentication (a store query, argon2) makes a large future, and
             // an unboxed one would be part of every connection's task for its whole life.
