@@ -129,6 +129,7 @@ impl Authenticator {
         session: &SessionName,
         password: &str,
     ) -> Result<SessionSettings, Reject> {
+        let peer = budget_key(peer);
         let record = self.store.session(session).await.map_err(|e| {
             tracing::error!(error = %e, "session lookup failed");
             Reject::Internal("session lookup failed")
@@ -204,6 +205,22 @@ impl Authenticator {
             return Err(Reject::SessionSuspended);
         }
         Ok(settings.clone())
+    }
+}
+
+/// The address a per-client budget is kept for: an IPv6 client's /64 (one subscriber
+/// line's, which holds 2^64 addresses to rotate through), an IPv4 one's own address
+/// (also when it comes IPv4-mapped, through a dual-stack socket).
+pub fn budget_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !(u128::MAX >> 64);
+                IpAddr::V6(prefix.into())
+            }
+        },
     }
 }
 
@@ -317,6 +334,36 @@ mod tests {
     use super::*;
     use crate::store::SessionRecord;
     use crate::store::memory::MemoryStore;
+
+    #[test]
+    fn budgets_are_kept_per_ipv4_address_and_per_ipv6_64() {
+        let key = |ip: &str| budget_key(ip.parse().expect("ip")).to_string();
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
+
+    /// Guesses from across one IPv6 /64 spend one budget.
+    #[tokio::test]
+    async fn an_ipv6_client_cannot_rotate_addresses_past_its_budget() {
+        let (auth, name) = setup().await;
+        for host in 1..=5 {
+            let ip: IpAddr = format!("2001:db8::{host}").parse().expect("ip");
+            assert_eq!(
+                auth.authenticate(ip, &name, "guess").await,
+                Err(Reject::BadCredentials)
+            );
+        }
+        let next: IpAddr = "2001:db8::ffff:1".parse().expect("ip");
+        assert_eq!(auth.authenticate(next, &name, "guess").await, Err(LIMITED));
+        let elsewhere: IpAddr = "2001:db8:0:1::1".parse().expect("ip");
+        assert_eq!(
+            auth.authenticate(elsewhere, &name, "guess").await,
+            Err(Reject::BadCredentials)
+        );
+    }
 
     async fn setup() -> (Authenticator, SessionName) {
         let burst = NonZeroU32::new(5).expect("non-zero");

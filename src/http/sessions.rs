@@ -128,7 +128,7 @@ pub async fn create_session(
         }
     };
     let api = &state.sessions;
-    if let Err(not_until) = api.limiter.check_key(&peer.ip()) {
+    if let Err(not_until) = api.limiter.check_key(&crate::auth::budget_key(peer.ip())) {
         let wait = not_until.wait_time_from(DefaultClock::default().now());
         // Rounded up: a client that waits the whole seconds it is told succeeds.
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
