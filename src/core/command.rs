@@ -215,7 +215,9 @@ pub enum Event {
     Presence(Box<Presence>),
     Keys {
         request_id: u64,
-        keys: Vec<(ClientId, Bytes)>,
+        /// Shared by every answer until the directory changes: a client asking again
+        /// and again without reading queues pointers, not copies.
+        keys: Arc<[(ClientId, Bytes)]>,
     },
     Error(Box<ErrorEvent>),
 }

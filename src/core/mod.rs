@@ -712,11 +712,11 @@ impl Core {
         let Some(session) = self.sessions.get_mut(&c.session) else {
             return;
         };
-        if !session.keys.contains_key(&client_id) && session.keys.len() >= self.config.max_keys {
+        if !session.has_key(&client_id) && session.key_count() >= self.config.max_keys {
             let reject = Reject::LimitExceeded("the session's key directory is full");
             return self.refuse(conn, request_id, reject);
         }
-        session.keys.insert(client_id, public_key);
+        session.set_key(client_id, public_key);
         self.get_keys(conn, request_id);
     }
 
@@ -724,14 +724,10 @@ impl Core {
         let Some(c) = self.conns.get(&conn) else {
             return self.refuse(conn, request_id, Reject::NotAuthenticated);
         };
-        let Some(session) = self.sessions.get(&c.session) else {
+        let Some(session) = self.sessions.get_mut(&c.session) else {
             return;
         };
-        let keys = session
-            .keys
-            .iter()
-            .map(|(c, k)| (c.clone(), k.clone()))
-            .collect();
+        let keys = session.key_directory();
         self.fx.send(conn, Event::Keys { request_id, keys });
     }
 
@@ -748,7 +744,7 @@ impl Core {
             session.clients.remove(&c.client_id);
         }
         if c.anonymous {
-            session.keys.remove(&c.client_id);
+            session.remove_key(&c.client_id);
         }
         let Some(sub) = session.subscribers.get_mut(&c.client_id) else {
             return;

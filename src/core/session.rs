@@ -91,7 +91,9 @@ pub struct Session {
     /// Filters that somebody watches for presence → who watches.
     pub presence: BTreeMap<TopicFilter, Vec<ClientId>>,
     /// The X25519 key directory.
-    pub keys: BTreeMap<ClientId, Bytes>,
+    keys: BTreeMap<ClientId, Bytes>,
+    /// `keys` as last answered, until it changes.
+    keys_answer: Option<Arc<[(ClientId, Bytes)]>>,
     /// The last `history_size` messages of each topic (in memory only).
     pub history: FastMap<TopicName, VecDeque<Arc<Message>>>,
     /// Every retained message's topic, by accept order: the oldest to drop.
@@ -111,6 +113,7 @@ impl Session {
             uploading: FastSet::default(),
             presence: BTreeMap::new(),
             keys: BTreeMap::new(),
+            keys_answer: None,
             history: FastMap::default(),
             history_order: BTreeMap::new(),
             history_bytes: 0,
@@ -129,6 +132,34 @@ impl Session {
             kept.1 |= same && later.1;
             same
         });
+    }
+
+    /// How many clients have a key in the directory.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn has_key(&self, client: &ClientId) -> bool {
+        self.keys.contains_key(client)
+    }
+
+    pub fn set_key(&mut self, client: ClientId, key: Bytes) {
+        self.keys.insert(client, key);
+        self.keys_answer = None;
+    }
+
+    pub fn remove_key(&mut self, client: &ClientId) {
+        if self.keys.remove(client).is_some() {
+            self.keys_answer = None;
+        }
+    }
+
+    /// The key directory, as one shared answer.
+    pub fn key_directory(&mut self) -> Arc<[(ClientId, Bytes)]> {
+        let keys = &self.keys;
+        self.keys_answer
+            .get_or_insert_with(|| keys.iter().map(|(c, k)| (c.clone(), k.clone())).collect())
+            .clone()
     }
 
     /// Keeps `message` as the newest retained message of its topic, dropping what has
@@ -285,6 +316,25 @@ mod tests {
             s.history.len(),
             MAX_HISTORY_MESSAGES / MAX_HISTORY_SIZE as usize
         );
+    }
+
+    /// Answers share one copy of the key directory until it changes.
+    #[test]
+    fn key_directory_answers_are_shared_until_it_changes() {
+        let mut s = session(0);
+        let alice = ClientId::parse("alice").expect("id");
+        s.set_key(alice.clone(), Bytes::from_static(&[1; 32]));
+        let first = s.key_directory();
+        assert!(Arc::ptr_eq(&first, &s.key_directory()));
+        s.set_key(
+            ClientId::parse("bob").expect("id"),
+            Bytes::from_static(&[2; 32]),
+        );
+        let second = s.key_directory();
+        assert_eq!((first.len(), second.len()), (1, 2));
+        s.remove_key(&alice);
+        assert_eq!(s.key_directory().len(), 1);
+        assert!(Arc::ptr_eq(&s.key_directory(), &s.key_directory()));
     }
 
     /// Expired messages are dropped as new ones come, not kept until pushed out.
