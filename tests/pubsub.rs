@@ -5,7 +5,9 @@ mod common;
 use std::time::Duration;
 
 use common::{Broker, contains, db_bytes, durable, within};
-use fastport::client::{Client, ClientError, PublishStatus, SessionKey, SubscribeOptions};
+use fastport::client::{
+    Client, ClientError, PublishStatus, PublishedKey, SessionKey, SubscribeOptions,
+};
 use fastport::proto::ErrorCode;
 use serde_json::json;
 
@@ -608,4 +610,53 @@ async fn dropping_many_subscriptions_at_once_ends_them_all() {
             "{topic}"
         );
     }
+}
+
+/// The session's public-key directory (design §5) through the SDK: each client's
+/// X25519 key under its client id, for the others to read. The broker keeps it in
+/// memory, so after a restart the SDK publishes its key again when it reconnects.
+#[tokio::test]
+async fn clients_find_each_other_s_public_keys_in_the_directory() {
+    let mut broker = Broker::start();
+    broker.create_session("keys", "pw", json!({})).await;
+    let key = SessionKey::generate();
+    let connect = |id: &'static str| {
+        let config = broker.client_config("keys", "pw", &key).client_id(id);
+        async move {
+            within("connect", Client::connect(config))
+                .await
+                .expect("connect")
+        }
+    };
+    let (alice, bob) = (connect("alice").await, connect("bob").await);
+    let entry = |id: &str, byte: u8| PublishedKey {
+        client_id: id.into(),
+        public_key: [byte; 32],
+    };
+
+    assert_eq!(bob.keys().await.expect("keys"), []);
+    let listed = alice.publish_key([1; 32]).await.expect("published");
+    assert_eq!(listed, [entry("alice", 1)]);
+    assert_eq!(bob.keys().await.expect("keys"), [entry("alice", 1)]);
+    let listed = bob.publish_key([2; 32]).await.expect("published");
+    assert_eq!(listed, [entry("alice", 1), entry("bob", 2)]);
+    // A new key replaces the client's old one.
+    alice.publish_key([3; 32]).await.expect("published");
+    assert_eq!(
+        bob.keys().await.expect("keys"),
+        [entry("alice", 3), entry("bob", 2)]
+    );
+
+    broker.restart();
+    let both = [entry("alice", 3), entry("bob", 2)];
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        // Fails while the client reconnects; then lists what was published again.
+        seen = bob.keys().await.unwrap_or_default();
+        if seen == both {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, both, "published again after the restart");
 }

@@ -289,6 +289,11 @@ enum Request {
     },
     /// A received file was verified: acknowledge it.
     AckFile([u8; 16]),
+    /// The session's key directory, after publishing this client's key if given.
+    Keys {
+        publish: Option<[u8; 32]>,
+        reply: oneshot::Sender<Result<Vec<PublishedKey>, ClientError>>,
+    },
     /// No file subscription wanted a file on `topic`: acknowledged (dropped for good)
     /// if a message subscription matches it, which never takes files; else left for
     /// the broker's retry, by which time the application may have subscribed (a
@@ -298,6 +303,14 @@ enum Request {
         topic: String,
     },
     Close,
+}
+
+/// A client's entry in its session's public-key directory (design §5: X25519 public
+/// keys, so that clients can agree on keys of their own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedKey {
+    pub client_id: String,
+    pub public_key: [u8; 32],
 }
 
 /// Longest [`Client::close`] waits for the connection to close.
@@ -455,6 +468,33 @@ impl Client {
             // The runtime is shutting down.
             Err(_) => Err(ClientError::Closed),
         }
+    }
+
+    /// Publishes this client's X25519 public key in the session's key directory and
+    /// returns the directory. The broker keeps one key per client id, in memory: it
+    /// goes with a broker restart (this client publishes it again when it reconnects)
+    /// and, for a client without a client id, when its connection ends. Other clients
+    /// read it with [`keys`](Self::keys) and agree on a key with it (X25519, e.g. with
+    /// `x25519-dalek`); the broker only stores and hands out public keys.
+    pub async fn publish_key(
+        &self,
+        public_key: [u8; 32],
+    ) -> Result<Vec<PublishedKey>, ClientError> {
+        self.call(|reply| Request::Keys {
+            publish: Some(public_key),
+            reply,
+        })
+        .await
+    }
+
+    /// The session's public-key directory: every client's published X25519 key. Needs
+    /// a live connection: while reconnecting it fails with [`ClientError::Connect`].
+    pub async fn keys(&self) -> Result<Vec<PublishedKey>, ClientError> {
+        self.call(|reply| Request::Keys {
+            publish: None,
+            reply,
+        })
+        .await
     }
 
     /// Subscribes to a filter (`+` one level, `#` the rest) for as long as the client

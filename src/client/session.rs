@@ -203,6 +203,7 @@ enum Outcome {
 
 /// A caller waiting for `Subscribed` (none for re-subscriptions after a reconnect).
 type SubscribeReply = Option<oneshot::Sender<Result<u64, ClientError>>>;
+type KeysReply = oneshot::Sender<Result<Vec<super::PublishedKey>, ClientError>>;
 
 struct State {
     config: ClientConfig,
@@ -216,6 +217,10 @@ struct State {
     subscribing: HashMap<u64, (u64, SubscribeReply)>,
     /// request_id → caller waiting for `Unsubscribed`.
     unsubscribing: HashMap<u64, oneshot::Sender<Result<(), ClientError>>>,
+    /// request_id → caller waiting for `Keys`.
+    keys_waiting: HashMap<u64, KeysReply>,
+    /// This client's published public key, published again after a reconnect.
+    public_key: Option<[u8; 32]>,
     /// Filters to unsubscribe from once connected again.
     unsubscribe_later: Vec<TopicFilter>,
     /// Subscriptions found closed while handing a message over (their handle was
@@ -389,6 +394,8 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
         file_subs: FileSubs::default(),
         received_files: ReceivedFiles::default(),
         uploads: HashMap::new(),
+        keys_waiting: HashMap::new(),
+        public_key: None,
         sending: HashMap::new(),
         incoming: HashMap::new(),
         requests: mpsc::channel(1).0.downgrade(),
@@ -547,6 +554,10 @@ impl State {
         self.forget_abandoned_uploads();
         for refusal in self.sending.values() {
             let _ = refusal.set(upload_cut_off());
+        }
+        for (_, reply) in self.keys_waiting.drain() {
+            let lost = "connection lost before the broker answered; ask again";
+            let _ = reply.send(Err(ClientError::Connect(lost.into())));
         }
         // Whether the broker kept a file whose answer was lost cannot be known here.
         for (_, reply) in self.uploads.drain() {
@@ -727,6 +738,10 @@ impl State {
                     topic: filter.to_string(),
                 },
             )));
+        }
+        if let Some(public_key) = self.public_key {
+            let request_id = self.request_id();
+            live.writer.push(&key_frame(request_id, Some(public_key)));
         }
         // File subscriptions too: they have no local id to drop if refused (0).
         for (filter, options) in self.subscriptions() {
@@ -971,6 +986,20 @@ impl State {
                 }
                 self.adopt_orphans();
             }
+            Request::Keys { publish, reply } => {
+                let Some(w) = writer else {
+                    let why = "not connected to the broker (reconnecting); ask again";
+                    let _ = reply.send(Err(ClientError::Connect(why.into())));
+                    return;
+                };
+                if publish.is_some() {
+                    self.public_key = publish;
+                }
+                let request_id = self.request_id();
+                self.keys_waiting.insert(request_id, reply);
+                self.control_pending = true;
+                w.push(&key_frame(request_id, publish));
+            }
             Request::Unsubscribe { id, reply } => {
                 self.remove_subscription(id, false, writer, Some(reply));
             }
@@ -1144,6 +1173,21 @@ impl State {
                     let _ = reply.send(Ok(()));
                 }
             }
+            server_frame::Kind::Keys(k) => {
+                if let Some(reply) = self.keys_waiting.remove(&k.request_id) {
+                    let keys = k
+                        .keys
+                        .into_iter()
+                        .filter_map(|entry| {
+                            Some(super::PublishedKey {
+                                public_key: entry.public_key[..].try_into().ok()?,
+                                client_id: entry.client_id,
+                            })
+                        })
+                        .collect();
+                    let _ = reply.send(Ok(keys));
+                }
+            }
             server_frame::Kind::Error(e) => return self.on_error(e).await,
             server_frame::Kind::FileAccepted(a) => {
                 if let Ok(id) = <[u8; 16]>::try_from(&a.file_id[..])
@@ -1230,6 +1274,10 @@ impl State {
             return Ok(());
         }
         if let Some(reply) = self.unsubscribing.remove(&e.request_id) {
+            let _ = reply.send(Err(refused(&e)));
+            return Ok(());
+        }
+        if let Some(reply) = self.keys_waiting.remove(&e.request_id) {
             let _ = reply.send(Err(refused(&e)));
             return Ok(());
         }
@@ -1424,6 +1472,9 @@ impl State {
         for (_, reply) in self.unsubscribing.drain() {
             let _ = reply.send(Err(error.clone()));
         }
+        for (_, reply) in self.keys_waiting.drain() {
+            let _ = reply.send(Err(error.clone()));
+        }
         for (_, reply) in self.uploads.drain() {
             let _ = reply.send(Err(error.clone()));
         }
@@ -1458,6 +1509,18 @@ fn subscribe_frame(
         history: options.history,
         presence: options.presence,
     }))
+}
+
+/// `PublishKey` when there is a key to publish, else `GetKeys`: both are answered
+/// with `Keys`.
+fn key_frame(request_id: u64, publish: Option<[u8; 32]>) -> ClientFrame {
+    frame(match publish {
+        Some(key) => client_frame::Kind::PublishKey(proto::PublishKey {
+            request_id,
+            public_key: Bytes::copy_from_slice(&key),
+        }),
+        None => client_frame::Kind::GetKeys(proto::GetKeys { request_id }),
+    })
 }
 
 fn publish_frame(p: &SealedPublish) -> PublishFields<'_> {
