@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use common::{Broker, contains, db_bytes, durable, within};
 use fastport::client::{
-    Client, ClientError, PublishStatus, PublishedKey, SessionKey, SubscribeOptions,
+    Client, ClientError, PresenceChange, PublishStatus, PublishedKey, SessionKey, SubscribeOptions,
+    SubscriptionEvent,
 };
 use fastport::proto::ErrorCode;
 use serde_json::json;
@@ -659,4 +660,58 @@ async fn clients_find_each_other_s_public_keys_in_the_directory() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(seen, both, "published again after the restart");
+}
+
+/// A subscription that asks for presence (design §10) hears who subscribes to its
+/// filter and who leaves, beside its messages.
+#[tokio::test]
+async fn a_subscription_with_presence_hears_who_joins_and_leaves() {
+    let broker = Broker::start();
+    broker.create_session("room", "pw", json!({})).await;
+    let key = SessionKey::generate();
+    let connect = |id: &'static str| {
+        let config = broker.client_config("room", "pw", &key).client_id(id);
+        async move {
+            within("connect", Client::connect(config))
+                .await
+                .expect("connect")
+        }
+    };
+    let alice = connect("alice").await;
+    let options = SubscribeOptions {
+        presence: true,
+        ..Default::default()
+    };
+    let mut watching = alice
+        .subscribe_with("room/1", options)
+        .await
+        .expect("subscribe");
+
+    let bob = connect("bob").await;
+    let _bob_in = bob.subscribe("room/1").await.expect("subscribe");
+    let joined = PresenceChange::Joined {
+        client_id: "bob".into(),
+    };
+    let event = within("presence", watching.next_event()).await;
+    assert!(
+        matches!(&event, Some(SubscriptionEvent::Presence(change)) if *change == joined),
+        "{event:?}"
+    );
+    bob.publish("room/1", b"hi".to_vec())
+        .await
+        .expect("publish");
+    let event = within("message", watching.next_event()).await;
+    assert!(
+        matches!(&event, Some(SubscriptionEvent::Message(m)) if m.payload == b"hi"[..]),
+        "{event:?}"
+    );
+    bob.close().await;
+    let left = PresenceChange::Left {
+        client_id: "bob".into(),
+    };
+    let event = within("presence", watching.next_event()).await;
+    assert!(
+        matches!(&event, Some(SubscriptionEvent::Presence(change)) if *change == left),
+        "{event:?}"
+    );
 }

@@ -131,7 +131,8 @@ impl ClientConfig {
 pub struct SubscribeOptions {
     /// Keep queuing while this client is offline (needs a client id).
     pub durable: bool,
-    /// Also receive presence changes of the filter.
+    /// Also receive who subscribes to the same filter and who leaves it (design §10),
+    /// as [`SubscriptionEvent::Presence`] from [`Subscription::next_event`].
     pub presence: bool,
     /// First replay up to this many retained messages (the session's `historySize`
     /// bounds it).
@@ -257,6 +258,8 @@ enum Request {
         filter: String,
         options: SubscribeOptions,
         sink: mpsc::Sender<Message>,
+        /// Where presence changes go, if `options.presence`.
+        presence: Option<mpsc::Sender<PresenceChange>>,
         reply: oneshot::Sender<Result<u64, ClientError>>,
     },
     Unsubscribe {
@@ -511,18 +514,27 @@ impl Client {
         options: SubscribeOptions,
     ) -> Result<Subscription, ClientError> {
         let (sink, rx) = mpsc::channel(1024);
+        let (presence, presence_rx) = match options.presence {
+            true => {
+                let (tx, rx) = mpsc::channel(PRESENCE_BUFFER);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         let filter = filter.to_owned();
         let id = self
             .call(|reply| Request::Subscribe {
                 filter,
                 options,
                 sink,
+                presence,
                 reply,
             })
             .await?;
         Ok(Subscription {
             id,
             rx,
+            presence: presence_rx,
             requests: self.requests.clone(),
             handbacks: Arc::clone(&self.handbacks),
         })
@@ -642,16 +654,55 @@ impl Client {
 pub struct Subscription {
     id: u64,
     rx: mpsc::Receiver<Message>,
+    /// Presence changes, when the subscription asked for them.
+    presence: Option<mpsc::Receiver<PresenceChange>>,
     requests: mpsc::Sender<Request>,
     handbacks: Arc<session::Handbacks>,
 }
 
+/// Presence changes a subscription holds while the application reads none; past it,
+/// the newest are dropped (a log line says so).
+const PRESENCE_BUFFER: usize = 256;
+
+/// A client subscribed to a subscription's filter, or left it (it unsubscribed or
+/// disconnected), as the broker tells subscriptions that asked with
+/// [`SubscribeOptions::presence`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceChange {
+    Joined { client_id: String },
+    Left { client_id: String },
+}
+
+/// What [`Subscription::next_event`] yields.
+#[derive(Debug, Clone)]
+pub enum SubscriptionEvent {
+    Message(Message),
+    Presence(PresenceChange),
+}
+
 impl Subscription {
-    /// The next message; `None` once the client is closed.
+    /// The next message; `None` once the client is closed. Presence changes are left
+    /// for [`next_event`](Self::next_event).
     pub async fn next(&mut self) -> Option<Message> {
         let message = self.rx.recv().await?;
         self.taken(&message);
         Some(message)
+    }
+
+    /// The next message or presence change, whichever comes first; `None` once the
+    /// client is closed.
+    pub async fn next_event(&mut self) -> Option<SubscriptionEvent> {
+        let message = match &mut self.presence {
+            Some(presence) => tokio::select! {
+                message = self.rx.recv() => message,
+                Some(change) = presence.recv() => {
+                    return Some(SubscriptionEvent::Presence(change));
+                }
+            },
+            None => self.rx.recv().await,
+        }?;
+        self.taken(&message);
+        Some(SubscriptionEvent::Message(message))
     }
 
     fn taken(&self, message: &Message) {

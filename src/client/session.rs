@@ -190,6 +190,7 @@ struct LocalSub {
     filter: TopicFilter,
     options: SubscribeOptions,
     sink: mpsc::Sender<Message>,
+    presence: Option<mpsc::Sender<super::PresenceChange>>,
 }
 
 enum Outcome {
@@ -953,6 +954,7 @@ impl State {
                 filter,
                 options,
                 sink,
+                presence,
                 reply,
             } => {
                 let filter = match TopicFilter::parse(&filter) {
@@ -971,6 +973,7 @@ impl State {
                         filter: filter.clone(),
                         options,
                         sink,
+                        presence,
                     },
                 );
                 let after = self.merged_options(&filter).unwrap_or(options);
@@ -1221,9 +1224,31 @@ impl State {
                     let _ = tx.send(FilePart::End(e)).await;
                 }
             }
+            server_frame::Kind::Presence(p) => self.on_presence(p),
             other => tracing::trace!(frame = ?other, "ignored frame"),
         }
         Ok(())
+    }
+
+    /// Hands a presence change to every local subscription on its filter that asked.
+    fn on_presence(&mut self, p: proto::Presence) {
+        let change = match proto::PresenceEvent::try_from(p.event) {
+            Ok(proto::PresenceEvent::Joined) => super::PresenceChange::Joined {
+                client_id: p.client_id,
+            },
+            Ok(proto::PresenceEvent::Left) => super::PresenceChange::Left {
+                client_id: p.client_id,
+            },
+            _ => return tracing::debug!(event = p.event, "presence change of an unknown kind"),
+        };
+        for sub in self.subs.values() {
+            if let Some(tx) = &sub.presence
+                && sub.filter.as_str() == p.topic
+                && let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(change.clone())
+            {
+                tracing::warn!(filter = %sub.filter, "presence change dropped: the application reads none");
+            }
+        }
     }
 
     async fn on_error(&mut self, e: proto::Error) -> Result<(), ClientError> {
