@@ -10,7 +10,8 @@ use tokio::io::AsyncBufReadExt;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use fastport::client::{
-    Client, ClientConfig, ClientError, PubAck, PublishStatus, SessionKey, SubscribeOptions,
+    Client, ClientConfig, ClientError, PresenceChange, PubAck, PublishStatus, SessionKey,
+    SubscribeOptions, SubscriptionEvent,
 };
 use fastport::config::ServeArgs;
 use fastport::server::Server;
@@ -165,6 +166,10 @@ struct SubArgs {
     /// First replay up to this many retained messages (sessions with historySize).
     #[arg(long, default_value_t = 0)]
     history: u32,
+    /// Also report who subscribes to the same filter and who leaves it (on stderr;
+    /// with --json, as lines on stdout).
+    #[arg(long)]
+    presence: bool,
     /// Exit after this many messages.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
@@ -817,7 +822,7 @@ async fn subscribe(args: SubArgs) -> Result<()> {
     let client = args.client.connect().await?;
     let options = SubscribeOptions {
         durable: args.durable,
-        presence: false,
+        presence: args.presence,
         history: args.history,
     };
     let mut sub = client.subscribe_with(&args.filter, options).await?;
@@ -830,12 +835,29 @@ async fn subscribe(args: SubArgs) -> Result<()> {
     // subscription then queues what follows).
     tokio::pin!(signal);
     loop {
-        let message = tokio::select! {
-            message = sub.next() => match message {
-                Some(message) => message,
+        let event = tokio::select! {
+            event = sub.next_event() => match event {
+                Some(event) => event,
                 None => return stopped(&client),
             },
             () = &mut signal => break,
+        };
+        let message = match event {
+            SubscriptionEvent::Message(message) => message,
+            SubscriptionEvent::Presence(change) => {
+                let (event, client_id) = match &change {
+                    PresenceChange::Joined { client_id } => ("joined", client_id),
+                    PresenceChange::Left { client_id } => ("left", client_id),
+                };
+                if args.json {
+                    let line = serde_json::json!({"presence": event, "client_id": client_id});
+                    writeln!(stdout, "{line}")?;
+                    stdout.flush()?;
+                } else {
+                    eprintln!("{client_id} {event} {}", args.filter);
+                }
+                continue;
+            }
         };
         if args.json {
             let line = serde_json::json!({

@@ -343,6 +343,53 @@ async fn an_interrupted_sub_closes_its_connection() {
     assert_eq!(&m.payload[..], b"while away");
 }
 
+/// `fastport sub --presence` reports who joins its filter, as a JSON line with
+/// `--json`, beside the messages (which alone count towards `--count`).
+#[tokio::test]
+async fn sub_reports_presence_when_asked() {
+    let broker = Broker::start();
+    broker.create_session("cli", "secret-pass", json!({})).await;
+    let key = SessionKey::generate();
+    let mut child = client_command("sub", &broker, &key)
+        .args(["--presence", "--json", "--count", "1", "room/#"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run fastport sub");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let said = tokio::task::spawn_blocking(move || lines.next())
+        .await
+        .expect("join");
+    assert!(said.is_some_and(|l| l.is_ok_and(|l| l.contains("subscribed"))));
+
+    let config = broker
+        .client_config("cli", "secret-pass", &key)
+        .client_id("bob");
+    let bob = within("connect", fastport::client::Client::connect(config))
+        .await
+        .expect("connect");
+    let _in_the_room = bob.subscribe("room/#").await.expect("subscribe");
+    bob.publish("room/1", b"hello".to_vec())
+        .await
+        .expect("publish");
+    let out = within(
+        "sub to exit after one message",
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("join")
+    .expect("wait");
+    assert!(out.status.success(), "exit {}", out.status);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0], json!({"presence": "joined", "client_id": "bob"}));
+    assert_eq!(lines[1]["payload"], "hello");
+}
+
 /// `send-file` needs a file's size before its first chunk: a pipe is refused with
 /// a reason, not sent as an empty file.
 #[tokio::test]
