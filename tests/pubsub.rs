@@ -215,6 +215,43 @@ async fn legacy_json_payloads_cross_between_sdk_clients() {
     assert_eq!(m.format, fastport::proto::PayloadFormat::LegacyJson);
 }
 
+/// A client that turns legacy payloads off (they carry no MAC over topic, id and
+/// time) gets only `NATIVE_V1` messages, however often the legacy one is sent.
+#[tokio::test]
+async fn a_client_may_refuse_unauthenticated_legacy_payloads() {
+    let broker = Broker::start();
+    broker
+        .create_session("mixed", "secret-pass", json!({"retryInterval": 200}))
+        .await;
+    let key = SessionKey::generate();
+    let config = broker
+        .client_config("mixed", "secret-pass", &key)
+        .accept_legacy(false);
+    let strict = within("connect", Client::connect(config))
+        .await
+        .expect("connect");
+    let mut sub = strict.subscribe("t").await.expect("subscribe");
+    let sender = broker.client("mixed", "secret-pass", &key).await;
+    sender
+        .publish_legacy("t", "from dart")
+        .await
+        .expect("publish");
+    sender
+        .publish("t", b"native".to_vec())
+        .await
+        .expect("publish");
+    let m = within("the native message", sub.next())
+        .await
+        .expect("message");
+    assert_eq!(m.payload, &b"native"[..]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), sub.next())
+            .await
+            .is_err(),
+        "nothing else, retries included"
+    );
+}
+
 #[tokio::test]
 async fn wrong_key_messages_are_dropped_not_delivered() {
     let broker = Broker::start();

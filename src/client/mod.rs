@@ -61,6 +61,11 @@ pub struct ClientConfig {
     /// With a `quic://` URL, try protobuf over WebSocket on the same host and port when
     /// QUIC does not connect (e.g. UDP is blocked): `ws://` on loopback, else `wss://`.
     pub websocket_fallback: bool,
+    /// Open `LEGACY_JSON` deliveries (from the fastPort 2.0 Dart clients). Their format
+    /// has no MAC binding a message to its topic, id and time, so a hostile broker
+    /// could move or replay them unnoticed; clients that never hear from the Dart
+    /// apps turn this off, and such deliveries are then dropped (and acknowledged).
+    pub accept_legacy: bool,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -93,6 +98,7 @@ impl ClientConfig {
             reconnect: true,
             max_backoff: Duration::from_secs(5),
             websocket_fallback: true,
+            accept_legacy: true,
         }
     }
 
@@ -122,6 +128,12 @@ impl ClientConfig {
     /// Whether a `quic://` URL may fall back to WebSocket.
     pub fn websocket_fallback(mut self, fallback: bool) -> Self {
         self.websocket_fallback = fallback;
+        self
+    }
+
+    /// Whether to open `LEGACY_JSON` deliveries (see [`Self::accept_legacy`]).
+    pub fn accept_legacy(mut self, accept: bool) -> Self {
+        self.accept_legacy = accept;
         self
     }
 }
@@ -195,6 +207,9 @@ pub struct Message {
     pub message_id: [u8; 16],
     /// The publisher's timestamp (verified by the MAC for `NATIVE_V1`).
     pub timestamp_ms: u64,
+    /// `NATIVE_V1`: authenticated with its topic, id and timestamp. `LEGACY_JSON`: from
+    /// a fastPort 2.0 Dart client, whose format authenticates none of them (see
+    /// [`ClientConfig::accept_legacy`]).
     pub format: PayloadFormat,
     /// 1 for a first delivery; higher when the broker had to retry.
     pub attempt: u32,

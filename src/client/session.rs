@@ -1340,6 +1340,12 @@ impl State {
             // Given back unread: handed over again below.
         }
         let format = PayloadFormat::try_from(d.format).unwrap_or_default();
+        if format == PayloadFormat::LegacyJson && !self.config.accept_legacy {
+            tracing::debug!(topic = %d.topic, "dropping a LEGACY_JSON message: accept_legacy is off");
+            self.remember(id);
+            self.hold_ack(writer, d.message_id);
+            return;
+        }
         let opened = match format {
             PayloadFormat::LegacyJson => self.sealer.keys.open_legacy(&d.payload).map(Bytes::from),
             _ => {
