@@ -472,8 +472,11 @@ fn cert_names_in_file<'de, D: serde::Deserializer<'de>>(
         .map(Some)
 }
 
-/// `--cert-name`: an IP address, a host name, or a wildcard name (`*.example.com`).
+/// `--cert-name`: an IP address, a host name, or a wildcard name (`*.example.com`),
+/// without the spaces around it or a final dot (certificates name hosts without one).
 fn parse_cert_name(name: &str) -> Result<String, String> {
+    let name = name.trim();
+    let name = name.strip_suffix('.').unwrap_or(name);
     let bare = name.strip_prefix("*.").unwrap_or(name);
     if name.parse::<IpAddr>().is_ok() || is_host_name(bare) {
         Ok(name.to_owned())
@@ -655,7 +658,7 @@ mod tests {
                 "10.9.8.7"
             ]
         );
-        args.cert_name = vec!["*.example.org".into()];
+        args.cert_name = vec![parse_cert_name(" *.example.org. ").expect("valid")];
         let hosts = args.resolve().expect("valid").certs.hosts;
         assert!(hosts.contains(&"*.example.org".to_string()), "{hosts:?}");
         assert!(

@@ -229,9 +229,10 @@ async fn silent_clients_are_closed_after_the_hello_deadline() {
     still_serving(&broker, "quiet").await;
 }
 
-/// Every request before a successful Hello is answered, so a client may make only
-/// so many: one that sends them without reading would otherwise hold its connection
-/// (and the Hello deadline) forever.
+/// Every frame before a successful Hello is answered, so a client may be sent only
+/// so many answers (pongs, refusals of frames that do not even parse): one that sends
+/// frames without reading would otherwise hold its connection (and the Hello
+/// deadline) forever.
 #[tokio::test]
 async fn a_connection_makes_only_so_many_requests_before_hello() {
     let broker = Broker::start();
@@ -241,11 +242,25 @@ async fn a_connection_makes_only_so_many_requests_before_hello() {
     let mut raw = broker.raw().await;
     let max = fastport::carrier::MAX_BEFORE_LOGIN;
     for nonce in 0..u64::from(max) {
-        raw.send(client_frame::Kind::Ping(proto::Ping { nonce }))
+        if nonce % 2 == 0 {
+            raw.send(client_frame::Kind::Ping(proto::Ping { nonce }))
+                .await;
+        } else {
+            raw.send(client_frame::Kind::Subscribe(proto::Subscribe {
+                request_id: nonce,
+                topic: "bad/#/filter".into(),
+                ..Default::default()
+            }))
             .await;
+        }
     }
-    for _ in 0..max {
-        assert!(matches!(raw.next().await, server_frame::Kind::Pong(_)));
+    for nonce in 0..max {
+        let kind = raw.next().await;
+        if nonce % 2 == 0 {
+            assert!(matches!(kind, server_frame::Kind::Pong(_)), "{kind:?}");
+        } else {
+            assert_eq!(error_code(&kind), ErrorCode::InvalidFrame, "{kind:?}");
+        }
     }
     assert!(
         !raw.closed_within(Duration::from_millis(300)).await,

@@ -335,6 +335,13 @@ impl Reader {
 
     fn parse(&mut self, text: &str) -> Result<LegacyIn, Refused> {
         let not_a_frame = |why: String| Ok(LegacyIn::Undecodable(Reject::InvalidFrame(why)));
+        // A struct also reads a JSON array, field by field: only objects are frames.
+        if !text.trim_start().starts_with('{') {
+            return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                Ok(_) => not_a_frame("expected a JSON object".into()),
+                Err(e) => not_a_frame(format!("invalid JSON: {e}")),
+            };
+        }
         let frame: Frame<'_> = match serde_json::from_str(text) {
             Ok(frame) => frame,
             Err(e) if e.is_data() => {
@@ -716,7 +723,12 @@ mod tests {
 
     #[test]
     fn bad_frames_are_explained() {
-        for (text, needle) in [("not json", "invalid JSON"), ("[1,2]", "JSON object")] {
+        let sixteen = format!("[{}]", ["\"t\""; 16].join(","));
+        for (text, needle) in [
+            ("not json", "invalid JSON"),
+            ("[1,2]", "JSON object"),
+            (sixteen.as_str(), "JSON object"),
+        ] {
             let Ok(LegacyIn::Undecodable(reject)) = Reader::default().parse(text) else {
                 panic!("{text} is not a frame")
             };

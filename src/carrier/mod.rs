@@ -124,14 +124,14 @@ pub struct Link {
     conn: Option<ConnId>,
     session: Option<SessionName>,
     publish_slots: Arc<Semaphore>,
-    /// Requests answered before `Hello` succeeded (see [`MAX_BEFORE_LOGIN`]).
-    before_login: u32,
+    /// Answers sent before `Hello` succeeded (see [`MAX_BEFORE_LOGIN`]).
+    before_login: std::sync::atomic::AtomicU32,
 }
 
-/// Requests a connection may make before its `Hello` succeeds (failed `Hello`s and
-/// pings too); the next closes it. Each is answered, so without a bound a client that
-/// never reads would fill its outbound queue and hold the reader (and the `Hello`
-/// deadline with it) forever.
+/// Answers a connection may be sent before its `Hello` succeeds (pongs, refusals of
+/// frames that are not `Hello`, failed `Hello`s); the next closes it instead. Without
+/// a bound a client that never reads would fill its outbound queue, holding the reader
+/// (and the `Hello` deadline with it) forever.
 pub const MAX_BEFORE_LOGIN: u32 = 64;
 
 impl Link {
@@ -156,7 +156,7 @@ impl Link {
             conn: None,
             session: None,
             publish_slots: slots,
-            before_login: 0,
+            before_login: Default::default(),
         }
     }
 
@@ -195,6 +195,18 @@ impl Link {
     }
 
     async fn out(&self, item: Outbound) {
+        let mut item = item;
+        if self.conn.is_none() && !matches!(item, Outbound::Close(_)) {
+            let sent = 1 + self
+                .before_login
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if sent > MAX_BEFORE_LOGIN + 1 {
+                return; // closing
+            }
+            if sent == MAX_BEFORE_LOGIN + 1 {
+                item = Outbound::Close(Box::new(Reject::NotAuthenticated));
+            }
+        }
         // The writer ends only after the link is gone, so this cannot be closed early;
         // if it is, the connection is going away and there is nobody to tell.
         let _ = self.tx.send(item).await;
@@ -229,15 +241,6 @@ impl Link {
 
     /// Handles one request. Errs only when the broker is shutting down.
     pub async fn handle(&mut self, request: Request) -> Result<(), DriverGone> {
-        if self.conn.is_none() {
-            self.before_login += 1;
-            if self.before_login > MAX_BEFORE_LOGIN {
-                if self.before_login == MAX_BEFORE_LOGIN + 1 {
-                    self.fail(Reject::NotAuthenticated).await;
-                }
-                return Ok(()); // closing
-            }
-        }
         let conn = match (&request, self.conn) {
             // Boxed: authentication (a store query, argon2) makes a large future, and
             // an unboxed one would be part of every connection's task for its whole life.

@@ -61,10 +61,12 @@ pub struct ClientConfig {
     /// With a `quic://` URL, try protobuf over WebSocket on the same host and port when
     /// QUIC does not connect (e.g. UDP is blocked): `ws://` on loopback, else `wss://`.
     pub websocket_fallback: bool,
-    /// Open `LEGACY_JSON` deliveries (from the fastPort 2.0 Dart clients). Their format
+    /// Open `LEGACY_JSON` messages (from the fastPort 2.0 Dart clients). Their format
     /// has no MAC binding a message to its topic, id and time, so a hostile broker
     /// could move or replay them unnoticed; clients that never hear from the Dart
-    /// apps turn this off, and such deliveries are then dropped (and acknowledged).
+    /// apps turn this off, and such messages are then dropped (and acknowledged).
+    /// Files are not covered: a file subscription takes legacy files as it always
+    /// has (their chunks are not authenticated either).
     pub accept_legacy: bool,
 }
 
@@ -144,7 +146,8 @@ pub struct SubscribeOptions {
     /// Keep queuing while this client is offline (needs a client id).
     pub durable: bool,
     /// Also receive who subscribes to the same filter and who leaves it (design §10),
-    /// as [`SubscriptionEvent::Presence`] from [`Subscription::next_event`].
+    /// as [`SubscriptionEvent::Presence`] from [`Subscription::next_event`]: changes
+    /// from the subscribe on, not who was there before, and none while reconnecting.
     pub presence: bool,
     /// First replay up to this many retained messages (the session's `historySize`
     /// bounds it).
@@ -493,7 +496,8 @@ impl Client {
     /// goes with a broker restart (this client publishes it again when it reconnects)
     /// and, for a client without a client id, when its connection ends. Other clients
     /// read it with [`keys`](Self::keys) and agree on a key with it (X25519, e.g. with
-    /// `x25519-dalek`); the broker only stores and hands out public keys.
+    /// `x25519-dalek`); the broker only stores and hands out public keys. Needs a live
+    /// connection, as [`keys`](Self::keys) does.
     pub async fn publish_key(
         &self,
         public_key: [u8; 32],

@@ -218,9 +218,10 @@ struct State {
     subscribing: HashMap<u64, (u64, SubscribeReply)>,
     /// request_id → caller waiting for `Unsubscribed`.
     unsubscribing: HashMap<u64, oneshot::Sender<Result<(), ClientError>>>,
-    /// request_id → caller waiting for `Keys`.
-    keys_waiting: HashMap<u64, KeysReply>,
-    /// This client's published public key, published again after a reconnect.
+    /// request_id → the key being published, if any, and the caller waiting for `Keys`.
+    keys_waiting: HashMap<u64, (Option<[u8; 32]>, KeysReply)>,
+    /// This client's published public key (once the broker took it), published again
+    /// after a reconnect.
     public_key: Option<[u8; 32]>,
     /// Filters to unsubscribe from once connected again.
     unsubscribe_later: Vec<TopicFilter>,
@@ -556,7 +557,7 @@ impl State {
         for refusal in self.sending.values() {
             let _ = refusal.set(upload_cut_off());
         }
-        for (_, reply) in self.keys_waiting.drain() {
+        for (_, (_, reply)) in self.keys_waiting.drain() {
             let lost = "connection lost before the broker answered; ask again";
             let _ = reply.send(Err(ClientError::Connect(lost.into())));
         }
@@ -995,11 +996,8 @@ impl State {
                     let _ = reply.send(Err(ClientError::Connect(why.into())));
                     return;
                 };
-                if publish.is_some() {
-                    self.public_key = publish;
-                }
                 let request_id = self.request_id();
-                self.keys_waiting.insert(request_id, reply);
+                self.keys_waiting.insert(request_id, (publish, reply));
                 self.control_pending = true;
                 w.push(&key_frame(request_id, publish));
             }
@@ -1177,7 +1175,10 @@ impl State {
                 }
             }
             server_frame::Kind::Keys(k) => {
-                if let Some(reply) = self.keys_waiting.remove(&k.request_id) {
+                if let Some((published, reply)) = self.keys_waiting.remove(&k.request_id) {
+                    if published.is_some() {
+                        self.public_key = published;
+                    }
                     let keys = k
                         .keys
                         .into_iter()
@@ -1246,7 +1247,7 @@ impl State {
                 && sub.filter.as_str() == p.topic
                 && let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(change.clone())
             {
-                tracing::warn!(filter = %sub.filter, "presence change dropped: the application reads none");
+                tracing::debug!(filter = %sub.filter, "presence change dropped: the application reads none");
             }
         }
     }
@@ -1302,7 +1303,7 @@ impl State {
             let _ = reply.send(Err(refused(&e)));
             return Ok(());
         }
-        if let Some(reply) = self.keys_waiting.remove(&e.request_id) {
+        if let Some((_, reply)) = self.keys_waiting.remove(&e.request_id) {
             let _ = reply.send(Err(refused(&e)));
             return Ok(());
         }
@@ -1503,7 +1504,7 @@ impl State {
         for (_, reply) in self.unsubscribing.drain() {
             let _ = reply.send(Err(error.clone()));
         }
-        for (_, reply) in self.keys_waiting.drain() {
+        for (_, (_, reply)) in self.keys_waiting.drain() {
             let _ = reply.send(Err(error.clone()));
         }
         for (_, reply) in self.uploads.drain() {

@@ -165,10 +165,6 @@ impl Session {
     /// Keeps `message` as the newest retained message of its topic, dropping what has
     /// expired by `now` and, past the session's bounds, the oldest.
     pub fn retain(&mut self, message: &Arc<Message>, now: Millis) {
-        let size = self.settings.history_size as usize;
-        if size == 0 {
-            return;
-        }
         // Expiry follows accept order within a session: the expired are the oldest.
         while let Some(oldest) = self.oldest_retained() {
             if oldest.expires_at > now {
@@ -176,27 +172,32 @@ impl Session {
             }
             self.drop_oldest_retained();
         }
+        let size = self.settings.history_size as usize;
+        if size == 0 {
+            return;
+        }
         if !self.history.contains_key(&message.topic) && self.history.len() >= MAX_HISTORY_TOPICS {
             return;
         }
         let kept = self.history.entry(message.topic.clone()).or_default();
         kept.push_back(message.clone());
-        let dropped = if kept.len() > size {
-            kept.pop_front()
-        } else {
-            None
-        };
         self.history_order
             .insert(message.seq, message.topic.clone());
         self.history_bytes += message.payload.len();
-        if let Some(dropped) = dropped {
+        // More than one when the session's historySize was lowered.
+        while kept.len() > size {
+            let Some(dropped) = kept.pop_front() else {
+                break;
+            };
             self.history_order.remove(&dropped.seq);
             self.history_bytes -= dropped.payload.len();
         }
         while self.history_bytes > MAX_HISTORY_BYTES
             || self.history_order.len() > MAX_HISTORY_MESSAGES
         {
-            self.drop_oldest_retained();
+            if !self.drop_oldest_retained() {
+                break;
+            }
         }
     }
 
@@ -206,20 +207,21 @@ impl Session {
         self.history.get(topic)?.front()
     }
 
-    /// Drops the session's oldest retained message (the first of its topic's).
-    fn drop_oldest_retained(&mut self) {
+    /// Drops the session's oldest retained message (the first of its topic's); false
+    /// if there is none.
+    fn drop_oldest_retained(&mut self) -> bool {
         let Some((_, topic)) = self.history_order.pop_first() else {
-            return;
+            return false;
         };
-        let Some(kept) = self.history.get_mut(&topic) else {
-            return;
-        };
-        if let Some(dropped) = kept.pop_front() {
-            self.history_bytes -= dropped.payload.len();
+        if let Some(kept) = self.history.get_mut(&topic) {
+            if let Some(dropped) = kept.pop_front() {
+                self.history_bytes -= dropped.payload.len();
+            }
+            if kept.is_empty() {
+                self.history.remove(&topic);
+            }
         }
-        if kept.is_empty() {
-            self.history.remove(&topic);
-        }
+        true
     }
 
     /// Up to `limit` retained messages matching `filter`, unexpired at `now`, oldest
@@ -316,6 +318,22 @@ mod tests {
             s.history.len(),
             MAX_HISTORY_MESSAGES / MAX_HISTORY_SIZE as usize
         );
+    }
+
+    /// A lowered historySize trims a topic to it at its next message.
+    #[test]
+    fn a_lowered_history_size_trims_at_the_next_message() {
+        let mut s = session(3);
+        for seq in 1..=3 {
+            s.retain(&message(seq, "t", 10, 0), 0);
+        }
+        s.settings.history_size = 1;
+        s.retain(&message(4, "t", 5, 0), 0);
+        assert_eq!((all(&s), s.history_bytes), (vec![4], 5));
+        // Turned off: what is left goes as it expires.
+        s.settings.history_size = 0;
+        s.retain(&message(5, "t", 5, EXPIRY), EXPIRY);
+        assert_eq!((all(&s), s.history_bytes), (vec![], 0));
     }
 
     /// Answers share one copy of the key directory until it changes.
