@@ -139,10 +139,14 @@ impl Server {
         // A real certificate (--cert) also serves HTTPS/WSS on the TCP port; the
         // generated one is for QUIC and browsers' pinned hashes only.
         let https = config.certs.cert.is_some();
+        // Well after the WebSocket carrier closes silent connections (politely, with
+        // a close frame it gives time to be read), so this only ends those it does
+        // not: plain HTTP ones.
+        let idle = 2 * config.carrier.ws_idle_timeout + Duration::from_secs(5);
         let http_task = if https {
             let tls = certs.server_config(&[b"http/1.1"])?;
             let listener =
-                TlsListener::new(tcp, tls).map_err(bind_err("HTTPS (TCP)", http_addr))?;
+                TlsListener::new(tcp, tls, idle).map_err(bind_err("HTTPS (TCP)", http_addr))?;
             tokio::spawn(async move {
                 if let Err(e) = http::serve(listener, state, shutdown).await {
                     tracing::error!(error = %e, "HTTPS server failed");
@@ -150,7 +154,8 @@ impl Server {
             })
         } else {
             tokio::spawn(async move {
-                if let Err(e) = http::serve(http::PlainListener(tcp), state, shutdown).await {
+                let listener = http::PlainListener::new(tcp, idle);
+                if let Err(e) = http::serve(listener, state, shutdown).await {
                     tracing::error!(error = %e, "HTTP server failed");
                 }
             })

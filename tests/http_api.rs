@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Broker, within};
 use fastport::client::{ClientError, SessionKey};
 use fastport::proto::ErrorCode;
@@ -223,4 +225,30 @@ async fn cert_hash_matches_the_served_leaf() {
     let (status, body, _) = get(&broker, "/no/such/path").await;
     assert_eq!(status, 404);
     assert_eq!(body["success"], false);
+}
+
+/// A TCP connection that sends nothing is closed once idle for twice the WebSocket
+/// idle timeout and 5 s, instead of holding a socket and a task forever.
+#[tokio::test]
+async fn a_silent_http_connection_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let broker = Broker::start_with(&[
+        "--ws-ping-interval-ms",
+        "300",
+        "--ws-idle-timeout-ms",
+        "700",
+    ]);
+    let mut silent = tokio::net::TcpStream::connect(broker.http)
+        .await
+        .expect("connect");
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut byte))
+        .await
+        .expect("closed within 10 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // The broker still serves.
+    let (status, _) = broker
+        .post_session("after-idle", "secret-pass", json!({}))
+        .await;
+    assert_eq!(status, 200);
 }
