@@ -20,9 +20,8 @@ fn client_command(command: &str, broker: &Broker, key: &SessionKey) -> Command {
     cmd
 }
 
-/// Waits until `child`'s first line on stderr says `started`, then sends it SIGINT
-/// (Ctrl-C).
-async fn started_then_interrupted(child: &mut std::process::Child, started: &'static str) {
+/// Waits until `child`'s first line on stderr says `started`.
+async fn started(child: &mut std::process::Child, started: &'static str) {
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
     let said = tokio::task::spawn_blocking(move || lines.next())
@@ -32,6 +31,12 @@ async fn started_then_interrupted(child: &mut std::process::Child, started: &'st
         said.is_some_and(|l| l.is_ok_and(|l| l.contains(started))),
         "no {started:?}: the command did not start"
     );
+}
+
+/// Waits until `child`'s first line on stderr says `started`, then sends it SIGINT
+/// (Ctrl-C).
+async fn started_then_interrupted(child: &mut std::process::Child, says: &'static str) {
+    started(child, says).await;
     let interrupted = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -356,30 +361,14 @@ async fn sub_reports_presence_when_asked() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run fastport sub");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let said = tokio::task::spawn_blocking(move || lines.next())
-        .await
-        .expect("join");
-    assert!(said.is_some_and(|l| l.is_ok_and(|l| l.contains("subscribed"))));
+    started(&mut child, "subscribed").await;
 
-    let config = broker
-        .client_config("cli", "secret-pass", &key)
-        .client_id("bob");
-    let bob = within("connect", fastport::client::Client::connect(config))
-        .await
-        .expect("connect");
+    let bob = broker.client_as("bob", "cli", "secret-pass", &key).await;
     let _in_the_room = bob.subscribe("room/#").await.expect("subscribe");
     bob.publish("room/1", b"hello".to_vec())
         .await
         .expect("publish");
-    let out = within(
-        "sub to exit after one message",
-        tokio::task::spawn_blocking(move || child.wait_with_output()),
-    )
-    .await
-    .expect("join")
-    .expect("wait");
+    let out = exit_within_15s(child, "after one message").await;
     assert!(out.status.success(), "exit {}", out.status);
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()

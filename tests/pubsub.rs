@@ -658,15 +658,8 @@ async fn clients_find_each_other_s_public_keys_in_the_directory() {
     let mut broker = Broker::start();
     broker.create_session("keys", "pw", json!({})).await;
     let key = SessionKey::generate();
-    let connect = |id: &'static str| {
-        let config = broker.client_config("keys", "pw", &key).client_id(id);
-        async move {
-            within("connect", Client::connect(config))
-                .await
-                .expect("connect")
-        }
-    };
-    let (alice, bob) = (connect("alice").await, connect("bob").await);
+    let alice = broker.client_as("alice", "keys", "pw", &key).await;
+    let bob = broker.client_as("bob", "keys", "pw", &key).await;
     let entry = |id: &str, byte: u8| PublishedKey {
         client_id: id.into(),
         public_key: [byte; 32],
@@ -706,15 +699,7 @@ async fn a_subscription_with_presence_hears_who_joins_and_leaves() {
     let broker = Broker::start();
     broker.create_session("room", "pw", json!({})).await;
     let key = SessionKey::generate();
-    let connect = |id: &'static str| {
-        let config = broker.client_config("room", "pw", &key).client_id(id);
-        async move {
-            within("connect", Client::connect(config))
-                .await
-                .expect("connect")
-        }
-    };
-    let alice = connect("alice").await;
+    let alice = broker.client_as("alice", "room", "pw", &key).await;
     let options = SubscribeOptions {
         presence: true,
         ..Default::default()
@@ -724,7 +709,7 @@ async fn a_subscription_with_presence_hears_who_joins_and_leaves() {
         .await
         .expect("subscribe");
 
-    let bob = connect("bob").await;
+    let bob = broker.client_as("bob", "room", "pw", &key).await;
     let _bob_in = bob.subscribe("room/1").await.expect("subscribe");
     let joined = PresenceChange::Joined {
         client_id: "bob".into(),

@@ -294,6 +294,20 @@ impl Broker {
         .expect("connect")
     }
 
+    /// A connected client with the client id `id`.
+    pub async fn client_as(
+        &self,
+        id: &str,
+        session: &str,
+        password: &str,
+        key: &SessionKey,
+    ) -> Client {
+        let config = self.client_config(session, password, key).client_id(id);
+        within("connect", Client::connect(config))
+            .await
+            .expect("connect")
+    }
+
     /// A raw frame-level connection with no Hello sent yet.
     pub async fn raw(&self) -> Raw {
         Raw::connect(&self.quic_url(), &self.ca()).await
