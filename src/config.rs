@@ -27,6 +27,10 @@ const MAX_REPLAY_IDS: usize = 100_000_000;
 /// The default port, for TCP (HTTP) and UDP (QUIC) alike.
 pub const DEFAULT_PORT: u16 = 3000;
 
+/// `--http-timeout-ms`'s default: ample for a request sent by a program, short enough
+/// that a client dribbling its request cannot hold a connection long.
+const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -144,6 +148,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS")]
     pub ws_idle_timeout_ms: Option<u64>,
 
+    /// An HTTP client has this long to send each request's head, and the whole request
+    /// is answered within it (408 if its body is not in by then); kept-alive
+    /// connections idle this long are closed, in milliseconds [default: 15000].
+    #[arg(long, value_name = "MS")]
+    pub http_timeout_ms: Option<u64>,
+
     /// Sessions one IP may create per window.
     #[arg(long, value_name = "N")]
     pub create_session_limit: Option<u32>,
@@ -187,6 +197,7 @@ pub struct FileConfig {
     pub max_spool_size: Option<u64>,
     pub ws_ping_interval_ms: Option<u64>,
     pub ws_idle_timeout_ms: Option<u64>,
+    pub http_timeout_ms: Option<u64>,
     pub create_session_limit: Option<u32>,
     pub create_session_window: Option<u64>,
     pub threads: Option<usize>,
@@ -361,6 +372,15 @@ impl ServeArgs {
                     .into(),
             ));
         }
+        let http_timeout = self
+            .http_timeout_ms
+            .or(file.http_timeout_ms)
+            .map_or(DEFAULT_HTTP_TIMEOUT, ms);
+        if !(ms(100)..=ms(600_000)).contains(&http_timeout) {
+            return Err(ConfigError::Invalid(
+                "--http-timeout-ms must be 100 to 600000".into(),
+            ));
+        }
         let create_session_limit = CreateSessionLimit {
             count: self
                 .create_session_limit
@@ -386,6 +406,7 @@ impl ServeArgs {
             carrier,
             create_session_limit,
             max_spool_bytes,
+            http_timeout,
         })
     }
 }

@@ -30,6 +30,9 @@ pub struct ServerConfig {
     pub create_session_limit: CreateSessionLimit,
     /// Most bytes the file spool may hold.
     pub max_spool_bytes: u64,
+    /// How long an HTTP client has to send a request's head, and the broker to take in
+    /// and answer the whole request (see [`http::serve`]).
+    pub http_timeout: Duration,
 }
 
 /// Why the broker could not start. Each message leaves its cause to the error's
@@ -139,26 +142,15 @@ impl Server {
         // A real certificate (--cert) also serves HTTPS/WSS on the TCP port; the
         // generated one is for QUIC and browsers' pinned hashes only.
         let https = config.certs.cert.is_some();
-        // Well after the WebSocket carrier closes silent connections (politely, with
-        // a close frame it gives time to be read), so this only ends those it does
-        // not: plain HTTP ones.
-        let idle = 2 * config.carrier.ws_idle_timeout + Duration::from_secs(5);
+        let timeout = config.http_timeout;
         let http_task = if https {
             let tls = certs.server_config(&[b"http/1.1"])?;
             let listener =
-                TlsListener::new(tcp, tls, idle).map_err(bind_err("HTTPS (TCP)", http_addr))?;
-            tokio::spawn(async move {
-                if let Err(e) = http::serve(listener, state, shutdown).await {
-                    tracing::error!(error = %e, "HTTPS server failed");
-                }
-            })
+                TlsListener::new(tcp, tls).map_err(bind_err("HTTPS (TCP)", http_addr))?;
+            tokio::spawn(http::serve(listener, state, timeout, shutdown))
         } else {
-            tokio::spawn(async move {
-                let listener = http::PlainListener::new(tcp, idle);
-                if let Err(e) = http::serve(listener, state, shutdown).await {
-                    tracing::error!(error = %e, "HTTP server failed");
-                }
-            })
+            let listener = http::PlainListener::new(tcp);
+            tokio::spawn(http::serve(listener, state, timeout, shutdown))
         };
         let renewal = certs.spawn_renewal();
 

@@ -227,28 +227,81 @@ async fn cert_hash_matches_the_served_leaf() {
     assert_eq!(body["success"], false);
 }
 
-/// A TCP connection that sends nothing is closed once idle for twice the WebSocket
-/// idle timeout and 5 s, instead of holding a socket and a task forever.
+/// A client that sends nothing, or sends a request's head a byte at a time, is
+/// closed once `--http-timeout-ms` has passed; one whose body trickles in gets 408.
+/// Neither holds a socket and a task for ever (slowloris), and the broker serves on.
 #[tokio::test]
-async fn a_silent_http_connection_is_closed() {
-    use tokio::io::AsyncReadExt;
-    let broker = Broker::start_with(&[
-        "--ws-ping-interval-ms",
-        "300",
-        "--ws-idle-timeout-ms",
-        "700",
-    ]);
-    let mut silent = tokio::net::TcpStream::connect(broker.http)
-        .await
-        .expect("connect");
+async fn slow_or_silent_http_clients_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let broker = Broker::start_with(&["--http-timeout-ms", "1000"]);
+    let connect = || async {
+        tokio::net::TcpStream::connect(broker.http)
+            .await
+            .expect("connect")
+    };
+
+    let mut silent = connect().await;
     let mut byte = [0u8; 1];
-    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut byte))
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut byte))
         .await
-        .expect("closed within 10 s");
+        .expect("a silent connection closed within 5 s");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    // The broker still serves.
+
+    // A byte every 100 ms: never silent, but the head is not whole in time.
+    let mut dribbler = connect().await;
+    dribbler
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                read = dribbler.read_buf(&mut answer) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                _ = tick.tick() => {
+                    if dribbler.write_all(b"X").await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a dribbled head still open after 5 s");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(
+        !String::from_utf8_lossy(&answer).contains(" 200 "),
+        "the unfinished request was answered"
+    );
+
+    // The head whole, the body short of its Content-Length.
+    let mut slow_body = connect().await;
+    slow_body
+        .write_all(
+            b"POST /api/createSession HTTP/1.1\r\nHost: x\r\n\
+              Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{\"sess",
+        )
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow_body.read_to_end(&mut answer))
+        .await
+        .expect("the broker answered and closed within 5 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(
+        answer.contains("not received and answered in time"),
+        "{answer}"
+    );
+
+    // A prompt client is served as ever.
     let (status, _) = broker
-        .post_session("after-idle", "secret-pass", json!({}))
+        .post_session("after-slow", "secret-pass", json!({}))
         .await;
     assert_eq!(status, 200);
 }

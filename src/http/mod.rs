@@ -8,17 +8,21 @@ mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
+use axum::http::{Request, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper::body::Incoming;
 use serde_json::json;
+use tokio::sync::watch;
+use tower_service::Service;
 
 use crate::carrier::{LinkContext, legacy, ws};
 use crate::driver::DriverHandle;
@@ -76,21 +80,77 @@ pub fn router(state: Arc<HttpState>) -> Router {
 
 /// Serves `router` on `listener` (plain TCP, or [`TlsListener`]) until `shutdown`
 /// completes.
+///
+/// Our own accept loop rather than `axum::serve`, which gives hyper no timer: without
+/// one, hyper's header timeout never runs, and a client that sends a request's head
+/// one byte a minute (or nothing at all) holds a socket and a task for ever. Here
+/// every request's head must arrive whole within `timeout` of the connection being
+/// ready for it, which also closes kept-alive connections idle that long, and
+/// [`answer_within`] bounds the rest of the request, its body included. A WebSocket
+/// leaves hyper once upgraded; its carrier watches it from then on.
 pub async fn serve<L>(
-    listener: L,
+    mut listener: L,
     state: Arc<HttpState>,
+    timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()>
-where
+) where
     L: axum::serve::Listener<Addr = SocketAddr>,
-    for<'a> Peer: axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<Peer>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let app = router(state).layer(axum::middleware::from_fn_with_state(timeout, answer_within));
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(timeout);
+    // Dropped when the loop ends: every connection then finishes the request it is
+    // serving and closes.
+    let (stop, stopping) = watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(Peer(peer)));
+            app.clone().call(request)
+        });
+        let connection = http1
+            .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+            .with_upgrades();
+        let mut stopping = stopping.clone();
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stopping.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended");
+            }
+        });
+    }
+    drop(stop);
+}
+
+/// Answers `408` to a request not handled within `timeout` (one whose body trickles
+/// in, say). WebSocket handlers return once they have accepted the upgrade, so this
+/// does not bound a WebSocket's life.
+async fn answer_within(
+    State(timeout): State<Duration>,
+    request: Request<axum::body::Body>,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request was not received and answered in time",
+        ),
+    }
 }
 
 /// `{"status":"ok","uptime":seconds,"activeSessions":n,"connections":n,"subscribers":n}`,

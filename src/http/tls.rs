@@ -11,7 +11,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
-use super::listener::Idle;
 use tokio_rustls::server::TlsStream;
 
 /// Time a client has to finish its TLS handshake.
@@ -19,17 +18,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts TCP connections and hands out those whose TLS handshake succeeded.
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<Idle<TcpStream>>, SocketAddr)>,
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    /// Connections are closed once idle for `idle` (see [`Idle`]).
-    pub fn new(
-        tcp: TcpListener,
-        tls: rustls::ServerConfig,
-        idle: Duration,
-    ) -> std::io::Result<Self> {
+    pub fn new(tcp: TcpListener, tls: rustls::ServerConfig) -> std::io::Result<Self> {
         let local = tcp.local_addr()?;
         let acceptor = TlsAcceptor::from(Arc::new(tls));
         let (tx, ready) = mpsc::channel(64);
@@ -49,7 +43,6 @@ impl TlsListener {
                 }
                 super::listener::no_delay(&mut stream);
                 let (acceptor, ready) = (acceptor.clone(), tx.clone());
-                let stream = Idle::new(stream, idle);
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
@@ -66,7 +59,7 @@ impl TlsListener {
 }
 
 impl Listener for TlsListener {
-    type Io = TlsStream<Idle<TcpStream>>;
+    type Io = TlsStream<TcpStream>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
