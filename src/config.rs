@@ -148,6 +148,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS")]
     pub ws_idle_timeout_ms: Option<u64>,
 
+    /// Most clients a session holds: connected at once, and (counted apart) with
+    /// subscriptions, durable ones offline included [default: 50000].
+    #[arg(long, value_name = "N")]
+    pub max_session_clients: Option<usize>,
+
     /// An HTTP client has this long to send each request's head, and the whole request
     /// is answered within it (408 if its body is not in by then); kept-alive
     /// connections idle this long are closed, in milliseconds [default: 15000].
@@ -198,6 +203,7 @@ pub struct FileConfig {
     pub ws_ping_interval_ms: Option<u64>,
     pub ws_idle_timeout_ms: Option<u64>,
     pub http_timeout_ms: Option<u64>,
+    pub max_session_clients: Option<usize>,
     pub create_session_limit: Option<u32>,
     pub create_session_window: Option<u64>,
     pub threads: Option<usize>,
@@ -341,12 +347,22 @@ impl ServeArgs {
             .max_spool_size
             .or(file.max_spool_size)
             .unwrap_or(crate::spool::DEFAULT_MAX_SPOOL_BYTES);
+        let max_session_clients = self
+            .max_session_clients
+            .or(file.max_session_clients)
+            .unwrap_or(CoreConfig::default().max_session_clients);
+        if max_session_clients == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-session-clients must be at least 1".into(),
+            ));
+        }
         let driver = DriverConfig {
             core: CoreConfig {
                 replay_window_ms,
                 replay_capacity,
                 max_file_bytes,
                 max_payload_bytes: max_payload,
+                max_session_clients,
                 ..CoreConfig::default()
             },
             ..DriverConfig::default()

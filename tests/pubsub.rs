@@ -737,3 +737,38 @@ async fn a_subscription_with_presence_hears_who_joins_and_leaves() {
         "{event:?}"
     );
 }
+
+/// `--max-session-clients` caps one session's connected clients: the next is refused
+/// with LIMIT_EXCEEDED, other sessions are not touched, and a slot freed is taken.
+#[tokio::test]
+async fn a_session_takes_only_so_many_clients() {
+    let broker = Broker::start_with(&["--max-session-clients", "2"]);
+    broker
+        .create_session("small", "secret-pass", json!({}))
+        .await;
+    broker
+        .create_session("other", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let first = broker.client("small", "secret-pass", &key).await;
+    let _second = broker.client("small", "secret-pass", &key).await;
+    let third = Client::connect(broker.client_config("small", "secret-pass", &key)).await;
+    match third {
+        Err(ClientError::Refused {
+            code: ErrorCode::LimitExceeded,
+            message,
+        }) => assert!(message.contains("as many clients"), "{message}"),
+        other => panic!("a third client must be refused, got {:?}", other.err()),
+    }
+    let _elsewhere = broker.client("other", "secret-pass", &key).await;
+    first.close().await;
+    within("a freed slot", async {
+        loop {
+            match Client::connect(broker.client_config("small", "secret-pass", &key)).await {
+                Ok(client) => return client,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+}

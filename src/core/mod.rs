@@ -86,6 +86,10 @@ pub struct CoreConfig {
     pub max_subscriptions: usize,
     /// Most entries in a session's key directory.
     pub max_keys: usize,
+    /// Most clients a session holds at once, counted twice over: connected ones, and
+    /// ones with subscriptions (connected, or offline and kept by durable ones). One
+    /// tenant cannot fill the broker's memory and store with client ids of its own.
+    pub max_session_clients: usize,
     /// Largest file accepted, in bytes.
     pub max_file_bytes: u64,
     /// The broker's cap on any session's payload limit. A session stored with a
@@ -105,6 +109,7 @@ impl Default for CoreConfig {
             replay_capacity: 4_000_000,
             max_subscriptions: 1_000,
             max_keys: 10_000,
+            max_session_clients: 50_000,
             max_file_bytes: 4 << 30,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
         }
@@ -394,6 +399,19 @@ impl Core {
         }
         let name = h.settings.name.clone();
         self.upsert_session(h.settings);
+        let full = self.sessions.get(&name).is_some_and(|s| {
+            !s.clients.contains_key(&h.client_id)
+                && s.clients.len() >= self.config.max_session_clients
+        });
+        if full {
+            self.fx.outputs.push_back(Output::Close {
+                conn: h.conn,
+                reject: Reject::LimitExceeded(
+                    "the session has as many clients connected as it may",
+                ),
+            });
+            return;
+        }
 
         // A second connection with the same client id takes over.
         let previous = self
@@ -486,6 +504,15 @@ impl Core {
         let Some(session) = self.sessions.get_mut(&c.session) else {
             return self.refuse(conn, request_id, Reject::Internal("session vanished"));
         };
+        if !session.subscribers.contains_key(&client_id)
+            && session.subscribers.len() >= self.config.max_session_clients
+        {
+            let reject = Reject::LimitExceeded(
+                "the session has as many subscribed clients as it may (durable ones count \
+                 while offline)",
+            );
+            return self.refuse(conn, request_id, reject);
+        }
         let sub = session
             .subscribers
             .entry(client_id.clone())

@@ -1600,3 +1600,75 @@ fn sessions_without_history_retain_nothing() {
     });
     assert!(p.delivers(sub).is_empty());
 }
+
+/// A session holds at most `max_session_clients` connected clients, and as many with
+/// subscriptions: offline ones kept by durable subscriptions count too. A client it
+/// already holds comes back (a takeover, a durable client reconnecting) whatever the
+/// count.
+#[test]
+fn a_session_holds_only_so_many_clients() {
+    let mut p = Pair::with_config(CoreConfig {
+        max_session_clients: 2,
+        ..CoreConfig::default()
+    });
+    let s = settings("crowded");
+    let a = p.connect(&s, "a");
+    let b = p.connect(&s, "b");
+    let hello = |p: &mut Pair, client: &str| {
+        let conn = ConnId(p.next_conn);
+        p.next_conn += 1;
+        p.cmd(Command::Hello(Hello {
+            conn,
+            connection_id: [0; 16],
+            settings: s.clone(),
+            client_id: ClientId::parse(client).expect("valid"),
+            anonymous: false,
+            clean: false,
+            legacy_only: false,
+        }));
+        conn
+    };
+    let c = hello(&mut p, "c");
+    assert!(
+        matches!(p.closed.get(&c), Some(Reject::LimitExceeded(_))),
+        "{:?}",
+        p.closed.get(&c)
+    );
+    assert!(p.take(c).is_empty(), "no Welcome for a refused client");
+    assert_eq!(p.core.stats().connections, 2);
+
+    // A takeover is no new client.
+    let a = {
+        let again = p.connect(&s, "a");
+        assert_eq!(p.closed.get(&a), Some(&Reject::TakenOver));
+        again
+    };
+    p.subscribe(a, "t/#", true);
+    p.subscribe(b, "t/#", true);
+    p.cmd(Command::Disconnected { conn: a });
+    p.cmd(Command::Disconnected { conn: b });
+    assert_eq!(
+        p.core.stats().subscribers,
+        2,
+        "kept by durable subscriptions"
+    );
+
+    // Connecting is allowed again, but not one more subscribed client.
+    let c = p.connect(&s, "c");
+    p.cmd(Command::Subscribe {
+        conn: c,
+        request_id: 9,
+        filter: filter("t/#"),
+        durable: false,
+        presence: false,
+        history: 0,
+    });
+    assert!(matches!(p.error(c), Reject::LimitExceeded(_)));
+    // A durable client comes back to its subscription, and hears what is published.
+    let a = p.connect(&s, "a");
+    p.publish(c, "t/x", b"hi");
+    assert_eq!(payloads(&p.delivers(a)), vec![b"hi".to_vec()]);
+    // Two connected again: a third is refused.
+    let d = hello(&mut p, "d");
+    assert!(matches!(p.closed.get(&d), Some(Reject::LimitExceeded(_))));
+}
