@@ -148,6 +148,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS")]
     pub ws_idle_timeout_ms: Option<u64>,
 
+    /// Client connections open at once, QUIC and WebSocket together; past it QUIC
+    /// handshakes are refused and WebSocket upgrades get 503 [default: 100000].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
     /// Most clients a session holds: connected at once, and (counted apart) with
     /// subscriptions, durable ones offline included [default: 50000].
     #[arg(long, value_name = "N")]
@@ -204,6 +209,7 @@ pub struct FileConfig {
     pub ws_idle_timeout_ms: Option<u64>,
     pub http_timeout_ms: Option<u64>,
     pub max_session_clients: Option<usize>,
+    pub max_connections: Option<usize>,
     pub create_session_limit: Option<u32>,
     pub create_session_window: Option<u64>,
     pub threads: Option<usize>,
@@ -379,8 +385,17 @@ impl ServeArgs {
                 .ws_idle_timeout_ms
                 .or(file.ws_idle_timeout_ms)
                 .map_or(defaults.ws_idle_timeout, ms),
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(defaults.max_connections),
             ..defaults
         };
+        if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&carrier.max_connections) {
+            return Err(ConfigError::Invalid(
+                "--max-connections must be at least 1".into(),
+            ));
+        }
         if carrier.ws_ping_interval.is_zero() || carrier.ws_idle_timeout <= carrier.ws_ping_interval
         {
             return Err(ConfigError::Invalid(

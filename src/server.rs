@@ -117,13 +117,12 @@ impl Server {
         let endpoint =
             quic::endpoint(udp, tls, &reset_key).map_err(bind_err("QUIC (UDP)", quic_addr))?;
 
-        let ctx = Arc::new(LinkContext {
-            driver: driver.clone(),
-            auth: Arc::new(Authenticator::new(store.clone())),
-            store: store.clone(),
-            limits: config.carrier.clone(),
-            closing: watch::channel(false).0,
-        });
+        let ctx = Arc::new(LinkContext::new(
+            driver.clone(),
+            Arc::new(Authenticator::new(store.clone())),
+            store.clone(),
+            config.carrier.clone(),
+        ));
         let quic_task = tokio::spawn(quic::serve(endpoint.clone(), ctx.clone()));
         let links = ctx.clone();
 

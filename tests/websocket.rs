@@ -352,3 +352,57 @@ async fn bad_input_on_v1_ws() {
         &b"ok"[..]
     );
 }
+
+/// `--max-connections` counts QUIC and WebSocket connections together: at the limit a
+/// QUIC handshake is refused and a WebSocket upgrade gets 503, and a connection that
+/// ends frees its slot.
+#[tokio::test]
+async fn the_broker_takes_only_so_many_connections() {
+    let broker = Broker::start_with(&["--max-connections", "2"]);
+    broker
+        .create_session("full", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let over_quic = broker.client("full", "secret-pass", &key).await;
+    let ws_url = broker.banner_url("ws");
+    let ws_config = || ClientConfig::new(ws_url.clone(), "full", "secret-pass", key.clone());
+    let _over_ws = within("ws connect", Client::connect(ws_config()))
+        .await
+        .expect("connect over WebSocket");
+
+    let refused = within(
+        "QUIC at the limit",
+        Client::connect(broker.client_config("full", "secret-pass", &key)),
+    )
+    .await;
+    let error = refused
+        .err()
+        .expect("a third connection is refused")
+        .to_string();
+    assert!(error.contains("refused"), "{error}");
+    let upgrade = within(
+        "upgrade at the limit",
+        tokio_tungstenite::connect_async(ws_url.as_str()),
+    )
+    .await;
+    match upgrade {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 503);
+        }
+        other => panic!("a WebSocket upgrade at the limit must get 503, got {other:?}"),
+    }
+    // Plain HTTP is not a client connection.
+    let (status, _) = broker.post_session("other", "secret-pass", json!({})).await;
+    assert_eq!(status, 200);
+
+    over_quic.close().await;
+    within("a freed slot", async {
+        loop {
+            match Client::connect(broker.client_config("full", "secret-pass", &key)).await {
+                Ok(client) => return client,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+}

@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::auth::Authenticator;
 use crate::core::{ClientId, Command, ConnId, CoreConfig, Event, Hello, Reject, SessionName};
@@ -76,6 +76,8 @@ pub struct CarrierLimits {
     pub ws_ping_interval: Duration,
     /// WebSocket carriers close a connection silent for this long.
     pub ws_idle_timeout: Duration,
+    /// Client connections open at once, on every carrier together.
+    pub max_connections: usize,
 }
 
 impl Default for CarrierLimits {
@@ -86,6 +88,7 @@ impl Default for CarrierLimits {
             max_pending_publishes: 1024,
             ws_ping_interval: websocket::PING_INTERVAL,
             ws_idle_timeout: websocket::IDLE_TIMEOUT,
+            max_connections: 100_000,
         }
     }
 }
@@ -109,6 +112,34 @@ pub struct LinkContext {
     /// wait until every client has been told. (QUIC clients are told by the endpoint's
     /// own close.)
     pub closing: watch::Sender<bool>,
+    /// One permit per open client connection (see [`LinkContext::connection_slot`]).
+    pub connections: Arc<Semaphore>,
+}
+
+impl LinkContext {
+    pub fn new(
+        driver: DriverHandle,
+        auth: Arc<Authenticator>,
+        store: Arc<dyn Store>,
+        limits: CarrierLimits,
+    ) -> Self {
+        Self {
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            driver,
+            auth,
+            store,
+            limits,
+            closing: watch::channel(false).0,
+        }
+    }
+
+    /// A slot for one more client connection, held for its life; `None` when
+    /// `--max-connections` are open. Taken before a QUIC handshake or a WebSocket
+    /// upgrade, so that a broker at its limit spends nothing more on a newcomer, and
+    /// memory (40 KiB or so per QUIC connection) stays within what was planned for.
+    pub fn connection_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
 }
 
 /// The carrier-independent half of one client connection.

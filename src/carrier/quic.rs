@@ -171,8 +171,15 @@ const ACK_EVERY: u32 = 8;
 /// Accepts connections until the endpoint is closed.
 pub async fn serve(endpoint: Endpoint, ctx: Arc<LinkContext>) {
     while let Some(incoming) = endpoint.accept().await {
+        let Some(slot) = ctx.connection_slot() else {
+            // The client reads "the server refused to accept a new connection".
+            tracing::debug!(peer = %incoming.remote_address(), "at --max-connections: refused");
+            incoming.refuse();
+            continue;
+        };
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let conn = match incoming.await {
                 Ok(conn) => conn,
                 Err(e) => {

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{Request, StatusCode};
 use axum::middleware::Next;
@@ -220,6 +220,31 @@ fn limited(upgrade: WebSocketUpgrade, state: &HttpState) -> WebSocketUpgrade {
         .write_buffer_size(16 * 1024)
 }
 
+/// Upgrades to a WebSocket that `serve` carries, if the broker has a connection slot
+/// for it (`--max-connections`), held until `serve` ends; `503` if not.
+fn upgrade_to<F, Fut>(
+    upgrade: WebSocketUpgrade,
+    state: &HttpState,
+    peer: SocketAddr,
+    serve: F,
+) -> Response
+where
+    F: FnOnce(WebSocket, SocketAddr, Arc<LinkContext>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(slot) = state.links.connection_slot() else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker has as many connections open as it may; try again later",
+        );
+    };
+    let links = state.links.clone();
+    limited(upgrade, state).on_upgrade(move |socket| async move {
+        serve(socket, peer, links).await;
+        drop(slot);
+    })
+}
+
 /// `GET /`: the legacy bridge for WebSocket upgrades (where fastPort 2.0 listened),
 /// otherwise a short description of the broker.
 async fn legacy_or_index(
@@ -228,10 +253,7 @@ async fn legacy_or_index(
     upgrade: Upgrade,
 ) -> Response {
     match upgrade {
-        Ok(upgrade) => {
-            let links = state.links.clone();
-            limited(upgrade, &state).on_upgrade(move |socket| legacy::serve(socket, peer, links))
-        }
+        Ok(upgrade) => upgrade_to(upgrade, &state, peer, legacy::serve),
         Err(_) => Json(json!({
             "name": "fastPort",
             "version": env!("CARGO_PKG_VERSION"),
@@ -254,10 +276,7 @@ async fn legacy_ws(
     upgrade: Upgrade,
 ) -> Response {
     match upgrade {
-        Ok(upgrade) => {
-            let links = state.links.clone();
-            limited(upgrade, &state).on_upgrade(move |socket| legacy::serve(socket, peer, links))
-        }
+        Ok(upgrade) => upgrade_to(upgrade, &state, peer, legacy::serve),
         Err(rejection) => rejection.into_response(),
     }
 }
@@ -269,10 +288,7 @@ async fn native_ws(
     upgrade: Upgrade,
 ) -> Response {
     match upgrade {
-        Ok(upgrade) => {
-            let links = state.links.clone();
-            limited(upgrade, &state).on_upgrade(move |socket| ws::serve(socket, peer, links))
-        }
+        Ok(upgrade) => upgrade_to(upgrade, &state, peer, ws::serve),
         Err(rejection) => rejection.into_response(),
     }
 }
