@@ -158,9 +158,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_session_clients: Option<usize>,
 
-    /// An HTTP client has this long to send each request's head, and the whole request
-    /// is answered within it (408 if its body is not in by then); kept-alive
-    /// connections idle this long are closed, in milliseconds [default: 15000].
+    /// An HTTP client has this long to send each request's head, and createSession as
+    /// long again for its body (408 if it is not in by then); kept-alive connections
+    /// idle this long are closed, in milliseconds [default: 15000].
     #[arg(long, value_name = "MS")]
     pub http_timeout_ms: Option<u64>,
 
@@ -392,9 +392,10 @@ impl ServeArgs {
             ..defaults
         };
         if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&carrier.max_connections) {
-            return Err(ConfigError::Invalid(
-                "--max-connections must be at least 1".into(),
-            ));
+            return Err(ConfigError::Invalid(format!(
+                "--max-connections must be 1 to {}",
+                tokio::sync::Semaphore::MAX_PERMITS
+            )));
         }
         if carrier.ws_ping_interval.is_zero() || carrier.ws_idle_timeout <= carrier.ws_ping_interval
         {

@@ -133,6 +133,7 @@ impl Server {
             ctx,
             config.create_session_limit,
             config.driver.core.max_payload_bytes,
+            config.http_timeout,
         ));
         let (stop_http, mut stopped) = watch::channel(false);
         let shutdown = async move {

@@ -228,7 +228,9 @@ async fn cert_hash_matches_the_served_leaf() {
 }
 
 /// A client that sends nothing, or sends a request's head a byte at a time, is
-/// closed once `--http-timeout-ms` has passed; one whose body trickles in gets 408.
+/// closed once `--http-timeout-ms` has passed; one whose body does not arrive in that
+/// time gets 408. (Only the body's arrival is timed: creating the session, argon2 and
+/// all, may take longer, as it may in a debug build.)
 /// Neither holds a socket and a task for ever (slowloris), and the broker serves on.
 #[tokio::test]
 async fn slow_or_silent_http_clients_are_cut_off() {
@@ -294,10 +296,7 @@ async fn slow_or_silent_http_clients_are_cut_off() {
         .expect("the broker answered and closed within 5 s");
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
-    assert!(
-        answer.contains("not received and answered in time"),
-        "{answer}"
-    );
+    assert!(answer.contains("did not arrive in time"), "{answer}");
 
     // A prompt client is served as ever.
     let (status, _) = broker

@@ -171,21 +171,28 @@ const ACK_EVERY: u32 = 8;
 /// Accepts connections until the endpoint is closed.
 pub async fn serve(endpoint: Endpoint, ctx: Arc<LinkContext>) {
     while let Some(incoming) = endpoint.accept().await {
-        let Some(slot) = ctx.connection_slot() else {
-            // The client reads "the server refused to accept a new connection".
+        // A full broker sheds newcomers before any handshake work; the client reads
+        // "the server refused to accept a new connection".
+        if ctx.connections.available_permits() == 0 {
             tracing::debug!(peer = %incoming.remote_address(), "at --max-connections: refused");
             incoming.refuse();
             continue;
-        };
+        }
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let _slot = slot;
             let conn = match incoming.await {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::debug!(error = %e, "QUIC handshake failed");
                     return;
                 }
+            };
+            // Taken only now: a handshake from a forged address never completes, so
+            // a flood of them cannot hold the slots real clients need.
+            let Some(_slot) = ctx.connection_slot() else {
+                let code = VarInt::from_u32(Reject::LimitExceeded("").code() as u32);
+                conn.close(code, b"the broker has as many connections open as it may");
+                return;
             };
             let alpn = conn
                 .handshake_data()

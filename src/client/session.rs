@@ -521,9 +521,7 @@ impl State {
                     Ok(()) => live = Some(l),
                     Err(e) => tracing::debug!(error = %e, "reconnected but lost again"),
                 },
-                Err(e @ ClientError::Refused { code, .. })
-                    if code != ErrorCode::RateLimited && code != ErrorCode::Internal =>
-                {
+                Err(e @ ClientError::Refused { code, .. }) if !worth_retrying(code) => {
                     break e;
                 }
                 Err(e) => {
@@ -1565,9 +1563,20 @@ fn publish_frame(p: &SealedPublish) -> PublishFields<'_> {
     }
 }
 
+/// Whether a reconnect refused with `code` is tried again. A busy broker
+/// (`RATE_LIMITED`, `INTERNAL`) or a full one or full session (`LIMIT_EXCEEDED`: its
+/// connections or clients) may have room soon; a wrong password, a suspended session or
+/// a takeover will not change by waiting, and end the client.
+fn worth_retrying(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::RateLimited | ErrorCode::Internal | ErrorCode::LimitExceeded
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::needs_restamp;
+    use super::{ErrorCode, needs_restamp, worth_retrying};
 
     #[test]
     fn a_resent_publish_is_restamped_when_its_time_is_far_either_way() {
@@ -1583,5 +1592,24 @@ mod tests {
             needs_restamp(now, now + 15_001, window),
             "ahead: the broker's clock corrected ours back"
         );
+    }
+
+    #[test]
+    fn only_refusals_that_may_pass_are_retried() {
+        for code in [
+            ErrorCode::RateLimited,
+            ErrorCode::Internal,
+            ErrorCode::LimitExceeded,
+        ] {
+            assert!(worth_retrying(code), "{code:?}");
+        }
+        for code in [
+            ErrorCode::Unauthenticated,
+            ErrorCode::SessionSuspended,
+            ErrorCode::TakenOver,
+            ErrorCode::UnsupportedVersion,
+        ] {
+            assert!(!worth_retrying(code), "{code:?}");
+        }
     }
 }

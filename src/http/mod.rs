@@ -16,7 +16,6 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{Request, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper::body::Incoming;
@@ -52,13 +51,14 @@ impl HttpState {
         links: Arc<LinkContext>,
         limit: CreateSessionLimit,
         max_payload_bytes: u64,
+        http_timeout: Duration,
     ) -> Self {
         Self {
             store,
             driver,
             certs,
             started: Instant::now(),
-            sessions: sessions::SessionApi::new(limit, max_payload_bytes),
+            sessions: sessions::SessionApi::new(limit, max_payload_bytes, http_timeout),
             links,
         }
     }
@@ -85,9 +85,9 @@ pub fn router(state: Arc<HttpState>) -> Router {
 /// one, hyper's header timeout never runs, and a client that sends a request's head
 /// one byte a minute (or nothing at all) holds a socket and a task for ever. Here
 /// every request's head must arrive whole within `timeout` of the connection being
-/// ready for it, which also closes kept-alive connections idle that long, and
-/// [`answer_within`] bounds the rest of the request, its body included. A WebSocket
-/// leaves hyper once upgraded; its carrier watches it from then on.
+/// ready for it, which also closes kept-alive connections idle that long. The one
+/// route that reads a body, createSession, gives it as long again. A WebSocket leaves
+/// hyper once upgraded; its carrier watches it from then on.
 pub async fn serve<L>(
     mut listener: L,
     state: Arc<HttpState>,
@@ -96,7 +96,7 @@ pub async fn serve<L>(
 ) where
     L: axum::serve::Listener<Addr = SocketAddr>,
 {
-    let app = router(state).layer(axum::middleware::from_fn_with_state(timeout, answer_within));
+    let app = router(state);
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
         .timer(hyper_util::rt::TokioTimer::new())
@@ -134,23 +134,6 @@ pub async fn serve<L>(
         });
     }
     drop(stop);
-}
-
-/// Answers `408` to a request not handled within `timeout` (one whose body trickles
-/// in, say). WebSocket handlers return once they have accepted the upgrade, so this
-/// does not bound a WebSocket's life.
-async fn answer_within(
-    State(timeout): State<Duration>,
-    request: Request<axum::body::Body>,
-    next: Next,
-) -> Response {
-    match tokio::time::timeout(timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => error_response(
-            StatusCode::REQUEST_TIMEOUT,
-            "the request was not received and answered in time",
-        ),
-    }
 }
 
 /// `{"status":"ok","uptime":seconds,"activeSessions":n,"connections":n,"subscribers":n}`,

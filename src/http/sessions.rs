@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, FromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
@@ -55,10 +54,12 @@ impl Default for CreateSessionLimit {
 pub struct SessionApi {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     max_payload_bytes: u64,
+    /// How long a request's body may take to arrive (`--http-timeout-ms`).
+    body_timeout: Duration,
 }
 
 impl SessionApi {
-    pub fn new(limit: CreateSessionLimit, max_payload_bytes: u64) -> Self {
+    pub fn new(limit: CreateSessionLimit, max_payload_bytes: u64, body_timeout: Duration) -> Self {
         let count = NonZeroU32::new(limit.count).unwrap_or(NonZeroU32::MIN);
         let period = (limit.window / count.get()).max(Duration::from_nanos(1));
         let quota = Quota::with_period(period)
@@ -67,6 +68,7 @@ impl SessionApi {
         Self {
             limiter: RateLimiter::keyed(quota),
             max_payload_bytes,
+            body_timeout,
         }
     }
 }
@@ -118,16 +120,24 @@ fn string_field<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str
 pub async fn create_session(
     State(state): State<Arc<HttpState>>,
     ConnectInfo(super::Peer(peer)): ConnectInfo<super::Peer>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response {
-    let body = match body {
-        Ok(body) => body,
+    let api = &state.sessions;
+    // Only the body's arrival is timed: once it is in, the session is made whatever
+    // the time (a request cut off while its session is stored would leave the client
+    // told 408, then 409 on its retry).
+    let body = match tokio::time::timeout(api.body_timeout, Bytes::from_request(request, &())).await
+    {
+        Ok(Ok(body)) => body,
         // Too large (413), or cut off: the same JSON error body as every answer.
-        Err(rejection) => {
+        Ok(Err(rejection)) => {
             return super::error_response(rejection.status(), &rejection.body_text());
         }
+        Err(_) => {
+            let error = "the request body did not arrive in time";
+            return super::error_response(StatusCode::REQUEST_TIMEOUT, error);
+        }
     };
-    let api = &state.sessions;
     if let Err(not_until) = api.limiter.check_key(&crate::auth::budget_key(peer.ip())) {
         let wait = not_until.wait_time_from(DefaultClock::default().now());
         // Rounded up: a client that waits the whole seconds it is told succeeds.
