@@ -139,6 +139,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES")]
     pub max_spool_size: Option<u64>,
 
+    /// Most bytes one session's files may take in the spool [default: a quarter of
+    /// --max-spool-size].
+    #[arg(long, value_name = "BYTES")]
+    pub max_session_spool_size: Option<u64>,
+
     /// WebSocket ping interval, in milliseconds.
     #[arg(long, value_name = "MS")]
     pub ws_ping_interval_ms: Option<u64>,
@@ -205,6 +210,7 @@ pub struct FileConfig {
     pub max_payload: Option<u64>,
     pub max_file_size: Option<u64>,
     pub max_spool_size: Option<u64>,
+    pub max_session_spool_size: Option<u64>,
     pub ws_ping_interval_ms: Option<u64>,
     pub ws_idle_timeout_ms: Option<u64>,
     pub http_timeout_ms: Option<u64>,
@@ -353,6 +359,10 @@ impl ServeArgs {
             .max_spool_size
             .or(file.max_spool_size)
             .unwrap_or(crate::spool::DEFAULT_MAX_SPOOL_BYTES);
+        let max_session_spool_bytes = self
+            .max_session_spool_size
+            .or(file.max_session_spool_size)
+            .unwrap_or(max_spool_bytes / crate::spool::DEFAULT_SESSION_SHARE);
         let max_session_clients = self
             .max_session_clients
             .or(file.max_session_clients)
@@ -438,6 +448,7 @@ impl ServeArgs {
             carrier,
             create_session_limit,
             max_spool_bytes,
+            max_session_spool_bytes,
             http_timeout,
         })
     }

@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub create_session_limit: CreateSessionLimit,
     /// Most bytes the file spool may hold.
     pub max_spool_bytes: u64,
+    /// Most bytes one session's files may take in the spool.
+    pub max_session_spool_bytes: u64,
     /// How long an HTTP client has to send a request's head, and the broker to take in
     /// and answer the whole request (see [`http::serve`]).
     pub http_timeout: Duration,
@@ -100,9 +102,15 @@ impl Server {
             StoreKind::Sqlite(path) => {
                 let mut dir = path.clone().into_os_string();
                 dir.push(".spool");
-                Spool::open(dir.into(), config.max_spool_bytes)?
+                Spool::open(
+                    dir.into(),
+                    config.max_spool_bytes,
+                    config.max_session_spool_bytes,
+                )?
             }
-            StoreKind::Memory => Spool::temporary(config.max_spool_bytes)?,
+            StoreKind::Memory => {
+                Spool::temporary(config.max_spool_bytes, config.max_session_spool_bytes)?
+            }
         });
         let (driver, driver_task) =
             driver::start(store.clone(), spool, config.driver.clone()).await?;

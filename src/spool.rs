@@ -14,7 +14,9 @@
 //! A spool file is removed when the core says every copy is done with (it counts them,
 //! starting from the store's count at start-up, when files no copy needs any more are
 //! removed), or by the sweep once its session's expiry has passed. Its size is bounded
-//! by `--max-spool-size`; past it, new files are refused.
+//! by `--max-spool-size`, and each session's share of it by `--max-session-spool-size`
+//! (so one tenant's files cannot take the room every other tenant's need); past
+//! either, the file being written is refused.
 //!
 //! Layout: `<dir>/<file id hex>-<session>.spool`, written as `….part` and renamed once
 //! whole (a broker that crashes mid-upload leaves only parts, removed at start). The
@@ -44,6 +46,9 @@ use crate::proto;
 pub const MAGIC: &[u8; 8] = b"FPSPOOL1";
 /// The default `--max-spool-size`.
 pub const DEFAULT_MAX_SPOOL_BYTES: u64 = 16 << 30;
+/// The default `--max-session-spool-size`, as a part of `--max-spool-size`: four
+/// sessions at their limit fill the spool.
+pub const DEFAULT_SESSION_SHARE: u64 = 4;
 /// Largest chunk read back: a record claiming more is corrupt. (Chunks are bounded by
 /// the largest frame, `--max-payload` (at most 256 MiB) plus 64 KiB.)
 const MAX_CHUNK: usize = (256 << 20) + (64 << 10);
@@ -59,6 +64,8 @@ const TAG_END: u8 = 2;
 pub enum SpoolError {
     #[error("the file spool is full")]
     Full,
+    #[error("the session's share of the file spool is full")]
+    SessionFull,
     #[error("a file with this id is still in the spool")]
     Exists,
     #[error("the file is no longer in the spool")]
@@ -73,6 +80,10 @@ impl From<SpoolError> for Reject {
     fn from(e: SpoolError) -> Self {
         match e {
             SpoolError::Full => Reject::LimitExceeded("the broker's file spool is full"),
+            SpoolError::SessionFull => Reject::LimitExceeded(
+                "the session's share of the file spool is full; files are taken again as \
+                 receivers acknowledge theirs",
+            ),
             // Not a replay (the replay guard answers those first): copies of an
             // earlier upload of this file that was not accepted still need it.
             SpoolError::Exists => {
@@ -84,6 +95,13 @@ impl From<SpoolError> for Reject {
             }
         }
     }
+}
+
+/// The session a spool file belongs to, from its name (`<32 hex digits>-<session>.spool`).
+fn session_of(path: &Path) -> Option<&str> {
+    let name = path.file_name()?.to_str()?;
+    let rest = name.strip_suffix(".spool")?;
+    (rest.as_bytes().get(32) == Some(&b'-')).then(|| rest.get(33..))?
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
@@ -101,6 +119,9 @@ pub struct Spool {
     temporary: bool,
     max_bytes: u64,
     used: AtomicU64,
+    max_session_bytes: u64,
+    /// Bytes each session's files take (sessions with none are not listed).
+    by_session: Mutex<HashMap<String, u64>>,
     /// Files being streamed from the spool now, so a retry that comes up while the
     /// last attempt is still streaming does not start a second stream.
     streaming: Mutex<FastSet<(ConnId, MessageId)>>,
@@ -109,15 +130,22 @@ pub struct Spool {
 impl Spool {
     /// Opens (creating it) the spool in `dir`. Parts of uploads a crash cut short are
     /// removed; whole files are kept for their copies in the store.
-    pub fn open(dir: PathBuf, max_bytes: u64) -> Result<Spool, SpoolError> {
+    pub fn open(dir: PathBuf, max_bytes: u64, max_session_bytes: u64) -> Result<Spool, SpoolError> {
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let mut used = 0;
+        let mut by_session = HashMap::<String, u64>::new();
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let entry = entry.map_err(io_err(&dir))?;
             let path = entry.path();
             match path.extension().and_then(|e| e.to_str()) {
                 Some("part") => fs::remove_file(&path).map_err(io_err(&path))?,
-                Some("spool") => used += entry.metadata().map_err(io_err(&path))?.len(),
+                Some("spool") => {
+                    let len = entry.metadata().map_err(io_err(&path))?.len();
+                    used += len;
+                    if let Some(session) = session_of(&path) {
+                        *by_session.entry(session.to_owned()).or_default() += len;
+                    }
+                }
                 _ => {}
             }
         }
@@ -126,19 +154,21 @@ impl Spool {
             temporary: false,
             max_bytes,
             used: AtomicU64::new(used),
+            max_session_bytes,
+            by_session: Mutex::new(by_session),
             streaming: Mutex::default(),
         })
     }
 
     /// A spool for this process only, in the system's temporary directory (for the
     /// memory store, whose queues do not outlive the process either).
-    pub fn temporary(max_bytes: u64) -> Result<Spool, SpoolError> {
+    pub fn temporary(max_bytes: u64, max_session_bytes: u64) -> Result<Spool, SpoolError> {
         let dir = std::env::temp_dir().join(format!(
             "fastport-spool-{}-{:016x}",
             std::process::id(),
             rand::random::<u64>()
         ));
-        let mut spool = Spool::open(dir, max_bytes)?;
+        let mut spool = Spool::open(dir, max_bytes, max_session_bytes)?;
         spool.temporary = true;
         Ok(spool)
     }
@@ -150,6 +180,26 @@ impl Spool {
     /// Bytes the spool holds now.
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes `session`'s files take now.
+    pub fn used_by(&self, session: &str) -> u64 {
+        self.lock_sessions().get(session).copied().unwrap_or(0)
+    }
+
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.by_session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts `len` more bytes of `session`'s; whether its share still holds them.
+    fn take_session_bytes(&self, session: &str, len: u64) -> bool {
+        let mut sessions = self.lock_sessions();
+        let used = match sessions.get_mut(session) {
+            Some(used) => used,
+            None => sessions.entry(session.to_owned()).or_default(),
+        };
+        *used += len;
+        *used <= self.max_session_bytes
     }
 
     fn path(&self, session: &SessionName, file_id: &MessageId) -> PathBuf {
@@ -181,6 +231,7 @@ impl Spool {
             })?;
         let mut writer = SpoolWriter {
             spool: Arc::clone(self),
+            session: session.to_string(),
             file: BufWriter::with_capacity(256 * 1024, file),
             part,
             path,
@@ -208,13 +259,24 @@ impl Spool {
         })
     }
 
-    /// Uncounts `len` bytes (never below zero, whatever the order of removals).
-    fn release_bytes(&self, len: u64) {
+    /// Uncounts `len` bytes, `session`'s if known (never below zero, whatever the
+    /// order of removals).
+    fn release_bytes(&self, session: Option<&str>, len: u64) {
         let _ = self
             .used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
                 Some(used.saturating_sub(len))
             });
+        let Some(session) = session else {
+            return;
+        };
+        let mut sessions = self.lock_sessions();
+        if let Some(used) = sessions.get_mut(session) {
+            *used = used.saturating_sub(len);
+            if *used == 0 {
+                sessions.remove(session);
+            }
+        }
     }
 
     /// Removes a file whose copies are all done with.
@@ -225,7 +287,7 @@ impl Spool {
     fn remove_path(&self, path: &Path) {
         let len = fs::metadata(path).map_or(0, |m| m.len());
         match fs::remove_file(path) {
-            Ok(()) => self.release_bytes(len),
+            Ok(()) => self.release_bytes(session_of(path), len),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remove a spool file")
@@ -268,14 +330,7 @@ impl Spool {
         let mut removed = 0;
         for entry in entries.flatten() {
             let path = entry.path();
-            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
-            let Some(session) = name
-                .strip_suffix(".spool")
-                .and_then(|n| n.get(33..))
-                .filter(|_| name.as_bytes().get(32) == Some(&b'-'))
-            else {
+            let Some(session) = session_of(&path) else {
                 continue;
             };
             let expiry = expiry_ms.get(session).copied().unwrap_or(default_expiry_ms);
@@ -447,6 +502,7 @@ fn sync_file_and_dir(path: &Path, dir: &Path) -> Result<(), SpoolError> {
 /// removes what it wrote.
 pub struct SpoolWriter {
     spool: Arc<Spool>,
+    session: String,
     file: BufWriter<fs::File>,
     part: PathBuf,
     path: PathBuf,
@@ -455,7 +511,8 @@ pub struct SpoolWriter {
 }
 
 impl SpoolWriter {
-    /// Writes parts of one record, counting them against the spool's limit.
+    /// Writes parts of one record, counting them against the spool's limit and the
+    /// session's share.
     ///
     /// The write is synchronous: it lands in the page cache (the file is synced once,
     /// at the end, and only for durable receivers), and a chunk costs tens of
@@ -463,9 +520,13 @@ impl SpoolWriter {
     fn write(&mut self, parts: &[&[u8]]) -> Result<(), SpoolError> {
         let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let used = self.spool.used.fetch_add(len, Ordering::Relaxed) + len;
+        let within_share = self.spool.take_session_bytes(&self.session, len);
         self.written += len;
         if used > self.spool.max_bytes {
             return Err(SpoolError::Full);
+        }
+        if !within_share {
+            return Err(SpoolError::SessionFull);
         }
         for part in parts {
             self.file.write_all(part).map_err(io_err(&self.part))?;
@@ -508,7 +569,64 @@ impl Drop for SpoolWriter {
     fn drop(&mut self) {
         if !self.finished {
             let _ = fs::remove_file(&self.part);
-            self.spool.release_bytes(self.written);
+            self.spool.release_bytes(Some(&self.session), self.written);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(name: &str) -> SessionName {
+        SessionName::parse(name).expect("valid")
+    }
+
+    /// The spool counts each session's bytes apart: one session past its share is
+    /// refused while others write on, the spool's own limit holds for all of them,
+    /// and what a refused or removed file took is counted back, also after a restart.
+    #[test]
+    fn each_session_has_its_share_of_the_spool() {
+        let header = MAGIC.len() as u64;
+        let spool = Arc::new(Spool::temporary(3_000, 1_200).expect("spool"));
+        let (a, b, c) = (session("a"), session("b"), session("c"));
+        let mut first = spool.create(&a, &MessageId([1; 16])).expect("create");
+        first.chunk(0, &[0; 1_000]).expect("within a's share");
+        let mut second = spool.create(&a, &MessageId([2; 16])).expect("create");
+        assert!(matches!(
+            second.chunk(0, &[0; 200]),
+            Err(SpoolError::SessionFull)
+        ));
+        drop(second);
+        assert_eq!(spool.used_by("a"), header + 1_009);
+
+        let mut other = spool.create(&b, &MessageId([3; 16])).expect("create");
+        other
+            .chunk(0, &[0; 1_000])
+            .expect("b has a share of its own");
+        let mut third = spool.create(&c, &MessageId([4; 16])).expect("create");
+        assert!(matches!(third.chunk(0, &[0; 1_000]), Err(SpoolError::Full)));
+        drop(third);
+        assert_eq!(spool.used_by("c"), 0);
+        assert_eq!(spool.used(), 2 * (header + 1_009));
+
+        let trailer = FileTrailer {
+            sha256: Bytes::from_static(&[0; 32]),
+            mac: Bytes::from_static(&[0; 32]),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        runtime
+            .block_on(first.finish(&trailer, false))
+            .expect("finish");
+        let kept = spool.used_by("a");
+        assert!(kept > header + 1_009, "the end record counts too: {kept}");
+        let reopened = Spool::open(spool.dir().to_owned(), 3_000, 1_200).expect("reopen");
+        assert_eq!(reopened.used_by("a"), kept, "counted again from the files");
+        spool.remove(&a, &MessageId([1; 16]));
+        assert_eq!(spool.used_by("a"), 0);
+        drop(other);
+        assert_eq!(spool.used(), 0);
     }
 }

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use common::dart::{Dart, key_b64};
 use common::{Broker, contains, durable, within};
-use fastport::client::{Client, ClientConfig, FileSubscription, IncomingFile, SessionKey};
-use fastport::proto::PayloadFormat;
+use fastport::client::{
+    Client, ClientConfig, ClientError, FileSubscription, IncomingFile, SessionKey,
+};
+use fastport::proto::{ErrorCode, PayloadFormat};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -650,5 +652,91 @@ async fn a_message_subscription_on_the_same_filter_keeps_files_durable() {
         PayloadFormat::NativeV1,
         &content,
     )
+    .await;
+}
+
+/// One session's files take at most `--max-session-spool-size` of the spool: past it
+/// its next file is refused with LIMIT_EXCEEDED, while another session's file of the
+/// same size is taken, and the session has room again once its receiver has its files.
+#[tokio::test]
+async fn a_session_s_files_take_only_its_share_of_the_spool() {
+    let broker = Broker::start_with(&[
+        "--max-spool-size",
+        "8000000",
+        "--max-session-spool-size",
+        "1500000",
+    ]);
+    let key = SessionKey::generate();
+    for session in ["greedy", "modest"] {
+        broker.create_session(session, PASSWORD, settings()).await;
+    }
+    let bob_greedy = config_as(&broker, "greedy", &key, "bob");
+    let bob_modest = config_as(&broker, "modest", &key, "bob");
+    subscribe_then_leave(&bob_greedy, "docs/#").await;
+    subscribe_then_leave(&bob_modest, "docs/#").await;
+    let greedy = broker.client("greedy", PASSWORD, &key).await;
+    let modest = broker.client("modest", PASSWORD, &key).await;
+
+    // Held for bob, away: 1 MB of the greedy session's 1.5 MB.
+    let first = data(1_000_000);
+    let kept = within(
+        "a file within the share",
+        greedy.send_file("docs/1", "1.bin", &first[..], first.len() as u64),
+    )
+    .await
+    .expect("accepted");
+    let second = data(1_000_000);
+    match within(
+        "a file past the share",
+        greedy.send_file("docs/2", "2.bin", &second[..], second.len() as u64),
+    )
+    .await
+    {
+        Err(ClientError::Refused {
+            code: ErrorCode::LimitExceeded,
+            message,
+        }) => assert!(message.contains("session's share"), "{message}"),
+        other => panic!("the second file must be refused, got {other:?}"),
+    }
+    // Another tenant is not held back by the greedy one.
+    within(
+        "the other session's file",
+        modest.send_file("docs/1", "1.bin", &second[..], second.len() as u64),
+    )
+    .await
+    .expect("another session has room");
+    assert_eq!(
+        spool_files(&spool_dir(&broker)).len(),
+        2,
+        "the refused file went"
+    );
+
+    // Bob takes the greedy session's file: its share is free again.
+    let (_bob, mut files) = bob_returns(&bob_greedy, "docs/#").await;
+    let file = within("bob's file", files.next()).await.expect("a file");
+    assert_file(
+        file,
+        kept.file_id,
+        "docs/1",
+        "1.bin",
+        PayloadFormat::NativeV1,
+        &first,
+    )
+    .await;
+    within("room again", async {
+        loop {
+            let again = greedy
+                .send_file("docs/3", "3.bin", &second[..], second.len() as u64)
+                .await;
+            match again {
+                Ok(_) => return,
+                Err(ClientError::Refused {
+                    code: ErrorCode::LimitExceeded,
+                    ..
+                }) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
     .await;
 }
