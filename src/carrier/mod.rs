@@ -165,6 +165,10 @@ pub struct Link {
 /// (and the `Hello` deadline with it) forever.
 pub const MAX_BEFORE_LOGIN: u32 = 64;
 
+/// Devices one session may register for push notifications (a user's device
+/// registering again replaces its token): the store is not for one tenant to fill.
+pub const MAX_PUSH_TOKENS: usize = 10_000;
+
 impl Link {
     /// `tx` is the connection's outbound queue and `files` its file port; `legacy_only`
     /// marks connections that can only read `LEGACY_JSON` payloads.
@@ -395,8 +399,18 @@ impl Link {
             token: r.token,
             platform: r.platform,
         };
-        match self.ctx.store.put_push_token(&token).await {
-            Ok(()) => self.out(Outbound::PushTokenRegistered(r.request_id)).await,
+        match self.ctx.store.put_push_token(&token, MAX_PUSH_TOKENS).await {
+            Ok(true) => self.out(Outbound::PushTokenRegistered(r.request_id)).await,
+            Ok(false) => {
+                let reject =
+                    Reject::LimitExceeded("the session holds as many push tokens as it may");
+                self.refuse(Refused {
+                    reject,
+                    request_id: r.request_id,
+                    message_id: None,
+                })
+                .await;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "storing a push token failed");
                 let reject = Reject::Internal("could not store the push token");

@@ -387,14 +387,27 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn put_push_token(&self, token: &PushToken) -> Result<(), StoreError> {
+    async fn put_push_token(&self, token: &PushToken, limit: usize) -> Result<bool, StoreError> {
         let key = (
             token.session.clone(),
             token.user_id.clone(),
             token.device_id.clone(),
         );
-        self.state().push_tokens.insert(key, token.clone());
-        Ok(())
+        let mut state = self.state();
+        let tokens = &mut state.push_tokens;
+        if !tokens.contains_key(&key) {
+            let from = (token.session.clone(), String::new(), String::new());
+            let held = tokens
+                .range(from..)
+                .take_while(|((session, _, _), _)| *session == token.session)
+                .take(limit)
+                .count();
+            if held >= limit {
+                return Ok(false);
+            }
+        }
+        tokens.insert(key, token.clone());
+        Ok(true)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

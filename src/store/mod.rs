@@ -137,7 +137,10 @@ pub trait Store: Send + Sync + 'static {
     /// the memory store, may delete everything at once.)
     async fn purge(&self, now: Millis, limit: usize) -> Result<Purged, StoreError>;
 
-    async fn put_push_token(&self, token: &PushToken) -> Result<(), StoreError>;
+    /// Registers a device's push token, or replaces the one registered for the same
+    /// session, user and device. `Ok(false)`, and nothing stored, when it is a new
+    /// device and the session already holds `limit` of them.
+    async fn put_push_token(&self, token: &PushToken, limit: usize) -> Result<bool, StoreError>;
 
     /// Cheap liveness check for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;

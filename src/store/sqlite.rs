@@ -945,13 +945,19 @@ impl Store for SqliteStore {
         self.writer.lock().await.purge(now, limit).await
     }
 
-    async fn put_push_token(&self, token: &PushToken) -> Result<(), StoreError> {
+    async fn put_push_token(&self, token: &PushToken, limit: usize) -> Result<bool, StoreError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        sqlx::query(
+        // One statement, so the count and the insert cannot interleave with another
+        // registration's. (The WHERE also keeps SQLite from reading ON CONFLICT as a
+        // join clause of the SELECT.)
+        let written = sqlx::query(
             "INSERT INTO push_tokens (session, user_id, device_id, token, platform, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?) \
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6 \
+             WHERE EXISTS (SELECT 1 FROM push_tokens \
+                           WHERE session = ?1 AND user_id = ?2 AND device_id = ?3) \
+                OR (SELECT COUNT(*) FROM push_tokens WHERE session = ?1) < ?7 \
              ON CONFLICT (session, user_id, device_id) \
              DO UPDATE SET token = excluded.token, platform = excluded.platform, \
                            updated_at = excluded.updated_at",
@@ -962,9 +968,10 @@ impl Store for SqliteStore {
         .bind(&token.token)
         .bind(&token.platform)
         .bind(now)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(written.rows_affected() > 0)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -296,16 +296,32 @@ async fn suite(store: &dyn Store) {
             .is_empty()
     );
 
-    store
-        .put_push_token(&PushToken {
-            session: session(),
-            user_id: "alice".into(),
-            device_id: "d1".into(),
-            token: "secret".into(),
-            platform: "android".into(),
-        })
-        .await
-        .expect("push token");
+    let token = |user: &str, device: &str| PushToken {
+        session: session(),
+        user_id: user.into(),
+        device_id: device.into(),
+        token: "secret".into(),
+        platform: "android".into(),
+    };
+    // At most two devices per session: a third is refused, a known one replaced.
+    for (user, device, stored) in [
+        ("alice", "d1", true),
+        ("alice", "d2", true),
+        ("bob", "d1", false),
+        ("alice", "d1", true),
+    ] {
+        let put = store.put_push_token(&token(user, device), 2).await;
+        assert_eq!(put.expect("push token"), stored, "{user}/{device}");
+    }
+    let elsewhere = PushToken {
+        session: SessionName::parse("elsewhere").expect("valid"),
+        ..token("bob", "d1")
+    };
+    let put = store.put_push_token(&elsewhere, 2).await;
+    assert!(
+        put.expect("push token"),
+        "another session has its own count"
+    );
     store.ping().await.expect("ping");
 }
 
