@@ -140,7 +140,7 @@ pub struct ServeArgs {
     pub max_spool_size: Option<u64>,
 
     /// Most bytes one session's files may take in the spool [default: a quarter of
-    /// --max-spool-size].
+    /// --max-spool-size, but room for one file of --max-file-size].
     #[arg(long, value_name = "BYTES")]
     pub max_session_spool_size: Option<u64>,
 
@@ -362,7 +362,14 @@ impl ServeArgs {
         let max_session_spool_bytes = self
             .max_session_spool_size
             .or(file.max_session_spool_size)
-            .unwrap_or(max_spool_bytes / crate::spool::DEFAULT_SESSION_SHARE);
+            .unwrap_or_else(|| {
+                crate::spool::default_session_share(max_spool_bytes, max_file_bytes)
+            });
+        if max_session_spool_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-session-spool-size must be at least 1 byte".into(),
+            ));
+        }
         let max_session_clients = self
             .max_session_clients
             .or(file.max_session_clients)

@@ -98,6 +98,16 @@ impl Server {
             .map_err(bind_err("HTTP (TCP)", config.http))?;
 
         let store = store::open(&config.store).await?;
+        let max_file = config.driver.core.max_file_bytes;
+        let room = config.max_session_spool_bytes.min(config.max_spool_bytes);
+        if room < crate::spool::spooled_size(max_file) {
+            tracing::warn!(
+                max_file,
+                room,
+                "a file near --max-file-size may not fit in the spool \
+                 (--max-spool-size, --max-session-spool-size): it would be refused once sent"
+            );
+        }
         let spool = Arc::new(match &config.store {
             StoreKind::Sqlite(path) => {
                 let mut dir = path.clone().into_os_string();

@@ -46,9 +46,21 @@ use crate::proto;
 pub const MAGIC: &[u8; 8] = b"FPSPOOL1";
 /// The default `--max-spool-size`.
 pub const DEFAULT_MAX_SPOOL_BYTES: u64 = 16 << 30;
-/// The default `--max-session-spool-size`, as a part of `--max-spool-size`: four
-/// sessions at their limit fill the spool.
-pub const DEFAULT_SESSION_SHARE: u64 = 4;
+/// The room a file of `size` bytes may take in the spool, its records' framing and
+/// the sealing of its chunks included (chunks of 2 KiB or more: the SDK's are 64 KiB).
+pub fn spooled_size(size: u64) -> u64 {
+    size.saturating_add(size / 16).saturating_add(4096)
+}
+
+/// The default `--max-session-spool-size`: a quarter of the spool, so that four
+/// sessions at their limit fill it, but room for one file of `--max-file-size` at
+/// least (a share smaller than that would refuse such files only once they are
+/// sent), and never more than the spool.
+pub fn default_session_share(max_spool_bytes: u64, max_file_bytes: u64) -> u64 {
+    (max_spool_bytes / 4)
+        .max(spooled_size(max_file_bytes))
+        .min(max_spool_bytes)
+}
 /// Largest chunk read back: a record claiming more is corrupt. (Chunks are bounded by
 /// the largest frame, `--max-payload` (at most 256 MiB) plus 64 KiB.)
 const MAX_CHUNK: usize = (256 << 20) + (64 << 10);
@@ -81,8 +93,8 @@ impl From<SpoolError> for Reject {
         match e {
             SpoolError::Full => Reject::LimitExceeded("the broker's file spool is full"),
             SpoolError::SessionFull => Reject::LimitExceeded(
-                "the session's share of the file spool is full; files are taken again as \
-                 receivers acknowledge theirs",
+                "the session's share of the file spool is full; it has room again as its \
+                 receivers take their files or they expire",
             ),
             // Not a replay (the replay guard answers those first): copies of an
             // earlier upload of this file that was not accepted still need it.
@@ -95,6 +107,21 @@ impl From<SpoolError> for Reject {
             }
         }
     }
+}
+
+/// Counts `len` more bytes on `used` if they keep it within `max`.
+fn take(used: &AtomicU64, len: u64, max: u64) -> bool {
+    used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+        used.checked_add(len).filter(|total| *total <= max)
+    })
+    .is_ok()
+}
+
+/// Uncounts `len` bytes (never below zero, whatever the order of removals).
+fn release(used: &AtomicU64, len: u64) {
+    let _ = used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+        Some(used.saturating_sub(len))
+    });
 }
 
 /// The session a spool file belongs to, from its name (`<32 hex digits>-<session>.spool`).
@@ -120,8 +147,9 @@ pub struct Spool {
     max_bytes: u64,
     used: AtomicU64,
     max_session_bytes: u64,
-    /// Bytes each session's files take (sessions with none are not listed).
-    by_session: Mutex<HashMap<String, u64>>,
+    /// Bytes each session's files take. A writer holds its session's counter, so a
+    /// chunk counts without the lock; counters stay once made (one per session).
+    by_session: Mutex<HashMap<String, Arc<AtomicU64>>>,
     /// Files being streamed from the spool now, so a retry that comes up while the
     /// last attempt is still streaming does not start a second stream.
     streaming: Mutex<FastSet<(ConnId, MessageId)>>,
@@ -133,7 +161,7 @@ impl Spool {
     pub fn open(dir: PathBuf, max_bytes: u64, max_session_bytes: u64) -> Result<Spool, SpoolError> {
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let mut used = 0;
-        let mut by_session = HashMap::<String, u64>::new();
+        let mut by_session = HashMap::<String, Arc<AtomicU64>>::new();
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let entry = entry.map_err(io_err(&dir))?;
             let path = entry.path();
@@ -143,7 +171,8 @@ impl Spool {
                     let len = entry.metadata().map_err(io_err(&path))?.len();
                     used += len;
                     if let Some(session) = session_of(&path) {
-                        *by_session.entry(session.to_owned()).or_default() += len;
+                        let used = by_session.entry(session.to_owned()).or_default();
+                        used.fetch_add(len, Ordering::Relaxed);
                     }
                 }
                 _ => {}
@@ -184,22 +213,22 @@ impl Spool {
 
     /// Bytes `session`'s files take now.
     pub fn used_by(&self, session: &str) -> u64 {
-        self.lock_sessions().get(session).copied().unwrap_or(0)
+        self.lock_sessions()
+            .get(session)
+            .map_or(0, |used| used.load(Ordering::Relaxed))
     }
 
-    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AtomicU64>>> {
         self.by_session.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts `len` more bytes of `session`'s; whether its share still holds them.
-    fn take_session_bytes(&self, session: &str, len: u64) -> bool {
+    /// `session`'s counter, made on its first file.
+    fn session_counter(&self, session: &str) -> Arc<AtomicU64> {
         let mut sessions = self.lock_sessions();
-        let used = match sessions.get_mut(session) {
-            Some(used) => used,
-            None => sessions.entry(session.to_owned()).or_default(),
-        };
-        *used += len;
-        *used <= self.max_session_bytes
+        match sessions.get(session) {
+            Some(used) => Arc::clone(used),
+            None => Arc::clone(sessions.entry(session.to_owned()).or_default()),
+        }
     }
 
     fn path(&self, session: &SessionName, file_id: &MessageId) -> PathBuf {
@@ -231,7 +260,7 @@ impl Spool {
             })?;
         let mut writer = SpoolWriter {
             spool: Arc::clone(self),
-            session: session.to_string(),
+            session_used: self.session_counter(session.as_str()),
             file: BufWriter::with_capacity(256 * 1024, file),
             part,
             path,
@@ -262,20 +291,12 @@ impl Spool {
     /// Uncounts `len` bytes, `session`'s if known (never below zero, whatever the
     /// order of removals).
     fn release_bytes(&self, session: Option<&str>, len: u64) {
-        let _ = self
-            .used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                Some(used.saturating_sub(len))
-            });
+        release(&self.used, len);
         let Some(session) = session else {
             return;
         };
-        let mut sessions = self.lock_sessions();
-        if let Some(used) = sessions.get_mut(session) {
-            *used = used.saturating_sub(len);
-            if *used == 0 {
-                sessions.remove(session);
-            }
+        if let Some(used) = self.lock_sessions().get(session) {
+            release(used, len);
         }
     }
 
@@ -502,7 +523,8 @@ fn sync_file_and_dir(path: &Path, dir: &Path) -> Result<(), SpoolError> {
 /// removes what it wrote.
 pub struct SpoolWriter {
     spool: Arc<Spool>,
-    session: String,
+    /// Its session's count of bytes in the spool.
+    session_used: Arc<AtomicU64>,
     file: BufWriter<fs::File>,
     part: PathBuf,
     path: PathBuf,
@@ -519,15 +541,15 @@ impl SpoolWriter {
     /// microseconds, less than handing it to a blocking thread would.
     fn write(&mut self, parts: &[&[u8]]) -> Result<(), SpoolError> {
         let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        let used = self.spool.used.fetch_add(len, Ordering::Relaxed) + len;
-        let within_share = self.spool.take_session_bytes(&self.session, len);
-        self.written += len;
-        if used > self.spool.max_bytes {
-            return Err(SpoolError::Full);
-        }
-        if !within_share {
+        // Counted only if they fit, so a refusal takes no room from anyone else.
+        if !take(&self.session_used, len, self.spool.max_session_bytes) {
             return Err(SpoolError::SessionFull);
         }
+        if !take(&self.spool.used, len, self.spool.max_bytes) {
+            release(&self.session_used, len);
+            return Err(SpoolError::Full);
+        }
+        self.written += len;
         for part in parts {
             self.file.write_all(part).map_err(io_err(&self.part))?;
         }
@@ -569,7 +591,8 @@ impl Drop for SpoolWriter {
     fn drop(&mut self) {
         if !self.finished {
             let _ = fs::remove_file(&self.part);
-            self.spool.release_bytes(Some(&self.session), self.written);
+            release(&self.spool.used, self.written);
+            release(&self.session_used, self.written);
         }
     }
 }
@@ -580,6 +603,24 @@ mod tests {
 
     fn session(name: &str) -> SessionName {
         SessionName::parse(name).expect("valid")
+    }
+
+    #[test]
+    fn a_session_s_share_holds_a_largest_file_by_default() {
+        const GIB: u64 = 1 << 30;
+        let share = default_session_share(16 * GIB, 4 * GIB);
+        assert!(share >= spooled_size(4 * GIB) && share < 5 * GIB, "{share}");
+        assert_eq!(default_session_share(64 * GIB, 4 * GIB), 16 * GIB);
+        assert_eq!(
+            default_session_share(GIB, 4 * GIB),
+            GIB,
+            "never past the spool"
+        );
+        // A file in 2 KiB chunks, the smallest spooled_size allows for.
+        let size = 10 * 1024 * 1024;
+        let chunks = size / 2048;
+        let framing = MAGIC.len() as u64 + chunks * (9 + 65) + 69;
+        assert!(size + framing <= spooled_size(size));
     }
 
     /// The spool counts each session's bytes apart: one session past its share is
@@ -597,6 +638,9 @@ mod tests {
             second.chunk(0, &[0; 200]),
             Err(SpoolError::SessionFull)
         ));
+        // The refused chunk took nothing: a smaller one still fits.
+        assert_eq!(spool.used_by("a"), 2 * header + 1_009);
+        second.chunk(0, &[0; 100]).expect("room for 100 bytes more");
         drop(second);
         assert_eq!(spool.used_by("a"), header + 1_009);
 

@@ -440,37 +440,6 @@ async fn fcm_tokens_are_registered_and_never_logged() {
         common::contains(&common::db_bytes(&broker.db_path()), b"pixel-7"),
         "the token is stored for pushes"
     );
-
-    // A session holds so many devices, pixel-7 one of them; it may still re-register.
-    let mut registered = 1;
-    while registered < fastport::carrier::MAX_PUSH_TOKENS {
-        let batch = (fastport::carrier::MAX_PUSH_TOKENS - registered).min(500);
-        for i in 0..batch {
-            dart.send(json!({
-                "type": "register_fcm_token", "userId": "alice", "fcmToken": "t",
-                "deviceId": format!("device-{}", registered + i), "platform": "android",
-            }))
-            .await;
-        }
-        for _ in 0..batch {
-            assert_eq!(dart.recv().await["success"], true);
-        }
-        registered += batch;
-    }
-    dart.send(json!({"type": "register_fcm_token", "userId": "mallory", "fcmToken": "t"}))
-        .await;
-    let full = dart.recv().await;
-    assert_eq!(full["code"], "LIMIT_EXCEEDED", "{full}");
-    dart.send(json!({
-        "type": "register_fcm_token", "userId": "alice", "fcmToken": "renewed",
-        "deviceId": "pixel-7", "platform": "android",
-    }))
-    .await;
-    assert_eq!(
-        dart.recv().await["success"],
-        true,
-        "a known device re-registers"
-    );
 }
 
 /// State of the broker's end of a TCP connection, from the kernel's table

@@ -442,12 +442,19 @@ async fn main() -> Result<()> {
             .collect();
         // Round by round, every system once per round: the VM's speed drifts over
         // minutes, and interleaving makes the drift hit every system alike. Each
-        // round starts one system further on, so that no system is always the one
-        // run first, or right after a heavy one (JetStream's disk writes, a 1 GiB
-        // file) whose aftermath it would pay for.
+        // round starts one system further on, and every other round goes backwards,
+        // so that no system is always the one run first, or always right after the
+        // same heavy one (JetStream's disk writes, a 1 GiB file) whose aftermath it
+        // would pay for.
         for run in 0..args.runs {
-            for turn in 0..systems.len() {
-                let system = systems[(turn + run) % systems.len()];
+            let n = systems.len();
+            for turn in 0..n {
+                let i = if run % 2 == 0 {
+                    (run + turn) % n
+                } else {
+                    (run % n + n - turn) % n
+                };
+                let system = systems[i];
                 let name = &system.name;
                 env.run += 1;
                 eprint!("{} {} run {}/{} … ", w.id, name, run + 1, args.runs);

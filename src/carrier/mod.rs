@@ -165,9 +165,9 @@ pub struct Link {
 /// (and the `Hello` deadline with it) forever.
 pub const MAX_BEFORE_LOGIN: u32 = 64;
 
-/// Devices one session may register for push notifications (a user's device
-/// registering again replaces its token): the store is not for one tenant to fill.
-pub const MAX_PUSH_TOKENS: usize = 10_000;
+/// Devices one session keeps registered for push notifications; past it the device
+/// registered longest ago goes (see [`Store::put_push_token`]).
+pub const MAX_PUSH_TOKENS: usize = 100_000;
 
 impl Link {
     /// `tx` is the connection's outbound queue and `files` its file port; `legacy_only`
@@ -400,17 +400,7 @@ impl Link {
             platform: r.platform,
         };
         match self.ctx.store.put_push_token(&token, MAX_PUSH_TOKENS).await {
-            Ok(true) => self.out(Outbound::PushTokenRegistered(r.request_id)).await,
-            Ok(false) => {
-                let reject =
-                    Reject::LimitExceeded("the session holds as many push tokens as it may");
-                self.refuse(Refused {
-                    reject,
-                    request_id: r.request_id,
-                    message_id: None,
-                })
-                .await;
-            }
+            Ok(()) => self.out(Outbound::PushTokenRegistered(r.request_id)).await,
             Err(e) => {
                 tracing::error!(error = %e, "storing a push token failed");
                 let reject = Reject::Internal("could not store the push token");

@@ -32,7 +32,9 @@ pub struct MemoryState {
     /// Durable subscriptions, and whether a legacy connection made each.
     subscriptions: BTreeMap<(SessionName, ClientId, TopicFilter), bool>,
     replay: HashMap<(SessionName, MessageId), Millis>,
-    push_tokens: BTreeMap<(SessionName, String, String), PushToken>,
+    /// Each device's token with the order of its last registration.
+    push_tokens: BTreeMap<(SessionName, String, String), (u64, PushToken)>,
+    registrations: u64,
 }
 
 impl MemoryState {
@@ -387,27 +389,43 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn put_push_token(&self, token: &PushToken, limit: usize) -> Result<bool, StoreError> {
+    async fn put_push_token(&self, token: &PushToken, limit: usize) -> Result<(), StoreError> {
         let key = (
             token.session.clone(),
             token.user_id.clone(),
             token.device_id.clone(),
         );
         let mut state = self.state();
-        let tokens = &mut state.push_tokens;
-        if !tokens.contains_key(&key) {
-            let from = (token.session.clone(), String::new(), String::new());
-            let held = tokens
-                .range(from..)
+        state.registrations += 1;
+        let order = state.registrations;
+        state.push_tokens.insert(key, (order, token.clone()));
+        let from = (token.session.clone(), String::new(), String::new());
+        let session = || {
+            state
+                .push_tokens
+                .range(from.clone()..)
                 .take_while(|((session, _, _), _)| *session == token.session)
-                .take(limit)
-                .count();
-            if held >= limit {
-                return Ok(false);
+        };
+        if session().nth(limit).is_some() {
+            let oldest = session()
+                .min_by_key(|(_, (order, _))| *order)
+                .map(|(key, _)| key.clone());
+            if let Some(oldest) = oldest {
+                state.push_tokens.remove(&oldest);
             }
         }
-        tokens.insert(key, token.clone());
-        Ok(true)
+        Ok(())
+    }
+
+    async fn push_tokens(&self, session: &SessionName) -> Result<Vec<PushToken>, StoreError> {
+        let from = (session.clone(), String::new(), String::new());
+        Ok(self
+            .state()
+            .push_tokens
+            .range(from..)
+            .take_while(|((s, _, _), _)| s == session)
+            .map(|(_, (_, token))| token.clone())
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

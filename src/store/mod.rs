@@ -138,9 +138,13 @@ pub trait Store: Send + Sync + 'static {
     async fn purge(&self, now: Millis, limit: usize) -> Result<Purged, StoreError>;
 
     /// Registers a device's push token, or replaces the one registered for the same
-    /// session, user and device. `Ok(false)`, and nothing stored, when it is a new
-    /// device and the session already holds `limit` of them.
-    async fn put_push_token(&self, token: &PushToken, limit: usize) -> Result<bool, StoreError>;
+    /// session, user and device. A session keeps at most `limit` devices: past it, the
+    /// one registered longest ago goes (a device that is in use registers again), so
+    /// that no client can fill the store, nor lock a session's devices out.
+    async fn put_push_token(&self, token: &PushToken, limit: usize) -> Result<(), StoreError>;
+
+    /// A session's registered devices, by user and device id.
+    async fn push_tokens(&self, session: &SessionName) -> Result<Vec<PushToken>, StoreError>;
 
     /// Cheap liveness check for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;

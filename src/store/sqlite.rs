@@ -56,6 +56,9 @@ pub struct SqliteStore {
     /// worker makes one call at a time, so the lock is never contended; it is held
     /// across the statements so that a fold and a commit never interleave.
     writer: tokio::sync::Mutex<Writer>,
+    /// The last push token's `updated_at`: each registration gets a later one, even in
+    /// the same millisecond, so "registered longest ago" has one answer.
+    last_push_update: std::sync::atomic::AtomicI64,
 }
 
 /// One connection for all writes, so its page cache stays warm (SQLite empties a
@@ -182,6 +185,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             writer: tokio::sync::Mutex::new(writer),
+            last_push_update: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -945,19 +949,22 @@ impl Store for SqliteStore {
         self.writer.lock().await.purge(now, limit).await
     }
 
-    async fn put_push_token(&self, token: &PushToken, limit: usize) -> Result<bool, StoreError> {
-        let now = std::time::SystemTime::now()
+    async fn put_push_token(&self, token: &PushToken, limit: usize) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let clock = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        // One statement, so the count and the insert cannot interleave with another
-        // registration's. (The WHERE also keeps SQLite from reading ON CONFLICT as a
-        // join clause of the SELECT.)
-        let written = sqlx::query(
+        let previous = self
+            .last_push_update
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(clock.max(last + 1))
+            })
+            .unwrap_or(clock);
+        let now = clock.max(previous + 1);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
             "INSERT INTO push_tokens (session, user_id, device_id, token, platform, updated_at) \
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6 \
-             WHERE EXISTS (SELECT 1 FROM push_tokens \
-                           WHERE session = ?1 AND user_id = ?2 AND device_id = ?3) \
-                OR (SELECT COUNT(*) FROM push_tokens WHERE session = ?1) < ?7 \
+             VALUES (?, ?, ?, ?, ?, ?) \
              ON CONFLICT (session, user_id, device_id) \
              DO UPDATE SET token = excluded.token, platform = excluded.platform, \
                            updated_at = excluded.updated_at",
@@ -968,10 +975,49 @@ impl Store for SqliteStore {
         .bind(&token.token)
         .bind(&token.platform)
         .bind(now)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(written.rows_affected() > 0)
+        let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM push_tokens WHERE session = ?")
+            .bind(token.session.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        if usize::try_from(held).unwrap_or(usize::MAX) > limit {
+            // The one registered longest ago, never the device registering now (its
+            // time may equal another's to the millisecond).
+            sqlx::query(
+                "DELETE FROM push_tokens WHERE session = ?1 AND (user_id, device_id) = \
+                 (SELECT user_id, device_id FROM push_tokens \
+                  WHERE session = ?1 AND NOT (user_id = ?2 AND device_id = ?3) \
+                  ORDER BY updated_at LIMIT 1)",
+            )
+            .bind(token.session.as_str())
+            .bind(&token.user_id)
+            .bind(&token.device_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn push_tokens(&self, session: &SessionName) -> Result<Vec<PushToken>, StoreError> {
+        let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+            "SELECT user_id, device_id, token, platform FROM push_tokens WHERE session = ? \
+             ORDER BY user_id, device_id",
+        )
+        .bind(session.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, device_id, token, platform)| PushToken {
+                session: session.clone(),
+                user_id,
+                device_id,
+                token,
+                platform,
+            })
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

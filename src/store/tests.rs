@@ -303,24 +303,50 @@ async fn suite(store: &dyn Store) {
         token: "secret".into(),
         platform: "android".into(),
     };
-    // At most two devices per session: a third is refused, a known one replaced.
-    for (user, device, stored) in [
-        ("alice", "d1", true),
-        ("alice", "d2", true),
-        ("bob", "d1", false),
-        ("alice", "d1", true),
-    ] {
-        let put = store.put_push_token(&token(user, device), 2).await;
-        assert_eq!(put.expect("push token"), stored, "{user}/{device}");
-    }
+    // At most two devices per session: past it the one registered longest ago goes.
     let elsewhere = PushToken {
         session: SessionName::parse("elsewhere").expect("valid"),
-        ..token("bob", "d1")
+        ..token("zed", "z1")
     };
-    let put = store.put_push_token(&elsewhere, 2).await;
-    assert!(
-        put.expect("push token"),
-        "another session has its own count"
+    for (user, device) in [
+        ("alice", "d1"),
+        ("alice", "d2"),
+        ("alice", "d1"),
+        ("bob", "d1"),
+    ] {
+        store
+            .put_push_token(&token(user, device), 2)
+            .await
+            .expect("push token");
+        if device == "d2" {
+            store
+                .put_push_token(&elsewhere, 2)
+                .await
+                .expect("push token");
+        }
+    }
+    let devices = |tokens: Vec<PushToken>| {
+        tokens
+            .into_iter()
+            .map(|t| (t.user_id, t.device_id))
+            .collect::<Vec<(String, String)>>()
+    };
+    let held = devices(store.push_tokens(&session()).await.expect("devices"));
+    assert_eq!(
+        held,
+        vec![("alice".into(), "d1".into()), ("bob".into(), "d1".into())],
+        "alice/d2 went: alice/d1 registered again since"
+    );
+    let held = devices(
+        store
+            .push_tokens(&elsewhere.session)
+            .await
+            .expect("devices"),
+    );
+    assert_eq!(
+        held,
+        vec![("zed".into(), "z1".into())],
+        "sessions count apart"
     );
     store.ping().await.expect("ping");
 }
