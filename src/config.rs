@@ -158,6 +158,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// QUIC handshakes under way past which a new client must first prove its address
+    /// with a Retry (one round trip more), so that a flood of handshakes from forged
+    /// addresses costs a small reply each; 0: always [default: 256].
+    #[arg(long, value_name = "N")]
+    pub quic_retry_above: Option<usize>,
+
     /// Most clients a session holds: connected at once, and (counted apart) with
     /// subscriptions, durable ones offline included [default: 50000].
     #[arg(long, value_name = "N")]
@@ -216,6 +222,7 @@ pub struct FileConfig {
     pub http_timeout_ms: Option<u64>,
     pub max_session_clients: Option<usize>,
     pub max_connections: Option<usize>,
+    pub quic_retry_above: Option<usize>,
     pub create_session_limit: Option<u32>,
     pub create_session_window: Option<u64>,
     pub threads: Option<usize>,
@@ -406,6 +413,10 @@ impl ServeArgs {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(defaults.max_connections),
+            quic_retry_above: self
+                .quic_retry_above
+                .or(file.quic_retry_above)
+                .unwrap_or(defaults.quic_retry_above),
             ..defaults
         };
         if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&carrier.max_connections) {

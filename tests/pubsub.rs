@@ -772,3 +772,37 @@ async fn a_session_takes_only_so_many_clients() {
     })
     .await;
 }
+
+/// With `--quic-retry-above 0` every QUIC client proves its address first (a Retry,
+/// what a broker under a handshake flood asks of newcomers): the SDK answers it and
+/// talks as ever. Below the threshold nobody is asked.
+#[tokio::test]
+async fn clients_get_through_a_quic_retry() {
+    let asked = "asked to prove its address first";
+    let broker = Broker::start_with(&["--quic-retry-above", "0"]);
+    broker
+        .create_session("proven", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let reader = broker.client("proven", "secret-pass", &key).await;
+    let mut sub = reader.subscribe("t").await.expect("subscribe");
+    let writer = broker.client("proven", "secret-pass", &key).await;
+    writer
+        .publish("t", &b"after a retry"[..])
+        .await
+        .expect("publish");
+    let got = within("delivery", sub.next()).await.expect("a message");
+    assert_eq!(&got.payload[..], b"after a retry");
+    assert_eq!(
+        broker.logs().matches(asked).count(),
+        2,
+        "both clients were asked"
+    );
+
+    let relaxed = Broker::start();
+    relaxed
+        .create_session("plain", "secret-pass", json!({}))
+        .await;
+    let _client = relaxed.client("plain", "secret-pass", &key).await;
+    assert!(!relaxed.logs().contains(asked));
+}

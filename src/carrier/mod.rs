@@ -78,6 +78,9 @@ pub struct CarrierLimits {
     pub ws_idle_timeout: Duration,
     /// Client connections open at once, on every carrier together.
     pub max_connections: usize,
+    /// QUIC handshakes under way past which new clients must prove their address
+    /// first (see [`quic::serve`]); 0: every client.
+    pub quic_retry_above: usize,
 }
 
 impl Default for CarrierLimits {
@@ -89,6 +92,7 @@ impl Default for CarrierLimits {
             ws_ping_interval: websocket::PING_INTERVAL,
             ws_idle_timeout: websocket::IDLE_TIMEOUT,
             max_connections: 100_000,
+            quic_retry_above: 256,
         }
     }
 }

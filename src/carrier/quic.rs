@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -169,18 +170,38 @@ pub fn ack_frequency() -> quinn::AckFrequencyConfig {
 const ACK_EVERY: u32 = 8;
 
 /// Accepts connections until the endpoint is closed.
+///
+/// An Initial packet's source address is not proven: anyone can send them from
+/// forged addresses, each asking for a TLS handshake (key exchange, signature). Past
+/// `--quic-retry-above` handshakes under way, a client must first prove it receives
+/// at its address (a QUIC Retry: a stateless token, one round trip more), so such a
+/// flood costs the broker a small reply per packet and real clients still get in.
 pub async fn serve(endpoint: Endpoint, ctx: Arc<LinkContext>) {
+    let handshaking = Arc::new(AtomicUsize::new(0));
     while let Some(incoming) = endpoint.accept().await {
+        let peer = incoming.remote_address();
         // A full broker sheds newcomers before any handshake work; the client reads
         // "the server refused to accept a new connection".
         if ctx.connections.available_permits() == 0 {
-            tracing::debug!(peer = %incoming.remote_address(), "at --max-connections: refused");
+            tracing::debug!(%peer, "at --max-connections: refused");
             incoming.refuse();
             continue;
         }
+        let busy = handshaking.load(Ordering::Relaxed) >= ctx.limits.quic_retry_above;
+        if busy && !incoming.remote_address_validated() {
+            tracing::debug!(%peer, "asked to prove its address first (QUIC Retry)");
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
         let ctx = ctx.clone();
+        handshaking.fetch_add(1, Ordering::Relaxed);
+        let handshake = Handshake(handshaking.clone());
         tokio::spawn(async move {
-            let conn = match incoming.await {
+            let connected = incoming.await;
+            drop(handshake);
+            let conn = match connected {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::debug!(error = %e, "QUIC handshake failed");
@@ -207,6 +228,15 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<LinkContext>) {
                 _ => conn.close(VarInt::from_u32(0x0178), b"unsupported ALPN"),
             }
         });
+    }
+}
+
+/// One handshake under way, counted until dropped.
+struct Handshake(Arc<AtomicUsize>);
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
