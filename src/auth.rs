@@ -210,12 +210,18 @@ impl Authenticator {
 
 /// The address a per-client budget is kept for: an IPv6 client's /64 (one subscriber
 /// line's, which holds 2^64 addresses to rotate through), an IPv4 one's own address
-/// (also when it comes IPv4-mapped, through a dual-stack socket).
+/// (also when it comes IPv4-mapped, through a dual-stack socket, or through a NAT64
+/// gateway's well-known prefix `64:ff9b::/96`, which puts a whole IPv4 Internet's
+/// clients in one /64).
 pub fn budget_key(ip: IpAddr) -> IpAddr {
+    const NAT64: u128 = 0x0064_ff9b_u128 << 96;
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
+            None if u128::from(v6) >> 32 == NAT64 >> 32 => {
+                IpAddr::V4((u128::from(v6) as u32).into())
+            }
             None => {
                 let prefix = u128::from(v6) & !(u128::MAX >> 64);
                 IpAddr::V6(prefix.into())
@@ -343,6 +349,14 @@ mod tests {
         assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
         assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        // NAT64: each IPv4 client behind the gateway has its own budget.
+        assert_eq!(key("64:ff9b::192.0.2.7"), "192.0.2.7");
+        assert_ne!(key("64:ff9b::192.0.2.7"), key("64:ff9b::198.51.100.1"));
+        assert_eq!(
+            key("64:ff9b:1::1"),
+            "64:ff9b:1::",
+            "other prefixes keep their /64"
+        );
     }
 
     /// Guesses from across one IPv6 /64 spend one budget.

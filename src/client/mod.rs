@@ -709,14 +709,17 @@ impl Subscription {
     }
 
     /// The next message or presence change, whichever comes first; `None` once the
-    /// client is closed.
+    /// client is closed. A presence change waiting is handed over before a message
+    /// waiting: the two come on queues of their own, and a join the broker announced
+    /// before a message must not be read after it.
     pub async fn next_event(&mut self) -> Option<SubscriptionEvent> {
         let message = match &mut self.presence {
             Some(presence) => tokio::select! {
-                message = self.rx.recv() => message,
+                biased;
                 Some(change) = presence.recv() => {
                     return Some(SubscriptionEvent::Presence(change));
                 }
+                message = self.rx.recv() => message,
             },
             None => self.rx.recv().await,
         }?;
