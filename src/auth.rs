@@ -212,7 +212,8 @@ impl Authenticator {
 /// line's, which holds 2^64 addresses to rotate through), an IPv4 one's own address
 /// (also when it comes IPv4-mapped, through a dual-stack socket, or through a NAT64
 /// gateway's well-known prefix `64:ff9b::/96`, which puts a whole IPv4 Internet's
-/// clients in one /64).
+/// clients in one /64). Networks' own NAT64 prefixes (RFC 6052 allows /32 to /96)
+/// cannot be told from native addresses, and keep their /64.
 pub fn budget_key(ip: IpAddr) -> IpAddr {
     const NAT64: u128 = 0x0064_ff9b_u128 << 96;
     match ip {

@@ -372,9 +372,9 @@ impl ServeArgs {
             .unwrap_or_else(|| {
                 crate::spool::default_session_share(max_spool_bytes, max_file_bytes)
             });
-        if max_session_spool_bytes == 0 {
+        if max_spool_bytes == 0 || max_session_spool_bytes == 0 {
             return Err(ConfigError::Invalid(
-                "--max-session-spool-size must be at least 1 byte".into(),
+                "--max-spool-size and --max-session-spool-size must be at least 1 byte".into(),
             ));
         }
         let max_session_clients = self

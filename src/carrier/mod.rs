@@ -171,7 +171,7 @@ pub const MAX_BEFORE_LOGIN: u32 = 64;
 
 /// Devices one session keeps registered for push notifications; past it the device
 /// registered longest ago goes (see [`Store::put_push_token`]).
-pub const MAX_PUSH_TOKENS: usize = 100_000;
+pub const MAX_PUSH_TOKENS: usize = 10_000;
 
 impl Link {
     /// `tx` is the connection's outbound queue and `files` its file port; `legacy_only`

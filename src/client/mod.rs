@@ -277,7 +277,7 @@ enum Request {
         options: SubscribeOptions,
         sink: mpsc::Sender<Message>,
         /// Where presence changes go, if `options.presence`.
-        presence: Option<mpsc::Sender<PresenceChange>>,
+        presence: Option<mpsc::Sender<Announced>>,
         reply: oneshot::Sender<Result<u64, ClientError>>,
     },
     Unsubscribe {
@@ -553,7 +553,9 @@ impl Client {
         Ok(Subscription {
             id,
             rx,
+            received: 0,
             presence: presence_rx,
+            held: None,
             requests: self.requests.clone(),
             handbacks: Arc::clone(&self.handbacks),
         })
@@ -673,8 +675,12 @@ impl Client {
 pub struct Subscription {
     id: u64,
     rx: mpsc::Receiver<Message>,
+    /// Messages taken from `rx` so far.
+    received: u64,
     /// Presence changes, when the subscription asked for them.
-    presence: Option<mpsc::Receiver<PresenceChange>>,
+    presence: Option<mpsc::Receiver<Announced>>,
+    /// A change read early, waiting for the messages that came before it.
+    held: Option<Announced>,
     requests: mpsc::Sender<Request>,
     handbacks: Arc<session::Handbacks>,
 }
@@ -692,6 +698,9 @@ pub enum PresenceChange {
     Left { client_id: String },
 }
 
+/// A presence change and how many messages its subscription was handed before it.
+type Announced = (u64, PresenceChange);
+
 /// What [`Subscription::next_event`] yields.
 #[derive(Debug, Clone)]
 pub enum SubscriptionEvent {
@@ -704,27 +713,41 @@ impl Subscription {
     /// for [`next_event`](Self::next_event).
     pub async fn next(&mut self) -> Option<Message> {
         let message = self.rx.recv().await?;
+        self.received += 1;
         self.taken(&message);
         Some(message)
     }
 
-    /// The next message or presence change, whichever comes first; `None` once the
-    /// client is closed. A presence change waiting is handed over before a message
-    /// waiting: the two come on queues of their own, and a join the broker announced
-    /// before a message must not be read after it.
+    /// The next message or presence change, in the order the broker sent them;
+    /// `None` once the client is closed.
     pub async fn next_event(&mut self) -> Option<SubscriptionEvent> {
-        let message = match &mut self.presence {
-            Some(presence) => tokio::select! {
-                biased;
-                Some(change) = presence.recv() => {
-                    return Some(SubscriptionEvent::Presence(change));
-                }
-                message = self.rx.recv() => message,
-            },
-            None => self.rx.recv().await,
-        }?;
-        self.taken(&message);
-        Some(SubscriptionEvent::Message(message))
+        loop {
+            // The two come on queues of their own: a change goes once the messages
+            // handed over before it have been read.
+            if let Some((before, _)) = &self.held
+                && *before <= self.received
+            {
+                return self
+                    .held
+                    .take()
+                    .map(|(_, c)| SubscriptionEvent::Presence(c));
+            }
+            let listening = self.held.is_none();
+            let message = match &mut self.presence {
+                Some(presence) if listening => tokio::select! {
+                    biased;
+                    Some(change) = presence.recv() => {
+                        self.held = Some(change);
+                        continue;
+                    }
+                    message = self.rx.recv() => message,
+                },
+                _ => self.rx.recv().await,
+            }?;
+            self.received += 1;
+            self.taken(&message);
+            return Some(SubscriptionEvent::Message(message));
+        }
     }
 
     fn taken(&self, message: &Message) {
@@ -814,5 +837,60 @@ impl futures::Stream for Subscription {
             self.taken(message);
         }
         polled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(n: u8) -> Message {
+        Message {
+            topic: "room/1".into(),
+            payload: Bytes::from(vec![n]),
+            message_id: [n; 16],
+            timestamp_ms: 0,
+            format: PayloadFormat::NativeV1,
+            attempt: 1,
+        }
+    }
+
+    fn joined(who: &str) -> PresenceChange {
+        PresenceChange::Joined {
+            client_id: who.into(),
+        }
+    }
+
+    /// Messages and presence changes come out in the order they were handed over,
+    /// whatever is waiting on which queue when the application reads.
+    #[tokio::test]
+    async fn events_come_out_in_the_order_they_were_handed_over() {
+        let (sink, rx) = mpsc::channel(16);
+        let (presence, presence_rx) = mpsc::channel(16);
+        let (requests, _requests_rx) = mpsc::channel(1);
+        let mut sub = Subscription {
+            id: 1,
+            rx,
+            received: 0,
+            presence: Some(presence_rx),
+            held: None,
+            requests,
+            handbacks: Arc::default(),
+        };
+        // Handed over: message 1, bob joined, messages 2 and 3, carol joined.
+        sink.send(message(1)).await.expect("send");
+        presence.send((1, joined("bob"))).await.expect("send");
+        sink.send(message(2)).await.expect("send");
+        sink.send(message(3)).await.expect("send");
+        presence.send((3, joined("carol"))).await.expect("send");
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            order.push(match sub.next_event().await.expect("an event") {
+                SubscriptionEvent::Message(m) => format!("m{}", m.payload[0]),
+                SubscriptionEvent::Presence(PresenceChange::Joined { client_id }) => client_id,
+                SubscriptionEvent::Presence(PresenceChange::Left { client_id }) => client_id,
+            });
+        }
+        assert_eq!(order, ["m1", "bob", "m2", "m3", "carol"]);
     }
 }

@@ -190,7 +190,10 @@ struct LocalSub {
     filter: TopicFilter,
     options: SubscribeOptions,
     sink: mpsc::Sender<Message>,
-    presence: Option<mpsc::Sender<super::PresenceChange>>,
+    presence: Option<mpsc::Sender<super::Announced>>,
+    /// Messages put in `sink` so far: each presence change goes with the count, so
+    /// the application reads it after the messages that came before it, not others.
+    handed: u64,
 }
 
 enum Outcome {
@@ -973,6 +976,7 @@ impl State {
                         options,
                         sink,
                         presence,
+                        handed: 0,
                     },
                 );
                 let after = self.merged_options(&filter).unwrap_or(options);
@@ -1243,7 +1247,8 @@ impl State {
         for sub in self.subs.values() {
             if let Some(tx) = &sub.presence
                 && sub.filter.as_str() == p.topic
-                && let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(change.clone())
+                && let Err(mpsc::error::TrySendError::Full(_)) =
+                    tx.try_send((sub.handed, change.clone()))
             {
                 tracing::debug!(filter = %sub.filter, "presence change dropped: the application reads none");
             }
@@ -1415,7 +1420,7 @@ impl State {
         let mut message = Some(message);
         let mut delivered = 0;
         let mut gone = Vec::new();
-        for (id, sub) in &self.subs {
+        for (id, sub) in &mut self.subs {
             let Some(m) = message.as_ref() else { break };
             if !sub.filter.matches_str(&m.topic) {
                 continue;
@@ -1430,7 +1435,10 @@ impl State {
                 }
             };
             match sub.sink.send(copy).await {
-                Ok(()) => delivered += 1,
+                Ok(()) => {
+                    delivered += 1;
+                    sub.handed += 1;
+                }
                 Err(mpsc::error::SendError(back)) => {
                     // The application dropped the Subscription; stop delivering to it.
                     gone.push(*id);
@@ -1456,11 +1464,12 @@ impl State {
                 continue; // handed over since it was held: a duplicate now
             }
             let mut copies = 0;
-            for sub in self.subs.values() {
+            for sub in self.subs.values_mut() {
                 if sub.filter.matches_str(&message.topic)
                     && sub.sink.try_send(message.clone()).is_ok()
                 {
                     copies += 1;
+                    sub.handed += 1;
                 }
             }
             if copies > 0 {

@@ -182,10 +182,15 @@ impl SqliteStore {
             legacy_rows,
         };
         writer.fold().await?;
+        // Registrations go on from the last one, even if the clock went back since.
+        let last_push_update: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(updated_at), 0) FROM push_tokens")
+                .fetch_one(&pool)
+                .await?;
         Ok(Self {
             pool,
             writer: tokio::sync::Mutex::new(writer),
-            last_push_update: std::sync::atomic::AtomicI64::new(0),
+            last_push_update: std::sync::atomic::AtomicI64::new(last_push_update),
         })
     }
 
