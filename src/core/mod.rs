@@ -82,7 +82,7 @@ pub struct CoreConfig {
     pub replay_window_ms: u64,
     /// Most message ids remembered per session within the window.
     pub replay_capacity: usize,
-    /// Most subscriptions per connection.
+    /// Most subscriptions per client (its connection's, and its durable ones).
     pub max_subscriptions: usize,
     /// Most entries in a session's key directory.
     pub max_keys: usize,
@@ -524,7 +524,7 @@ impl Core {
             });
         if !sub.filters.contains_key(&filter) && sub.filters.len() >= self.config.max_subscriptions
         {
-            let reject = Reject::LimitExceeded("too many subscriptions on this connection");
+            let reject = Reject::LimitExceeded("the client holds as many subscriptions as it may");
             return self.refuse(conn, request_id, reject);
         }
         let previous = sub.filters.insert(filter.clone(), opts);
