@@ -762,15 +762,7 @@ async fn a_session_takes_only_so_many_clients() {
     }
     let _elsewhere = broker.client("other", "secret-pass", &key).await;
     first.close().await;
-    within("a freed slot", async {
-        loop {
-            match Client::connect(broker.client_config("small", "secret-pass", &key)).await {
-                Ok(client) => return client,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    })
-    .await;
+    broker.client_when_room("small", "secret-pass", &key).await;
 }
 
 /// With `--quic-retry-above 0` every QUIC client proves its address first (a Retry,

@@ -196,8 +196,7 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<LinkContext>) {
             continue;
         }
         let ctx = ctx.clone();
-        handshaking.fetch_add(1, Ordering::Relaxed);
-        let handshake = Handshake(handshaking.clone());
+        let handshake = Handshake::begin(&handshaking);
         tokio::spawn(async move {
             let connected = incoming.await;
             drop(handshake);
@@ -233,6 +232,13 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<LinkContext>) {
 
 /// One handshake under way, counted until dropped.
 struct Handshake(Arc<AtomicUsize>);
+
+impl Handshake {
+    fn begin(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
 
 impl Drop for Handshake {
     fn drop(&mut self) {

@@ -173,7 +173,8 @@ impl Pair {
         self.now = until;
     }
 
-    fn connect_with(
+    /// Sends a `Hello` for `client` on a new connection, whatever the answer.
+    fn hello(
         &mut self,
         s: &SessionSettings,
         client: &str,
@@ -197,6 +198,17 @@ impl Pair {
             clean,
             legacy_only,
         }));
+        conn
+    }
+
+    fn connect_with(
+        &mut self,
+        s: &SessionSettings,
+        client: &str,
+        clean: bool,
+        legacy_only: bool,
+    ) -> ConnId {
+        let conn = self.hello(s, client, clean, legacy_only);
         let welcome = self.take(conn);
         assert!(
             matches!(welcome.first(), Some(Event::Welcome { .. })),
@@ -1614,21 +1626,7 @@ fn a_session_holds_only_so_many_clients() {
     let s = settings("crowded");
     let a = p.connect(&s, "a");
     let b = p.connect(&s, "b");
-    let hello = |p: &mut Pair, client: &str| {
-        let conn = ConnId(p.next_conn);
-        p.next_conn += 1;
-        p.cmd(Command::Hello(Hello {
-            conn,
-            connection_id: [0; 16],
-            settings: s.clone(),
-            client_id: ClientId::parse(client).expect("valid"),
-            anonymous: false,
-            clean: false,
-            legacy_only: false,
-        }));
-        conn
-    };
-    let c = hello(&mut p, "c");
+    let c = p.hello(&s, "c", false, false);
     assert!(
         matches!(p.closed.get(&c), Some(Reject::LimitExceeded(_))),
         "{:?}",
@@ -1669,6 +1667,6 @@ fn a_session_holds_only_so_many_clients() {
     p.publish(c, "t/x", b"hi");
     assert_eq!(payloads(&p.delivers(a)), vec![b"hi".to_vec()]);
     // Two connected again: a third is refused.
-    let d = hello(&mut p, "d");
+    let d = p.hello(&s, "d", false, false);
     assert!(matches!(p.closed.get(&d), Some(Reject::LimitExceeded(_))));
 }

@@ -294,6 +294,25 @@ impl Broker {
         .expect("connect")
     }
 
+    /// A client connected once the broker has room for it again (a limit was full,
+    /// and a connection is on its way out): refused attempts are tried again.
+    pub async fn client_when_room(
+        &self,
+        session: &str,
+        password: &str,
+        key: &SessionKey,
+    ) -> Client {
+        within("a freed slot", async {
+            loop {
+                match Client::connect(self.client_config(session, password, key)).await {
+                    Ok(client) => return client,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+        .await
+    }
+
     /// A connected client with the client id `id`.
     pub async fn client_as(
         &self,
