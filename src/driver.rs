@@ -476,7 +476,7 @@ impl Driver {
                 self.files_committed(id, Ok(()));
             }
             StoreDone::Failed(id) => {
-                self.core.handle_commit_failed(id);
+                self.core.handle_commit_failed(now_ms(), id);
                 let reject = Reject::Internal("the store could not commit; retry");
                 self.files_committed(id, Err(NotAccepted::NotCommitted(reject)));
             }

@@ -227,7 +227,28 @@ enum Waiter {
     Subscribed {
         conn: ConnId,
         request_id: u64,
+        change: Box<DurableSubscribe>,
     },
+}
+
+/// What a `Subscribe` that made a filter durable changed, undone if its batch fails
+/// (else the client's retry would find the filter durable already, and be answered
+/// at once with nothing stored).
+#[derive(Debug)]
+struct DurableSubscribe {
+    session: SessionName,
+    client_id: ClientId,
+    filter: TopicFilter,
+    /// The filter's (connection-bound) options before, if the client had it.
+    previous: Option<SubOpts>,
+}
+
+impl DurableSubscribe {
+    fn same_filter(&self, other: &DurableSubscribe) -> bool {
+        self.session == other.session
+            && self.client_id == other.client_id
+            && self.filter == other.filter
+    }
 }
 
 #[derive(Debug)]
@@ -538,15 +559,7 @@ impl Core {
             .tree
             .insert(&filter, (client_id.clone(), opts.durable));
 
-        let watchers = session.presence.entry(filter.clone()).or_default();
-        if opts.presence && !watchers.contains(&client_id) {
-            watchers.push(client_id.clone());
-        } else if !opts.presence {
-            watchers.retain(|w| *w != client_id);
-        }
-        if watchers.is_empty() {
-            session.presence.remove(&filter);
-        }
+        session.watch_presence(&filter, &client_id, opts.presence);
         if previous.is_none() {
             Self::announce(
                 session,
@@ -586,14 +599,26 @@ impl Core {
         let name = session.settings.name.clone();
         if opts.durable && !was_durable {
             self.fx.ops.push(StoreOp::PutSubscription {
-                session: name,
-                client_id,
-                filter,
+                session: name.clone(),
+                client_id: client_id.clone(),
+                filter: filter.clone(),
                 legacy_only,
             });
             // Answered once the subscription is durable.
-            self.waiters
-                .push_back((self.batch_id, Waiter::Subscribed { conn, request_id }));
+            let change = Box::new(DurableSubscribe {
+                session: name,
+                client_id,
+                filter,
+                previous,
+            });
+            self.waiters.push_back((
+                self.batch_id,
+                Waiter::Subscribed {
+                    conn,
+                    request_id,
+                    change,
+                },
+            ));
             return;
         }
         if was_durable && !opts.durable {
@@ -664,12 +689,7 @@ impl Core {
             fx,
         };
         sub.discard_unwanted(now, &mut ctx);
-        if let Some(watchers) = session.presence.get_mut(filter) {
-            watchers.retain(|w| w != client_id);
-            if watchers.is_empty() {
-                session.presence.remove(filter);
-            }
-        }
+        session.watch_presence(filter, client_id, false);
         Self::announce(session, fx, filter, client_id, PresenceEvent::Left);
     }
 
@@ -894,16 +914,17 @@ impl Core {
                     };
                     self.fx.send(conn, Event::PubAck { message_id, status })
                 }
-                Waiter::Subscribed { conn, request_id } => {
-                    self.fx.send(conn, Event::Subscribed { request_id })
-                }
+                Waiter::Subscribed {
+                    conn, request_id, ..
+                } => self.fx.send(conn, Event::Subscribed { request_id }),
             }
         }
     }
 
     /// Batch `batch_id` could not be committed: its publishes are refused (and their
-    /// ids forgotten, so a retry is not taken for a replay).
-    pub fn handle_commit_failed(&mut self, batch_id: u64) {
+    /// ids forgotten, so a retry is not taken for a replay), and so are its durable
+    /// subscriptions (and undone, so a retry stores them).
+    pub fn handle_commit_failed(&mut self, now: Millis, batch_id: u64) {
         while let Some((id, _)) = self.waiters.front() {
             if *id > batch_id {
                 break;
@@ -927,9 +948,55 @@ impl Core {
                     }
                     self.refuse_publish(conn, message_id, reject);
                 }
-                Waiter::Subscribed { conn, request_id } => self.refuse(conn, request_id, reject),
+                Waiter::Subscribed {
+                    conn,
+                    request_id,
+                    change,
+                } => {
+                    self.undo_subscribe(now, &change);
+                    self.refuse(conn, request_id, reject);
+                }
             }
         }
+    }
+
+    /// Puts a filter whose durable subscription failed to commit back as it was: gone,
+    /// or connection-bound. Copies stored for it meanwhile go with it, or stay for the
+    /// connection-bound filter while it lasts.
+    fn undo_subscribe(&mut self, now: Millis, change: &DurableSubscribe) {
+        // A later `Subscribe` of the filter, still waiting, settles it instead.
+        let settled_later = self.waiters.iter().any(|(_, w)| {
+            matches!(w, Waiter::Subscribed { change: later, .. } if later.same_filter(change))
+        });
+        if settled_later {
+            return;
+        }
+        let Some(session) = self.sessions.get_mut(&change.session) else {
+            return;
+        };
+        let Some(sub) = session.subscribers.get_mut(&change.client_id) else {
+            return;
+        };
+        // Unsubscribed or made connection-bound since: nothing is left to undo.
+        if !sub.filters.get(&change.filter).is_some_and(|o| o.durable) {
+            return;
+        }
+        let Some(previous) = change.previous else {
+            return Self::drop_filter(
+                session,
+                &mut self.fx,
+                &self.config.limits,
+                &change.client_id,
+                &change.filter,
+                now,
+            );
+        };
+        sub.filters.insert(change.filter.clone(), previous);
+        sub.durable_rows_outlive_filters = true;
+        let client = change.client_id.clone();
+        session.tree.remove(&change.filter, &(client.clone(), true));
+        session.tree.insert(&change.filter, (client, false));
+        session.watch_presence(&change.filter, &change.client_id, previous.presence);
     }
 
     /// The answer to a [`BacklogRequest`].

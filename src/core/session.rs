@@ -120,6 +120,21 @@ impl Session {
         }
     }
 
+    /// Adds `client` to the presence watchers of `filter`, or takes it off.
+    pub fn watch_presence(&mut self, filter: &TopicFilter, client: &ClientId, watch: bool) {
+        if watch {
+            let watchers = self.presence.entry(filter.clone()).or_default();
+            if !watchers.contains(client) {
+                watchers.push(client.clone());
+            }
+        } else if let Some(watchers) = self.presence.get_mut(filter) {
+            watchers.retain(|w| w != client);
+            if watchers.is_empty() {
+                self.presence.remove(filter);
+            }
+        }
+    }
+
     /// Fills `matched` with the subscribers whose filters match `topic`: one entry each
     /// however many of its filters match, durable if any matching subscription is.
     pub fn match_subscribers(&self, topic: &TopicName, matched: &mut Vec<(ClientId, bool)>) {

@@ -102,7 +102,7 @@ impl Pair {
                 if self.hold_commits {
                     self.held.push(batch);
                 } else if std::mem::take(&mut self.fail_next_commit) {
-                    self.core.handle_commit_failed(batch.id);
+                    self.core.handle_commit_failed(self.now, batch.id);
                 } else {
                     let dropped_files = self.store.apply(&batch);
                     self.core.handle_committed(batch.id, &dropped_files);
@@ -1055,6 +1055,108 @@ fn failed_commit_refuses_the_publish_and_allows_a_retry() {
         },
     });
     assert_eq!(p.puback(publisher), PubAckStatus::NoSubscribers);
+}
+
+impl Pair {
+    /// Sends a `Subscribe` whose batch fails, and checks that it is refused.
+    fn subscribe_failing(&mut self, conn: ConnId, f: &str, durable: bool) {
+        self.fail_next_commit = true;
+        self.cmd(Command::Subscribe {
+            conn,
+            request_id: 7,
+            filter: filter(f),
+            durable,
+            presence: false,
+            history: 0,
+        });
+        assert!(matches!(self.error(conn), Reject::Internal(_)));
+    }
+
+    /// Fails the oldest batch held, as a store that could not write it would.
+    fn fail_oldest_held(&mut self) {
+        let batch = self.held.remove(0);
+        self.core.handle_commit_failed(self.now, batch.id);
+        self.drive();
+    }
+}
+
+/// A durable subscription whose batch failed is refused and undone, so the client's
+/// retry stores it (it had been answered at once, with nothing stored).
+#[test]
+fn a_failed_durable_subscribe_is_undone_and_its_retry_stored() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe_failing(sub, "t", true);
+    p.publish(publisher, "t", b"none");
+    assert_eq!(p.puback(publisher), PubAckStatus::NoSubscribers);
+
+    p.subscribe(sub, "t", true);
+    p.cmd(Command::Disconnected { conn: sub });
+    p.restart();
+    let publisher = p.connect(&s, "pub");
+    p.publish(publisher, "t", b"kept");
+    assert_eq!(p.puback(publisher), PubAckStatus::Stored);
+    let sub = p.connect(&s, "sub");
+    assert_eq!(payloads(&p.delivers(sub)), vec![b"kept".to_vec()]);
+}
+
+/// A failed durable `Subscribe` followed, before its batch failed, by others of the
+/// same filter is settled by the last of them, not undone.
+#[test]
+fn a_failed_durable_subscribe_is_settled_by_a_later_one() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.hold_commits = true;
+    for durable in [true, false, true] {
+        p.cmd(Command::Subscribe {
+            conn: sub,
+            request_id: 7,
+            filter: filter("t"),
+            durable,
+            presence: false,
+            history: 0,
+        });
+    }
+    p.fail_oldest_held();
+    p.commit_held();
+    let answers = p.take(sub);
+    assert!(
+        matches!(answers[0], Event::Subscribed { .. }),
+        "{answers:?}"
+    );
+    assert!(matches!(&answers[1], Event::Error(e) if matches!(e.reject, Reject::Internal(_))));
+    assert!(
+        matches!(answers[2], Event::Subscribed { .. }),
+        "{answers:?}"
+    );
+    assert_eq!(p.store.subscription_count(), 1);
+    p.hold_commits = false;
+    p.publish(publisher, "t", b"kept");
+    assert_eq!(p.puback(publisher), PubAckStatus::Stored);
+}
+
+/// A connection-bound subscription made durable in a batch that failed stays as it
+/// was, and a retry makes it durable.
+#[test]
+fn a_failed_upgrade_to_durable_leaves_the_subscription_connection_bound() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.subscribe(sub, "t", false);
+    p.subscribe_failing(sub, "t", true);
+    p.publish(publisher, "t", b"live");
+    assert_eq!(p.puback(publisher), PubAckStatus::Accepted);
+    assert_eq!(p.delivers(sub), vec![(b"live".to_vec(), 1)]);
+
+    p.subscribe(sub, "t", true);
+    assert_eq!(p.store.subscription_count(), 1);
+    p.publish(publisher, "t", b"kept");
+    assert_eq!(p.puback(publisher), PubAckStatus::Stored);
 }
 
 #[test]

@@ -319,6 +319,11 @@ impl MemoryState {
     pub fn message_count(&self) -> usize {
         self.messages.len()
     }
+
+    /// Number of durable subscriptions (for tests).
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
 }
 
 /// [`MemoryState`] behind a mutex (never held across an await).
