@@ -328,24 +328,12 @@ fn store_benches(c: &mut Criterion) {
         }
         for _ in 0..256 {
             seq += 1;
-            let id = MessageId((seq as u128).to_be_bytes());
             ops.push(StoreOp::PutReplayId {
                 session: session.clone(),
-                id,
+                id: MessageId((seq as u128).to_be_bytes()),
                 expires_at: T0,
             });
-            ops.push(StoreOp::PutMessage(Arc::new(Message {
-                session: session.clone(),
-                id,
-                seq,
-                topic: TopicName::parse("t").expect("valid"),
-                payload: Bytes::from(vec![0u8; 128]),
-                timestamp_ms: T0,
-                format: PayloadFormat::NativeV1,
-                kind: MessageKind::Message,
-                accepted_at: T0,
-                expires_at: T0,
-            })));
+            ops.push(put_message(&session, seq, "t"));
             ops.push(StoreOp::PutCopy {
                 session: session.clone(),
                 client_id: client.clone(),
@@ -373,7 +361,71 @@ fn store_benches(c: &mut Criterion) {
             )
         });
     }
+
+    // An unsubscribe with a backlog: 10,000 copies queued in the tables, half on a
+    // topic the client still subscribes to. (The store worker does nothing else
+    // meanwhile, so this is how long every session's commits wait.)
+    const QUEUED: u64 = 10_000;
+    group.throughput(Throughput::Elements(QUEUED));
+    group.sample_size(10);
+    group.bench_function(
+        "sqlite discard 10,000 queued copies, half still wanted",
+        |b| {
+            b.iter_batched(
+                || {
+                    // A client of its own each time, so that each discard reads as many.
+                    let discarding = ClientId::parse(&format!("leaving-{seq}")).expect("valid");
+                    let mut ops = Vec::with_capacity(2 * QUEUED as usize);
+                    for i in 0..QUEUED {
+                        seq += 1;
+                        let topic = if i % 2 == 0 { "kept/1" } else { "dropped/1" };
+                        ops.push(put_message(&session, seq, topic));
+                        ops.push(StoreOp::PutCopy {
+                            session: session.clone(),
+                            client_id: discarding.clone(),
+                            seq,
+                            ephemeral: false,
+                        });
+                    }
+                    let queue = StoreBatch { id: seq, ops };
+                    runtime.block_on(async {
+                        store.commit(&[queue]).await.expect("commit");
+                        // Folds the journal into the tables; nothing has expired.
+                        store.purge(0, 1).await.expect("purge");
+                    });
+                    let keep = vec![TopicFilter::parse("kept/#").expect("valid")];
+                    let discard = StoreOp::DiscardCopies {
+                        session: session.clone(),
+                        client_id: discarding.clone(),
+                        keep,
+                    };
+                    StoreBatch {
+                        id: seq,
+                        ops: vec![discard],
+                    }
+                },
+                |batch| runtime.block_on(store.commit(&[batch])).expect("commit"),
+                BatchSize::PerIteration,
+            )
+        },
+    );
     group.finish();
+}
+
+/// A durable message's body, on `topic`, that expires long after the benchmarks.
+fn put_message(session: &SessionName, seq: u64, topic: &str) -> StoreOp {
+    StoreOp::PutMessage(Arc::new(Message {
+        session: session.clone(),
+        id: MessageId((seq as u128).to_be_bytes()),
+        seq,
+        topic: TopicName::parse(topic).expect("valid"),
+        payload: Bytes::from(vec![0u8; 128]),
+        timestamp_ms: T0,
+        format: PayloadFormat::NativeV1,
+        kind: MessageKind::Message,
+        accepted_at: T0,
+        expires_at: T0,
+    }))
 }
 
 fn crypto_benches(c: &mut Criterion) {
