@@ -227,28 +227,28 @@ enum Waiter {
     Subscribed {
         conn: ConnId,
         request_id: u64,
-        change: Box<DurableSubscribe>,
+        key: SubscriptionKey,
     },
 }
 
-/// What a `Subscribe` that made a filter durable changed, undone if its batch fails
-/// (else the client's retry would find the filter durable already, and be answered
-/// at once with nothing stored).
-#[derive(Debug)]
-struct DurableSubscribe {
-    session: SessionName,
-    client_id: ClientId,
-    filter: TopicFilter,
-    /// The filter's (connection-bound) options before, if the client had it.
-    previous: Option<SubOpts>,
-}
+/// A client's subscription to one filter, in one session.
+type SubscriptionKey = (SessionName, ClientId, TopicFilter);
 
-impl DurableSubscribe {
-    fn same_filter(&self, other: &DurableSubscribe) -> bool {
-        self.session == other.session
-            && self.client_id == other.client_id
-            && self.filter == other.filter
-    }
+/// A durable subscription written to the store and not yet committed.
+///
+/// If its batch fails, the `Subscribe` is refused and its change undone: else the
+/// client's retry would find the filter durable already, and be answered at once with
+/// nothing stored. A `Subscribe` of the filter while it is uncommitted (a client
+/// resending, or reconnecting) writes it again and waits too, and the last of them
+/// to settle decides.
+#[derive(Debug)]
+struct Uncommitted {
+    /// `Subscribe`s of it whose batch has not settled.
+    waiting: u32,
+    /// One of their batches committed: the subscription is stored.
+    stored: bool,
+    /// What the filter was before it became durable: absent, or connection-bound.
+    previous: Option<SubOpts>,
 }
 
 #[derive(Debug)]
@@ -270,6 +270,8 @@ pub struct Core {
     batch_id: u64,
     /// Answers waiting for the batch they depend on, in batch order.
     waiters: VecDeque<(u64, Waiter)>,
+    /// Durable subscriptions whose `Subscribe` waits for its batch.
+    uncommitted: FastMap<SubscriptionKey, Uncommitted>,
     next_seq: u64,
     /// The subscribers a publish matched, kept between publishes so that routing one
     /// allocates no list (see `router.rs`).
@@ -285,6 +287,7 @@ impl Core {
             fx: Effects::default(),
             batch_id: 1,
             waiters: VecDeque::new(),
+            uncommitted: FastMap::default(),
             next_seq: 1,
             matched: Vec::new(),
         }
@@ -597,30 +600,38 @@ impl Core {
         }
 
         let name = session.settings.name.clone();
-        if opts.durable && !was_durable {
+        let key = (name, client_id, filter);
+        if opts.durable && (!was_durable || self.uncommitted.contains_key(&key)) {
+            let (name, client_id, filter) = key.clone();
             self.fx.ops.push(StoreOp::PutSubscription {
-                session: name.clone(),
-                client_id: client_id.clone(),
-                filter: filter.clone(),
-                legacy_only,
-            });
-            // Answered once the subscription is durable.
-            let change = Box::new(DurableSubscribe {
                 session: name,
                 client_id,
                 filter,
+                legacy_only,
+            });
+            let pending = self.uncommitted.entry(key.clone()).or_insert(Uncommitted {
+                waiting: 0,
+                stored: false,
                 previous,
             });
+            pending.waiting += 1;
+            if !was_durable {
+                // Made durable again since an earlier one (after a `Subscribe` that
+                // made it connection-bound, or an `Unsubscribe`, both answered).
+                pending.previous = previous;
+            }
+            // Answered once the subscription is durable.
             self.waiters.push_back((
                 self.batch_id,
                 Waiter::Subscribed {
                     conn,
                     request_id,
-                    change,
+                    key,
                 },
             ));
             return;
         }
+        let (name, client_id, filter) = key;
         if was_durable && !opts.durable {
             self.fx.ops.push(StoreOp::DeleteSubscription {
                 session: name,
@@ -689,8 +700,16 @@ impl Core {
             fx,
         };
         sub.discard_unwanted(now, &mut ctx);
+        let connected = sub.conn.is_some();
+        if !connected && sub.filters.is_empty() {
+            // As a disconnect would have.
+            session.subscribers.remove(client_id);
+        }
         session.watch_presence(filter, client_id, false);
-        Self::announce(session, fx, filter, client_id, PresenceEvent::Left);
+        // An offline client was announced as gone when it disconnected.
+        if connected {
+            Self::announce(session, fx, filter, client_id, PresenceEvent::Left);
+        }
     }
 
     /// Tells the presence watchers of `filter` (but not `who` itself) about `who`.
@@ -814,12 +833,7 @@ impl Core {
                 }
                 session.tree.remove(&filter, &(c.client_id.clone(), false));
             }
-            if let Some(watchers) = session.presence.get_mut(&filter) {
-                watchers.retain(|w| *w != c.client_id);
-                if watchers.is_empty() {
-                    session.presence.remove(&filter);
-                }
-            }
+            session.watch_presence(&filter, &c.client_id, false);
             Self::announce(
                 session,
                 &mut self.fx,
@@ -915,8 +929,19 @@ impl Core {
                     self.fx.send(conn, Event::PubAck { message_id, status })
                 }
                 Waiter::Subscribed {
-                    conn, request_id, ..
-                } => self.fx.send(conn, Event::Subscribed { request_id }),
+                    conn,
+                    request_id,
+                    key,
+                } => {
+                    if let Some(pending) = self.uncommitted.get_mut(&key) {
+                        pending.waiting -= 1;
+                        pending.stored = true;
+                        if pending.waiting == 0 {
+                            self.uncommitted.remove(&key);
+                        }
+                    }
+                    self.fx.send(conn, Event::Subscribed { request_id })
+                }
             }
         }
     }
@@ -951,52 +976,63 @@ impl Core {
                 Waiter::Subscribed {
                     conn,
                     request_id,
-                    change,
+                    key,
                 } => {
-                    self.undo_subscribe(now, &change);
+                    self.subscribe_failed(now, conn, &key);
                     self.refuse(conn, request_id, reject);
                 }
             }
         }
     }
 
-    /// Puts a filter whose durable subscription failed to commit back as it was: gone,
-    /// or connection-bound. Copies stored for it meanwhile go with it, or stay for the
-    /// connection-bound filter while it lasts.
-    fn undo_subscribe(&mut self, now: Millis, change: &DurableSubscribe) {
-        // A later `Subscribe` of the filter, still waiting, settles it instead.
-        let settled_later = self.waiters.iter().any(|(_, w)| {
-            matches!(w, Waiter::Subscribed { change: later, .. } if later.same_filter(change))
-        });
-        if settled_later {
-            return;
-        }
-        let Some(session) = self.sessions.get_mut(&change.session) else {
+    /// A durable `Subscribe` by `conn` was not committed. Unless another of the
+    /// filter is still waiting, or one was stored, the filter goes back to what it
+    /// was: gone, or connection-bound while `conn` is the client's connection. If
+    /// `conn` is gone, it goes altogether, as it would have gone with the connection.
+    fn subscribe_failed(&mut self, now: Millis, conn: ConnId, key: &SubscriptionKey) {
+        let Some(pending) = self.uncommitted.get_mut(key) else {
             return;
         };
-        let Some(sub) = session.subscribers.get_mut(&change.client_id) else {
-            return;
-        };
-        // Unsubscribed or made connection-bound since: nothing is left to undo.
-        if !sub.filters.get(&change.filter).is_some_and(|o| o.durable) {
+        pending.waiting -= 1;
+        if pending.waiting > 0 {
             return;
         }
-        let Some(previous) = change.previous else {
+        let Some(pending) = self.uncommitted.remove(key) else {
+            return;
+        };
+        let (session, client_id, filter) = key;
+        let Some(session) = self.sessions.get_mut(session) else {
+            return;
+        };
+        let Some(sub) = session.subscribers.get_mut(client_id) else {
+            return;
+        };
+        // Made connection-bound or unsubscribed since: nothing is left to undo.
+        if pending.stored || !sub.filters.get(filter).is_some_and(|o| o.durable) {
+            return;
+        }
+        let previous = pending.previous.filter(|_| sub.conn == Some(conn));
+        let Some(previous) = previous else {
             return Self::drop_filter(
                 session,
                 &mut self.fx,
                 &self.config.limits,
-                &change.client_id,
-                &change.filter,
+                client_id,
+                filter,
                 now,
             );
         };
-        sub.filters.insert(change.filter.clone(), previous);
+        sub.filters.insert(filter.clone(), previous);
         sub.durable_rows_outlive_filters = true;
-        let client = change.client_id.clone();
-        session.tree.remove(&change.filter, &(client.clone(), true));
-        session.tree.insert(&change.filter, (client, false));
-        session.watch_presence(&change.filter, &change.client_id, previous.presence);
+        session.tree.remove(filter, &(client_id.clone(), true));
+        session.tree.insert(filter, (client_id.clone(), false));
+        session.watch_presence(filter, client_id, previous.presence);
+        // The failed batch may have held the removal of an earlier durable record.
+        self.fx.ops.push(StoreOp::DeleteSubscription {
+            session: session.settings.name.clone(),
+            client_id: client_id.clone(),
+            filter: filter.clone(),
+        });
     }
 
     /// The answer to a [`BacklogRequest`].

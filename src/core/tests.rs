@@ -1058,18 +1058,34 @@ fn failed_commit_refuses_the_publish_and_allows_a_retry() {
 }
 
 impl Pair {
-    /// Sends a `Subscribe` whose batch fails, and checks that it is refused.
-    fn subscribe_failing(&mut self, conn: ConnId, f: &str, durable: bool) {
-        self.fail_next_commit = true;
+    /// Sends a `Subscribe`; its answers stay for the test to read.
+    fn send_subscribe(&mut self, conn: ConnId, f: &str, durable: bool, presence: bool) {
         self.cmd(Command::Subscribe {
             conn,
             request_id: 7,
             filter: filter(f),
             durable,
-            presence: false,
+            presence,
             history: 0,
         });
+    }
+
+    /// Sends a `Subscribe` whose batch fails, and checks that it is refused.
+    fn subscribe_failing(&mut self, conn: ConnId, f: &str, durable: bool) {
+        self.fail_next_commit = true;
+        self.send_subscribe(conn, f, durable, false);
         assert!(matches!(self.error(conn), Reject::Internal(_)));
+    }
+
+    /// The presence changes waiting for `conn`, as (who, event).
+    fn presence(&mut self, conn: ConnId) -> Vec<(String, PresenceEvent)> {
+        self.take(conn)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Presence(p) => Some((p.client_id.as_str().to_owned(), p.event)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Fails the oldest batch held, as a store that could not write it would.
@@ -1112,14 +1128,7 @@ fn a_failed_durable_subscribe_is_settled_by_a_later_one() {
     let sub = p.connect(&s, "sub");
     p.hold_commits = true;
     for durable in [true, false, true] {
-        p.cmd(Command::Subscribe {
-            conn: sub,
-            request_id: 7,
-            filter: filter("t"),
-            durable,
-            presence: false,
-            history: 0,
-        });
+        p.send_subscribe(sub, "t", durable, false);
     }
     p.fail_oldest_held();
     p.commit_held();
@@ -1137,6 +1146,103 @@ fn a_failed_durable_subscribe_is_settled_by_a_later_one() {
     p.hold_commits = false;
     p.publish(publisher, "t", b"kept");
     assert_eq!(p.puback(publisher), PubAckStatus::Stored);
+}
+
+/// A durable `Subscribe` sent again while the first waits for its batch (a client
+/// resending, or reconnecting) waits for the store too, and settles the filter.
+#[test]
+fn a_durable_subscribe_resent_while_uncommitted_waits_for_the_store() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.hold_commits = true;
+    p.send_subscribe(sub, "t", true, false);
+    p.send_subscribe(sub, "t", true, false);
+    assert!(
+        p.take(sub).is_empty(),
+        "neither is answered before a commit"
+    );
+    p.fail_oldest_held();
+    assert!(matches!(p.error(sub), Reject::Internal(_)));
+    p.commit_held();
+    assert!(matches!(p.take(sub).as_slice(), [Event::Subscribed { .. }]));
+    assert_eq!(p.store.subscription_count(), 1);
+    p.hold_commits = false;
+    p.publish(publisher, "t", b"kept");
+    assert_eq!(p.puback(publisher), PubAckStatus::Stored);
+    assert_eq!(payloads(&p.delivers(sub)), vec![b"kept".to_vec()]);
+
+    // Both fail: the filter is gone, in memory as in the store.
+    p.hold_commits = true;
+    p.send_subscribe(sub, "u", true, false);
+    p.send_subscribe(sub, "u", true, false);
+    p.fail_oldest_held();
+    p.fail_oldest_held();
+    p.commit_held();
+    assert_eq!(p.take(sub).len(), 2, "two refusals");
+    p.hold_commits = false;
+    p.publish(publisher, "u", b"none");
+    assert_eq!(p.puback(publisher), PubAckStatus::NoSubscribers);
+
+    // The first is stored, the second fails: it stays stored.
+    p.hold_commits = true;
+    p.send_subscribe(sub, "v", true, false);
+    p.send_subscribe(sub, "v", true, false);
+    let first = p.held.remove(0);
+    let dropped_files = p.store.apply(&first);
+    p.core.handle_committed(first.id, &dropped_files);
+    p.fail_oldest_held();
+    p.hold_commits = false;
+    assert_eq!(p.store.subscription_count(), 2);
+    p.publish(publisher, "v", b"kept too");
+    assert_eq!(p.puback(publisher), PubAckStatus::Stored);
+}
+
+/// A client that disconnects before its durable `Subscribe` fails keeps nothing of
+/// it: not the filter, nor a connection-bound one it had before, nor (with no other
+/// filter) its place among the session's subscribers. Watchers hear it leave once.
+#[test]
+fn a_durable_subscribe_failing_after_its_connection_left_leaves_nothing() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let watcher = p.connect(&s, "watcher");
+    p.send_subscribe(watcher, "t", false, true);
+    p.take(watcher);
+    for had_filter in [false, true] {
+        let sub = p.connect(&s, "sub");
+        if had_filter {
+            p.subscribe(sub, "t", false);
+        }
+        p.hold_commits = true;
+        p.send_subscribe(sub, "t", true, false);
+        assert_eq!(
+            p.presence(watcher),
+            vec![("sub".to_owned(), PresenceEvent::Joined)]
+        );
+        p.cmd(Command::Disconnected { conn: sub });
+        p.fail_oldest_held();
+        p.commit_held();
+        p.hold_commits = false;
+        assert_eq!(
+            p.presence(watcher),
+            vec![("sub".to_owned(), PresenceEvent::Left)]
+        );
+        assert_eq!(p.core.stats().subscribers, 1, "only the watcher");
+        p.publish(publisher, "t", b"watcher only");
+        assert_eq!(p.puback(publisher), PubAckStatus::Accepted);
+        p.take(watcher);
+
+        // Back again, it has no subscription it did not make.
+        let sub = p.connect(&s, "sub");
+        p.publish(publisher, "t", b"not for sub");
+        p.take(publisher);
+        assert!(p.delivers(sub).is_empty());
+        p.take(watcher);
+        p.cmd(Command::Disconnected { conn: sub });
+        p.take(watcher);
+    }
 }
 
 /// A connection-bound subscription made durable in a batch that failed stays as it

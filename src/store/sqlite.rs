@@ -819,7 +819,11 @@ impl Store for SqliteStore {
                 sqlx::query_scalar("DELETE FROM copies WHERE ephemeral RETURNING seq")
                     .fetch_all(&mut *tx)
                     .await?;
-            Self::drop_orphans(&mut tx, &as_seqs(seqs)).await?;
+            // Several clients' copies of a message: each seq once.
+            let mut seqs = as_seqs(seqs);
+            seqs.sort_unstable();
+            seqs.dedup();
+            Self::drop_orphans(&mut tx, &seqs).await?;
             tx.commit().await?;
         }
 
