@@ -601,6 +601,17 @@ impl Driver {
                 }
                 return;
             }
+            Output::Send {
+                conn,
+                event: Event::Error(e),
+            } => {
+                // Requests only: a publish's refusal is its publisher's to report.
+                if e.message_id.is_none() {
+                    let (request_id, reject) = (e.request_id, &e.reject);
+                    tracing::debug!(conn = conn.0, request_id, %reject, "request refused");
+                }
+                (conn, Outbound::Event(Event::Error(e)), false)
+            }
             Output::Send { conn, event } => (conn, Outbound::Event(event), false),
             Output::Close { conn, reject } => (conn, Outbound::Close(Box::new(reject)), true),
             Output::DropSpool { session, file_id } => {

@@ -282,6 +282,52 @@ async fn sdk_resumes_by_itself_when_the_broker_restarts() {
     );
 }
 
+/// A subscription the SDK restores after a reconnect, which the broker refuses for
+/// now (here: the session has as many subscribed clients as `--max-session-clients`
+/// lets it), is asked for again until the broker takes it, instead of ending.
+#[tokio::test]
+async fn sdk_asks_again_for_a_subscription_refused_for_now() {
+    let mut broker = broker_with("full", json!({})).await;
+    let key = SessionKey::generate();
+    let reader = broker.client("full", PASSWORD, &key).await;
+    let mut sub = reader.subscribe("t").await.expect("subscribe");
+    // Two durable subscribers, offline, hold both places after a restart with room
+    // for two subscribed clients.
+    for name in ["d1", "d2"] {
+        let (client, _) = durable_reader(&config_as(&broker, "full", &key, name), "d").await;
+        client.close().await;
+    }
+    broker.restart_with(&["--max-session-clients", "2"]);
+    within("reader reconnect", reader.wait_for_connections(2))
+        .await
+        .expect("reconnect");
+    within("the refusal", async {
+        while !broker.logs().contains("as many subscribed clients") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // d1 leaves for good, which frees a place.
+    let (d1, d1_sub) = durable_reader(&config_as(&broker, "full", &key, "d1"), "d").await;
+    d1_sub.unsubscribe().await.expect("unsubscribe");
+    d1.close().await;
+    let writer = broker.client_when_room("full", PASSWORD, &key).await;
+    let mut delivered = None;
+    for _ in 0..50 {
+        writer
+            .publish("t", b"taken again".to_vec())
+            .await
+            .expect("publish");
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            delivered = m;
+            break;
+        }
+    }
+    let m = delivered.expect("the subscription was taken again, not ended");
+    assert_eq!(m.payload, &b"taken again"[..]);
+}
+
 #[tokio::test]
 async fn sdk_publish_during_an_outage_is_delivered_after_it() {
     let mut broker = broker_with("outage", json!({})).await;

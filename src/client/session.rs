@@ -205,8 +205,23 @@ enum Outcome {
     Fatal(ClientError),
 }
 
-/// A caller waiting for `Subscribed` (none for re-subscriptions after a reconnect).
-type SubscribeReply = Option<oneshot::Sender<Result<u64, ClientError>>>;
+/// What a `Subscribe` waiting for its answer was sent for.
+enum Subscribing {
+    /// The application's call, answered with its new local subscription's id.
+    Call {
+        id: u64,
+        reply: oneshot::Sender<Result<u64, ClientError>>,
+    },
+    /// The SDK's own: restoring a filter after a reconnect, or changing its options
+    /// when a sibling subscription ended. A refusal that may pass is tried again
+    /// later ([`State::resubscribe_later`]); any other ends the filter's
+    /// subscriptions here.
+    Own { filter: TopicFilter },
+}
+
+/// The first wait before asking again for subscriptions the broker refused for now;
+/// it doubles each round, up to the client's `max_backoff`.
+const RESUBSCRIBE_WAIT: Duration = Duration::from_millis(250);
 type KeysReply = oneshot::Sender<Result<Vec<super::PublishedKey>, ClientError>>;
 
 struct State {
@@ -217,8 +232,14 @@ struct State {
     next_request_id: u64,
     next_sub_id: u64,
     subs: HashMap<u64, LocalSub>,
-    /// request_id → local subscription and the caller waiting for `Subscribed`.
-    subscribing: HashMap<u64, (u64, SubscribeReply)>,
+    /// request_id → what the `Subscribe` was for.
+    subscribing: HashMap<u64, Subscribing>,
+    /// Filters the broker refused to restore for now (`worth_retrying`: a store that
+    /// could not commit, a full session), asked for again at `resubscribe_at`, so that
+    /// the application's subscriptions do not end over a passing refusal.
+    resubscribe_later: Vec<TopicFilter>,
+    resubscribe_at: Option<Instant>,
+    resubscribe_wait: Duration,
     /// request_id → caller waiting for `Unsubscribed`.
     unsubscribing: HashMap<u64, oneshot::Sender<Result<(), ClientError>>>,
     /// request_id → the key being published, if any, and the caller waiting for `Keys`.
@@ -379,6 +400,9 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
         next_sub_id: 1,
         subs: HashMap::new(),
         subscribing: HashMap::new(),
+        resubscribe_later: Vec::new(),
+        resubscribe_at: None,
+        resubscribe_wait: RESUBSCRIBE_WAIT,
         unsubscribing: HashMap::new(),
         unsubscribe_later: Vec::new(),
         dropped: Vec::new(),
@@ -588,10 +612,10 @@ impl State {
             // wait for later turns (see ACK_DELAY).
             let mut urgent = false;
             let ack_due = self.acks_since.map(|since| since + ACK_DELAY);
-            let deadline = match (ack_due, self.taken_check) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let deadline = [ack_due, self.taken_check, self.resubscribe_at]
+                .into_iter()
+                .flatten()
+                .min();
             ack_timer.set(deadline, |at| at);
             tokio::select! {
                 request = requests.recv() => match request {
@@ -635,6 +659,7 @@ impl State {
                 }
             }
             self.take_reports(&mut live.writer);
+            self.resubscribe_due(&mut live.writer);
             let control = std::mem::take(&mut self.control_pending);
             if !urgent && !control && !self.acks_due() {
                 continue;
@@ -746,17 +771,16 @@ impl State {
             let request_id = self.request_id();
             live.writer.push(&key_frame(request_id, Some(public_key)));
         }
-        // File subscriptions too: they have no local id to drop if refused (0).
+        // Every filter, file subscriptions too, those refused for now included.
+        self.resubscribe_later.clear();
+        self.resubscribe_at = None;
+        self.resubscribe_wait = RESUBSCRIBE_WAIT;
         for (filter, options) in self.subscriptions() {
-            let id = self
-                .subs
-                .iter()
-                .find(|(_, s)| s.filter == filter)
-                .map_or(0, |(id, _)| *id);
             let request_id = self.request_id();
-            self.subscribing.insert(request_id, (id, None));
             live.writer
                 .push(&subscribe_frame(request_id, &filter, options));
+            self.subscribing
+                .insert(request_id, Subscribing::Own { filter });
         }
         let window = self.info.borrow().replay_window_ms;
         let now = self.sealer.server_now();
@@ -818,6 +842,55 @@ impl State {
 
     /// Every subscription the broker should have from this client: one per filter,
     /// for its local message and file subscriptions together (see [`merge`]).
+    /// The broker refused a `Subscribe` the SDK sent of its own accord, which nobody
+    /// awaits. One that may pass is asked for again later; after any other, the
+    /// filter's subscriptions end here (their streams end), as the broker has none.
+    fn own_subscribe_refused(&mut self, filter: TopicFilter, code: ErrorCode, e: &proto::Error) {
+        if worth_retrying(code) {
+            let wait = self.resubscribe_wait;
+            if self.resubscribe_at.is_none() {
+                self.resubscribe_at = Some(Instant::now() + wait);
+                self.resubscribe_wait = (wait * 2).min(self.config.max_backoff);
+            }
+            tracing::info!(
+                filter = filter.as_str(),
+                ?code,
+                message = %e.message,
+                "the broker refused a subscription for now; asking again shortly"
+            );
+            if !self.resubscribe_later.contains(&filter) {
+                self.resubscribe_later.push(filter);
+            }
+            return;
+        }
+        tracing::warn!(
+            filter = filter.as_str(),
+            ?code,
+            message = %e.message,
+            "the broker refused a subscription the client restored; it has ended"
+        );
+        self.subs.retain(|_, s| s.filter != filter);
+    }
+
+    /// Asks again for the subscriptions refused for now, once their wait is over.
+    fn resubscribe_due(&mut self, writer: &mut ControlWriter) {
+        if self.resubscribe_at.is_none_or(|at| at > Instant::now()) {
+            return;
+        }
+        self.resubscribe_at = None;
+        for filter in std::mem::take(&mut self.resubscribe_later) {
+            // Ended here meanwhile: nothing to ask for.
+            let Some(options) = self.merged_options(&filter) else {
+                continue;
+            };
+            let request_id = self.request_id();
+            writer.push(&subscribe_frame(request_id, &filter, options));
+            self.subscribing
+                .insert(request_id, Subscribing::Own { filter });
+            self.control_pending = true;
+        }
+    }
+
     fn subscriptions(&self) -> Vec<(TopicFilter, SubscribeOptions)> {
         let mut all: Vec<(TopicFilter, SubscribeOptions)> = Vec::new();
         let local = self.subs.values().map(|s| (s.filter.clone(), s.options));
@@ -898,8 +971,9 @@ impl State {
         self.control_pending = true;
         match after {
             Some(options) => {
-                self.subscribing.insert(request_id, (0, None));
                 w.push(&subscribe_frame(request_id, &filter, options));
+                self.subscribing
+                    .insert(request_id, Subscribing::Own { filter });
                 answered(reply);
             }
             None => {
@@ -983,7 +1057,8 @@ impl State {
                 match writer {
                     Some(w) if before != Some(after) => {
                         let request_id = self.request_id();
-                        self.subscribing.insert(request_id, (id, Some(reply)));
+                        self.subscribing
+                            .insert(request_id, Subscribing::Call { id, reply });
                         w.push(&subscribe_frame(request_id, &filter, after));
                     }
                     _ => {
@@ -1028,7 +1103,8 @@ impl State {
                 match writer {
                     Some(w) if before != Some(after) => {
                         let request_id = self.request_id();
-                        self.subscribing.insert(request_id, (id, Some(reply)));
+                        self.subscribing
+                            .insert(request_id, Subscribing::Call { id, reply });
                         w.push(&subscribe_frame(request_id, &filter, after));
                     }
                     _ => {
@@ -1167,8 +1243,15 @@ impl State {
                 }
             }
             server_frame::Kind::Subscribed(s) => {
-                if let Some((id, Some(reply))) = self.subscribing.remove(&s.request_id) {
-                    let _ = reply.send(Ok(id));
+                match self.subscribing.remove(&s.request_id) {
+                    Some(Subscribing::Call { id, reply }) => {
+                        let _ = reply.send(Ok(id));
+                    }
+                    // Taken: the next refusal waits from the start again.
+                    Some(Subscribing::Own { .. }) if self.resubscribe_at.is_none() => {
+                        self.resubscribe_wait = RESUBSCRIBE_WAIT;
+                    }
+                    _ => {}
                 }
             }
             server_frame::Kind::Unsubscribed(u) => {
@@ -1285,20 +1368,13 @@ impl State {
             let _ = p.reply.send(answer);
             return Ok(());
         }
-        if let Some((id, reply)) = self.subscribing.remove(&e.request_id) {
-            let sub = self.subs.remove(&id);
-            match reply {
-                Some(reply) => {
+        if let Some(subscribing) = self.subscribing.remove(&e.request_id) {
+            match subscribing {
+                Subscribing::Call { id, reply } => {
+                    self.subs.remove(&id);
                     let _ = reply.send(Err(refused(&e)));
                 }
-                // A subscription restored after a reconnect: nobody awaits the answer,
-                // and its stream just ends, so the reason goes to the log.
-                None => tracing::warn!(
-                    filter = sub.as_ref().map(|s| s.filter.as_str()),
-                    ?code,
-                    message = %e.message,
-                    "the broker refused to restore a subscription after reconnecting; it has ended"
-                ),
+                Subscribing::Own { filter } => self.own_subscribe_refused(filter, code, &e),
             }
             return Ok(());
         }
@@ -1503,8 +1579,8 @@ impl State {
         for (_, p) in self.publishes.drain() {
             let _ = p.reply.send(Err(error.clone()));
         }
-        for (_, (_, reply)) in self.subscribing.drain() {
-            if let Some(reply) = reply {
+        for (_, subscribing) in self.subscribing.drain() {
+            if let Subscribing::Call { reply, .. } = subscribing {
                 let _ = reply.send(Err(error.clone()));
             }
         }
