@@ -348,6 +348,11 @@ impl FileSubs {
         Some((filter, options))
     }
 
+    /// Ends every subscription to `filter` (their streams end).
+    pub fn end(&self, filter: &TopicFilter) {
+        self.lock().retain(|(_, f, ..)| f != filter);
+    }
+
     /// The filters and options of the subscriptions still open. (One whose handle was
     /// dropped stays listed here until [`FileSubs::remove`], so that it can be ended on
     /// the broker then, but is skipped.)

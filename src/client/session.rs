@@ -840,8 +840,6 @@ impl State {
         }
     }
 
-    /// Every subscription the broker should have from this client: one per filter,
-    /// for its local message and file subscriptions together (see [`merge`]).
     /// The broker refused a `Subscribe` the SDK sent of its own accord, which nobody
     /// awaits. One that may pass is asked for again later; after any other, the
     /// filter's subscriptions end here (their streams end), as the broker has none.
@@ -870,6 +868,8 @@ impl State {
             "the broker refused a subscription the client restored; it has ended"
         );
         self.subs.retain(|_, s| s.filter != filter);
+        self.file_subs.end(&filter);
+        self.kept_durable.remove(&filter);
     }
 
     /// Asks again for the subscriptions refused for now, once their wait is over.
@@ -891,6 +891,8 @@ impl State {
         }
     }
 
+    /// Every subscription the broker should have from this client: one per filter,
+    /// for its local message and file subscriptions together (see [`merge`]).
     fn subscriptions(&self) -> Vec<(TopicFilter, SubscribeOptions)> {
         let mut all: Vec<(TopicFilter, SubscribeOptions)> = Vec::new();
         let local = self.subs.values().map(|s| (s.filter.clone(), s.options));
@@ -1371,7 +1373,9 @@ impl State {
         if let Some(subscribing) = self.subscribing.remove(&e.request_id) {
             match subscribing {
                 Subscribing::Call { id, reply } => {
+                    // Of messages or of files.
                     self.subs.remove(&id);
+                    self.file_subs.remove(id);
                     let _ = reply.send(Err(refused(&e)));
                 }
                 Subscribing::Own { filter } => self.own_subscribe_refused(filter, code, &e),

@@ -241,14 +241,19 @@ type SubscriptionKey = (SessionName, ClientId, TopicFilter);
 /// nothing stored. A `Subscribe` of the filter while it is uncommitted (a client
 /// resending, or reconnecting) writes it again and waits too, and the last of them
 /// to settle decides.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Uncommitted {
     /// `Subscribe`s of it whose batch has not settled.
     waiting: u32,
-    /// One of their batches committed: the subscription is stored.
+    /// The batch in which the filter last became durable: a commit of an earlier
+    /// one (whose record a later batch may have deleted) says nothing of it.
+    since: u64,
+    /// A batch from `since` on committed: the subscription is stored.
     stored: bool,
-    /// What the filter was before it became durable: absent, or connection-bound.
+    /// What the filter was before it became durable: absent, or connection-bound
+    /// (for `owner`, the connection that made it durable, alone).
     previous: Option<SubOpts>,
+    owner: ConnId,
 }
 
 #[derive(Debug)]
@@ -609,17 +614,23 @@ impl Core {
                 filter,
                 legacy_only,
             });
-            let pending = self.uncommitted.entry(key.clone()).or_insert(Uncommitted {
+            let made_durable = Uncommitted {
                 waiting: 0,
+                since: self.batch_id,
                 stored: false,
                 previous,
-            });
-            pending.waiting += 1;
+                owner: conn,
+            };
+            let pending = self.uncommitted.entry(key.clone()).or_insert(made_durable);
             if !was_durable {
                 // Made durable again since an earlier one (after a `Subscribe` that
                 // made it connection-bound, or an `Unsubscribe`, both answered).
-                pending.previous = previous;
+                *pending = Uncommitted {
+                    waiting: pending.waiting,
+                    ..made_durable
+                };
             }
+            pending.waiting += 1;
             // Answered once the subscription is durable.
             self.waiters.push_back((
                 self.batch_id,
@@ -911,7 +922,7 @@ impl Core {
             if *id > batch_id {
                 break;
             }
-            let Some((_, waiter)) = self.waiters.pop_front() else {
+            let Some((id, waiter)) = self.waiters.pop_front() else {
                 break;
             };
             match waiter {
@@ -935,7 +946,7 @@ impl Core {
                 } => {
                     if let Some(pending) = self.uncommitted.get_mut(&key) {
                         pending.waiting -= 1;
-                        pending.stored = true;
+                        pending.stored |= id >= pending.since;
                         if pending.waiting == 0 {
                             self.uncommitted.remove(&key);
                         }
@@ -978,18 +989,19 @@ impl Core {
                     request_id,
                     key,
                 } => {
-                    self.subscribe_failed(now, conn, &key);
+                    self.subscribe_failed(now, &key);
                     self.refuse(conn, request_id, reject);
                 }
             }
         }
     }
 
-    /// A durable `Subscribe` by `conn` was not committed. Unless another of the
-    /// filter is still waiting, or one was stored, the filter goes back to what it
-    /// was: gone, or connection-bound while `conn` is the client's connection. If
-    /// `conn` is gone, it goes altogether, as it would have gone with the connection.
-    fn subscribe_failed(&mut self, now: Millis, conn: ConnId, key: &SubscriptionKey) {
+    /// A durable `Subscribe` was not committed. Unless another of the filter is
+    /// still waiting, or one was stored, the filter goes back to what it was: gone,
+    /// or connection-bound while the connection that made it durable is the
+    /// client's. If that connection is gone, the filter goes altogether, as it
+    /// would have gone with the connection.
+    fn subscribe_failed(&mut self, now: Millis, key: &SubscriptionKey) {
         let Some(pending) = self.uncommitted.get_mut(key) else {
             return;
         };
@@ -1011,7 +1023,7 @@ impl Core {
         if pending.stored || !sub.filters.get(filter).is_some_and(|o| o.durable) {
             return;
         }
-        let previous = pending.previous.filter(|_| sub.conn == Some(conn));
+        let previous = pending.previous.filter(|_| sub.conn == Some(pending.owner));
         let Some(previous) = previous else {
             return Self::drop_filter(
                 session,

@@ -1088,6 +1088,14 @@ impl Pair {
             .collect()
     }
 
+    /// Commits the oldest batch held.
+    fn commit_oldest_held(&mut self) {
+        let batch = self.held.remove(0);
+        let dropped_files = self.store.apply(&batch);
+        self.core.handle_committed(batch.id, &dropped_files);
+        self.drive();
+    }
+
     /// Fails the oldest batch held, as a store that could not write it would.
     fn fail_oldest_held(&mut self) {
         let batch = self.held.remove(0);
@@ -1189,14 +1197,61 @@ fn a_durable_subscribe_resent_while_uncommitted_waits_for_the_store() {
     p.hold_commits = true;
     p.send_subscribe(sub, "v", true, false);
     p.send_subscribe(sub, "v", true, false);
-    let first = p.held.remove(0);
-    let dropped_files = p.store.apply(&first);
-    p.core.handle_committed(first.id, &dropped_files);
+    p.commit_oldest_held();
     p.fail_oldest_held();
     p.hold_commits = false;
     assert_eq!(p.store.subscription_count(), 2);
     p.publish(publisher, "v", b"kept too");
     assert_eq!(p.puback(publisher), PubAckStatus::Stored);
+}
+
+/// A durable `Subscribe` stored, then undone by a connection-bound one, then made
+/// again in a batch that fails: the first's commit does not count for the last, and
+/// the filter goes back to connection-bound, in memory as in the store.
+#[test]
+fn a_stored_subscription_deleted_since_does_not_count_for_a_failed_one() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let sub = p.connect(&s, "sub");
+    p.hold_commits = true;
+    for durable in [true, false, true] {
+        p.send_subscribe(sub, "t", durable, false);
+    }
+    p.commit_oldest_held();
+    p.commit_oldest_held();
+    p.fail_oldest_held();
+    p.commit_held();
+    p.hold_commits = false;
+    p.take(sub);
+    assert_eq!(p.store.subscription_count(), 0);
+    p.publish(publisher, "t", b"live");
+    assert_eq!(p.puback(publisher), PubAckStatus::Accepted);
+}
+
+/// The connection-bound filter a durable `Subscribe` replaced belonged to the
+/// connection that sent it: a failure after another connection took the client
+/// over (and re-sent the `Subscribe`) does not hand it to that one.
+#[test]
+fn a_failed_upgrade_does_not_hand_its_old_filter_to_a_new_connection() {
+    let mut p = Pair::new();
+    let s = settings("s");
+    let publisher = p.connect(&s, "pub");
+    let first = p.connect(&s, "sub");
+    p.subscribe(first, "t", false);
+    p.hold_commits = true;
+    p.send_subscribe(first, "t", true, false);
+    p.cmd(Command::Disconnected { conn: first });
+    let second = p.connect(&s, "sub");
+    p.send_subscribe(second, "t", true, false);
+    p.fail_oldest_held();
+    p.fail_oldest_held();
+    p.commit_held();
+    p.hold_commits = false;
+    assert!(matches!(p.error(second), Reject::Internal(_)));
+    p.publish(publisher, "t", b"for nobody");
+    assert_eq!(p.puback(publisher), PubAckStatus::NoSubscribers);
+    assert!(p.delivers(second).is_empty());
 }
 
 /// A client that disconnects before its durable `Subscribe` fails keeps nothing of
