@@ -328,6 +328,60 @@ async fn sdk_asks_again_for_a_subscription_refused_for_now() {
     assert_eq!(m.payload, &b"taken again"[..]);
 }
 
+/// A `subscribe()` or `unsubscribe()` whose answer went with the connection
+/// completes: the subscription is restored with the others on reconnecting, and the
+/// ending (of a durable subscription, which would outlive it) is sent again.
+#[tokio::test]
+async fn sdk_calls_in_flight_when_the_connection_is_lost_complete() {
+    let mut broker = broker_with("inflight", json!({})).await;
+    let key = SessionKey::generate();
+    let reader = broker.client("inflight", PASSWORD, &key).await;
+    let config = config_as(&broker, "inflight", &key, "leaving");
+    let (leaving, durable_sub) = durable_reader(&config, "d").await;
+
+    broker.kill9();
+    let subscribing = tokio::spawn({
+        let reader = reader.clone();
+        async move { reader.subscribe("t").await }
+    });
+    let unsubscribing = tokio::spawn(durable_sub.unsubscribe());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.restart();
+    let mut sub = within("subscribe in flight", subscribing)
+        .await
+        .expect("task")
+        .expect("subscribed");
+    within("unsubscribe in flight", unsubscribing)
+        .await
+        .expect("task")
+        .expect("unsubscribed");
+    within("reconnect", leaving.wait_for_connections(2))
+        .await
+        .expect("reconnect");
+    within("reconnect", reader.wait_for_connections(2))
+        .await
+        .expect("reconnect");
+
+    let writer = broker.client("inflight", PASSWORD, &key).await;
+    let mut delivered = None;
+    for _ in 0..50 {
+        writer
+            .publish("t", b"restored".to_vec())
+            .await
+            .expect("publish");
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            delivered = m;
+            break;
+        }
+    }
+    assert_eq!(delivered.expect("delivered").payload, &b"restored"[..]);
+    let ack = writer
+        .publish("d", b"nobody".to_vec())
+        .await
+        .expect("publish");
+    assert_eq!(ack.status, PublishStatus::NoSubscribers);
+}
+
 #[tokio::test]
 async fn sdk_publish_during_an_outage_is_delivered_after_it() {
     let mut broker = broker_with("outage", json!({})).await;

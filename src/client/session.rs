@@ -241,7 +241,7 @@ struct State {
     resubscribe_at: Option<Instant>,
     resubscribe_wait: Duration,
     /// request_id → caller waiting for `Unsubscribed`.
-    unsubscribing: HashMap<u64, oneshot::Sender<Result<(), ClientError>>>,
+    unsubscribing: HashMap<u64, (TopicFilter, oneshot::Sender<Result<(), ClientError>>)>,
     /// request_id → the key being published, if any, and the caller waiting for `Keys`.
     keys_waiting: HashMap<u64, (Option<[u8; 32]>, KeysReply)>,
     /// This client's published public key (once the broker took it), published again
@@ -576,6 +576,7 @@ impl State {
     /// renewed by [`Self::resume`]; QUIC uploads and incoming files fail on their
     /// own streams.)
     fn connection_lost(&mut self) {
+        self.answers_lost();
         // Uploads being sent stop at their next chunk: the rest would reach a broker
         // that never saw their start.
         self.forget_abandoned_uploads();
@@ -597,6 +598,25 @@ impl State {
         // one that did not acknowledge it) or not at all; this copy has ended.
         for (_, part) in self.incoming.drain() {
             let _ = part.try_send(FilePart::Aborted("connection to the broker lost".into()));
+        }
+    }
+
+    /// The broker's answers to subscribes and unsubscribes in flight went with the
+    /// connection. A subscription being made exists here, and is restored with the
+    /// others on reconnecting (as one made while disconnected is): the call has it.
+    /// An ending may not have reached the broker, where a durable subscription would
+    /// outlive it: it is sent again on reconnecting.
+    fn answers_lost(&mut self) {
+        for (_, subscribing) in self.subscribing.drain() {
+            if let Subscribing::Call { id, reply } = subscribing {
+                let _ = reply.send(Ok(id));
+            }
+        }
+        for (_, (filter, reply)) in std::mem::take(&mut self.unsubscribing) {
+            if self.merged_options(&filter).is_none() && !self.unsubscribe_later.contains(&filter) {
+                self.unsubscribe_later.push(filter);
+            }
+            let _ = reply.send(Ok(()));
         }
     }
 
@@ -753,6 +773,8 @@ impl State {
 
     /// After a reconnect: subscriptions and unanswered publishes go out again.
     async fn resume(&mut self, live: &mut Live) -> Result<(), ClientError> {
+        // What an earlier resume sent, if its connection was lost at once.
+        self.answers_lost();
         // Handles dropped while the queue was full are not subscribed again.
         for id in self.handbacks.take_dropped() {
             self.remove_subscription(id, true, None, None);
@@ -980,7 +1002,8 @@ impl State {
             }
             None => {
                 if let Some(reply) = reply {
-                    self.unsubscribing.insert(request_id, reply);
+                    self.unsubscribing
+                        .insert(request_id, (filter.clone(), reply));
                 }
                 w.push(&frame(client_frame::Kind::Unsubscribe(
                     proto::Unsubscribe {
@@ -1257,7 +1280,7 @@ impl State {
                 }
             }
             server_frame::Kind::Unsubscribed(u) => {
-                if let Some(reply) = self.unsubscribing.remove(&u.request_id) {
+                if let Some((_, reply)) = self.unsubscribing.remove(&u.request_id) {
                     let _ = reply.send(Ok(()));
                 }
             }
@@ -1382,7 +1405,7 @@ impl State {
             }
             return Ok(());
         }
-        if let Some(reply) = self.unsubscribing.remove(&e.request_id) {
+        if let Some((_, reply)) = self.unsubscribing.remove(&e.request_id) {
             let _ = reply.send(Err(refused(&e)));
             return Ok(());
         }
@@ -1588,7 +1611,7 @@ impl State {
                 let _ = reply.send(Err(error.clone()));
             }
         }
-        for (_, reply) in self.unsubscribing.drain() {
+        for (_, (_, reply)) in self.unsubscribing.drain() {
             let _ = reply.send(Err(error.clone()));
         }
         for (_, (_, reply)) in self.keys_waiting.drain() {
