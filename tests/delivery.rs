@@ -382,6 +382,31 @@ async fn sdk_calls_in_flight_when_the_connection_is_lost_complete() {
     assert_eq!(ack.status, PublishStatus::NoSubscribers);
 }
 
+/// Without `reconnect`, a `subscribe()` in flight when the connection is lost fails:
+/// the client stops, and nothing restores the subscription.
+#[tokio::test]
+async fn sdk_without_reconnect_fails_a_subscribe_in_flight() {
+    let mut broker = broker_with("once", json!({})).await;
+    let key = SessionKey::generate();
+    let config = broker
+        .client_config("once", PASSWORD, &key)
+        .reconnect(false);
+    let client = within("connect", Client::connect(config))
+        .await
+        .expect("connect");
+    broker.kill9();
+    let subscribing = tokio::spawn({
+        let client = client.clone();
+        async move { client.subscribe("t").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.restart();
+    let outcome = within("subscribe in flight", subscribing)
+        .await
+        .expect("task");
+    assert!(outcome.is_err(), "the client stopped");
+}
+
 #[tokio::test]
 async fn sdk_publish_during_an_outage_is_delivered_after_it() {
     let mut broker = broker_with("outage", json!({})).await;

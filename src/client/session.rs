@@ -523,6 +523,8 @@ impl State {
                         break ClientError::Connect("connection lost".into());
                     }
                     Outcome::Lost => {
+                        // Not when the client stops instead: `fail_all` answers then.
+                        self.answers_lost();
                         tracing::info!("connection to the broker lost; reconnecting");
                         backoff = Duration::from_millis(100);
                     }
@@ -576,7 +578,6 @@ impl State {
     /// renewed by [`Self::resume`]; QUIC uploads and incoming files fail on their
     /// own streams.)
     fn connection_lost(&mut self) {
-        self.answers_lost();
         // Uploads being sent stop at their next chunk: the rest would reach a broker
         // that never saw their start.
         self.forget_abandoned_uploads();
