@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Broker, Raw, durable, error_code, now_ms, publish, within};
-use fastport::client::{Client, ClientConfig, PublishStatus, SessionKey, Subscription};
+use fastport::client::{Client, ClientConfig, Message, PublishStatus, SessionKey, Subscription};
 use fastport::proto::{self, ErrorCode, client_frame, server_frame};
 use serde_json::{Value, json};
 
@@ -59,6 +59,27 @@ async fn durable_reader(config: &ClientConfig, topic: &str) -> (Client, Subscrip
         .await
         .expect("subscribe");
     (reader, sub)
+}
+
+/// Publishes `payload` on `topic` every 200 ms, at most 50 times, until `sub` has a
+/// message: for a subscription the SDK is restoring, which takes a moment. `None` if
+/// the subscription ended or nothing came.
+async fn publish_until_delivered(
+    writer: &Client,
+    sub: &mut Subscription,
+    topic: &str,
+    payload: &[u8],
+) -> Option<Message> {
+    for _ in 0..50 {
+        writer
+            .publish(topic, payload.to_vec())
+            .await
+            .expect("publish");
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            return m;
+        }
+    }
+    None
 }
 
 /// Attempts seen on `raw` until `quiet` passes with nothing new.
@@ -265,17 +286,7 @@ async fn sdk_resumes_by_itself_when_the_broker_restarts() {
         .expect("reconnect");
 
     // The subscription was restored by the SDK: no new subscribe call.
-    let mut delivered = None;
-    for _ in 0..50 {
-        writer
-            .publish("news/2", b"after".to_vec())
-            .await
-            .expect("publish");
-        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
-            delivered = Some(m);
-            break;
-        }
-    }
+    let delivered = publish_until_delivered(&writer, &mut sub, "news/2", b"after").await;
     assert_eq!(
         delivered.expect("delivered after restart").payload,
         &b"after"[..]
@@ -313,17 +324,7 @@ async fn sdk_asks_again_for_a_subscription_refused_for_now() {
     d1_sub.unsubscribe().await.expect("unsubscribe");
     d1.close().await;
     let writer = broker.client_when_room("full", PASSWORD, &key).await;
-    let mut delivered = None;
-    for _ in 0..50 {
-        writer
-            .publish("t", b"taken again".to_vec())
-            .await
-            .expect("publish");
-        if let Ok(m) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
-            delivered = m;
-            break;
-        }
-    }
+    let delivered = publish_until_delivered(&writer, &mut sub, "t", b"taken again").await;
     let m = delivered.expect("the subscription was taken again, not ended");
     assert_eq!(m.payload, &b"taken again"[..]);
 }
@@ -363,17 +364,7 @@ async fn sdk_calls_in_flight_when_the_connection_is_lost_complete() {
         .expect("reconnect");
 
     let writer = broker.client("inflight", PASSWORD, &key).await;
-    let mut delivered = None;
-    for _ in 0..50 {
-        writer
-            .publish("t", b"restored".to_vec())
-            .await
-            .expect("publish");
-        if let Ok(m) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
-            delivered = m;
-            break;
-        }
-    }
+    let delivered = publish_until_delivered(&writer, &mut sub, "t", b"restored").await;
     assert_eq!(delivered.expect("delivered").payload, &b"restored"[..]);
     let ack = writer
         .publish("d", b"nobody".to_vec())

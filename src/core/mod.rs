@@ -605,8 +605,12 @@ impl Core {
         }
 
         let name = session.settings.name.clone();
-        let key = (name, client_id, filter);
-        if opts.durable && (!was_durable || self.uncommitted.contains_key(&key)) {
+        if opts.durable {
+            let key = (name, client_id, filter);
+            if was_durable && !self.uncommitted.contains_key(&key) {
+                // Stored already.
+                return self.fx.send(conn, Event::Subscribed { request_id });
+            }
             let (name, client_id, filter) = key.clone();
             self.fx.ops.push(StoreOp::PutSubscription {
                 session: name,
@@ -642,8 +646,7 @@ impl Core {
             ));
             return;
         }
-        let (name, client_id, filter) = key;
-        if was_durable && !opts.durable {
+        if was_durable {
             self.fx.ops.push(StoreOp::DeleteSubscription {
                 session: name,
                 client_id: client_id.clone(),
