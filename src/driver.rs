@@ -26,7 +26,7 @@ use crate::carrier::{ConnTx, Outbound};
 use crate::core::{
     BacklogRequest, Command, ConnId, Core, CoreConfig, Event, FastMap, FileDone, FileOffer, Hello,
     MessageId, MessageKind, Millis, Output, Reject, SessionName, SessionSettings, Stats,
-    StoreBatch, StoredCopy,
+    StoreBatch, StoreOp, StoredCopy,
 };
 use crate::spool::{Spool, SpoolError};
 use crate::store::{Store, StoreError};
@@ -43,6 +43,12 @@ const SMALL_COMMIT: usize = 64;
 /// many, and one transaction for all of them held every commit, and so every
 /// `PubAck`, behind it (19 ms for the 3,700 rows W1 leaves).
 const PURGE_STEP: usize = 200;
+/// How long ops of a failed commit wait for the next commit before they are tried
+/// on their own.
+const UNWRITTEN_RETRY: Duration = Duration::from_secs(1);
+/// Ops of failed commits kept for the next ([`Unwritten`]) at most. Past it, updates
+/// of single copies go first (lost, a copy is at worst delivered again).
+const MAX_UNWRITTEN: usize = 100_000;
 
 /// The wall clock in milliseconds since the Unix epoch.
 pub fn now_ms() -> Millis {
@@ -638,12 +644,69 @@ impl Driver {
     }
 }
 
+/// Ops of failed commits that must still be written: the core holds them as done
+/// ([`StoreOp::holds_after_a_failed_commit`]: an acknowledged copy, an unsubscribed
+/// filter, a cleaned client), and a store that never got them would bring back at a
+/// restart what the core has dropped. They go first in the next commit, which keeps
+/// them in order with everything the core did since, or on their own after
+/// [`UNWRITTEN_RETRY`] if no commit comes.
+#[derive(Debug, Default)]
+struct Unwritten {
+    ops: Vec<StoreOp>,
+    /// The last failed batch: reported committed once they are, for the files their
+    /// ops dropped (its waiters were answered when it failed).
+    batch: u64,
+}
+
+impl Unwritten {
+    fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Takes what is still owed from a failed commit (which began with whatever was
+    /// owed before).
+    fn failed(&mut self, batches: Vec<StoreBatch>) {
+        self.batch = batches.last().map_or(self.batch, |b| b.id);
+        self.ops = batches
+            .into_iter()
+            .flat_map(|b| b.ops)
+            .filter(StoreOp::holds_after_a_failed_commit)
+            .collect();
+        if self.ops.len() > MAX_UNWRITTEN {
+            let before = self.ops.len();
+            self.ops.retain(|op| {
+                !matches!(op, StoreOp::DeleteCopy { .. } | StoreOp::SetAttempts { .. })
+            });
+            tracing::error!(
+                dropped = before - self.ops.len(),
+                "the store keeps failing: acknowledged copies it was to forget may be \
+                 delivered again after a restart"
+            );
+        }
+        if !self.ops.is_empty() {
+            tracing::warn!(
+                ops = self.ops.len(),
+                "a commit failed: its deletions go with the next"
+            );
+        }
+    }
+
+    /// What is owed, as a batch to commit before the others.
+    fn take(&mut self) -> Option<StoreBatch> {
+        (!self.ops.is_empty()).then(|| StoreBatch {
+            id: self.batch,
+            ops: std::mem::take(&mut self.ops),
+        })
+    }
+}
+
 async fn store_worker(
     store: Arc<dyn Store>,
     mut jobs: mpsc::Receiver<StoreJob>,
     done: mpsc::UnboundedSender<StoreDone>,
 ) {
     let mut next: Option<StoreJob> = None;
+    let mut unwritten = Unwritten::default();
     // A purge has steps left. Between two of them one waiting job goes first (a
     // commit takes every commit waiting), so neither waits long for the other.
     let mut purging = false;
@@ -657,6 +720,17 @@ async fn store_worker(
                 Err(mpsc::error::TryRecvError::Empty) => StoreJob::Purge,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             },
+            None if !unwritten.is_empty() => {
+                match tokio::time::timeout(UNWRITTEN_RETRY, jobs.recv()).await {
+                    Ok(Some(job)) => job,
+                    Ok(None) => break,
+                    // Nothing else to commit: what is owed goes alone.
+                    Err(_) => {
+                        write_owed(&*store, &mut unwritten, &done).await;
+                        continue;
+                    }
+                }
+            }
             None => match jobs.recv().await {
                 Some(job) => job,
                 None => break,
@@ -665,8 +739,9 @@ async fn store_worker(
         step_next = purging && !matches!(job, StoreJob::Purge);
         let report = match job {
             StoreJob::Commit(first) => {
-                let mut batches = vec![first];
-                let mut ops = batches[0].ops.len();
+                let mut batches: Vec<StoreBatch> = unwritten.take().into_iter().collect();
+                batches.push(first);
+                let mut ops = batches.iter().map(|b| b.ops.len()).sum::<usize>();
                 let mut yielded = false;
                 while batches.len() < MAX_GROUP_COMMIT {
                     let job = match jobs.try_recv() {
@@ -698,17 +773,22 @@ async fn store_worker(
                     Ok(committed) => StoreDone::Committed(last, committed.dropped_files),
                     Err(e) => {
                         tracing::error!(error = %e, batches = batches.len(), "commit failed");
+                        unwritten.failed(batches);
                         StoreDone::Failed(last)
                     }
                 }
             }
-            StoreJob::Load(request) => match store.backlog(&request, now_ms()).await {
-                Ok((rows, exhausted)) => StoreDone::Loaded(request, rows, exhausted),
-                Err(e) => {
-                    tracing::error!(error = %e, "backlog load failed");
-                    StoreDone::LoadFailed(request)
+            StoreJob::Load(request) => {
+                // A page must not hold what they delete.
+                write_owed(&*store, &mut unwritten, &done).await;
+                match store.backlog(&request, now_ms()).await {
+                    Ok((rows, exhausted)) => StoreDone::Loaded(request, rows, exhausted),
+                    Err(e) => {
+                        tracing::error!(error = %e, "backlog load failed");
+                        StoreDone::LoadFailed(request)
+                    }
                 }
-            },
+            }
             StoreJob::Purge => {
                 let started = Instant::now();
                 purging = match store.purge(now_ms(), PURGE_STEP).await {
@@ -735,14 +815,322 @@ async fn store_worker(
             break;
         }
     }
+    // Shutting down: one last try.
+    write_owed(&*store, &mut unwritten, &done).await;
+    if !unwritten.is_empty() {
+        tracing::error!(
+            ops = unwritten.ops.len(),
+            "shutting down with deletions the store could not take: what they removed may \
+             come back at the next start"
+        );
+    }
+}
+
+/// Writes on their own the ops failed commits still owe ([`Unwritten`]).
+async fn write_owed(
+    store: &dyn Store,
+    unwritten: &mut Unwritten,
+    done: &mpsc::UnboundedSender<StoreDone>,
+) {
+    let Some(owed) = unwritten.take() else {
+        return;
+    };
+    let id = owed.id;
+    let batches = vec![owed];
+    match store.commit(&batches).await {
+        // Their batch was answered when it failed: what is left to report is the file
+        // copies they dropped.
+        Ok(committed) if !committed.dropped_files.is_empty() => {
+            let _ = done.send(StoreDone::Committed(id, committed.dropped_files));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "writing what failed commits left failed too");
+            unwritten.failed(batches);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{ClientId, Message, MessageId, MessageKind, SessionName, StoreOp, TopicName};
+    use crate::core::{
+        ClientId, Message, MessageId, MessageKind, Restore, SessionName, StoreOp, TopicFilter,
+        TopicName,
+    };
     use crate::proto::PayloadFormat;
+    use crate::store::memory::MemoryStore;
     use crate::store::sqlite::SqliteStore;
+    use crate::store::{BacklogPage, Committed, Purged, PushToken, SessionRecord};
+    use std::sync::atomic::AtomicBool;
+
+    /// A real store whose commits fail while `failing` is set, as they would on a full
+    /// disk.
+    struct Failing<S> {
+        inner: S,
+        failing: AtomicBool,
+    }
+
+    impl<S> Failing<S> {
+        fn new(inner: S) -> Arc<Self> {
+            Arc::new(Self {
+                inner,
+                failing: AtomicBool::new(false),
+            })
+        }
+
+        fn fail(&self, failing: bool) {
+            self.failing.store(failing, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl<S: Store> Store for Failing<S> {
+        fn kind(&self) -> &'static str {
+            self.inner.kind()
+        }
+        async fn create_session(&self, record: &SessionRecord) -> Result<(), StoreError> {
+            self.inner.create_session(record).await
+        }
+        async fn session(&self, name: &SessionName) -> Result<Option<SessionRecord>, StoreError> {
+            self.inner.session(name).await
+        }
+        async fn sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+            self.inner.sessions().await
+        }
+        async fn count_sessions(&self) -> Result<u64, StoreError> {
+            self.inner.count_sessions().await
+        }
+        async fn restore(&self, now: Millis) -> Result<Restore, StoreError> {
+            self.inner.restore(now).await
+        }
+        async fn commit(&self, batches: &[StoreBatch]) -> Result<Committed, StoreError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Io(std::io::Error::other("disk full")));
+            }
+            self.inner.commit(batches).await
+        }
+        async fn backlog(
+            &self,
+            request: &BacklogRequest,
+            now: Millis,
+        ) -> Result<BacklogPage, StoreError> {
+            self.inner.backlog(request, now).await
+        }
+        async fn purge(&self, now: Millis, limit: usize) -> Result<Purged, StoreError> {
+            self.inner.purge(now, limit).await
+        }
+        async fn put_push_token(&self, token: &PushToken, limit: usize) -> Result<(), StoreError> {
+            self.inner.put_push_token(token, limit).await
+        }
+        async fn push_tokens(&self, session: &SessionName) -> Result<Vec<PushToken>, StoreError> {
+            self.inner.push_tokens(session).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+        async fn close(&self) {
+            self.inner.close().await
+        }
+    }
+
+    /// An expiry far off (SQLite keeps it as a signed integer).
+    const FAR: Millis = 1 << 50;
+
+    fn session() -> SessionName {
+        SessionName::parse("s").expect("valid")
+    }
+
+    fn kim() -> ClientId {
+        ClientId::parse("kim").expect("valid")
+    }
+
+    fn kims_subscription(put: bool) -> StoreOp {
+        let (session, client_id) = (session(), kim());
+        let filter = TopicFilter::parse("t").expect("valid");
+        if put {
+            StoreOp::PutSubscription {
+                session,
+                client_id,
+                filter,
+                legacy_only: false,
+            }
+        } else {
+            StoreOp::DeleteSubscription {
+                session,
+                client_id,
+                filter,
+            }
+        }
+    }
+
+    fn ack(seq: u64) -> StoreOp {
+        StoreOp::DeleteCopy {
+            session: session(),
+            client_id: kim(),
+            seq,
+        }
+    }
+
+    fn kims_backlog() -> BacklogRequest {
+        BacklogRequest {
+            session: session(),
+            client_id: kim(),
+            after_seq: 0,
+            limit: 100,
+            token: 0,
+        }
+    }
+
+    async fn queued_for_kim(store: &dyn Store) -> Vec<u64> {
+        let (rows, _) = store.backlog(&kims_backlog(), 0).await.expect("backlog");
+        rows.iter().map(|r| r.message.seq).collect()
+    }
+
+    async fn kims_filters(store: &dyn Store) -> usize {
+        let restored = store.restore(0).await.expect("restore");
+        restored.subscriptions.len()
+    }
+
+    /// Kim subscribed to `t`, durably, with message 1 queued; then a worker on `store`.
+    async fn kim_with_a_queue<S: Store>(
+        store: &Arc<Failing<S>>,
+    ) -> (
+        mpsc::Sender<StoreJob>,
+        mpsc::UnboundedReceiver<StoreDone>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let mut ops = vec![kims_subscription(true)];
+        ops.extend(stored(1, FAR));
+        store
+            .commit(&[StoreBatch { id: 1, ops }])
+            .await
+            .expect("commit");
+        let (jobs, jobs_rx) = mpsc::channel(8);
+        let (done_tx, done) = mpsc::unbounded_channel();
+        let worker = tokio::spawn(store_worker(store.clone(), jobs_rx, done_tx));
+        (jobs, done, worker)
+    }
+
+    /// The core holds an unsubscribe and an acknowledgement as done even if their
+    /// commit fails: the next commit writes them first, so a restart does not bring
+    /// back the subscription or deliver the copy again.
+    #[tokio::test]
+    async fn a_failed_commits_deletions_go_with_the_next() {
+        let store = Failing::new(SqliteStore::open_in_memory().await.expect("open"));
+        let (jobs, mut done, worker) = kim_with_a_queue(&store).await;
+        store.fail(true);
+        let ops = vec![kims_subscription(false), ack(1)];
+        jobs.send(StoreJob::Commit(StoreBatch { id: 2, ops }))
+            .await
+            .expect("queued");
+        assert!(matches!(done.recv().await, Some(StoreDone::Failed(2))));
+        store.fail(false);
+        let ops = stored(2, FAR);
+        jobs.send(StoreJob::Commit(StoreBatch { id: 3, ops }))
+            .await
+            .expect("queued");
+        assert!(matches!(
+            done.recv().await,
+            Some(StoreDone::Committed(3, _))
+        ));
+        assert_eq!(kims_filters(&*store).await, 0, "the unsubscribe is written");
+        assert_eq!(queued_for_kim(&*store).await, [2], "the ack is written");
+        drop(jobs);
+        worker.await.expect("worker ends with its queue");
+    }
+
+    /// With no commit to go with, they are written on their own a moment later, and
+    /// the file copies they dropped are reported (the core counts them off to let the
+    /// spool file go).
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_commits_deletions_are_written_alone_when_nothing_follows() {
+        let store = Failing::new(MemoryStore::default());
+        let (jobs, mut done, worker) = kim_with_a_queue(&store).await;
+        let mut file = stored(2, FAR);
+        if let StoreOp::PutMessage(message) = &mut file[0] {
+            Arc::make_mut(message).kind = MessageKind::File;
+        }
+        store
+            .commit(&[StoreBatch { id: 2, ops: file }])
+            .await
+            .expect("commit");
+        store.fail(true);
+        let ops = vec![StoreOp::DeleteClient {
+            session: session(),
+            client_id: kim(),
+        }];
+        jobs.send(StoreJob::Commit(StoreBatch { id: 3, ops }))
+            .await
+            .expect("queued");
+        assert!(matches!(done.recv().await, Some(StoreDone::Failed(3))));
+        store.fail(false);
+        let written = tokio::time::timeout(Duration::from_secs(10), done.recv());
+        match written.await {
+            Ok(Some(StoreDone::Committed(3, dropped))) => assert_eq!(dropped, [2]),
+            _ => panic!("expected the deletions' report"),
+        }
+        assert_eq!(kims_filters(&*store).await, 0);
+        assert!(queued_for_kim(&*store).await.is_empty());
+        drop(jobs);
+        worker.await.expect("worker ends with its queue");
+    }
+
+    /// Only what the core holds as done is owed, and past the cap the acks go first:
+    /// an unsubscribe is kept however long the store fails.
+    #[test]
+    fn a_failing_store_is_owed_deletions_only_and_a_bounded_number() {
+        let mut unwritten = Unwritten::default();
+        let mut ops = stored(1, FAR);
+        ops.push(kims_subscription(false));
+        ops.push(ack(1));
+        unwritten.failed(vec![StoreBatch { id: 7, ops }]);
+        assert!(matches!(
+            unwritten.ops[..],
+            [
+                StoreOp::DeleteSubscription { .. },
+                StoreOp::DeleteCopy { .. }
+            ]
+        ));
+        let mut acks: Vec<StoreOp> = (1..=MAX_UNWRITTEN as u64).map(ack).collect();
+        acks.push(kims_subscription(false));
+        let owed = unwritten.take().into_iter();
+        unwritten.failed(owed.chain([StoreBatch { id: 8, ops: acks }]).collect());
+        assert_eq!(unwritten.batch, 8);
+        assert!(matches!(
+            unwritten.ops[..],
+            [
+                StoreOp::DeleteSubscription { .. },
+                StoreOp::DeleteSubscription { .. }
+            ]
+        ));
+    }
+
+    /// A backlog page read while a failed commit's ack is owed does not hold the
+    /// acknowledged copy.
+    #[tokio::test]
+    async fn a_backlog_read_waits_for_what_a_failed_commit_owes() {
+        let store = Failing::new(SqliteStore::open_in_memory().await.expect("open"));
+        let (jobs, mut done, worker) = kim_with_a_queue(&store).await;
+        store.fail(true);
+        jobs.send(StoreJob::Commit(StoreBatch {
+            id: 2,
+            ops: vec![ack(1)],
+        }))
+        .await
+        .expect("queued");
+        assert!(matches!(done.recv().await, Some(StoreDone::Failed(2))));
+        store.fail(false);
+        jobs.send(StoreJob::Load(kims_backlog()))
+            .await
+            .expect("queued");
+        match done.recv().await {
+            Some(StoreDone::Loaded(_, rows, _)) => assert!(rows.is_empty(), "copy 1 was acked"),
+            _ => panic!("expected the page"),
+        }
+        drop(jobs);
+        worker.await.expect("worker ends with its queue");
+    }
 
     /// A durable message for `client`, and its copy; `expires_at` 1 is long past.
     fn stored(seq: u64, expires_at: Millis) -> Vec<StoreOp> {
@@ -796,7 +1184,7 @@ mod tests {
         let (done_tx, mut done) = mpsc::unbounded_channel();
         let worker = tokio::spawn(store_worker(store, jobs_rx, done_tx));
         let started = Instant::now();
-        let ops = stored(1, Millis::MAX);
+        let ops = stored(1, FAR);
         jobs.send(StoreJob::Commit(StoreBatch { id: 1, ops }))
             .await
             .expect("queued");

@@ -350,6 +350,31 @@ pub enum StoreOp {
     },
 }
 
+impl StoreOp {
+    /// Whether the core holds this op as done even when its commit fails, so that the
+    /// store must still be brought to it. Such ops let go of something (a copy
+    /// acknowledged, a filter unsubscribed, a client cleaned) or set what the core
+    /// already goes by; lost, the store would bring back at a restart what the core
+    /// has dropped. Ops that add something are undone by the core instead (it refuses
+    /// the publish or subscribe, which the client may retry), and must not be written
+    /// again.
+    pub fn holds_after_a_failed_commit(&self) -> bool {
+        match self {
+            StoreOp::PutMessage(_)
+            | StoreOp::PutReplayId { .. }
+            | StoreOp::PutCopy { .. }
+            | StoreOp::PutSubscription { .. } => false,
+            StoreOp::DeleteCopy { .. }
+            | StoreOp::SetAttempts { .. }
+            | StoreOp::SetLegacyOnly { .. }
+            | StoreOp::DeleteSubscription { .. }
+            | StoreOp::DeleteClient { .. }
+            | StoreOp::DeleteEphemeral { .. }
+            | StoreOp::DiscardCopies { .. } => true,
+        }
+    }
+}
+
 /// A group of writes to commit together; answers wait for its commit.
 #[derive(Debug, Clone, Default)]
 pub struct StoreBatch {
