@@ -223,6 +223,7 @@ enum Subscribing {
 /// it doubles each round, up to the client's `max_backoff`.
 const RESUBSCRIBE_WAIT: Duration = Duration::from_millis(250);
 type KeysReply = oneshot::Sender<Result<Vec<super::PublishedKey>, ClientError>>;
+type UnsubscribeReply = oneshot::Sender<Result<(), ClientError>>;
 
 struct State {
     config: ClientConfig,
@@ -240,8 +241,10 @@ struct State {
     resubscribe_later: Vec<TopicFilter>,
     resubscribe_at: Option<Instant>,
     resubscribe_wait: Duration,
-    /// request_id → caller waiting for `Unsubscribed`.
-    unsubscribing: HashMap<u64, (TopicFilter, oneshot::Sender<Result<(), ClientError>>)>,
+    /// request_id → an `Unsubscribe` waiting for its answer: its filter, and the
+    /// caller waiting for it, if any. Kept until answered: one whose connection is
+    /// lost first is sent again ([`State::answers_lost`]).
+    unsubscribing: HashMap<u64, (TopicFilter, Option<UnsubscribeReply>)>,
     /// request_id → the key being published, if any, and the caller waiting for `Keys`.
     keys_waiting: HashMap<u64, (Option<[u8; 32]>, KeysReply)>,
     /// This client's published public key (once the broker took it), published again
@@ -393,44 +396,7 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
         clock_offset_ms: AtomicI64::new(0),
         max_payload_bytes: AtomicU64::new(u64::MAX),
     });
-    let mut state = State {
-        sealer: sealer.clone(),
-        info,
-        next_request_id: 1,
-        next_sub_id: 1,
-        subs: HashMap::new(),
-        subscribing: HashMap::new(),
-        resubscribe_later: Vec::new(),
-        resubscribe_at: None,
-        resubscribe_wait: RESUBSCRIBE_WAIT,
-        unsubscribing: HashMap::new(),
-        unsubscribe_later: Vec::new(),
-        dropped: Vec::new(),
-        kept_durable: Default::default(),
-        control_pending: false,
-        publishes: FastMap::default(),
-        publish_order: VecDeque::new(),
-        seen: FastSet::default(),
-        seen_order: VecDeque::new(),
-        orphans: VecDeque::new(),
-        untaken: FastMap::default(),
-        handbacks: Arc::default(),
-        reports: Vec::new(),
-        taken_check: None,
-        taken_wait: ACK_DELAY,
-        acks_held: 0,
-        acks_since: None,
-        file_subs: FileSubs::default(),
-        received_files: ReceivedFiles::default(),
-        uploads: HashMap::new(),
-        keys_waiting: HashMap::new(),
-        public_key: None,
-        sending: HashMap::new(),
-        incoming: HashMap::new(),
-        requests: mpsc::channel(1).0.downgrade(),
-        stopped: Stopped::default(),
-        config,
-    };
+    let mut state = State::new(config, sealer.clone(), info);
     let (tx, rx) = mpsc::channel(256);
     state.requests = tx.downgrade();
     let handbacks = Arc::clone(&state.handbacks);
@@ -441,8 +407,59 @@ pub(super) async fn start(config: ClientConfig) -> Result<Started, ClientError> 
     Ok((tx, info_rx, sealer, handbacks, stopped))
 }
 
+impl State {
+    /// A client with nothing yet: no subscription, no publish, not connected.
+    fn new(config: ClientConfig, sealer: Arc<Sealer>, info: watch::Sender<SessionInfo>) -> Self {
+        State {
+            sealer,
+            info,
+            next_request_id: 1,
+            next_sub_id: 1,
+            subs: HashMap::new(),
+            subscribing: HashMap::new(),
+            resubscribe_later: Vec::new(),
+            resubscribe_at: None,
+            resubscribe_wait: RESUBSCRIBE_WAIT,
+            unsubscribing: HashMap::new(),
+            unsubscribe_later: Vec::new(),
+            dropped: Vec::new(),
+            kept_durable: Default::default(),
+            control_pending: false,
+            publishes: FastMap::default(),
+            publish_order: VecDeque::new(),
+            seen: FastSet::default(),
+            seen_order: VecDeque::new(),
+            orphans: VecDeque::new(),
+            untaken: FastMap::default(),
+            handbacks: Arc::default(),
+            reports: Vec::new(),
+            taken_check: None,
+            taken_wait: ACK_DELAY,
+            acks_held: 0,
+            acks_since: None,
+            file_subs: FileSubs::default(),
+            received_files: ReceivedFiles::default(),
+            uploads: HashMap::new(),
+            keys_waiting: HashMap::new(),
+            public_key: None,
+            sending: HashMap::new(),
+            incoming: HashMap::new(),
+            requests: mpsc::channel(1).0.downgrade(),
+            stopped: Stopped::default(),
+            config,
+        }
+    }
+}
+
 fn frame(kind: client_frame::Kind) -> ClientFrame {
     ClientFrame { kind: Some(kind) }
+}
+
+fn unsubscribe_frame(request_id: u64, filter: &TopicFilter) -> ClientFrame {
+    frame(client_frame::Kind::Unsubscribe(proto::Unsubscribe {
+        request_id,
+        topic: filter.to_string(),
+    }))
 }
 
 fn refused(e: &proto::Error) -> ClientError {
@@ -617,7 +634,9 @@ impl State {
             if self.merged_options(&filter).is_none() && !self.unsubscribe_later.contains(&filter) {
                 self.unsubscribe_later.push(filter);
             }
-            let _ = reply.send(Ok(()));
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
         }
     }
 
@@ -780,15 +799,8 @@ impl State {
         for id in self.handbacks.take_dropped() {
             self.remove_subscription(id, true, None, None);
         }
-        // Kept until they are written: a connection lost at once takes them to the next.
-        for filter in self.unsubscribe_later.clone() {
-            let request_id = self.request_id();
-            live.writer.push(&frame(client_frame::Kind::Unsubscribe(
-                proto::Unsubscribe {
-                    request_id,
-                    topic: filter.to_string(),
-                },
-            )));
+        for unsubscribe in self.unsubscribes_owed() {
+            live.writer.push(&unsubscribe);
         }
         if let Some(public_key) = self.public_key {
             let request_id = self.request_id();
@@ -849,8 +861,28 @@ impl State {
             }
         }
         live.writer.flush().await?;
-        self.unsubscribe_later.clear();
         Ok(())
+    }
+
+    /// The broker answered `Unsubscribe` `request_id`.
+    fn unsubscribed(&mut self, request_id: u64) {
+        if let Some((_, Some(reply))) = self.unsubscribing.remove(&request_id) {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    /// The `Unsubscribe`s owed since the last connection, now in flight: until the
+    /// broker answers them, a lost connection owes them again.
+    fn unsubscribes_owed(&mut self) -> Vec<ClientFrame> {
+        std::mem::take(&mut self.unsubscribe_later)
+            .into_iter()
+            .map(|filter| {
+                let request_id = self.request_id();
+                let unsubscribe = unsubscribe_frame(request_id, &filter);
+                self.unsubscribing.insert(request_id, (filter, None));
+                unsubscribe
+            })
+            .collect()
     }
 
     fn opener(&self) -> Opener {
@@ -1002,16 +1034,8 @@ impl State {
                 answered(reply);
             }
             None => {
-                if let Some(reply) = reply {
-                    self.unsubscribing
-                        .insert(request_id, (filter.clone(), reply));
-                }
-                w.push(&frame(client_frame::Kind::Unsubscribe(
-                    proto::Unsubscribe {
-                        request_id,
-                        topic: filter.to_string(),
-                    },
-                )));
+                w.push(&unsubscribe_frame(request_id, &filter));
+                self.unsubscribing.insert(request_id, (filter, reply));
             }
         }
     }
@@ -1280,11 +1304,7 @@ impl State {
                     _ => {}
                 }
             }
-            server_frame::Kind::Unsubscribed(u) => {
-                if let Some((_, reply)) = self.unsubscribing.remove(&u.request_id) {
-                    let _ = reply.send(Ok(()));
-                }
-            }
+            server_frame::Kind::Unsubscribed(u) => self.unsubscribed(u.request_id),
             server_frame::Kind::Keys(k) => {
                 if let Some((published, reply)) = self.keys_waiting.remove(&k.request_id) {
                     if published.is_some() {
@@ -1406,8 +1426,18 @@ impl State {
             }
             return Ok(());
         }
-        if let Some((_, reply)) = self.unsubscribing.remove(&e.request_id) {
-            let _ = reply.send(Err(refused(&e)));
+        if let Some((filter, reply)) = self.unsubscribing.remove(&e.request_id) {
+            match reply {
+                Some(reply) => {
+                    let _ = reply.send(Err(refused(&e)));
+                }
+                None => tracing::warn!(
+                    filter = filter.as_str(),
+                    code = e.code,
+                    message = %e.message,
+                    "the broker refused an unsubscribe the client owed"
+                ),
+            }
             return Ok(());
         }
         if let Some((_, reply)) = self.keys_waiting.remove(&e.request_id) {
@@ -1613,7 +1643,9 @@ impl State {
             }
         }
         for (_, (_, reply)) in self.unsubscribing.drain() {
-            let _ = reply.send(Err(error.clone()));
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(error.clone()));
+            }
         }
         for (_, (_, reply)) in self.keys_waiting.drain() {
             let _ = reply.send(Err(error.clone()));
@@ -1689,7 +1721,51 @@ fn worth_retrying(code: ErrorCode) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{ErrorCode, needs_restamp, worth_retrying};
+    use super::*;
+    use crate::client::SessionKey;
+
+    fn state() -> State {
+        let config = ClientConfig::new("quic://127.0.0.1:1", "s", "pw", SessionKey::generate());
+        let sealer = Arc::new(Sealer {
+            keys: SealingKeys::derive(&config.key),
+            session: SessionName::parse("s").expect("valid"),
+            clock_offset_ms: AtomicI64::new(0),
+            max_payload_bytes: AtomicU64::new(u64::MAX),
+        });
+        State::new(config, sealer, watch::channel(SessionInfo::default()).0)
+    }
+
+    fn unsubscribed_filters(frames: &[ClientFrame]) -> Vec<String> {
+        frames
+            .iter()
+            .filter_map(|f| match &f.kind {
+                Some(client_frame::Kind::Unsubscribe(u)) => Some(u.topic.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// An unsubscribe made while disconnected is sent on reconnecting, and again on
+    /// the next if that connection is lost before the broker answers: the broker may
+    /// never have read it, and a durable subscription would outlive it there. Once
+    /// answered, it is not owed any more.
+    #[test]
+    fn an_owed_unsubscribe_is_owed_until_answered() {
+        let mut state = state();
+        let filter = TopicFilter::parse("d").expect("valid");
+        state.unsubscribe_later.push(filter);
+        let sent = state.unsubscribes_owed();
+        assert_eq!(unsubscribed_filters(&sent), ["d"]);
+        state.answers_lost();
+        let again = state.unsubscribes_owed();
+        assert_eq!(unsubscribed_filters(&again), ["d"], "sent again");
+        let Some(client_frame::Kind::Unsubscribe(u)) = &again[0].kind else {
+            panic!("an unsubscribe");
+        };
+        state.unsubscribed(u.request_id);
+        state.answers_lost();
+        assert!(state.unsubscribes_owed().is_empty(), "answered");
+    }
 
     #[test]
     fn a_resent_publish_is_restamped_when_its_time_is_far_either_way() {
