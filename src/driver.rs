@@ -24,9 +24,9 @@ use std::collections::VecDeque;
 use crate::carrier::files::FilePort;
 use crate::carrier::{ConnTx, Outbound};
 use crate::core::{
-    BacklogRequest, Command, ConnId, Core, CoreConfig, Event, FastMap, FileDone, FileOffer, Hello,
-    MessageId, MessageKind, Millis, Output, Reject, SessionName, SessionSettings, Stats,
-    StoreBatch, StoreOp, StoredCopy,
+    BacklogRequest, Command, ConnId, Core, CoreConfig, Event, FastMap, FastSet, FileDone,
+    FileOffer, Hello, MessageId, MessageKind, Millis, Output, Reject, SessionName, SessionSettings,
+    Stats, StoreBatch, StoreOp, StoredCopy,
 };
 use crate::spool::{Spool, SpoolError};
 use crate::store::{Store, StoreError};
@@ -646,8 +646,9 @@ impl Driver {
 
 /// Ops of failed commits that must still be written: the core holds them as done
 /// ([`StoreOp::holds_after_a_failed_commit`]: an acknowledged copy, an unsubscribed
-/// filter, a cleaned client), and a store that never got them would bring back at a
-/// restart what the core has dropped. They go first in the next commit, which keeps
+/// filter, a cleaned client, a copy spilled for a slow connection), and a store that
+/// never got them would bring back at a restart what the core has dropped, or lose
+/// the spilled copy. They go first in the next commit, which keeps
 /// them in order with everything the core did since, or on their own after
 /// [`UNWRITTEN_RETRY`] if no commit comes.
 #[derive(Debug, Default)]
@@ -667,26 +668,47 @@ impl Unwritten {
     /// owed before).
     fn failed(&mut self, batches: Vec<StoreBatch>) {
         self.batch = batches.last().map_or(self.batch, |b| b.id);
-        self.ops = batches
-            .into_iter()
-            .flat_map(|b| b.ops)
-            .filter(StoreOp::holds_after_a_failed_commit)
+        let ops: Vec<StoreOp> = batches.into_iter().flat_map(|b| b.ops).collect();
+        // Copies spilled for slow connections are owed with their messages' bodies.
+        let spilled: FastSet<u64> = ops
+            .iter()
+            .filter_map(|op| match op {
+                StoreOp::PutCopy {
+                    seq,
+                    ephemeral: true,
+                    ..
+                } => Some(*seq),
+                _ => None,
+            })
             .collect();
-        if self.ops.len() > MAX_UNWRITTEN {
-            let before = self.ops.len();
+        self.ops = ops
+            .into_iter()
+            .filter(|op| match op {
+                StoreOp::PutMessage(message) => spilled.contains(&message.seq),
+                op => op.holds_after_a_failed_commit(),
+            })
+            .collect();
+        let excess = self.ops.len().saturating_sub(MAX_UNWRITTEN);
+        if excess > 0 {
+            // The oldest acknowledgements and attempt counts go, no more of them than
+            // needed.
+            let mut dropped = 0;
             self.ops.retain(|op| {
-                !matches!(op, StoreOp::DeleteCopy { .. } | StoreOp::SetAttempts { .. })
+                let drop = dropped < excess
+                    && matches!(op, StoreOp::DeleteCopy { .. } | StoreOp::SetAttempts { .. });
+                dropped += usize::from(drop);
+                !drop
             });
             tracing::error!(
-                dropped = before - self.ops.len(),
-                "the store keeps failing: acknowledged copies it was to forget may be \
-                 delivered again after a restart"
+                dropped,
+                "the store keeps failing: acknowledgements it could not take are given up, \
+                 and their copies may be delivered again"
             );
         }
         if !self.ops.is_empty() {
             tracing::warn!(
                 ops = self.ops.len(),
-                "a commit failed: its deletions go with the next"
+                "a commit failed: what the broker already let go of goes with the next"
             );
         }
     }
@@ -779,13 +801,18 @@ async fn store_worker(
                 }
             }
             StoreJob::Load(request) => {
-                // A page must not hold what they delete.
+                // A page must not hold what they delete: it waits for them (the
+                // driver asks again shortly).
                 write_owed(&*store, &mut unwritten, &done).await;
-                match store.backlog(&request, now_ms()).await {
-                    Ok((rows, exhausted)) => StoreDone::Loaded(request, rows, exhausted),
-                    Err(e) => {
-                        tracing::error!(error = %e, "backlog load failed");
-                        StoreDone::LoadFailed(request)
+                if !unwritten.is_empty() {
+                    StoreDone::LoadFailed(request)
+                } else {
+                    match store.backlog(&request, now_ms()).await {
+                        Ok((rows, exhausted)) => StoreDone::Loaded(request, rows, exhausted),
+                        Err(e) => {
+                            tracing::error!(error = %e, "backlog load failed");
+                            StoreDone::LoadFailed(request)
+                        }
                     }
                 }
             }
@@ -1076,34 +1103,75 @@ mod tests {
         worker.await.expect("worker ends with its queue");
     }
 
-    /// Only what the core holds as done is owed, and past the cap the acks go first:
-    /// an unsubscribe is kept however long the store fails.
+    /// Only what the core holds as done is owed: deletions, and a spilled copy with
+    /// its message's body, not a durable copy of a refused publish. Past the cap the
+    /// oldest acks go, no more than needed: an unsubscribe is kept however long the
+    /// store fails.
     #[test]
-    fn a_failing_store_is_owed_deletions_only_and_a_bounded_number() {
+    fn a_failing_store_is_owed_what_the_core_let_go_and_a_bounded_number() {
         let mut unwritten = Unwritten::default();
         let mut ops = stored(1, FAR);
         ops.push(kims_subscription(false));
         ops.push(ack(1));
+        let mut spilled = stored(3, FAR);
+        if let StoreOp::PutCopy { ephemeral, .. } = &mut spilled[1] {
+            *ephemeral = true;
+        }
+        ops.extend(spilled);
         unwritten.failed(vec![StoreBatch { id: 7, ops }]);
-        assert!(matches!(
-            unwritten.ops[..],
-            [
-                StoreOp::DeleteSubscription { .. },
-                StoreOp::DeleteCopy { .. }
-            ]
-        ));
-        let mut acks: Vec<StoreOp> = (1..=MAX_UNWRITTEN as u64).map(ack).collect();
+        assert!(
+            matches!(
+                &unwritten.ops[..],
+                [
+                    StoreOp::DeleteSubscription { .. },
+                    StoreOp::DeleteCopy { seq: 1, .. },
+                    StoreOp::PutMessage(m),
+                    StoreOp::PutCopy { seq: 3, ephemeral: true, .. },
+                ] if m.seq == 3
+            ),
+            "{:?}",
+            unwritten.ops
+        );
+        // Four owed, and MAX_UNWRITTEN - 2 more: two over.
+        let mut acks: Vec<StoreOp> = (2..=MAX_UNWRITTEN as u64 - 2).map(ack).collect();
         acks.push(kims_subscription(false));
         let owed = unwritten.take().into_iter();
         unwritten.failed(owed.chain([StoreBatch { id: 8, ops: acks }]).collect());
         assert_eq!(unwritten.batch, 8);
-        assert!(matches!(
-            unwritten.ops[..],
-            [
-                StoreOp::DeleteSubscription { .. },
-                StoreOp::DeleteSubscription { .. }
-            ]
-        ));
+        assert_eq!(unwritten.ops.len(), MAX_UNWRITTEN);
+        let unsubscribes = unwritten
+            .ops
+            .iter()
+            .filter(|op| matches!(op, StoreOp::DeleteSubscription { .. }))
+            .count();
+        assert_eq!(unsubscribes, 2);
+        let first_ack = unwritten.ops.iter().find_map(|op| match op {
+            StoreOp::DeleteCopy { seq, .. } => Some(*seq),
+            _ => None,
+        });
+        assert_eq!(first_ack, Some(3), "the two oldest acks went");
+    }
+
+    /// A backlog page is not read while the store cannot take what a failed commit
+    /// owes: it is refused for now (the driver asks again).
+    #[tokio::test]
+    async fn a_backlog_read_is_refused_while_a_failed_commit_is_owed() {
+        let store = Failing::new(SqliteStore::open_in_memory().await.expect("open"));
+        let (jobs, mut done, worker) = kim_with_a_queue(&store).await;
+        store.fail(true);
+        jobs.send(StoreJob::Commit(StoreBatch {
+            id: 2,
+            ops: vec![ack(1)],
+        }))
+        .await
+        .expect("queued");
+        assert!(matches!(done.recv().await, Some(StoreDone::Failed(2))));
+        jobs.send(StoreJob::Load(kims_backlog()))
+            .await
+            .expect("queued");
+        assert!(matches!(done.recv().await, Some(StoreDone::LoadFailed(_))));
+        drop(jobs);
+        worker.await.expect("worker ends with its queue");
     }
 
     /// A backlog page read while a failed commit's ack is owed does not hold the

@@ -353,16 +353,18 @@ pub enum StoreOp {
 impl StoreOp {
     /// Whether the core holds this op as done even when its commit fails, so that the
     /// store must still be brought to it. Such ops let go of something (a copy
-    /// acknowledged, a filter unsubscribed, a client cleaned) or set what the core
-    /// already goes by; lost, the store would bring back at a restart what the core
-    /// has dropped. Ops that add something are undone by the core instead (it refuses
-    /// the publish or subscribe, which the client may retry), and must not be written
-    /// again.
+    /// acknowledged, a filter unsubscribed, a client cleaned), set what the core
+    /// already goes by, or spill a slow connection's copy (the core counts it as
+    /// stored, and nobody waits for it; the store worker keeps the message's body
+    /// with it). Lost, the store would bring back at a restart what the core has
+    /// dropped, or lose a spilled copy. Ops that add for a request are undone by the
+    /// core instead (it refuses the publish or subscribe, which the client may
+    /// retry), and must not be written again.
     pub fn holds_after_a_failed_commit(&self) -> bool {
         match self {
+            StoreOp::PutCopy { ephemeral, .. } => *ephemeral,
             StoreOp::PutMessage(_)
             | StoreOp::PutReplayId { .. }
-            | StoreOp::PutCopy { .. }
             | StoreOp::PutSubscription { .. } => false,
             StoreOp::DeleteCopy { .. }
             | StoreOp::SetAttempts { .. }

@@ -101,6 +101,11 @@ impl Net {
                         copy.get_mut().ephemeral &= *ephemeral;
                     }
                     btree_map::Entry::Vacant(slot) => {
+                        // Acknowledged earlier in this net and queued again (a history
+                        // replay, spilled): a copy is wanted after all. The stored row
+                        // stays (the inserts go before the deletes, and would be
+                        // undone), with its attempts so far.
+                        sub.deletes.remove(seq);
                         slot.insert(NewCopy {
                             ephemeral: *ephemeral,
                             attempts: 0,
@@ -371,6 +376,22 @@ mod tests {
         let mut net = net;
         assert!(net.apply(&del(1, "a")));
         assert!(net.messages().next().is_none());
+    }
+
+    #[test]
+    fn a_copy_queued_again_after_its_ack_is_not_deleted() {
+        let spilled = StoreOp::PutCopy {
+            session: s(),
+            client_id: c("a"),
+            seq: 7,
+            ephemeral: true,
+        };
+        let net = net_of(&[del(7, "a"), StoreOp::PutMessage(msg(7)), spilled]);
+        let sub = net.subscriber(&s(), &c("a")).expect("a's ops");
+        assert!(!sub.deletes_copy(7), "the stored copy stays");
+        assert_eq!(net.deletes().count(), 0);
+        let queued: Vec<u64> = sub.queued_after(0).map(|(seq, _)| seq).collect();
+        assert_eq!(queued, [7]);
     }
 
     #[test]
