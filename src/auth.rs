@@ -67,6 +67,9 @@ pub struct Authenticator {
     failures: FailedLogins,
     /// Concurrent argon2 runs: one per core, so logins cannot starve the broker.
     slots: Semaphore,
+    /// The hash of a random password, checked for logins to sessions that do not
+    /// exist: they take as long as a wrong password does.
+    decoy: tokio::sync::OnceCell<String>,
     /// argon2 runs so far.
     #[cfg(test)]
     verifications: std::sync::atomic::AtomicUsize,
@@ -91,6 +94,7 @@ impl Authenticator {
             inflight: Mutex::new(HashMap::new()),
             failures: FailedLogins::new(budget),
             slots: Semaphore::new(cores),
+            decoy: tokio::sync::OnceCell::new(),
             #[cfg(test)]
             verifications: Default::default(),
         }
@@ -147,11 +151,9 @@ impl Authenticator {
         if self.failures.is_blocked(peer) {
             return Err(LIMITED);
         }
-        let Some(record) = record else {
-            // An unknown session is a failed login too, so names cannot be enumerated.
-            self.failures.record(peer);
-            return Err(Reject::BadCredentials);
-        };
+        // An unknown session is checked as a wrong password is, against a decoy hash:
+        // the same answer, budget and time, so names cannot be enumerated by any.
+        let known_hash = record.as_ref().map(|r| r.password_hash.clone());
         let cell = shared(&self.inflight, digest);
         // Whether this login ran the check (and so counted its own failure).
         let checked = AtomicBool::new(false);
@@ -172,10 +174,16 @@ impl Authenticator {
                 #[cfg(test)]
                 self.verifications
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let (password, phc) = (password.to_owned(), record.password_hash.clone());
-                let right = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
-                    .await
-                    .unwrap_or(false);
+                let phc = match &known_hash {
+                    Some(hash) => hash.clone(),
+                    None => self.decoy().await?,
+                };
+                let password = password.to_owned();
+                let verified =
+                    tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+                        .await
+                        .unwrap_or(false);
+                let right = verified && known_hash.is_some();
                 if !right {
                     self.failures.record(peer);
                 }
@@ -184,12 +192,15 @@ impl Authenticator {
             .await
             .copied();
         lock(&self.inflight).remove(&digest);
-        if !outcome? {
-            if !checked.load(Ordering::Relaxed) {
-                self.failures.record(peer); // it shared another login's check
+        let record = match (outcome?, record) {
+            (true, Some(record)) => record,
+            _ => {
+                if !checked.load(Ordering::Relaxed) {
+                    self.failures.record(peer); // it shared another login's check
+                }
+                return Err(Reject::BadCredentials);
             }
-            return Err(Reject::BadCredentials);
-        }
+        };
         lock(&self.cache).insert(
             session.clone(),
             Verified {
@@ -198,6 +209,22 @@ impl Authenticator {
             },
         );
         Self::admit(&record.settings)
+    }
+
+    /// The decoy hash, made on first use (in the caller's argon2 slot).
+    async fn decoy(&self) -> Result<String, Reject> {
+        let hash = self
+            .decoy
+            .get_or_try_init(|| async {
+                let password = format!("{:032x}", rand::random::<u128>());
+                tokio::task::spawn_blocking(move || hash_password(&password))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .ok_or(Reject::Internal("could not hash the password"))
+            })
+            .await?;
+        Ok(hash.clone())
     }
 
     fn admit(settings: &SessionSettings) -> Result<SessionSettings, Reject> {
@@ -425,6 +452,30 @@ mod tests {
         assert_eq!(
             auth.authenticate(IP, &unknown, "right").await,
             Err(Reject::BadCredentials)
+        );
+    }
+
+    /// A login to a session that does not exist runs argon2 as a wrong password
+    /// does (against a decoy hash), so its answer comes no sooner, and is counted
+    /// against the budget the same way.
+    #[tokio::test]
+    async fn an_unknown_session_is_checked_as_a_wrong_password_is() {
+        let (auth, name) = setup().await;
+        let unknown = SessionName::parse("nope").expect("valid");
+        for (session, password) in [(&unknown, "right"), (&name, "wrong"), (&unknown, "x")] {
+            assert_eq!(
+                auth.authenticate(IP, session, password).await,
+                Err(Reject::BadCredentials)
+            );
+        }
+        let runs = auth
+            .verifications
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(runs, 3, "one argon2 run each");
+        assert!(
+            auth.decoy
+                .get()
+                .is_some_and(|h| h.starts_with("$argon2id$"))
         );
     }
 
