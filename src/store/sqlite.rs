@@ -37,6 +37,9 @@ pub(super) static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqli
 /// Rows per multi-row statement (9 columns × 100 stays far below SQLite's 32766
 /// variables).
 const ROWS_PER_STATEMENT: usize = 300;
+/// Unwanted topics an unsubscribe's discard deletes by (two statements); with more,
+/// it picks the rows one by one.
+const TOPICS_PER_DISCARD: usize = 64;
 
 /// How often the WAL is checkpointed into the database file. Group commits go to the
 /// op log, so the WAL only carries folds, purges and barrier commits (sessions, keys,
@@ -409,15 +412,124 @@ impl SqliteStore {
     }
 
     /// Drops the client's copies whose topic no filter of `keep` matches. Topic
-    /// matching is the core's, so the rows are picked here rather than in SQL, then
-    /// deleted a few hundred per statement (one statement each, through sqlx's
-    /// worker thread, took 1 s for 5,000 copies, and every session's commits waited
-    /// behind it).
+    /// matching is the core's, so the client's topics are read (once each: a queue
+    /// holds few, however long it is) and matched here. When all or none are
+    /// unwanted, or a few, SQL deletes the copies by topic; with many topics, the
+    /// rows are picked one by one and deleted a few hundred per statement. (Every
+    /// session's commits wait behind this: one statement per copy, through sqlx's
+    /// worker thread, took 1 s for 5,000 copies.)
     async fn discard_copies(
         tx: &mut Transaction<'_, Sqlite>,
         session: &SessionName,
         client_id: &ClientId,
         keep: &[TopicFilter],
+        dropped_files: &mut Vec<u64>,
+    ) -> Result<(), sqlx::Error> {
+        if keep.is_empty() {
+            return Self::drop_copies(tx, session, client_id, false, dropped_files).await;
+        }
+        let topics: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT m.topic FROM copies c JOIN messages m ON m.seq = c.seq \
+             WHERE c.session = ? AND c.client_id = ?",
+        )
+        .bind(session.as_str())
+        .bind(client_id.as_str())
+        .fetch_all(&mut **tx)
+        .await?;
+        let total = topics.len();
+        // A topic that no longer parses is wanted by no one.
+        let wanted = |topic: &str| {
+            TopicName::parse(topic).is_ok_and(|topic| keep.iter().any(|f| f.matches(&topic)))
+        };
+        let unwanted: Vec<String> = topics.into_iter().filter(|t| !wanted(t)).collect();
+        if unwanted.is_empty() {
+            Ok(())
+        } else if unwanted.len() == total {
+            Self::drop_copies(tx, session, client_id, false, dropped_files).await
+        } else if unwanted.len() <= TOPICS_PER_DISCARD {
+            Self::discard_topics(tx, session, client_id, &unwanted, dropped_files).await
+        } else {
+            Self::discard_rows(tx, session, client_id, &wanted, dropped_files).await
+        }
+    }
+
+    /// Drops the client's copies of messages on `topics` (at most
+    /// [`TOPICS_PER_DISCARD`]).
+    async fn discard_topics(
+        tx: &mut Transaction<'_, Sqlite>,
+        session: &SessionName,
+        client_id: &ClientId,
+        topics: &[String],
+        dropped_files: &mut Vec<u64>,
+    ) -> Result<(), sqlx::Error> {
+        /// The client's copies on `topics`, as a `SELECT` of their seqs.
+        fn on_topics<'a>(
+            q: &mut QueryBuilder<'a, Sqlite>,
+            session: &'a SessionName,
+            client_id: &'a ClientId,
+            topics: &'a [String],
+        ) {
+            q.push(
+                "SELECT c.seq FROM copies c JOIN messages m ON m.seq = c.seq WHERE c.session = ",
+            )
+            .push_bind(session.as_str())
+            .push(" AND c.client_id = ")
+            .push_bind(client_id.as_str())
+            .push(" AND m.topic IN (");
+            let mut list = q.separated(", ");
+            for topic in topics {
+                list.push_bind(topic.as_str());
+            }
+            q.push(")");
+        }
+        let mut files = QueryBuilder::<Sqlite>::new("");
+        on_topics(&mut files, session, client_id, topics);
+        files
+            .push(" AND m.format & ")
+            .push_bind(Message::FILE_FLAG)
+            .push(" != 0");
+        let files: Vec<i64> = files.build_query_scalar().fetch_all(&mut **tx).await?;
+        dropped_files.extend(as_seqs(files));
+        // The bodies only these copies hold go first, while the copies still say
+        // which they are; then the copies, found by topic or by their body gone. No
+        // row comes back through sqlx.
+        let mut bodies = QueryBuilder::<Sqlite>::new("DELETE FROM messages WHERE seq IN (");
+        on_topics(&mut bodies, session, client_id, topics);
+        bodies
+            .push(") AND NOT EXISTS (SELECT 1 FROM copies o WHERE o.seq = messages.seq AND NOT (o.session = ")
+            .push_bind(session.as_str())
+            .push(" AND o.client_id = ")
+            .push_bind(client_id.as_str())
+            .push("))");
+        bodies.build().execute(&mut **tx).await?;
+        let mut copies = QueryBuilder::<Sqlite>::new("DELETE FROM copies WHERE session = ");
+        copies
+            .push_bind(session.as_str())
+            .push(" AND client_id = ")
+            .push_bind(client_id.as_str())
+            .push(
+                " AND seq IN (SELECT c.seq FROM copies c LEFT JOIN messages m ON m.seq = c.seq \
+                 WHERE c.session = ",
+            )
+            .push_bind(session.as_str())
+            .push(" AND c.client_id = ")
+            .push_bind(client_id.as_str())
+            .push(" AND (m.seq IS NULL OR m.topic IN (");
+        let mut list = copies.separated(", ");
+        for topic in topics {
+            list.push_bind(topic.as_str());
+        }
+        copies.push(")))");
+        copies.build().execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    /// Drops the client's copies whose topic is not `wanted`, picked row by row.
+    async fn discard_rows(
+        tx: &mut Transaction<'_, Sqlite>,
+        session: &SessionName,
+        client_id: &ClientId,
+        wanted: &impl Fn(&str) -> bool,
         dropped_files: &mut Vec<u64>,
     ) -> Result<(), sqlx::Error> {
         let rows: Vec<(i64, String, i32)> = sqlx::query_as(
@@ -430,10 +542,7 @@ impl SqliteStore {
         .await?;
         let mut unwanted = Vec::new();
         for (seq, topic, format) in rows {
-            // A topic that no longer parses is wanted by no one.
-            let wanted =
-                TopicName::parse(&topic).is_ok_and(|topic| keep.iter().any(|f| f.matches(&topic)));
-            if wanted {
+            if wanted(&topic) {
                 continue;
             }
             unwanted.push(seq as u64);

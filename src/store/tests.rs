@@ -452,6 +452,62 @@ async fn discard_keeps_what_is_still_wanted(store: &dyn Store) {
     assert_eq!(seqs(store, "kate", 0, 10).await, (vec![], true));
 }
 
+/// A discard reports the file copies it drops, and keeps the rest, however the
+/// client's topics fall: some unwanted, all, none, or more than a few.
+async fn discard_by_topic_or_by_row(store: &dyn Store) {
+    let file_on = |seq, topic: &str| {
+        let mut ops = put_on(seq, topic, &["max"]);
+        if let StoreOp::PutMessage(m) = &mut ops[0] {
+            Arc::make_mut(m).kind = MessageKind::File;
+        }
+        ops
+    };
+    let discard = |keep: &str| StoreOp::DiscardCopies {
+        session: session(),
+        client_id: client("max"),
+        keep: vec![TopicFilter::parse(keep).expect("valid")],
+    };
+    let mut ops = file_on(501, "f/x");
+    ops.extend(put_on(502, "k/1", &["max"]));
+    commit(store, ops).await;
+    assert_eq!(
+        commit(store, vec![discard("k/#")]).await.dropped_files,
+        [501]
+    );
+    assert_eq!(
+        seqs(store, "max", 0, 10).await.0,
+        [502],
+        "some topics unwanted"
+    );
+    assert!(
+        commit(store, vec![discard("z/#")])
+            .await
+            .dropped_files
+            .is_empty()
+    );
+    assert!(seqs(store, "max", 0, 10).await.0.is_empty(), "all unwanted");
+    commit(store, put_on(503, "k/2", &["max"])).await;
+    commit(store, vec![discard("#")]).await;
+    assert_eq!(seqs(store, "max", 0, 10).await.0, [503], "none unwanted");
+    let mut ops = Vec::new();
+    for i in 0..70 {
+        ops.extend(put_on(600 + i, &format!("m/{i}"), &["max"]));
+    }
+    ops.extend(put_on(700, "k/3", &["max"]));
+    ops.extend(file_on(701, "m/file"));
+    commit(store, ops).await;
+    store.purge(NOW, 1000).await.expect("purge"); // the SQLite store folds here
+    assert_eq!(
+        commit(store, vec![discard("k/#")]).await.dropped_files,
+        [701]
+    );
+    assert_eq!(
+        seqs(store, "max", 0, 100).await.0,
+        [503, 700],
+        "many topics unwanted"
+    );
+}
+
 /// Ops that drop a client's copies wholesale report the file copies among them, one
 /// entry per copy, so the core can let spool files go.
 async fn wholesale_drops_report_file_copies(store: &dyn Store) {
@@ -540,6 +596,7 @@ async fn memory_store() {
     backlog_across_commits(&MemoryStore::default()).await;
     discard_keeps_what_is_still_wanted(&MemoryStore::default()).await;
     wholesale_drops_report_file_copies(&MemoryStore::default()).await;
+    discard_by_topic_or_by_row(&MemoryStore::default()).await;
     assert_eq!(purge_in_steps(&MemoryStore::default()).await, 1);
 }
 
@@ -549,6 +606,7 @@ async fn sqlite_store_in_memory() {
     backlog_across_commits(&SqliteStore::open_in_memory().await.expect("open")).await;
     discard_keeps_what_is_still_wanted(&SqliteStore::open_in_memory().await.expect("open")).await;
     wholesale_drops_report_file_copies(&SqliteStore::open_in_memory().await.expect("open")).await;
+    discard_by_topic_or_by_row(&SqliteStore::open_in_memory().await.expect("open")).await;
     // Five expired messages and five expired replay-log rows, two of each per step.
     let store = SqliteStore::open_in_memory().await.expect("open");
     assert_eq!(purge_in_steps(&store).await, 3);
@@ -571,6 +629,34 @@ async fn sqlite_purge_in_steps_leaves_nothing_behind() {
         ),
         ("SELECT count(*) FROM messages", 1),
         ("SELECT count(*) FROM replay_log", 1),
+    ] {
+        let n: i64 = sqlx::query_scalar(sql)
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        assert_eq!(n, expected, "{sql}");
+    }
+}
+
+/// An unsubscribe's discards, by topic, by row or wholesale, take the message bodies
+/// only the dropped copies held, and leave no copy without its body.
+#[tokio::test]
+async fn sqlite_discards_leave_no_orphan_body() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fastport.db");
+    let store = SqliteStore::open(&path).await.expect("open");
+    discard_keeps_what_is_still_wanted(&store).await;
+    discard_by_topic_or_by_row(&store).await;
+    store.close().await;
+    let pool = raw_pool(&path).await;
+    for (sql, expected) in [
+        // leo's copy of 302, max's of 503 and 700.
+        ("SELECT count(*) FROM copies", 3),
+        ("SELECT count(*) FROM messages", 3),
+        (
+            "SELECT count(*) FROM copies WHERE seq NOT IN (SELECT seq FROM messages)",
+            0,
+        ),
     ] {
         let n: i64 = sqlx::query_scalar(sql)
             .fetch_one(&pool)
