@@ -38,6 +38,25 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
         .to_string())
 }
 
+/// A PHC string as [`hash_password`] makes, with the same cost, of no password: a
+/// random salt and random output (made without running argon2, so nothing to wait
+/// for). Checking a password against it takes as long as against a real hash, and
+/// never succeeds.
+fn decoy_hash() -> String {
+    let salt = SaltString::generate(&mut OsRng);
+    let output: [u8; 32] = rand::random();
+    let output = argon2::password_hash::Output::new(&output)
+        .map_or_else(|_| String::new(), |o| o.to_string());
+    format!(
+        "$argon2id$v=19$m={},t={},p={}${}${}",
+        argon2::Params::DEFAULT_M_COST,
+        argon2::Params::DEFAULT_T_COST,
+        argon2::Params::DEFAULT_P_COST,
+        salt.as_str(),
+        output
+    )
+}
+
 fn verify_password(password: &str, phc: &str) -> bool {
     PasswordHash::new(phc)
         .map(|hash| {
@@ -47,6 +66,10 @@ fn verify_password(password: &str, phc: &str) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A login's check: the keyed digest of its session and password, and whether the
+/// session exists (a check against the decoy answers no login to a real one).
+type CheckKey = ([u8; 32], bool);
 
 /// A password that passed argon2 once for the session's current hash.
 struct Verified {
@@ -60,16 +83,17 @@ pub struct Authenticator {
     /// Random per process, so cached digests are useless outside it.
     secret: [u8; 32],
     cache: Mutex<HashMap<SessionName, Verified>>,
-    /// Verifications under way, by digest: concurrent logins with the same password
-    /// (a reconnect storm) wait for one argon2 run instead of each starting one.
-    inflight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<bool>>>>,
+    /// Verifications under way, by digest and whether the session exists: concurrent
+    /// logins with the same password (a reconnect storm) wait for one argon2 run
+    /// instead of each starting one.
+    inflight: Mutex<HashMap<CheckKey, Arc<tokio::sync::OnceCell<bool>>>>,
     /// Failed logins allowed per client IP.
     failures: FailedLogins,
     /// Concurrent argon2 runs: one per core, so logins cannot starve the broker.
     slots: Semaphore,
-    /// The hash of a random password, checked for logins to sessions that do not
-    /// exist: they take as long as a wrong password does.
-    decoy: tokio::sync::OnceCell<String>,
+    /// Checked for logins to sessions that do not exist ([`decoy_hash`]): they take
+    /// as long as a wrong password does.
+    decoy: String,
     /// argon2 runs so far.
     #[cfg(test)]
     verifications: std::sync::atomic::AtomicUsize,
@@ -94,7 +118,7 @@ impl Authenticator {
             inflight: Mutex::new(HashMap::new()),
             failures: FailedLogins::new(budget),
             slots: Semaphore::new(cores),
-            decoy: tokio::sync::OnceCell::new(),
+            decoy: decoy_hash(),
             #[cfg(test)]
             verifications: Default::default(),
         }
@@ -154,7 +178,8 @@ impl Authenticator {
         // An unknown session is checked as a wrong password is, against a decoy hash:
         // the same answer, budget and time, so names cannot be enumerated by any.
         let known_hash = record.as_ref().map(|r| r.password_hash.clone());
-        let cell = shared(&self.inflight, digest);
+        let key = (digest, known_hash.is_some());
+        let cell = shared(&self.inflight, key);
         // Whether this login ran the check (and so counted its own failure).
         let checked = AtomicBool::new(false);
         let outcome = cell
@@ -174,10 +199,7 @@ impl Authenticator {
                 #[cfg(test)]
                 self.verifications
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let phc = match &known_hash {
-                    Some(hash) => hash.clone(),
-                    None => self.decoy().await?,
-                };
+                let phc = known_hash.clone().unwrap_or_else(|| self.decoy.clone());
                 let password = password.to_owned();
                 let verified =
                     tokio::task::spawn_blocking(move || verify_password(&password, &phc))
@@ -191,7 +213,7 @@ impl Authenticator {
             })
             .await
             .copied();
-        lock(&self.inflight).remove(&digest);
+        lock(&self.inflight).remove(&key);
         let record = match (outcome?, record) {
             (true, Some(record)) => record,
             _ => {
@@ -209,22 +231,6 @@ impl Authenticator {
             },
         );
         Self::admit(&record.settings)
-    }
-
-    /// The decoy hash, made on first use (in the caller's argon2 slot).
-    async fn decoy(&self) -> Result<String, Reject> {
-        let hash = self
-            .decoy
-            .get_or_try_init(|| async {
-                let password = format!("{:032x}", rand::random::<u128>());
-                tokio::task::spawn_blocking(move || hash_password(&password))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .ok_or(Reject::Internal("could not hash the password"))
-            })
-            .await?;
-        Ok(hash.clone())
     }
 
     fn admit(settings: &SessionSettings) -> Result<SessionSettings, Reject> {
@@ -472,11 +478,23 @@ mod tests {
             .verifications
             .load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(runs, 3, "one argon2 run each");
-        assert!(
-            auth.decoy
-                .get()
-                .is_some_and(|h| h.starts_with("$argon2id$"))
+    }
+
+    /// The decoy costs what a real hash does, and matches no password.
+    #[test]
+    fn the_decoy_hash_is_a_real_hash_s_twin() {
+        let real = hash_password("right").expect("hash");
+        let decoy = decoy_hash();
+        let (real, parsed) = (
+            PasswordHash::new(&real).expect("parses"),
+            PasswordHash::new(&decoy).expect("parses"),
         );
+        assert_eq!(parsed.algorithm, real.algorithm);
+        assert_eq!(parsed.version, real.version);
+        assert_eq!(parsed.params, real.params);
+        assert_eq!(parsed.hash.map(|h| h.len()), real.hash.map(|h| h.len()));
+        assert!(!verify_password("", &decoy));
+        assert!(!verify_password("right", &decoy));
     }
 
     #[tokio::test]
