@@ -49,6 +49,8 @@ const UNWRITTEN_RETRY: Duration = Duration::from_secs(1);
 /// Ops of failed commits kept for the next ([`Unwritten`]) at most. Past it, updates
 /// of single copies go first (lost, a copy is at worst delivered again).
 const MAX_UNWRITTEN: usize = 100_000;
+/// Bytes of spilled messages' bodies owed at most.
+const MAX_UNWRITTEN_BYTES: usize = 16 << 20;
 
 /// The wall clock in milliseconds since the Unix epoch.
 pub fn now_ms() -> Millis {
@@ -688,27 +690,69 @@ impl Unwritten {
                 op => op.holds_after_a_failed_commit(),
             })
             .collect();
-        let excess = self.ops.len().saturating_sub(MAX_UNWRITTEN);
-        if excess > 0 {
-            // The oldest acknowledgements and attempt counts go, no more of them than
-            // needed.
+        self.trim();
+        if !self.ops.is_empty() {
+            tracing::warn!(
+                ops = self.ops.len(),
+                "a commit failed: what the broker already let go of goes with the next"
+            );
+        }
+    }
+
+    /// Keeps what is owed within [`MAX_UNWRITTEN`] ops and [`MAX_UNWRITTEN_BYTES`] of
+    /// spilled messages, giving up the oldest of what costs least to lose: attempt
+    /// counts, then acknowledgements (their copies may be delivered again), and
+    /// spilled copies with their bodies (what a failed commit lost before these were
+    /// owed at all).
+    fn trim(&mut self) {
+        let mut bytes: usize = self
+            .ops
+            .iter()
+            .map(|op| match op {
+                StoreOp::PutMessage(m) => m.payload.len(),
+                _ => 0,
+            })
+            .sum();
+        if bytes > MAX_UNWRITTEN_BYTES {
+            let mut given_up = FastSet::default();
+            for op in &self.ops {
+                if bytes <= MAX_UNWRITTEN_BYTES {
+                    break;
+                }
+                if let StoreOp::PutMessage(m) = op
+                    && given_up.insert(m.seq)
+                {
+                    bytes -= m.payload.len();
+                }
+            }
+            self.ops.retain(|op| match op {
+                StoreOp::PutMessage(m) => !given_up.contains(&m.seq),
+                StoreOp::PutCopy { seq, .. } => !given_up.contains(seq),
+                _ => true,
+            });
+            tracing::error!(
+                messages = given_up.len(),
+                "the store keeps failing: copies spilled for slow connections are lost"
+            );
+        }
+        for cheapest in [
+            |op: &StoreOp| matches!(op, StoreOp::SetAttempts { .. }),
+            |op: &StoreOp| matches!(op, StoreOp::DeleteCopy { .. }),
+        ] {
+            let excess = self.ops.len().saturating_sub(MAX_UNWRITTEN);
+            if excess == 0 {
+                return;
+            }
             let mut dropped = 0;
             self.ops.retain(|op| {
-                let drop = dropped < excess
-                    && matches!(op, StoreOp::DeleteCopy { .. } | StoreOp::SetAttempts { .. });
+                let drop = dropped < excess && cheapest(op);
                 dropped += usize::from(drop);
                 !drop
             });
             tracing::error!(
                 dropped,
-                "the store keeps failing: acknowledgements it could not take are given up, \
-                 and their copies may be delivered again"
-            );
-        }
-        if !self.ops.is_empty() {
-            tracing::warn!(
-                ops = self.ops.len(),
-                "a commit failed: what the broker already let go of goes with the next"
+                "the store keeps failing: updates of copies it could not take are given up; \
+                 those copies may be delivered again"
             );
         }
     }
@@ -1150,6 +1194,39 @@ mod tests {
             _ => None,
         });
         assert_eq!(first_ack, Some(3), "the two oldest acks went");
+    }
+
+    /// Spilled bodies owed are bounded in bytes: the oldest spilled copies go, with
+    /// their bodies.
+    #[test]
+    fn spilled_bodies_owed_are_bounded() {
+        let spilled = |seq: u64| {
+            let mut ops = stored(seq, FAR);
+            if let StoreOp::PutMessage(m) = &mut ops[0] {
+                Arc::make_mut(m).payload = bytes::Bytes::from(vec![0; 10 << 20]);
+            }
+            if let StoreOp::PutCopy { ephemeral, .. } = &mut ops[1] {
+                *ephemeral = true;
+            }
+            ops
+        };
+        let mut unwritten = Unwritten::default();
+        let mut ops = spilled(1);
+        ops.extend(spilled(2));
+        ops.push(ack(1));
+        unwritten.failed(vec![StoreBatch { id: 3, ops }]);
+        assert!(
+            matches!(
+                &unwritten.ops[..],
+                [
+                    StoreOp::PutMessage(m),
+                    StoreOp::PutCopy { seq: 2, .. },
+                    StoreOp::DeleteCopy { seq: 1, .. },
+                ] if m.seq == 2
+            ),
+            "{:?}",
+            unwritten.ops.len()
+        );
     }
 
     /// A backlog page is not read while the store cannot take what a failed commit

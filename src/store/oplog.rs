@@ -175,6 +175,12 @@ impl OpLog {
         let Some(file) = &self.file else {
             return Ok(());
         };
+        // A longer one would read back as torn, and be cut off with every record after.
+        if record.len().saturating_sub(FRAME) > MAX_BODY {
+            return Err(StoreError::Io(std::io::Error::other(
+                "a commit of more than 1 GiB cannot be journalled",
+            )));
+        }
         let start = self.len;
         let len = record.len() as u64;
         if record.len() <= INLINE_RECORD {

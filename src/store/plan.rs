@@ -100,12 +100,10 @@ impl Net {
                     btree_map::Entry::Occupied(mut copy) => {
                         copy.get_mut().ephemeral &= *ephemeral;
                     }
+                    // (If it was acknowledged earlier in this net, and is queued again by
+                    // a history replay that spilled, the stored row stays in `deletes`:
+                    // writes delete before they insert, so the copy is a new one.)
                     btree_map::Entry::Vacant(slot) => {
-                        // Acknowledged earlier in this net and queued again (a history
-                        // replay, spilled): a copy is wanted after all. The stored row
-                        // stays (the inserts go before the deletes, and would be
-                        // undone), with its attempts so far.
-                        sub.deletes.remove(seq);
                         slot.insert(NewCopy {
                             ephemeral: *ephemeral,
                             attempts: 0,
@@ -378,20 +376,30 @@ mod tests {
         assert!(net.messages().next().is_none());
     }
 
+    /// A stored copy acknowledged, then queued again (a history replay that spilled):
+    /// the stored row is deleted and a new copy inserted; acknowledged once more, the
+    /// new one cancels out and the stored row is still deleted.
     #[test]
-    fn a_copy_queued_again_after_its_ack_is_not_deleted() {
+    fn a_copy_queued_again_after_its_ack_replaces_the_stored_one() {
         let spilled = StoreOp::PutCopy {
             session: s(),
             client_id: c("a"),
             seq: 7,
             ephemeral: true,
         };
-        let net = net_of(&[del(7, "a"), StoreOp::PutMessage(msg(7)), spilled]);
+        let mut net = net_of(&[del(7, "a"), StoreOp::PutMessage(msg(7)), spilled]);
         let sub = net.subscriber(&s(), &c("a")).expect("a's ops");
-        assert!(!sub.deletes_copy(7), "the stored copy stays");
-        assert_eq!(net.deletes().count(), 0);
-        let queued: Vec<u64> = sub.queued_after(0).map(|(seq, _)| seq).collect();
-        assert_eq!(queued, [7]);
+        assert!(sub.deletes_copy(7), "the stored copy goes");
+        let queued: Vec<(u64, NewCopy)> = sub.queued_after(0).map(|(seq, c)| (seq, *c)).collect();
+        let fresh = NewCopy {
+            ephemeral: true,
+            attempts: 0,
+        };
+        assert_eq!(queued, [(7, fresh)], "a new one is written");
+        net.apply(&del(7, "a"));
+        let sub = net.subscriber(&s(), &c("a")).expect("a's ops");
+        assert!(sub.deletes_copy(7), "acknowledged again: nothing stays");
+        assert_eq!(sub.queued_after(0).count(), 0);
     }
 
     #[test]

@@ -319,6 +319,21 @@ impl SqliteStore {
             });
             q.build().execute(&mut **tx).await?;
         }
+        // Deletes first: a copy acknowledged and queued again within the net (a history
+        // replay that spilled) is deleted, then inserted anew.
+        let deletes: Vec<_> = net.deletes().collect();
+        for chunk in statement_chunks(&deletes, ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "DELETE FROM copies WHERE (session, client_id, seq) IN (",
+            );
+            q.push_values(chunk, |mut b, ((session, client_id), seq)| {
+                b.push_bind(session.as_str())
+                    .push_bind(client_id.as_str())
+                    .push_bind(*seq as i64);
+            });
+            q.push(")");
+            q.build().execute(&mut **tx).await?;
+        }
         let copies: Vec<_> = net.copies().collect();
         for chunk in statement_chunks(&copies, ROWS_PER_STATEMENT) {
             let mut q = QueryBuilder::<Sqlite>::new(
@@ -343,19 +358,6 @@ impl SqliteStore {
             .bind(seq as i64)
             .execute(&mut **tx)
             .await?;
-        }
-        let deletes: Vec<_> = net.deletes().collect();
-        for chunk in statement_chunks(&deletes, ROWS_PER_STATEMENT) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "DELETE FROM copies WHERE (session, client_id, seq) IN (",
-            );
-            q.push_values(chunk, |mut b, ((session, client_id), seq)| {
-                b.push_bind(session.as_str())
-                    .push_bind(client_id.as_str())
-                    .push_bind(*seq as i64);
-            });
-            q.push(")");
-            q.build().execute(&mut **tx).await?;
         }
         Self::drop_orphans(tx, &net.orphans()).await
     }

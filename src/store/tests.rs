@@ -508,6 +508,51 @@ async fn discard_by_topic_or_by_row(store: &dyn Store) {
     );
 }
 
+/// A stored copy acknowledged and then queued again as a spilled one (a history
+/// replay) is a new, ephemeral copy: it is read back, and goes with the connection;
+/// acknowledged once more in between, nothing stays. Before and after a fold.
+async fn a_copy_queued_again_after_its_ack_is_a_new_one(store: &dyn Store) {
+    let ack = |seq| StoreOp::DeleteCopy {
+        session: session(),
+        client_id: client("ivy"),
+        seq,
+    };
+    let spill = |seq| {
+        let mut ops = put_on(seq, "h", &[]);
+        ops.push(StoreOp::PutCopy {
+            session: session(),
+            client_id: client("ivy"),
+            seq,
+            ephemeral: true,
+        });
+        ops
+    };
+    let mut ops = put_on(801, "h", &["ivy"]);
+    ops.extend(put_on(802, "h", &["ivy"]));
+    commit(store, ops).await;
+    store.purge(NOW, 100).await.expect("purge"); // the SQLite store folds here
+    let mut ops = vec![ack(801)];
+    ops.extend(spill(801));
+    ops.push(ack(802));
+    ops.extend(spill(802));
+    ops.push(ack(802));
+    commit(store, ops).await;
+    assert_eq!(seqs(store, "ivy", 0, 10).await.0, [801]);
+    store.purge(NOW, 100).await.expect("purge");
+    let (rows, _) = store
+        .backlog(&request("ivy", 0, 10), NOW)
+        .await
+        .expect("backlog");
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].ephemeral && rows[0].attempts == 0, "a new copy");
+    let gone = StoreOp::DeleteEphemeral {
+        session: session(),
+        client_id: client("ivy"),
+    };
+    commit(store, vec![gone]).await;
+    assert!(seqs(store, "ivy", 0, 10).await.0.is_empty());
+}
+
 /// Ops that drop a client's copies wholesale report the file copies among them, one
 /// entry per copy, so the core can let spool files go.
 async fn wholesale_drops_report_file_copies(store: &dyn Store) {
@@ -597,6 +642,7 @@ async fn memory_store() {
     discard_keeps_what_is_still_wanted(&MemoryStore::default()).await;
     wholesale_drops_report_file_copies(&MemoryStore::default()).await;
     discard_by_topic_or_by_row(&MemoryStore::default()).await;
+    a_copy_queued_again_after_its_ack_is_a_new_one(&MemoryStore::default()).await;
     assert_eq!(purge_in_steps(&MemoryStore::default()).await, 1);
 }
 
@@ -607,6 +653,10 @@ async fn sqlite_store_in_memory() {
     discard_keeps_what_is_still_wanted(&SqliteStore::open_in_memory().await.expect("open")).await;
     wholesale_drops_report_file_copies(&SqliteStore::open_in_memory().await.expect("open")).await;
     discard_by_topic_or_by_row(&SqliteStore::open_in_memory().await.expect("open")).await;
+    a_copy_queued_again_after_its_ack_is_a_new_one(
+        &SqliteStore::open_in_memory().await.expect("open"),
+    )
+    .await;
     // Five expired messages and five expired replay-log rows, two of each per step.
     let store = SqliteStore::open_in_memory().await.expect("open");
     assert_eq!(purge_in_steps(&store).await, 3);
