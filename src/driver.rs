@@ -705,14 +705,16 @@ impl Unwritten {
     /// spilled copies with their bodies (what a failed commit lost before these were
     /// owed at all).
     fn trim(&mut self) {
-        let mut bytes: usize = self
-            .ops
-            .iter()
-            .map(|op| match op {
-                StoreOp::PutMessage(m) => m.payload.len(),
-                _ => 0,
-            })
-            .sum();
+        // A message spilled for several connections is owed (and counted) once.
+        let mut counted = FastSet::default();
+        let mut bytes: usize = 0;
+        for op in &self.ops {
+            if let StoreOp::PutMessage(m) = op
+                && counted.insert(m.seq)
+            {
+                bytes += m.payload.len();
+            }
+        }
         if bytes > MAX_UNWRITTEN_BYTES {
             let mut given_up = FastSet::default();
             for op in &self.ops {
@@ -749,6 +751,9 @@ impl Unwritten {
                 dropped += usize::from(drop);
                 !drop
             });
+            if dropped == 0 {
+                continue;
+            }
             tracing::error!(
                 dropped,
                 "the store keeps failing: updates of copies it could not take are given up; \
@@ -1211,6 +1216,11 @@ mod tests {
             ops
         };
         let mut unwritten = Unwritten::default();
+        // Message 1 spilled for two connections is 10 MiB, not 20.
+        let mut ops = spilled(1);
+        ops.extend(spilled(1));
+        unwritten.failed(vec![StoreBatch { id: 2, ops }]);
+        assert_eq!(unwritten.ops.len(), 4, "nothing given up");
         let mut ops = spilled(1);
         ops.extend(spilled(2));
         ops.push(ack(1));
