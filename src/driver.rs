@@ -650,9 +650,9 @@ impl Driver {
 /// ([`StoreOp::holds_after_a_failed_commit`]: an acknowledged copy, an unsubscribed
 /// filter, a cleaned client, a copy spilled for a slow connection), and a store that
 /// never got them would bring back at a restart what the core has dropped, or lose
-/// the spilled copy. They go first in the next commit, which keeps
-/// them in order with everything the core did since, or on their own after
-/// [`UNWRITTEN_RETRY`] if no commit comes.
+/// the spilled copy. They go first in the next commit, which keeps them in order
+/// with everything the core did since; on their own after [`UNWRITTEN_RETRY`] if no
+/// commit comes, and before any backlog page is read.
 #[derive(Debug, Default)]
 struct Unwritten {
     ops: Vec<StoreOp>,
