@@ -1239,10 +1239,14 @@ mod tests {
         );
     }
 
-    /// A backlog page is not read while the store cannot take what a failed commit
-    /// owes: it is refused for now (the driver asks again).
-    #[tokio::test]
-    async fn a_backlog_read_is_refused_while_a_failed_commit_is_owed() {
+    /// Kim's queue (see [`kim_with_a_queue`]) on SQLite, with the ack of message 1 in
+    /// a commit that failed: owed, and the store still failing.
+    async fn kims_ack_owed() -> (
+        Arc<Failing<SqliteStore>>,
+        mpsc::Sender<StoreJob>,
+        mpsc::UnboundedReceiver<StoreDone>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let store = Failing::new(SqliteStore::open_in_memory().await.expect("open"));
         let (jobs, mut done, worker) = kim_with_a_queue(&store).await;
         store.fail(true);
@@ -1253,6 +1257,14 @@ mod tests {
         .await
         .expect("queued");
         assert!(matches!(done.recv().await, Some(StoreDone::Failed(2))));
+        (store, jobs, done, worker)
+    }
+
+    /// A backlog page is not read while the store cannot take what a failed commit
+    /// owes: it is refused for now (the driver asks again).
+    #[tokio::test]
+    async fn a_backlog_read_is_refused_while_a_failed_commit_is_owed() {
+        let (_store, jobs, mut done, worker) = kims_ack_owed().await;
         jobs.send(StoreJob::Load(kims_backlog()))
             .await
             .expect("queued");
@@ -1265,16 +1277,7 @@ mod tests {
     /// acknowledged copy.
     #[tokio::test]
     async fn a_backlog_read_waits_for_what_a_failed_commit_owes() {
-        let store = Failing::new(SqliteStore::open_in_memory().await.expect("open"));
-        let (jobs, mut done, worker) = kim_with_a_queue(&store).await;
-        store.fail(true);
-        jobs.send(StoreJob::Commit(StoreBatch {
-            id: 2,
-            ops: vec![ack(1)],
-        }))
-        .await
-        .expect("queued");
-        assert!(matches!(done.recv().await, Some(StoreDone::Failed(2))));
+        let (store, jobs, mut done, worker) = kims_ack_owed().await;
         store.fail(false);
         jobs.send(StoreJob::Load(kims_backlog()))
             .await

@@ -370,10 +370,7 @@ impl SqliteStore {
     ) -> Result<(), sqlx::Error> {
         for chunk in statement_chunks(seqs, ROWS_PER_STATEMENT) {
             let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM messages WHERE seq IN (");
-            let mut list = q.separated(", ");
-            for seq in chunk {
-                list.push_bind(*seq as i64);
-            }
+            push_list(&mut q, chunk.iter().map(|seq| *seq as i64));
             q.push(") AND NOT EXISTS (SELECT 1 FROM copies c WHERE c.seq = messages.seq)");
             q.build().execute(&mut **tx).await?;
         }
@@ -478,10 +475,7 @@ impl SqliteStore {
             .push(" AND c.client_id = ")
             .push_bind(client_id.as_str())
             .push(" AND m.topic IN (");
-            let mut list = q.separated(", ");
-            for topic in topics {
-                list.push_bind(topic.as_str());
-            }
+            push_list(q, topics.iter().map(String::as_str));
             q.push(")");
         }
         let mut files = QueryBuilder::<Sqlite>::new("");
@@ -517,10 +511,7 @@ impl SqliteStore {
             .push(" AND c.client_id = ")
             .push_bind(client_id.as_str())
             .push(" AND (m.seq IS NULL OR m.topic IN (");
-        let mut list = copies.separated(", ");
-        for topic in topics {
-            list.push_bind(topic.as_str());
-        }
+        push_list(&mut copies, topics.iter().map(String::as_str));
         copies.push(")))");
         copies.build().execute(&mut **tx).await?;
         Ok(())
@@ -558,14 +549,22 @@ impl SqliteStore {
                 .push(" AND client_id = ")
                 .push_bind(client_id.as_str())
                 .push(" AND seq IN (");
-            let mut list = q.separated(", ");
-            for seq in chunk {
-                list.push_bind(*seq as i64);
-            }
+            push_list(&mut q, chunk.iter().map(|seq| *seq as i64));
             q.push(")");
             q.build().execute(&mut **tx).await?;
         }
         Self::drop_orphans(tx, &unwanted).await
+    }
+}
+
+/// Binds `values` into `q` as a comma-separated list (the inside of an `IN (…)`).
+fn push_list<'a, T>(q: &mut QueryBuilder<'a, Sqlite>, values: impl IntoIterator<Item = T>)
+where
+    T: 'a + sqlx::Encode<'a, Sqlite> + sqlx::Type<Sqlite>,
+{
+    let mut list = q.separated(", ");
+    for value in values {
+        list.push_bind(value);
     }
 }
 
