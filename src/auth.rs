@@ -97,6 +97,9 @@ pub struct Authenticator {
     /// argon2 runs so far.
     #[cfg(test)]
     verifications: std::sync::atomic::AtomicUsize,
+    /// Store lookups of a session so far.
+    #[cfg(test)]
+    lookups: std::sync::atomic::AtomicUsize,
 }
 
 impl Authenticator {
@@ -121,6 +124,8 @@ impl Authenticator {
             decoy: decoy_hash(),
             #[cfg(test)]
             verifications: Default::default(),
+            #[cfg(test)]
+            lookups: Default::default(),
         }
     }
 
@@ -158,18 +163,22 @@ impl Authenticator {
         password: &str,
     ) -> Result<SessionSettings, Reject> {
         let peer = budget_key(peer);
+        let digest = self.digest(session, password);
+        // A blocked address's guesses cost the store nothing: only a login the cache
+        // may admit (a password verified before) goes on to the lookup.
+        if self.failures.is_blocked(peer) && !self.verified_before(session, &digest, None) {
+            return Err(LIMITED);
+        }
+        #[cfg(test)]
+        self.lookups.fetch_add(1, Ordering::Relaxed);
         let record = self.store.session(session).await.map_err(|e| {
             tracing::error!(error = %e, "session lookup failed");
             Reject::Internal("session lookup failed")
         })?;
-        let digest = self.digest(session, password);
-        if let Some(record) = &record {
-            let cached = lock(&self.cache).get(session).is_some_and(|v| {
-                v.password_hash == record.password_hash && bool::from(v.digest.ct_eq(&digest))
-            });
-            if cached {
-                return Self::admit(&record.settings);
-            }
+        if let Some(record) = &record
+            && self.verified_before(session, &digest, Some(&record.password_hash))
+        {
+            return Self::admit(&record.settings);
         }
 
         if self.failures.is_blocked(peer) {
@@ -231,6 +240,19 @@ impl Authenticator {
             },
         );
         Self::admit(&record.settings)
+    }
+
+    /// Whether `digest` is the one last verified for `session`, and against `hash`
+    /// when it is given (a password changed since is verified again).
+    fn verified_before(
+        &self,
+        session: &SessionName,
+        digest: &[u8; 32],
+        hash: Option<&str>,
+    ) -> bool {
+        lock(&self.cache).get(session).is_some_and(|v| {
+            hash.is_none_or(|h| v.password_hash == h) && bool::from(v.digest.ct_eq(digest))
+        })
     }
 
     fn admit(settings: &SessionSettings) -> Result<SessionSettings, Reject> {
@@ -618,6 +640,7 @@ mod tests {
         let runs = auth
             .verifications
             .load(std::sync::atomic::Ordering::Relaxed);
+        let lookups = auth.lookups.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(auth.authenticate(IP, &name, "guess").await, Err(LIMITED));
         assert_eq!(auth.authenticate(IP, &unknown, "x").await, Err(LIMITED));
         assert_eq!(
@@ -625,6 +648,11 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             runs,
             "refused before any check"
+        );
+        assert_eq!(
+            auth.lookups.load(std::sync::atomic::Ordering::Relaxed),
+            lookups,
+            "refused before the store is asked"
         );
         assert!(
             auth.authenticate(IP, &name, "right").await.is_ok(),
