@@ -44,9 +44,11 @@ pub struct Net {
 pub struct SubscriberNet {
     /// Copies queued here and still queued.
     copies: BTreeMap<u64, NewCopy>,
-    /// New attempt counts of copies queued before this net.
+    /// New attempt counts of copies queued before this net (or perhaps shadowed by a
+    /// spill in it).
     attempts: BTreeMap<u64, u32>,
-    /// Copies queued before this net and acknowledged (or dropped) in it.
+    /// Copies queued before this net (or perhaps shadowed by a spill in it) and
+    /// acknowledged (or dropped) in it.
     deletes: BTreeSet<u64>,
 }
 
@@ -122,7 +124,14 @@ impl Net {
             } => {
                 let sub = self.subscriber_mut(session, client_id);
                 match sub.copies.get_mut(seq) {
-                    Some(copy) => copy.attempts = *attempts,
+                    Some(copy) => {
+                        copy.attempts = *attempts;
+                        if copy.ephemeral {
+                            // A spill may shadow a stored copy (see `DeleteCopy`), which
+                            // its insert leaves as it is: the count goes to both.
+                            sub.attempts.insert(*seq, *attempts);
+                        }
+                    }
                     None => {
                         sub.attempts.insert(*seq, *attempts);
                     }
@@ -134,8 +143,16 @@ impl Net {
                 seq,
             } => {
                 let sub = self.subscriber_mut(session, client_id);
-                if sub.copies.remove(seq).is_some() {
-                    // Queued and acknowledged here: neither write happens.
+                if let Some(copy) = sub.copies.remove(seq) {
+                    // Queued and acknowledged here: the insert does not happen. A
+                    // spilled copy may shadow one stored before (a history replay of a
+                    // message the client's durable backlog holds), which the ack must
+                    // reach too. Spills are the slow path; a durable copy queued here
+                    // is a new message's, with nothing stored to delete.
+                    if copy.ephemeral {
+                        sub.attempts.remove(seq);
+                        sub.deletes.insert(*seq);
+                    }
                     if let Entry::Occupied(mut body) = self.bodies.entry(*seq) {
                         body.get_mut().1 -= 1;
                         if body.get().1 == 0 {

@@ -1063,8 +1063,12 @@ impl Store for SqliteStore {
             writer.fold().await?;
             return backlog_rows(&mut writer.conn, request, now, limit, None).await;
         }
-        let (rows, exhausted) = backlog_rows(&mut writer.conn, request, now, limit, sub).await?;
-        page.extend(rows);
+        let (mut rows, exhausted) =
+            backlog_rows(&mut writer.conn, request, now, limit, sub).await?;
+        // A stored copy comes first and stays where a spill in the journal shadows it
+        // (a history replay): the spill's insert will leave the stored row as it is.
+        rows.append(&mut page);
+        let mut page = rows;
         page.sort_by_key(|c| c.message.seq);
         page.dedup_by_key(|c| c.message.seq);
         if page.len() > limit {

@@ -508,34 +508,39 @@ async fn discard_by_topic_or_by_row(store: &dyn Store) {
     );
 }
 
+fn ack(client_id: &str, seq: u64) -> StoreOp {
+    StoreOp::DeleteCopy {
+        session: session(),
+        client_id: client(client_id),
+        seq,
+    }
+}
+
+/// Message `seq` on topic `h` with a copy spilled for `client_id`'s connection.
+fn spill(client_id: &str, seq: u64) -> Vec<StoreOp> {
+    let mut ops = put_on(seq, "h", &[]);
+    ops.push(StoreOp::PutCopy {
+        session: session(),
+        client_id: client(client_id),
+        seq,
+        ephemeral: true,
+    });
+    ops
+}
+
 /// A stored copy acknowledged and then queued again as a spilled one (a history
 /// replay) is a new, ephemeral copy: it is read back, and goes with the connection;
 /// acknowledged once more in between, nothing stays. Before and after a fold.
 async fn a_copy_queued_again_after_its_ack_is_a_new_one(store: &dyn Store) {
-    let ack = |seq| StoreOp::DeleteCopy {
-        session: session(),
-        client_id: client("ivy"),
-        seq,
-    };
-    let spill = |seq| {
-        let mut ops = put_on(seq, "h", &[]);
-        ops.push(StoreOp::PutCopy {
-            session: session(),
-            client_id: client("ivy"),
-            seq,
-            ephemeral: true,
-        });
-        ops
-    };
     let mut ops = put_on(801, "h", &["ivy"]);
     ops.extend(put_on(802, "h", &["ivy"]));
     commit(store, ops).await;
     store.purge(NOW, 100).await.expect("purge"); // the SQLite store folds here
-    let mut ops = vec![ack(801)];
-    ops.extend(spill(801));
-    ops.push(ack(802));
-    ops.extend(spill(802));
-    ops.push(ack(802));
+    let mut ops = vec![ack("ivy", 801)];
+    ops.extend(spill("ivy", 801));
+    ops.push(ack("ivy", 802));
+    ops.extend(spill("ivy", 802));
+    ops.push(ack("ivy", 802));
     commit(store, ops).await;
     assert_eq!(seqs(store, "ivy", 0, 10).await.0, [801]);
     store.purge(NOW, 100).await.expect("purge");
@@ -551,6 +556,39 @@ async fn a_copy_queued_again_after_its_ack_is_a_new_one(store: &dyn Store) {
     };
     commit(store, vec![gone]).await;
     assert!(seqs(store, "ivy", 0, 10).await.0.is_empty());
+}
+
+/// A copy spilled while the client's stored copy of the same message is still queued
+/// (a history replay) stands for that copy: acknowledged in the same commit, the
+/// stored copy goes, and an attempt count set meanwhile is kept on it, which stays
+/// durable. Before and after a fold.
+async fn a_spill_over_a_stored_copy_reaches_it(store: &dyn Store) {
+    let mut ops = put_on(901, "h", &["jay"]);
+    ops.extend(put_on(902, "h", &["jay"]));
+    commit(store, ops).await;
+    store.purge(NOW, 100).await.expect("purge"); // the SQLite store folds here
+    let mut ops = spill("jay", 901);
+    ops.push(ack("jay", 901));
+    ops.extend(spill("jay", 902));
+    ops.push(StoreOp::SetAttempts {
+        session: session(),
+        client_id: client("jay"),
+        seq: 902,
+        attempts: 4,
+    });
+    commit(store, ops).await;
+    for when in ["before the fold", "after it"] {
+        let (rows, _) = store
+            .backlog(&request("jay", 0, 10), NOW)
+            .await
+            .expect("backlog");
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|r| (r.message.seq, r.attempts, r.ephemeral))
+            .collect();
+        assert_eq!(rows, [(902, 4, false)], "{when}");
+        store.purge(NOW, 100).await.expect("purge");
+    }
 }
 
 /// Ops that drop a client's copies wholesale report the file copies among them, one
@@ -643,6 +681,7 @@ async fn memory_store() {
     wholesale_drops_report_file_copies(&MemoryStore::default()).await;
     discard_by_topic_or_by_row(&MemoryStore::default()).await;
     a_copy_queued_again_after_its_ack_is_a_new_one(&MemoryStore::default()).await;
+    a_spill_over_a_stored_copy_reaches_it(&MemoryStore::default()).await;
     assert_eq!(purge_in_steps(&MemoryStore::default()).await, 1);
 }
 
@@ -657,6 +696,8 @@ async fn sqlite_store_in_memory() {
         &SqliteStore::open_in_memory().await.expect("open"),
     )
     .await;
+    a_spill_over_a_stored_copy_reaches_it(&SqliteStore::open_in_memory().await.expect("open"))
+        .await;
     // Five expired messages and five expired replay-log rows, two of each per step.
     let store = SqliteStore::open_in_memory().await.expect("open");
     assert_eq!(purge_in_steps(&store).await, 3);
@@ -688,8 +729,9 @@ async fn sqlite_purge_in_steps_leaves_nothing_behind() {
     }
 }
 
-/// An unsubscribe's discards, by topic, by row or wholesale, take the message bodies
-/// only the dropped copies held, and leave no copy without its body.
+/// An unsubscribe's discards, by topic, by row or wholesale, and an ack that reaches
+/// a stored copy through a spill, take the message bodies only the dropped copies
+/// held, and leave no copy without its body.
 #[tokio::test]
 async fn sqlite_discards_leave_no_orphan_body() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -697,12 +739,13 @@ async fn sqlite_discards_leave_no_orphan_body() {
     let store = SqliteStore::open(&path).await.expect("open");
     discard_keeps_what_is_still_wanted(&store).await;
     discard_by_topic_or_by_row(&store).await;
+    a_spill_over_a_stored_copy_reaches_it(&store).await;
     store.close().await;
     let pool = raw_pool(&path).await;
     for (sql, expected) in [
-        // leo's copy of 302, max's of 503 and 700.
-        ("SELECT count(*) FROM copies", 3),
-        ("SELECT count(*) FROM messages", 3),
+        // leo's copy of 302, max's of 503 and 700, jay's of 902.
+        ("SELECT count(*) FROM copies", 4),
+        ("SELECT count(*) FROM messages", 4),
         (
             "SELECT count(*) FROM copies WHERE seq NOT IN (SELECT seq FROM messages)",
             0,
