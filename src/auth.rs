@@ -165,8 +165,11 @@ impl Authenticator {
         let peer = budget_key(peer);
         let digest = self.digest(session, password);
         // A blocked address's guesses cost the store nothing: only a login the cache
-        // may admit (a password verified before) goes on to the lookup.
-        if self.failures.is_blocked(peer) && !self.verified_before(session, &digest, None) {
+        // may admit (a password verified before) goes on to the lookup, and only as
+        // often as its budget would allow guesses.
+        if self.failures.is_blocked(peer)
+            && !(self.failures.may_ask_cache(peer) && self.verified_before(session, &digest, None))
+        {
             return Err(LIMITED);
         }
         #[cfg(test)]
@@ -309,6 +312,10 @@ struct FailedLogins {
         DefaultClock,
         StateInformationMiddleware,
     >,
+    /// Logins checked against the cache while their address is blocked. The cache
+    /// admits a blocked address's right passwords (clients behind its NAT), but were
+    /// these checks free, it would answer that address's guesses at any rate.
+    blocked_checks: governor::DefaultKeyedRateLimiter<IpAddr>,
     /// Addresses whose budget is spent, and until when.
     blocked: Mutex<HashMap<IpAddr, Instant>>,
     /// How long one failure's worth of budget takes to come back.
@@ -344,6 +351,7 @@ impl FailedLogins {
     fn new(quota: Quota) -> Self {
         Self {
             budget: RateLimiter::keyed(quota).with_middleware(),
+            blocked_checks: RateLimiter::keyed(quota),
             blocked: Mutex::new(HashMap::new()),
             refill: quota.replenish_interval(),
             turns: Mutex::new(HashMap::new()),
@@ -370,6 +378,15 @@ impl FailedLogins {
             }
             None => false,
         }
+    }
+
+    /// Whether blocked `peer` may have one more login checked against the cache: as
+    /// many as its budget allows failures, right or wrong.
+    fn may_ask_cache(&self, peer: IpAddr) -> bool {
+        if self.blocked_checks.len() > Self::SWEEP_AT {
+            self.blocked_checks.retain_recent();
+        }
+        self.blocked_checks.check_key(&peer).is_ok()
     }
 
     /// A login from `peer` failed.
@@ -616,6 +633,39 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             4
         );
+    }
+
+    /// A blocked address may still log in with a cached password, but cannot test
+    /// guesses against the cache faster than its budget allows failures.
+    #[tokio::test]
+    async fn a_blocked_address_cannot_guess_against_the_cache() {
+        let (auth, name) = setup().await;
+        auth.authenticate(IP, &name, "right")
+            .await
+            .expect("first login");
+        for guess in 0..5 {
+            assert_eq!(
+                auth.authenticate(IP, &name, &format!("guess {guess}"))
+                    .await,
+                Err(Reject::BadCredentials)
+            );
+        }
+        // Blocked. Budget: 5 an hour, so five more asks of the cache.
+        assert!(auth.authenticate(IP, &name, "right").await.is_ok());
+        for guess in 0..4 {
+            assert_eq!(
+                auth.authenticate(IP, &name, &format!("again {guess}"))
+                    .await,
+                Err(LIMITED)
+            );
+        }
+        assert_eq!(
+            auth.authenticate(IP, &name, "right").await,
+            Err(LIMITED),
+            "the right password too, once the asks are spent"
+        );
+        let other: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert!(auth.authenticate(other, &name, "right").await.is_ok());
     }
 
     #[tokio::test]
