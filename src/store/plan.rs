@@ -126,9 +126,10 @@ impl Net {
                 match sub.copies.get_mut(seq) {
                     Some(copy) => {
                         copy.attempts = *attempts;
-                        if copy.ephemeral {
-                            // A spill may shadow a stored copy (see `DeleteCopy`), which
-                            // its insert leaves as it is: the count goes to both.
+                        // A spill may shadow a stored copy (see `DeleteCopy`), which its
+                        // insert leaves as it is: the count goes to both, and stays the
+                        // latest there.
+                        if copy.ephemeral || sub.attempts.contains_key(seq) {
                             sub.attempts.insert(*seq, *attempts);
                         }
                     }
