@@ -420,6 +420,33 @@ mod tests {
         assert_eq!(sub.queued_after(0).count(), 0);
     }
 
+    /// A spill's attempt counts reach the stored row it may shadow, the latest last,
+    /// also once a durable put of the same copy has made the queued copy durable.
+    #[test]
+    fn a_spills_attempts_reach_the_row_it_may_shadow() {
+        let spilled = StoreOp::PutCopy {
+            session: s(),
+            client_id: c("a"),
+            seq: 5,
+            ephemeral: true,
+        };
+        let net = net_of(&[
+            StoreOp::PutMessage(msg(5)),
+            spilled,
+            attempts(5, "a", 2),
+            put(5, "a"),
+            attempts(5, "a", 3),
+        ]);
+        let updates: Vec<(u64, u32)> = net.attempts().map(|(_, seq, n)| (seq, n)).collect();
+        assert_eq!(updates, [(5, 3)]);
+        let copies: Vec<(u64, NewCopy)> = net.copies().map(|(_, seq, c)| (seq, *c)).collect();
+        let durable = NewCopy {
+            ephemeral: false,
+            attempts: 3,
+        };
+        assert_eq!(copies, [(5, durable)]);
+    }
+
     #[test]
     fn attempts_fold_into_the_insert_and_deletes_cancel_updates() {
         let net = net_of(&[
