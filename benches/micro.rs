@@ -339,6 +339,7 @@ fn store_benches(c: &mut Criterion) {
                 client_id: client.clone(),
                 seq,
                 ephemeral: false,
+                replayed: false,
             });
         }
         StoreBatch { id: seq, ops }
@@ -385,6 +386,7 @@ fn store_benches(c: &mut Criterion) {
                             client_id: discarding.clone(),
                             seq,
                             ephemeral: false,
+                            replayed: false,
                         });
                     }
                     let queue = StoreBatch { id: seq, ops };

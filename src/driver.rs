@@ -1312,6 +1312,7 @@ mod tests {
                 client_id: ClientId::parse("kim").expect("valid"),
                 seq,
                 ephemeral: false,
+                replayed: false,
             },
         ]
     }

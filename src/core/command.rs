@@ -297,6 +297,9 @@ pub enum StoreOp {
         client_id: ClientId,
         seq: u64,
         ephemeral: bool,
+        /// A history replay's copy (spilled): the client may hold a stored copy of the
+        /// same message, which this one then stands for (see `store::plan::Net`).
+        replayed: bool,
     },
     /// A copy was acknowledged, expired or given up on.
     DeleteCopy {

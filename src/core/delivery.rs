@@ -229,6 +229,8 @@ impl Subscriber {
                 client_id: self.client_id.clone(),
                 seq: copy.message.seq,
                 ephemeral: true,
+                // Not persisted and not its publish's: a history replay's.
+                replayed: !copy.counted,
             });
             copy.persisted = true;
             self.ephemeral_spilled = true;

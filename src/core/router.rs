@@ -126,6 +126,7 @@ pub(super) fn fan_out(
                 client_id: client,
                 seq: message.seq,
                 ephemeral: false,
+                replayed: false,
             });
             durable_copies += 1;
         }

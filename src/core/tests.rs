@@ -406,6 +406,42 @@ fn puback_is_delivered_when_every_subscriber_acked_before_the_commit() {
     assert!(p.core.fx.unacked.is_empty(), "no count outlives its answer");
 }
 
+/// A history replay's copies that spill are marked as such for the store: the client
+/// may hold a stored copy of the same message, which the spill then stands for
+/// (`store::plan::Net`). A slow connection's live copies that spill are not.
+#[test]
+fn a_history_replays_spills_are_marked_replayed() {
+    let mut p = Pair::with_limits(1, 1);
+    let mut s = settings("s");
+    s.history_size = 10;
+    let publisher = p.connect(&s, "pub");
+    for _ in 0..4 {
+        p.publish(publisher, "t", b"old");
+    }
+    let late = p.connect(&s, "late");
+    p.hold_commits = true;
+    p.cmd(Command::Subscribe {
+        conn: late,
+        request_id: 9,
+        filter: filter("t"),
+        durable: false,
+        presence: false,
+        history: 10,
+    });
+    p.publish(publisher, "t", b"new");
+    let spills: Vec<bool> = p
+        .held
+        .iter()
+        .flat_map(|batch| &batch.ops)
+        .filter_map(|op| match op {
+            StoreOp::PutCopy { replayed, .. } => Some(*replayed),
+            _ => None,
+        })
+        .collect();
+    // One copy in flight, one queued, the other two old ones and the new one spilled.
+    assert_eq!(spills, [true, true, false]);
+}
+
 /// A copy replayed from history to a subscription made meanwhile is not one the
 /// publish made: its ack says nothing of the subscriber that has not acknowledged.
 #[test]

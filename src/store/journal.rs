@@ -176,9 +176,10 @@ pub fn encode_ops_into<'a>(out: &mut Vec<u8>, ops: impl Iterator<Item = &'a Stor
                 client_id,
                 seq,
                 ephemeral,
+                replayed,
             } => {
                 put_key(out, TAG_PUT_COPY, session, client_id, *seq);
-                out.put_u8(u8::from(*ephemeral));
+                out.put_u8(u8::from(*ephemeral) | (u8::from(*replayed) << 1));
             }
             StoreOp::SetAttempts {
                 session,
@@ -296,12 +297,17 @@ pub fn decode_ops(bytes: &[u8]) -> Result<Vec<StoreOp>, StoreError> {
                 let client_id = ClientId::parse(r.str()?).map_err(corrupt)?;
                 let seq = r.u64()?;
                 match tag {
-                    TAG_PUT_COPY => StoreOp::PutCopy {
-                        session,
-                        client_id,
-                        seq,
-                        ephemeral: r.u8()? != 0,
-                    },
+                    TAG_PUT_COPY => {
+                        // Bit 0: ephemeral; bit 1: replayed (records before it: 0).
+                        let flags = r.u8()?;
+                        StoreOp::PutCopy {
+                            session,
+                            client_id,
+                            seq,
+                            ephemeral: flags & 1 != 0,
+                            replayed: flags & 2 != 0,
+                        }
+                    }
                     TAG_SET_ATTEMPTS => StoreOp::SetAttempts {
                         session,
                         client_id,
@@ -421,6 +427,7 @@ mod tests {
                 client_id: c("a"),
                 seq,
                 ephemeral: true,
+                replayed: false,
             },
             StoreOp::SetAttempts {
                 session: s(),
@@ -441,6 +448,17 @@ mod tests {
         let ops = copy_ops(3);
         let decoded = decode_ops(&encode_ops(ops.iter())).expect("decodes");
         assert_eq!(format!("{decoded:?}"), format!("{ops:?}"));
+        for (ephemeral, replayed) in [(false, false), (true, false), (true, true)] {
+            let put = [StoreOp::PutCopy {
+                session: s(),
+                client_id: c("a"),
+                seq: 1,
+                ephemeral,
+                replayed,
+            }];
+            let decoded = decode_ops(&encode_ops(put.iter())).expect("decodes");
+            assert_eq!(format!("{decoded:?}"), format!("{put:?}"));
+        }
         assert!(
             decode_ops(&encode_ops([].iter()))
                 .expect("empty")

@@ -75,6 +75,7 @@ impl MemoryState {
                 client_id,
                 seq,
                 ephemeral,
+                .. // one row per copy here: a replay's spill over a stored copy is that row
             } => {
                 let rows = self
                     .copies

@@ -50,6 +50,10 @@ pub struct SubscriberNet {
     /// Copies queued before this net (or perhaps shadowed by a spill in it) and
     /// acknowledged (or dropped) in it.
     deletes: BTreeSet<u64>,
+    /// Copies queued here by a history replay's spill, which may shadow a copy stored
+    /// before: the client's own durable copy of the same message, which the spill's
+    /// insert leaves as it is. An ack or an attempt count must reach that one too.
+    shadowing: BTreeSet<u64>,
 }
 
 impl SubscriberNet {
@@ -93,6 +97,7 @@ impl Net {
                 client_id,
                 seq,
                 ephemeral,
+                replayed,
             } => {
                 let sub = self.subscriber_mut(session, client_id);
                 match sub.copies.entry(*seq) {
@@ -110,6 +115,9 @@ impl Net {
                             ephemeral: *ephemeral,
                             attempts: 0,
                         });
+                        if *replayed {
+                            sub.shadowing.insert(*seq);
+                        }
                         if let Some((_, refs)) = self.bodies.get_mut(seq) {
                             *refs += 1;
                         }
@@ -126,10 +134,9 @@ impl Net {
                 match sub.copies.get_mut(seq) {
                     Some(copy) => {
                         copy.attempts = *attempts;
-                        // A spill may shadow a stored copy (see `DeleteCopy`), which its
-                        // insert leaves as it is: the count goes to both, and stays the
-                        // latest there.
-                        if copy.ephemeral || sub.attempts.contains_key(seq) {
+                        // A replay's spill may shadow a stored copy (`shadowing`): the
+                        // count goes to both, and stays the latest there.
+                        if sub.shadowing.contains(seq) || sub.attempts.contains_key(seq) {
                             sub.attempts.insert(*seq, *attempts);
                         }
                     }
@@ -144,13 +151,12 @@ impl Net {
                 seq,
             } => {
                 let sub = self.subscriber_mut(session, client_id);
-                if let Some(copy) = sub.copies.remove(seq) {
-                    // Queued and acknowledged here: the insert does not happen. A
-                    // spilled copy may shadow one stored before (a history replay of a
-                    // message the client's durable backlog holds), which the ack must
-                    // reach too. Spills are the slow path; a durable copy queued here
-                    // is a new message's, with nothing stored to delete.
-                    if copy.ephemeral {
+                if sub.copies.remove(seq).is_some() {
+                    // Queued and acknowledged here: the insert does not happen. The
+                    // ack also reaches a stored copy a replay's spill may shadow (a
+                    // delete that finds nothing if there is none). Every other copy
+                    // queued here is a new message's, with nothing stored before.
+                    if sub.shadowing.remove(seq) {
                         sub.attempts.remove(seq);
                         sub.deletes.insert(*seq);
                     }
@@ -322,6 +328,7 @@ mod tests {
             client_id: c(client),
             seq,
             ephemeral: false,
+            replayed: false,
         }
     }
     fn del(seq: u64, client: &str) -> StoreOp {
@@ -384,6 +391,7 @@ mod tests {
             client_id: c("a"),
             seq: 1,
             ephemeral: true,
+            replayed: false,
         };
         let net = net_of(&[StoreOp::PutMessage(msg(1)), put(1, "a"), ephemeral]);
         let copies: Vec<(u64, bool)> = net.copies().map(|(_, seq, c)| (seq, c.ephemeral)).collect();
@@ -404,6 +412,7 @@ mod tests {
             client_id: c("a"),
             seq: 7,
             ephemeral: true,
+            replayed: true,
         };
         let mut net = net_of(&[del(7, "a"), StoreOp::PutMessage(msg(7)), spilled]);
         let sub = net.subscriber(&s(), &c("a")).expect("a's ops");
@@ -420,7 +429,34 @@ mod tests {
         assert_eq!(sub.queued_after(0).count(), 0);
     }
 
-    /// A spill's attempt counts reach the stored row it may shadow, the latest last,
+    /// A spill for a slow connection, acknowledged within the net, writes nothing; a
+    /// history replay's may shadow a stored copy, which its ack deletes too.
+    #[test]
+    fn only_a_replays_spill_reaches_a_stored_copy() {
+        let spill = |seq, replayed| StoreOp::PutCopy {
+            session: s(),
+            client_id: c("a"),
+            seq,
+            ephemeral: true,
+            replayed,
+        };
+        let net = net_of(&[
+            StoreOp::PutMessage(msg(3)),
+            spill(3, false),
+            attempts(3, "a", 1),
+            del(3, "a"),
+            StoreOp::PutMessage(msg(4)),
+            spill(4, true),
+            del(4, "a"),
+        ]);
+        assert_eq!(net.copies().count(), 0);
+        assert!(net.messages().next().is_none());
+        let deletes: Vec<u64> = net.deletes().map(|(_, seq)| seq).collect();
+        assert_eq!(deletes, [4]);
+        assert_eq!(net.attempts().count(), 0);
+    }
+
+    /// A replay's attempt counts reach the stored row it may shadow, the latest last,
     /// also once a durable put of the same copy has made the queued copy durable.
     #[test]
     fn a_spills_attempts_reach_the_row_it_may_shadow() {
@@ -429,6 +465,7 @@ mod tests {
             client_id: c("a"),
             seq: 5,
             ephemeral: true,
+            replayed: true,
         };
         let net = net_of(&[
             StoreOp::PutMessage(msg(5)),

@@ -46,6 +46,7 @@ fn put(seq: u64, client_id: &str, ephemeral: bool) -> Vec<StoreOp> {
             client_id: client(client_id),
             seq,
             ephemeral,
+            replayed: false,
         },
     ]
 }
@@ -278,6 +279,7 @@ async fn suite(store: &dyn Store) {
         client_id: client("bob"),
         seq: 20,
         ephemeral: false,
+        replayed: false,
     });
     commit(store, ops).await;
     let later = NOW + 40_000;
@@ -413,6 +415,7 @@ fn put_on(seq: u64, topic: &str, clients: &[&str]) -> Vec<StoreOp> {
             client_id: client(c),
             seq,
             ephemeral: false,
+            replayed: false,
         });
     }
     ops
@@ -516,7 +519,8 @@ fn ack(client_id: &str, seq: u64) -> StoreOp {
     }
 }
 
-/// Message `seq` on topic `h` with a copy spilled for `client_id`'s connection.
+/// Message `seq` on topic `h` with a copy spilled for `client_id`'s connection by a
+/// history replay.
 fn spill(client_id: &str, seq: u64) -> Vec<StoreOp> {
     let mut ops = put_on(seq, "h", &[]);
     ops.push(StoreOp::PutCopy {
@@ -524,6 +528,7 @@ fn spill(client_id: &str, seq: u64) -> Vec<StoreOp> {
         client_id: client(client_id),
         seq,
         ephemeral: true,
+        replayed: true,
     });
     ops
 }
@@ -601,6 +606,7 @@ async fn wholesale_drops_report_file_copies(store: &dyn Store) {
         client_id: client(c),
         seq,
         ephemeral,
+        replayed: false,
     };
     let mut ops = vec![StoreOp::PutMessage(Arc::new(file))];
     ops.extend([copy("mia", 401, false), copy("ned", 401, true)]);
@@ -643,6 +649,7 @@ async fn purge_in_steps(store: &dyn Store) -> usize {
                 client_id: client(c),
                 seq,
                 ephemeral: false,
+                replayed: false,
             });
         }
         ops.push(replay_id(seq as u8, NOW + 10));
