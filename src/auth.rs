@@ -314,7 +314,9 @@ struct FailedLogins {
     >,
     /// Logins checked against the cache while their address is blocked. The cache
     /// admits a blocked address's right passwords (clients behind its NAT), but were
-    /// these checks free, it would answer that address's guesses at any rate.
+    /// these checks free, it would answer that address's guesses at any rate. Kept
+    /// apart from `budget`, so such clients still get in while a guesser behind the
+    /// same address keeps it blocked; a guesser gets at most twice the budget's rate.
     blocked_checks: governor::DefaultKeyedRateLimiter<IpAddr>,
     /// Addresses whose budget is spent, and until when.
     blocked: Mutex<HashMap<IpAddr, Instant>>,
