@@ -169,6 +169,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_session_clients: Option<usize>,
 
+    /// Most subscriptions one client holds, its connection's and its durable ones
+    /// together; past it a `Subscribe` to another filter gets LIMIT_EXCEEDED
+    /// [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub max_subscriptions: Option<usize>,
+
     /// An HTTP client has this long to send each request's head, and createSession as
     /// long again for its body (408 if it is not in by then); kept-alive connections
     /// idle this long are closed, in milliseconds [default: 15000].
@@ -221,6 +227,7 @@ pub struct FileConfig {
     pub ws_idle_timeout_ms: Option<u64>,
     pub http_timeout_ms: Option<u64>,
     pub max_session_clients: Option<usize>,
+    pub max_subscriptions: Option<usize>,
     pub max_connections: Option<usize>,
     pub quic_retry_above: Option<usize>,
     pub create_session_limit: Option<u32>,
@@ -386,6 +393,15 @@ impl ServeArgs {
                 "--max-session-clients must be at least 1".into(),
             ));
         }
+        let max_subscriptions = self
+            .max_subscriptions
+            .or(file.max_subscriptions)
+            .unwrap_or(CoreConfig::default().max_subscriptions);
+        if max_subscriptions == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-subscriptions must be at least 1".into(),
+            ));
+        }
         let driver = DriverConfig {
             core: CoreConfig {
                 replay_window_ms,
@@ -393,6 +409,7 @@ impl ServeArgs {
                 max_file_bytes,
                 max_payload_bytes: max_payload,
                 max_session_clients,
+                max_subscriptions,
                 ..CoreConfig::default()
             },
             ..DriverConfig::default()

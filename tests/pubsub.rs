@@ -765,6 +765,31 @@ async fn a_session_takes_only_so_many_clients() {
     broker.client_when_room("small", "secret-pass", &key).await;
 }
 
+/// `--max-subscriptions` caps one client's subscriptions: a filter past it is refused
+/// with LIMIT_EXCEEDED, one subscribed again is not another, and another client has
+/// its own.
+#[tokio::test]
+async fn a_client_holds_only_so_many_subscriptions() {
+    let broker = Broker::start_with(&["--max-subscriptions", "2"]);
+    broker
+        .create_session("subs", "secret-pass", json!({}))
+        .await;
+    let key = SessionKey::generate();
+    let client = broker.client("subs", "secret-pass", &key).await;
+    let _a = client.subscribe("a").await.expect("first");
+    let _b = client.subscribe("b").await.expect("second");
+    let _b_again = client.subscribe("b").await.expect("the same filter again");
+    match client.subscribe("c").await {
+        Err(ClientError::Refused {
+            code: ErrorCode::LimitExceeded,
+            message,
+        }) => assert!(message.contains("as many subscriptions"), "{message}"),
+        other => panic!("a third filter must be refused, got {:?}", other.err()),
+    }
+    let other = broker.client("subs", "secret-pass", &key).await;
+    let _c = other.subscribe("c").await.expect("another client's own");
+}
+
 /// With `--quic-retry-above 0` every QUIC client proves its address first (a Retry,
 /// what a broker under a handshake flood asks of newcomers): the SDK answers it and
 /// talks as ever. Below the threshold nobody is asked.
