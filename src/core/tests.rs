@@ -420,14 +420,7 @@ fn a_history_replays_spills_are_marked_replayed() {
     }
     let late = p.connect(&s, "late");
     p.hold_commits = true;
-    p.cmd(Command::Subscribe {
-        conn: late,
-        request_id: 9,
-        filter: filter("t"),
-        durable: false,
-        presence: false,
-        history: 10,
-    });
+    p.subscribe_with_history(late, "t", 10);
     p.publish(publisher, "t", b"new");
     let spills: Vec<bool> = p
         .held
@@ -456,14 +449,7 @@ fn a_history_replay_is_not_counted_as_delivering_the_publish() {
     p.hold_commits = true;
 
     let id = p.publish(publisher, "t", b"m");
-    p.cmd(Command::Subscribe {
-        conn: late,
-        request_id: 9,
-        filter: filter("t"),
-        durable: false,
-        presence: false,
-        history: 10,
-    });
+    p.subscribe_with_history(late, "t", 10);
     assert_eq!(p.delivers(late).len(), 1, "replayed from history");
     p.ack(late, id);
     p.commit_held();
@@ -1103,6 +1089,19 @@ impl Pair {
             durable,
             presence,
             history: 0,
+        });
+    }
+
+    /// Sends a connection-bound `Subscribe` that asks for up to `history` retained
+    /// messages first.
+    fn subscribe_with_history(&mut self, conn: ConnId, f: &str, history: u32) {
+        self.cmd(Command::Subscribe {
+            conn,
+            request_id: 7,
+            filter: filter(f),
+            durable: false,
+            presence: false,
+            history,
         });
     }
 
@@ -1857,26 +1856,16 @@ fn subscribe_with_history_replays_retained_messages_first() {
     ] {
         p.publish(publisher, topic, body);
     }
-    let subscribe = |p: &mut Pair, conn, f: &str, history| {
-        p.cmd(Command::Subscribe {
-            conn,
-            request_id: 1,
-            filter: filter(f),
-            durable: false,
-            presence: false,
-            history,
-        });
-    };
     // Exact topic: the last 3 of a/1 (its history size), oldest first.
     let one = p.connect(&s, "one");
-    subscribe(&mut p, one, "a/1", 10);
+    p.subscribe_with_history(one, "a/1", 10);
     assert_eq!(
         payloads(&p.delivers(one)),
         vec![b"thr".to_vec(), b"fou".to_vec(), b"fiv".to_vec()]
     );
     // Wildcard: the newest 2 across matching topics.
     let two = p.connect(&s, "two");
-    subscribe(&mut p, two, "a/+", 2);
+    p.subscribe_with_history(two, "a/+", 2);
     assert_eq!(
         payloads(&p.delivers(two)),
         vec![b"fou".to_vec(), b"fiv".to_vec()]
@@ -1886,11 +1875,11 @@ fn subscribe_with_history_replays_retained_messages_first() {
     assert_eq!(payloads(&p.delivers(two)), vec![b"new".to_vec()]);
     // No history asked, none given; expired messages are not replayed.
     let three = p.connect(&s, "three");
-    subscribe(&mut p, three, "a/#", 0);
+    p.subscribe_with_history(three, "a/#", 0);
     assert!(p.delivers(three).is_empty());
     p.advance(s.message_expiry_ms + 1);
     let four = p.connect(&s, "four");
-    subscribe(&mut p, four, "a/#", 10);
+    p.subscribe_with_history(four, "a/#", 10);
     assert!(p.delivers(four).is_empty());
 }
 
@@ -1901,14 +1890,7 @@ fn sessions_without_history_retain_nothing() {
     let publisher = p.connect(&s, "pub");
     p.publish(publisher, "t", b"m");
     let sub = p.connect(&s, "sub");
-    p.cmd(Command::Subscribe {
-        conn: sub,
-        request_id: 1,
-        filter: filter("t"),
-        durable: false,
-        presence: false,
-        history: 100,
-    });
+    p.subscribe_with_history(sub, "t", 100);
     assert!(p.delivers(sub).is_empty());
 }
 
