@@ -166,7 +166,7 @@ impl Authenticator {
         let digest = self.digest(session, password);
         // A blocked address's guesses cost the store nothing: only a login the cache
         // may admit (a password verified before) goes on to the lookup, and only as
-        // often as its budget would allow guesses.
+        // often as an allowance the size of its budget lets it ask (`may_ask_cache`).
         if self.failures.is_blocked(peer)
             && !(self.failures.may_ask_cache(peer) && self.verified_before(session, &digest, None))
         {
@@ -382,8 +382,8 @@ impl FailedLogins {
         }
     }
 
-    /// Whether blocked `peer` may have one more login checked against the cache: as
-    /// many as its budget allows failures, right or wrong.
+    /// Whether blocked `peer` may have one more login checked against the cache, right
+    /// password or wrong: as many as its budget allows failures, counted apart.
     fn may_ask_cache(&self, peer: IpAddr) -> bool {
         if self.blocked_checks.len() > Self::SWEEP_AT {
             self.blocked_checks.retain_recent();

@@ -45,10 +45,10 @@ pub struct SubscriberNet {
     /// Copies queued here and still queued.
     copies: BTreeMap<u64, NewCopy>,
     /// New attempt counts of copies queued before this net (or perhaps shadowed by a
-    /// spill in it).
+    /// history replay's spill in it).
     attempts: BTreeMap<u64, u32>,
-    /// Copies queued before this net (or perhaps shadowed by a spill in it) and
-    /// acknowledged (or dropped) in it.
+    /// Copies queued before this net (or perhaps shadowed by a history replay's spill
+    /// in it) and acknowledged (or dropped) in it.
     deletes: BTreeSet<u64>,
     /// Copies queued here by a history replay's spill, which may shadow a copy stored
     /// before: the client's own durable copy of the same message, which the spill's
